@@ -1,0 +1,3 @@
+"""URL configuration for the demo project (no views are needed)."""
+
+urlpatterns = []

@@ -1,0 +1,86 @@
+//! The messages exchanged between the supervisor and its Python worker.
+//!
+//! This file is the source of truth for the IPC vocabulary. The Python side
+//! (`python/djangocommand/_worker.py`) mirrors it in a small schema table, and
+//! `tests/ipc_vectors.json` pins the exact bytes of every message so the two
+//! sides cannot drift: if you change anything here, bump [`PROTOCOL_VERSION`],
+//! update the Python schema and regenerate the vectors
+//! (`cargo test --test ipc_vectors -- --ignored regenerate`).
+//!
+//! Variant order matters: bincode encodes a variant as its index.
+
+use bincode::{Decode, Encode};
+use serde::{Deserialize, Serialize};
+
+/// Sent by the worker in its first frame; the supervisor refuses any other.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Identifies a job within one supervisor process (never reused).
+pub type JobId = u64;
+
+/// Supervisor → worker.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub enum Request {
+    /// Describe every management command the project has.
+    Discover,
+    /// Fork a child that runs `manage.py <command> <args...>`. The frame
+    /// carries two file descriptors (SCM_RIGHTS): the child's stdout and
+    /// stderr, in that order.
+    Run {
+        job: JobId,
+        command: String,
+        args: Vec<String>,
+    },
+    /// Send `signal` to the job's process group (ignored if the job ended).
+    Signal { job: JobId, signal: i32 },
+    /// Kill every remaining job and exit.
+    Shutdown,
+}
+
+/// Worker → supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub enum Event {
+    /// First frame after a successful `django.setup()`.
+    Hello {
+        protocol: u32,
+        pid: u32,
+        python_version: String,
+        django_version: String,
+    },
+    /// First frame when the worker could not set Django up; `error` is the
+    /// Python traceback.
+    StartupFailed { protocol: u32, error: String },
+    /// Answer to [`Request::Discover`].
+    Commands { commands: Vec<CommandInfo> },
+    /// The job's child process exists; it leads its own process group.
+    JobStarted { job: JobId, pid: u32 },
+    /// The job could not be started at all (fork failed, bad descriptors).
+    JobFailed { job: JobId, error: String },
+    /// The job's child has been reaped and the rest of its process group killed.
+    JobExited { job: JobId, status: ExitStatus },
+    /// Something the operator should see in the supervisor's log.
+    Log { level: LogLevel, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct CommandInfo {
+    pub name: String,
+    /// What Django's `get_commands()` maps the name to (`django.core`, an app name).
+    pub app_label: String,
+    /// Full `--help` text (prog `manage.py <name>`); empty if the command failed to load.
+    pub help_text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub enum ExitStatus {
+    Code { code: i32 },
+    Signal { signal: i32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warning,
+    Error,
+}
