@@ -1,1 +1,12 @@
+//! dcsupervisor: the DjangoCommand runner.
+//!
+//! Data flows one way: the control plane queues executions, the
+//! [`supervisor`] decides what may run and schedules it, the [`worker`] runs
+//! it in a fork of a preloaded Django process, and output flows back the same
+//! way. [`ipc`] is the language the supervisor and the worker speak;
+//! [`config`] is `dc.toml`.
+
+pub mod config;
 pub mod ipc;
+pub mod supervisor;
+pub mod worker;

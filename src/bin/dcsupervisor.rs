@@ -1,1 +1,201 @@
-fn main(){}
+//! The `dcsupervisor` command line: parses arguments, sets up logging, loads
+//! `dc.toml` and hands over to the library. Errors get their context here.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use dcsupervisor::config::Config;
+use dcsupervisor::supervisor::commands::{commands_hash, synced_commands};
+use dcsupervisor::worker::{Job, JobEnd, Output, Stop, Worker};
+use nix::sys::signal::Signal;
+use tokio::io::AsyncWriteExt;
+use tracing_subscriber::EnvFilter;
+
+/// Exit status of `exec` when the policy refuses the command (like a shell's
+/// "found but not executable").
+const REFUSED_EXIT_CODE: u8 = 126;
+
+#[derive(Parser)]
+#[command(version, about = "DjangoCommand runner: runs Django management commands for the DjangoCommand control plane")]
+struct Cli {
+    /// Path to dc.toml.
+    #[arg(long, short, env = "DCSUPERVISOR_CONFIG", default_value = "dc.toml", global = true)]
+    config: PathBuf,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    /// More logging (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Less logging (-q: warnings and errors only, -qq: errors only).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
+    quiet: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one management command locally through the worker and the policy,
+    /// streaming its output; exits with the command's exit code.
+    Exec {
+        /// Stop the command (SIGTERM, then SIGKILL after the grace) after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// The management command.
+        command: String,
+        /// Its arguments, passed as they are (never through a shell).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// List the project's commands, which ones the policy lets through, and
+    /// the commands hash sent to the control plane.
+    Commands {
+        /// Print the synced list and its hash as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("dcsupervisor: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("dcsupervisor: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let level = match (cli.verbose, cli.quiet) {
+        (0, 0) => "info",
+        (1, _) => "debug",
+        (v, _) if v >= 2 => "trace",
+        (_, 1) => "warn",
+        _ => "error",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let config =
+        Config::load(&cli.config).with_context(|| format!("configuration {} is not usable", cli.config.display()))?;
+    match cli.command {
+        Command::Exec { timeout, command, args } => exec(&config, &command, &args, timeout).await,
+        Command::Commands { json } => list_commands(&config, json).await,
+    }
+}
+
+async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u64>) -> Result<ExitCode> {
+    let policy = config.policy();
+    if let Err(refusal) = policy.check(command) {
+        eprint!("{}", policy.refusal_message(command, &refusal));
+        return Ok(ExitCode::from(REFUSED_EXIT_CODE));
+    }
+    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
+    let mut job = worker.spawn_job(command, args, Output::Capture).await.context("could not start the command")?;
+    let copy_stdout = tokio::spawn(copy_output(job.stdout.take(), tokio::io::stdout()));
+    let copy_stderr = tokio::spawn(copy_output(job.stderr.take(), tokio::io::stderr()));
+
+    let end = wait_interruptibly(&mut job, timeout.map(Duration::from_secs), config.cancel_grace()).await;
+    // The worker killed what was left of the job's process group, so the
+    // pipes reach EOF; the deadline only guards against a process that
+    // escaped into its own session while holding them.
+    let drain = async {
+        let _ = copy_stdout.await;
+        let _ = copy_stderr.await;
+    };
+    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+        tracing::warn!("output still open 5 s after the command ended; stopped reading");
+    }
+    worker.shutdown();
+    if let JobEnd::Lost(reason) = &end {
+        eprintln!("dcsupervisor: the command's worker died: {reason}");
+    }
+    Ok(ExitCode::from(u8::try_from(end.shell_code() & 0xff).unwrap_or(1)))
+}
+
+/// Waits for the job; Ctrl-C forwards SIGINT to it (as a terminal would),
+/// a second Ctrl-C kills it.
+async fn wait_interruptibly(job: &mut Job, timeout: Option<Duration>, grace: Duration) -> JobEnd {
+    let deadline = async {
+        match timeout {
+            Some(timeout) => tokio::time::sleep(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut interrupts = 0;
+    loop {
+        tokio::select! {
+            end = job.wait() => return end,
+            _ = &mut deadline => {
+                eprintln!("dcsupervisor: timed out; stopping the command");
+                return job.stop(Stop::Graceful(grace)).await;
+            }
+            _ = tokio::signal::ctrl_c() => {
+                interrupts += 1;
+                let signal = if interrupts == 1 { Signal::SIGINT } else { Signal::SIGKILL };
+                job.signal(signal).await;
+            }
+        }
+    }
+}
+
+async fn copy_output(from: Option<tokio::net::unix::pipe::Receiver>, mut to: impl tokio::io::AsyncWrite + Unpin) {
+    if let Some(mut from) = from {
+        let _ = tokio::io::copy(&mut from, &mut to).await;
+        let _ = to.flush().await;
+    }
+}
+
+async fn list_commands(config: &Config, json: bool) -> Result<ExitCode> {
+    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
+    let discovered = worker.discover().await.context("command discovery failed")?;
+    worker.shutdown();
+    let policy = config.policy();
+    let synced = synced_commands(&discovered, &policy);
+    let hash = commands_hash(&synced);
+    let mut out = std::io::stdout().lock();
+    if json {
+        let document = serde_json::json!({ "commands": synced, "commands_hash": hash });
+        writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let width = discovered.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    let app_width = discovered.iter().map(|c| c.app_label.len()).max().unwrap_or(0);
+    for command in &discovered {
+        let verdict = match policy.check(&command.name) {
+            Ok(()) => "allowed".to_string(),
+            Err(refusal) => format!("refused ({refusal})"),
+        };
+        writeln!(out, "{:width$}  {:app_width$}  {verdict}", command.name, command.app_label)?;
+    }
+    writeln!(out, "\n{} of {} commands allowed; commands hash {hash}", synced.len(), discovered.len())?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,814 @@
+"""The dcsupervisor worker: Django set up once, one fork per management command.
+
+The supervisor runs this file as ``python - --project-dir DIR --settings MOD``
+with the source on stdin, so the project needs nothing but Django: keep it a
+single self-contained module that imports only the standard library at the
+top (Django is imported inside functions, which also lets the codec be tested
+without Django). It talks to the supervisor over the Unix socket inherited as
+fd 3, with the frames described in ``docs/ipc.md``; ``SCHEMA`` below mirrors
+``src/ipc/messages.rs`` and ``tests/ipc_vectors.json`` pins the bytes.
+
+A job is a forked child that runs ``execute_from_command_line`` exactly as
+``manage.py`` would, with the supervisor's pipes as its stdout and stderr.
+Whatever a job does (crash, ``os._exit``, close its output) must never take
+the worker down, and the worker must never outlive the supervisor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import atexit
+import collections
+import contextlib
+import fcntl
+import gc
+import io
+import logging
+import os
+import platform
+import random
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import traceback
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_LEN = 16 * 1024 * 1024
+WORKER_FD_ENV = "DJANGOCOMMAND_WORKER_FD"
+
+# ---------------------------------------------------------------------------
+# Codec: bincode 2, little-endian, fixed-width integers (see docs/ipc.md).
+# Values use serde_json's externally tagged shape so that the shared test
+# vectors compare directly: a unit variant is its name, a struct variant a
+# one-key dict, a struct a dict.
+# ---------------------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """A frame that does not follow the protocol, in either direction."""
+
+
+# type name -> ("enum", ((variant, fields or None), ...)) | ("struct", fields)
+# where fields is ((name, type), ...). Variant order is the bincode index.
+SCHEMA = {
+    "Request": (
+        "enum",
+        (
+            ("Discover", None),
+            ("Run", (("job", "u64"), ("command", "String"), ("args", "Vec<String>"))),
+            ("Signal", (("job", "u64"), ("signal", "i32"))),
+            ("Shutdown", None),
+        ),
+    ),
+    "Event": (
+        "enum",
+        (
+            (
+                "Hello",
+                (
+                    ("protocol", "u32"),
+                    ("pid", "u32"),
+                    ("python_version", "String"),
+                    ("django_version", "String"),
+                ),
+            ),
+            ("StartupFailed", (("protocol", "u32"), ("error", "String"))),
+            ("Commands", (("commands", "Vec<CommandInfo>"),)),
+            ("JobStarted", (("job", "u64"), ("pid", "u32"))),
+            ("JobFailed", (("job", "u64"), ("error", "String"))),
+            ("JobExited", (("job", "u64"), ("status", "ExitStatus"))),
+            ("Log", (("level", "LogLevel"), ("message", "String"))),
+        ),
+    ),
+    "CommandInfo": (
+        "struct",
+        (("name", "String"), ("app_label", "String"), ("help_text", "String")),
+    ),
+    "ExitStatus": (
+        "enum",
+        (("Code", (("code", "i32"),)), ("Signal", (("signal", "i32"),))),
+    ),
+    "LogLevel": (
+        "enum",
+        (("Debug", None), ("Info", None), ("Warning", None), ("Error", None)),
+    ),
+}
+
+_INTS = {"u32": struct.Struct("<I"), "i32": struct.Struct("<i"), "u64": struct.Struct("<Q")}
+_U32 = _INTS["u32"]
+_U64 = _INTS["u64"]
+_VARIANT_INDEX = {
+    name: {variant: index for index, (variant, _) in enumerate(spec)}
+    for name, (kind, spec) in SCHEMA.items()
+    if kind == "enum"
+}
+
+
+def encode(type_name: str, value: object) -> bytes:
+    """The bincode payload (no length prefix) of ``value`` as ``type_name``."""
+    out = bytearray()
+    _encode_value(out, type_name, value)
+    if len(out) > MAX_FRAME_LEN:
+        raise ProtocolError(f"{type_name} payload of {len(out)} bytes exceeds the frame limit")
+    return bytes(out)
+
+
+def decode(type_name: str, payload: bytes) -> object:
+    """The value of a whole payload; leftover bytes are an error, not ignored."""
+    if len(payload) > MAX_FRAME_LEN:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds the frame limit")
+    reader = _Reader(bytes(payload))
+    value = _decode_value(reader, type_name)
+    if reader.remaining():
+        raise ProtocolError(f"{type_name} payload has {reader.remaining()} trailing bytes")
+    return value
+
+
+def encode_frame(type_name: str, value: object) -> bytes:
+    """A complete frame: u32 little-endian payload length, then the payload."""
+    payload = encode(type_name, value)
+    return _U32.pack(len(payload)) + payload
+
+
+def send_frame(sock: socket.socket, type_name: str, value: object) -> None:
+    sock.sendall(encode_frame(type_name, value))
+
+
+class FrameDecoder:
+    """Cuts a byte stream into payloads.
+
+    An announced length is checked as soon as its 4 bytes are in, so a bogus
+    one fails before the buffer grows towards it.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Adds ``data`` and returns the payloads it completed, in order."""
+        self._buffer += data
+        payloads = []
+        while len(self._buffer) >= _U32.size:
+            (length,) = _U32.unpack_from(self._buffer)
+            if length > MAX_FRAME_LEN:
+                raise ProtocolError(f"announced frame of {length} bytes exceeds the frame limit")
+            end = _U32.size + length
+            if len(self._buffer) < end:
+                break
+            payloads.append(bytes(self._buffer[_U32.size : end]))
+            del self._buffer[:end]
+        return payloads
+
+
+def _schema(type_name: str) -> tuple[str, tuple]:
+    try:
+        return SCHEMA[type_name]
+    except KeyError:
+        raise ProtocolError(f"unknown type {type_name!r}") from None
+
+
+def _encode_value(out: bytearray, type_name: str, value: object) -> None:
+    if type_name in _INTS:
+        _encode_int(out, type_name, value)
+    elif type_name == "String":
+        _encode_str(out, value)
+    elif type_name.startswith("Vec<"):
+        _encode_vec(out, type_name[4:-1], value)
+    else:
+        kind, spec = _schema(type_name)
+        if kind == "struct":
+            _encode_fields(out, type_name, spec, value)
+        else:
+            _encode_enum(out, type_name, spec, value)
+
+
+def _encode_int(out: bytearray, type_name: str, value: object) -> None:
+    # bool is an int subclass; accepting it would hide a wrong field.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"expected {type_name}, got {value!r:.80}")
+    try:
+        out += _INTS[type_name].pack(value)
+    except struct.error:
+        raise ProtocolError(f"{value} does not fit in {type_name}") from None
+
+
+def _encode_str(out: bytearray, value: object) -> None:
+    if not isinstance(value, str):
+        raise ProtocolError(f"expected String, got {value!r:.80}")
+    data = _utf8(value)
+    out += _U64.pack(len(data))
+    out += data
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    # Lone surrogates come from os.fsdecode()d paths and the like: the original
+    # bytes are best when they are UTF-8 after all, but the supervisor rejects
+    # a frame holding anything else, so fall back to "?" rather than crash.
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+        data.decode("utf-8")
+    except UnicodeError:
+        return text.encode("utf-8", "replace")
+    return data
+
+
+def _encode_vec(out: bytearray, item_type: str, value: object) -> None:
+    if not isinstance(value, (list, tuple)):
+        raise ProtocolError(f"expected Vec<{item_type}>, got {value!r:.80}")
+    out += _U64.pack(len(value))
+    for item in value:
+        _encode_value(out, item_type, item)
+
+
+def _encode_fields(out: bytearray, where: str, fields: tuple, value: object) -> None:
+    names = [name for name, _ in fields]
+    if not isinstance(value, dict) or sorted(value) != sorted(names):
+        raise ProtocolError(f"{where} needs exactly the fields {names}, got {value!r:.80}")
+    for name, field_type in fields:
+        _encode_value(out, field_type, value[name])
+
+
+def _encode_enum(out: bytearray, type_name: str, variants: tuple, value: object) -> None:
+    if isinstance(value, str):
+        name, fields = value, None
+    elif isinstance(value, dict) and len(value) == 1:
+        ((name, fields),) = value.items()
+    else:
+        raise ProtocolError(f"{type_name}: expected a variant name or a one-key dict, got {value!r:.80}")
+    index = _VARIANT_INDEX[type_name].get(name)
+    if index is None:
+        raise ProtocolError(f"{type_name} has no variant {name!r}")
+    spec = variants[index][1]
+    if (spec is None) != isinstance(value, str):
+        raise ProtocolError(f"{type_name}::{name} given in the wrong shape: {value!r:.80}")
+    out += _U32.pack(index)
+    if spec is not None:
+        _encode_fields(out, f"{type_name}::{name}", spec, fields)
+
+
+class _Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
+    def take(self, size: int) -> bytes:
+        if size > self.remaining():
+            raise ProtocolError(f"truncated: {size} bytes needed at offset {self.pos}, {self.remaining()} left")
+        chunk = self.data[self.pos : self.pos + size]
+        self.pos += size
+        return chunk
+
+    def int(self, fmt: struct.Struct) -> int:
+        return fmt.unpack(self.take(fmt.size))[0]
+
+    def length(self, what: str) -> int:
+        """A u64 length, checked before anything is built from it.
+
+        Every element of every type here takes at least one byte, so a count
+        above what is left is a truncated payload whatever the element type.
+        """
+        size = self.int(_U64)
+        if size > MAX_FRAME_LEN:
+            raise ProtocolError(f"{what} length {size} exceeds the frame limit")
+        if size > self.remaining():
+            raise ProtocolError(f"truncated: {what} of length {size}, {self.remaining()} bytes left")
+        return size
+
+
+def _decode_value(reader: _Reader, type_name: str) -> object:
+    if type_name in _INTS:
+        return reader.int(_INTS[type_name])
+    if type_name == "String":
+        try:
+            return reader.take(reader.length("String")).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"String is not valid UTF-8: {exc}") from None
+    if type_name.startswith("Vec<"):
+        item_type = type_name[4:-1]
+        return [_decode_value(reader, item_type) for _ in range(reader.length(type_name))]
+    kind, spec = _schema(type_name)
+    if kind == "struct":
+        return _decode_fields(reader, spec)
+    index = reader.int(_U32)
+    if index >= len(spec):
+        raise ProtocolError(f"{type_name} has no variant index {index}")
+    name, fields = spec[index]
+    return name if fields is None else {name: _decode_fields(reader, fields)}
+
+
+def _decode_fields(reader: _Reader, fields: tuple) -> dict:
+    return {name: _decode_value(reader, field_type) for name, field_type in fields}
+
+
+# ---------------------------------------------------------------------------
+# The job child. Nothing here may return into the worker's loop: every path
+# ends in os._exit.
+# ---------------------------------------------------------------------------
+
+# The worker's own std streams, kept referenced in the child so that their
+# finalizers never run and write into the job's pipes.
+_RETIRED_STREAMS: list = []
+
+
+def _job_main(worker_fds: list[int], stdout_fd: int, stderr_fd: int, command: str, args: list[str]):
+    status = 70  # EX_SOFTWARE, should anything below fail to set a status
+    try:
+        _become_job_process(worker_fds, stdout_fd, stderr_fd)
+        sys.argv = ["manage.py", command, *args]
+        status = _execute(sys.argv)
+    except KeyboardInterrupt:
+        # A SIGINT sent before the command started: die of it as asked.
+        _die_by_sigint()
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
+    finally:
+        os._exit(status)
+
+
+def _become_job_process(worker_fds: list[int], stdout_fd: int, stderr_fd: int) -> None:
+    os.setsid()
+    _reset_signals()
+    for fd in worker_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    random.seed()
+    _install_stdio(stdout_fd, stderr_fd)
+    _rebuild_std_streams()
+    # Exit handlers registered in the worker belong to the worker.
+    atexit._clear()
+
+
+def _reset_signals() -> None:
+    """Signal state of a fresh interpreter; the mask was blocked across fork."""
+    fresh = {signal.SIGINT: signal.default_int_handler, signal.SIGPIPE: signal.SIG_IGN}
+    if hasattr(signal, "SIGXFSZ"):
+        fresh[signal.SIGXFSZ] = signal.SIG_IGN
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        # Some real-time signals are reserved by libc and refuse a handler.
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(signum, fresh.get(signum, signal.SIG_DFL))
+    signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _install_stdio(stdout_fd: int, stderr_fd: int) -> None:
+    # Moving everything above 2 first keeps this right even when the worker
+    # had fds 0-2 closed and received the pipes under those numbers.
+    sources = [os.open(os.devnull, os.O_RDONLY), stdout_fd, stderr_fd]
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in sources]
+    for fd in sources:
+        os.close(fd)
+    for target, fd in enumerate(moved):
+        os.dup2(fd, target)
+        os.close(fd)
+
+
+def _rebuild_std_streams() -> None:
+    """Streams like ``python -u`` makes: UTF-8, line-buffered, write-through."""
+    _RETIRED_STREAMS.extend([sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__])
+    stdin_buffer = open(0, "rb", closefd=False)  # noqa: SIM115 - lives as long as the process
+    stdin_buffer.raw.name = "<stdin>"
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(stdin_buffer, encoding="utf-8", line_buffering=True)
+    sys.stdout = sys.__stdout__ = _text_writer(1, "<stdout>", "strict")
+    sys.stderr = sys.__stderr__ = _text_writer(2, "<stderr>", "backslashreplace")
+
+
+def _text_writer(fd: int, name: str, errors: str) -> io.TextIOWrapper:
+    raw = io.FileIO(fd, "wb", closefd=False)
+    raw.name = name
+    return io.TextIOWrapper(raw, encoding="utf-8", errors=errors, line_buffering=True, write_through=True)
+
+
+def _execute(argv: list[str]) -> int:
+    """Runs the command and finishes like the interpreter: the exit status."""
+    from django.core.management import execute_from_command_line
+
+    interrupted = False
+    try:
+        execute_from_command_line(argv)
+        status = 0
+    except SystemExit as exc:
+        status = _system_exit_status(exc)
+    except KeyboardInterrupt:
+        _print_exc()
+        interrupted, status = True, 128 + signal.SIGINT
+    except BaseException:
+        _print_exc()
+        status = 1
+    status = _finalize(status)
+    if interrupted:
+        _die_by_sigint()
+    return status
+
+
+def _system_exit_status(exc: SystemExit) -> int:
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    with contextlib.suppress(Exception):
+        print(code, file=sys.stderr)
+    return 1
+
+
+def _print_exc() -> None:
+    with contextlib.suppress(Exception):
+        traceback.print_exc()
+
+
+def _finalize(status: int) -> int:
+    """What interpreter shutdown would do before exiting with ``status``."""
+    with contextlib.suppress(Exception):
+        atexit._run_exitfuncs()
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    if not _flush(sys.stdout):
+        status = 120  # as CPython does when flushing stdout fails at exit
+    _flush(sys.stderr)
+    return status
+
+
+def _flush(stream) -> bool:
+    if stream is None or getattr(stream, "closed", True):
+        return True
+    try:
+        stream.flush()
+    except Exception:
+        return False
+    return True
+
+
+def _die_by_sigint() -> None:
+    # Like CPython after an uncaught KeyboardInterrupt, so the parent sees
+    # death by SIGINT and a shell would stop a loop calling us.
+    with contextlib.suppress(BaseException):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+# ---------------------------------------------------------------------------
+# The worker.
+# ---------------------------------------------------------------------------
+
+_REAP_INTERVAL = 1.0  # seconds; a safety net should a SIGCHLD wakeup be lost
+_RECV_SIZE = 64 * 1024
+_MAX_FDS_PER_RECV = 16  # the supervisor sends 2 per Run; room for a bad peer
+_FD_SIZE = array.array("i").itemsize
+_CMSG_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_LOG_LIMIT = 256 * 1024  # characters; keeps any Log far below the frame limit
+
+
+class Worker:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.frames = FrameDecoder()
+        self.fds: collections.deque[int] = collections.deque()
+        self.jobs: dict[int, int] = {}  # job id -> pid (also its process group)
+        self.pids: dict[int, int] = {}  # pid -> job id
+        self.shutting_down = False
+        self.wake_r, self.wake_w = os.pipe()
+        self.selector = selectors.DefaultSelector()
+
+    # --- sending ---------------------------------------------------------
+
+    def send(self, variant: str, **fields) -> None:
+        send_frame(self.sock, "Event", {variant: fields})
+
+    def log(self, level: str, message: str) -> None:
+        self.send("Log", level=level, message=_clip(message))
+
+    # --- main loop -------------------------------------------------------
+
+    def serve(self) -> int:
+        """Runs until EOF, SIGTERM, a finished Shutdown or a protocol error."""
+        try:
+            self._install_signals()
+            self.selector.register(self.sock, selectors.EVENT_READ)
+            self.selector.register(self.wake_r, selectors.EVENT_READ)
+            return self._loop()
+        except ProtocolError as exc:
+            print(f"dcsupervisor worker: protocol error: {exc}", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                self.log("Error", f"protocol error: {exc}")
+            return 2
+        except (BrokenPipeError, ConnectionError):
+            return 0  # the supervisor is gone
+        finally:
+            self._kill_all_jobs()
+
+    def _install_signals(self) -> None:
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        # Python-level handlers that do nothing: the C handler still writes
+        # the signal number to the wakeup pipe, which the loop acts on, and
+        # no exception can surface in the middle of a sendall.
+        for signum in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(signum, _ignore_signal)
+
+    def _loop(self) -> int:
+        while not (self.shutting_down and not self.jobs):
+            for key, _ in self.selector.select(timeout=_REAP_INTERVAL):
+                if key.fd == self.wake_r:
+                    if signal.SIGTERM in self._drain_wakeups():
+                        return 128 + signal.SIGTERM
+                elif not self._receive():
+                    return 0  # EOF: the supervisor is gone
+            self._reap()
+        return 0
+
+    def _drain_wakeups(self) -> set[int]:
+        signals = set()
+        with contextlib.suppress(BlockingIOError):
+            while data := os.read(self.wake_r, 512):
+                signals.update(data)
+        return signals
+
+    def _receive(self) -> bool:
+        """Reads what the socket has; False at end of stream."""
+        try:
+            data, ancdata, flags, _ = self.sock.recvmsg(
+                _RECV_SIZE, socket.CMSG_SPACE(_MAX_FDS_PER_RECV * _FD_SIZE), _CMSG_FLAGS
+            )
+        except ConnectionResetError:
+            return False
+        self._queue_fds(ancdata)
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError("ancillary data truncated: descriptors were lost")
+        if not data:
+            return False
+        for payload in self.frames.feed(data):
+            self._handle(decode("Request", payload))
+        return True
+
+    def _queue_fds(self, ancdata: list) -> None:
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % _FD_SIZE])
+                self.fds.extend(fds)
+
+    def _handle(self, request: object) -> None:
+        match request:
+            case "Discover":
+                self._discover()
+            case "Shutdown":
+                self.shutting_down = True
+            case {"Run": {"job": job, "command": command, "args": args}}:
+                self._run(job, command, args)
+            case {"Signal": {"job": job, "signal": signum}}:
+                self._signal(job, signum)
+
+    # --- Discover --------------------------------------------------------
+
+    def _discover(self) -> None:
+        from django.core.management import get_commands
+        from django.db import connections
+
+        commands = [self._describe(name, app) for name, app in sorted(get_commands().items())]
+        # Loading commands may have connected; a fork must not share that.
+        connections.close_all()
+        self.send("Commands", commands=commands)
+
+    def _describe(self, name: str, app: object) -> dict:
+        from django.core.management import BaseCommand, load_command_class
+
+        # Tests sometimes register a command instance instead of an app name.
+        app_label = app if isinstance(app, str) else type(app).__module__
+        try:
+            command = app if isinstance(app, BaseCommand) else load_command_class(app, name)
+            help_text = command.create_parser("manage.py", name).format_help()
+        except (Exception, SystemExit) as exc:
+            error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            self.log("Warning", f"command {name!r} ({app_label}) failed to load: {error}")
+            self.log("Debug", traceback.format_exc())
+            help_text = ""
+        return {"name": name, "app_label": app_label, "help_text": help_text}
+
+    # --- Run -------------------------------------------------------------
+
+    def _run(self, job: int, command: str, args: list[str]) -> None:
+        fds = [self.fds.popleft() for _ in range(min(2, len(self.fds)))]
+        error = None
+        if len(fds) < 2:
+            error = f"Run needs 2 descriptors (stdout, stderr), got {len(fds)}"
+        elif self.shutting_down:
+            error = "worker is shutting down"
+        elif job in self.jobs:
+            error = f"job {job} is already running"
+        if error is None:
+            try:
+                pid = self._fork(job, command, args, fds)
+            except OSError as exc:
+                error = f"fork failed: {exc}"
+        # The child has its copies; ours would keep the pipes open past its death.
+        _close_quietly(fds)
+        if error is not None:
+            self.send("JobFailed", job=job, error=error)
+            return
+        self.jobs[job] = pid
+        self.pids[pid] = job
+        self.send("JobStarted", job=job, pid=pid)
+
+    def _fork(self, job: int, command: str, args: list[str], fds: list[int]) -> int:
+        from django.db import connections
+
+        connections.close_all()
+        if threading.active_count() > 1:
+            self.log(
+                "Warning",
+                f"job {job}: {threading.active_count()} threads alive at fork; only the main one exists in the job",
+            )
+        # Anything still buffered would otherwise be written again by the child.
+        _flush(sys.stdout)
+        _flush(sys.stderr)
+        gc.freeze()
+        # Blocked until the child has reset its handlers: a signal meant for
+        # the job must not run the worker's handlers (and wake the worker
+        # through the shared wakeup pipe) in the child.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    _job_main(self._fds_to_close_in_child(), fds[0], fds[1], command, args)
+                finally:
+                    os._exit(70)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        return pid
+
+    def _fds_to_close_in_child(self) -> list[int]:
+        # Closing the socket and selector objects (not just their numbers)
+        # keeps them from closing a reused fd later. Neither close() touches
+        # the state the parent shares: no shutdown(), no epoll_ctl().
+        fds = [self.wake_r, self.wake_w, *self.fds]
+        self.sock.close()
+        self.selector.close()
+        self.fds.clear()
+        return fds
+
+    # --- Signal ----------------------------------------------------------
+
+    def _signal(self, job: int, signum: int) -> None:
+        pid = self.jobs.get(job)
+        if pid is None:
+            return  # already reaped, or never ours
+        try:
+            _kill_group(pid, signum)
+        except OSError as exc:
+            self.log("Warning", f"cannot send signal {signum} to job {job}: {exc}")
+
+    def _kill_all_jobs(self) -> None:
+        for pid in self.jobs.values():
+            with contextlib.suppress(OSError):
+                _kill_group(pid, signal.SIGKILL)
+
+    # --- reaping ---------------------------------------------------------
+
+    def _reap(self) -> None:
+        while (reaped := self._reap_one()) is not None:
+            pid, status = reaped
+            job = self.pids.pop(pid, None)
+            if job is not None:
+                del self.jobs[job]
+                self.send("JobExited", job=job, status=_exit_status(status))
+
+    def _reap_one(self) -> tuple[int, int] | None:
+        """Reaps one exited child, first killing what is left of a job's group."""
+        if not hasattr(os, "waitid"):  # macOS before Python 3.13
+            return self._reap_one_without_waitid()
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return None
+        if info is None:
+            return None
+        pid = info.si_pid
+        if pid in self.pids:
+            # Still a zombie, so its pid (and group id) cannot be reused yet.
+            with contextlib.suppress(OSError):
+                _kill_group(pid, signal.SIGKILL)
+        try:
+            return os.waitpid(pid, 0)
+        except ChildProcessError:
+            return None
+
+    def _reap_one_without_waitid(self) -> tuple[int, int] | None:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if pid == 0:
+            return None
+        if pid in self.pids:
+            # The kernel does not hand out a pid still used as a group id, so
+            # while the group has members this reaches only them.
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+        return pid, status
+
+
+def _ignore_signal(signum, frame) -> None:
+    pass
+
+
+def _kill_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        # The child has not reached setsid() yet; its signals are blocked
+        # until it has its default handlers, so a direct kill is right.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _exit_status(status: int) -> dict:
+    if os.WIFSIGNALED(status):
+        return {"Signal": {"signal": os.WTERMSIG(status)}}
+    return {"Code": {"code": os.WEXITSTATUS(status)}}
+
+
+def _close_quietly(fds) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _clip(text: str, limit: int = _LOG_LIMIT) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} characters cut]"
+
+
+# ---------------------------------------------------------------------------
+# Start-up.
+# ---------------------------------------------------------------------------
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dcsupervisor-worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--project-dir", default=".", help="the Django project (put first on sys.path)")
+    parser.add_argument("--settings", help="settings module (default: $DJANGO_SETTINGS_MODULE)")
+    return parser.parse_args(argv)
+
+
+def _setup_django(project_dir: str, settings: str | None):
+    sys.path.insert(0, os.path.abspath(project_dir))
+    if settings:
+        os.environ["DJANGO_SETTINGS_MODULE"] = settings
+    import django
+    from django.db import connections
+
+    django.setup()
+    # Nothing set up here should be shared with the children through a fork.
+    connections.close_all()
+    gc.freeze()
+    return django
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    # The supervisor owns the terminal and decides what a Ctrl-C does to jobs.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Jobs should see the environment manage.py would, not our plumbing.
+    sock = socket.socket(fileno=int(os.environ.pop(WORKER_FD_ENV, "3")))
+    sock.set_inheritable(False)
+    try:
+        django = _setup_django(args.project_dir, args.settings)
+    except BaseException:
+        error = _clip(traceback.format_exc())
+        with contextlib.suppress(OSError):
+            send_frame(sock, "Event", {"StartupFailed": {"protocol": PROTOCOL_VERSION, "error": error}})
+        return 1
+    worker = Worker(sock)
+    hello = {
+        "protocol": PROTOCOL_VERSION,
+        "pid": os.getpid(),
+        "python_version": platform.python_version(),
+        "django_version": django.get_version(),
+    }
+    try:
+        worker.send("Hello", **hello)
+    except OSError:
+        return 0  # the supervisor is gone already
+    return worker.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

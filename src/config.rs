@@ -1,0 +1,291 @@
+//! `dc.toml`: the one schema of the supervisor's configuration, with its
+//! defaults and validation. `config/dc.example.toml` documents every field.
+//!
+//! Relative paths are resolved against the directory of the config file, so
+//! a `dc.toml` next to `manage.py` can say `project_dir = "."`. The
+//! environment overrides the file: `DJANGOCOMMAND_API_KEY` for the key (so
+//! it need not sit in a file), and `DCSUPERVISOR_<SECTION>__<FIELD>` for
+//! anything else (e.g. `DCSUPERVISOR_SERVER__URL`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::supervisor::policy::{self, ConfiguredIn, Mode, Policy};
+use crate::worker::{Isolation, WorkerOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("invalid value for `{field}`: {value}: {fix}")]
+    Invalid { field: &'static str, value: String, fix: String },
+}
+
+fn invalid(field: &'static str, value: impl std::fmt::Display, fix: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, value: value.to_string(), fix: fix.into() }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub django: DjangoConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub worker: WorkerConfig,
+    #[serde(default)]
+    pub runner: RunnerConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub url: String,
+    /// Never logged; `Debug` of the whole config is never printed.
+    pub api_key: Option<String>,
+    pub heartbeat_interval: u64,
+    pub request_timeout: u64,
+    pub max_retries: u32,
+    pub allow_http_hosts: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            url: "https://app.djangocommand.com".into(),
+            api_key: None,
+            heartbeat_interval: 30,
+            request_timeout: 30,
+            max_retries: 3,
+            allow_http_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DjangoConfig {
+    /// The directory holding `manage.py`.
+    pub project_dir: PathBuf,
+    /// e.g. `mysite.settings`.
+    pub settings_module: String,
+    #[serde(default = "default_python")]
+    pub python: PathBuf,
+    /// Extra environment variables for the worker and every job.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn default_python() -> PathBuf {
+    PathBuf::from("python3")
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub mode: Mode,
+    /// Replaces the default allowlist when set.
+    pub allowed_commands: Option<Vec<String>>,
+    pub add_allowed_commands: Vec<String>,
+    pub remove_allowed_commands: Vec<String>,
+    /// Replaces the default blocklist when set.
+    pub disallowed_commands: Option<Vec<String>>,
+    pub add_disallowed_commands: Vec<String>,
+    pub remove_disallowed_commands: Vec<String>,
+    /// Commands whose output never leaves the host.
+    pub metadata_only_commands: Vec<String>,
+    /// Where refusals tell the operator to change the policy.
+    pub configured_in: ConfiguredIn,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    pub isolation: Isolation,
+    pub spawn_commands: Vec<String>,
+    /// Seconds Django may take to set up in a fresh worker.
+    pub startup_timeout: u64,
+    /// Recycle the worker after this many jobs (0: never).
+    pub recycle_after_jobs: u64,
+    /// Seconds between SIGTERM and SIGKILL when a job is cancelled.
+    pub cancel_grace: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            isolation: Isolation::Fork,
+            spawn_commands: Vec::new(),
+            startup_timeout: 60,
+            recycle_after_jobs: 0,
+            cancel_grace: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunnerConfig {
+    pub max_concurrent: usize,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self { max_concurrent: 4 }
+    }
+}
+
+impl Config {
+    /// Reads, merges the environment into, and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let load_error = |message: String| ConfigError::Load { path: path.display().to_string(), message };
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml).required(true))
+            .add_source(
+                config::Environment::with_prefix("DCSUPERVISOR")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("server.allow_http_hosts")
+                    .try_parsing(true),
+            );
+        if let Ok(key) = std::env::var("DJANGOCOMMAND_API_KEY") {
+            builder = builder.set_override("server.api_key", key).map_err(|e| load_error(e.to_string()))?;
+        }
+        let merged = builder.build().map_err(|e| load_error(e.to_string()))?;
+        let mut config: Config = merged.try_deserialize().map_err(|e| load_error(e.to_string()))?;
+        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if self.django.project_dir.is_relative() {
+            self.django.project_dir = base.join(&self.django.project_dir);
+        }
+        // A bare interpreter name is looked up on PATH; a relative path is the file's.
+        if self.django.python.components().count() > 1 && self.django.python.is_relative() {
+            self.django.python = base.join(&self.django.python);
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let django = &self.django;
+        if !django.project_dir.join("manage.py").is_file() {
+            return Err(invalid(
+                "django.project_dir",
+                django.project_dir.display(),
+                "point it at the directory that holds manage.py (relative paths start at dc.toml's directory)",
+            ));
+        }
+        let module_ok = !django.settings_module.is_empty()
+            && django.settings_module.split('.').all(|part| {
+                !part.is_empty()
+                    && !part.starts_with(|c: char| c.is_ascii_digit())
+                    && part.chars().all(|c| c.is_alphanumeric() || c == '_')
+            });
+        if !module_ok {
+            return Err(invalid(
+                "django.settings_module",
+                format!("{:?}", django.settings_module),
+                "use a dotted Python module path such as \"mysite.settings\"",
+            ));
+        }
+        for name in self.policy.named_commands() {
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err(invalid("policy", format!("{name:?}"), "command names are single words"));
+            }
+        }
+        if self.worker.startup_timeout == 0 {
+            return Err(invalid("worker.startup_timeout", 0, "give Django at least 1 second to set up"));
+        }
+        if self.runner.max_concurrent == 0 {
+            return Err(invalid("runner.max_concurrent", 0, "allow at least 1 execution at a time"));
+        }
+        self.server.validate_intervals()
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy.build()
+    }
+
+    pub fn worker_options(&self) -> WorkerOptions {
+        WorkerOptions {
+            python: self.django.python.clone(),
+            project_dir: self.django.project_dir.clone(),
+            settings_module: self.django.settings_module.clone(),
+            env: self.django.env.clone(),
+            startup_timeout: Duration::from_secs(self.worker.startup_timeout),
+            isolation: self.worker.isolation,
+            spawn_commands: self.worker.spawn_commands.iter().cloned().collect(),
+            recycle_after_jobs: (self.worker.recycle_after_jobs > 0).then_some(self.worker.recycle_after_jobs),
+        }
+    }
+
+    pub fn cancel_grace(&self) -> Duration {
+        Duration::from_secs(self.worker.cancel_grace)
+    }
+}
+
+impl ServerConfig {
+    fn validate_intervals(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval < 5 {
+            return Err(invalid("server.heartbeat_interval", self.heartbeat_interval, "the minimum is 5 seconds"));
+        }
+        if self.request_timeout == 0 {
+            return Err(invalid("server.request_timeout", 0, "use a timeout of at least 1 second"));
+        }
+        Ok(())
+    }
+}
+
+impl PolicyConfig {
+    fn named_commands(&self) -> impl Iterator<Item = &String> {
+        [
+            self.allowed_commands.as_deref().unwrap_or_default(),
+            &self.add_allowed_commands,
+            &self.remove_allowed_commands,
+            self.disallowed_commands.as_deref().unwrap_or_default(),
+            &self.add_disallowed_commands,
+            &self.remove_disallowed_commands,
+            &self.metadata_only_commands,
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    pub fn build(&self) -> Policy {
+        Policy {
+            mode: self.mode,
+            allowed: combine(
+                self.allowed_commands.as_deref(),
+                policy::default_allowed_commands(),
+                &self.add_allowed_commands,
+                &self.remove_allowed_commands,
+            ),
+            disallowed: combine(
+                self.disallowed_commands.as_deref(),
+                policy::default_disallowed_commands(),
+                &self.add_disallowed_commands,
+                &self.remove_disallowed_commands,
+            ),
+            configured_in: self.configured_in,
+        }
+    }
+
+    pub fn metadata_only(&self) -> BTreeSet<String> {
+        self.metadata_only_commands.iter().cloned().collect()
+    }
+}
+
+/// `replacement` or the defaults, plus `add`, minus `remove`.
+fn combine(replacement: Option<&[String]>, defaults: &[String], add: &[String], remove: &[String]) -> BTreeSet<String> {
+    let base = replacement.unwrap_or(defaults);
+    base.iter().chain(add).filter(|name| !remove.contains(name)).cloned().collect()
+}

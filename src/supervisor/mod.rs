@@ -1,0 +1,6 @@
+//! The supervisor's decisions, independent of how work reaches it: which
+//! commands may run ([`policy`]) and what is synced to the control plane
+//! ([`commands`]).
+
+pub mod commands;
+pub mod policy;

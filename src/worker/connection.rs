@@ -1,0 +1,314 @@
+//! One live worker process and the conversation with it: the handshake, the
+//! requests we send, and a reader task that routes its events to whoever is
+//! waiting (a job's start, a job's exit, a discovery).
+//!
+//! When the conversation ends for any reason (the worker died, sent a frame
+//! we cannot decode, or was told to shut down), every job still waiting is
+//! told so with the reason, and the job's process groups are killed so
+//! nothing the dead worker started keeps running unsupervised.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::net::unix::OwnedReadHalf;
+use tokio::process::Child;
+use tokio::sync::{oneshot, watch};
+
+use super::process::{self, StderrTail};
+use super::{JobEnd, StartError, WorkerInfo, WorkerOptions};
+use crate::ipc::{
+    CommandInfo, Event, FrameError, FrameReader, FrameWriter, JobId, LogLevel, Request,
+    PROTOCOL_VERSION,
+};
+
+/// How long a worker has to answer a `Run` with `JobStarted`.
+const JOB_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("the worker is gone: {0}")]
+    WorkerGone(String),
+    #[error("could not send to the worker: {0}")]
+    Send(#[from] FrameError),
+    #[error("the worker did not answer within {0:?}")]
+    NoAnswer(Duration),
+    #[error("the worker could not start the job: {0}")]
+    JobFailed(String),
+}
+
+pub(super) struct Connection {
+    pub info: WorkerInfo,
+    writer: tokio::sync::Mutex<FrameWriter>,
+    state: Arc<Mutex<State>>,
+    /// `Some(reason)` once the conversation is over.
+    closed: watch::Receiver<Option<String>>,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: HashMap<JobId, JobSlot>,
+    discovery: Option<oneshot::Sender<Vec<CommandInfo>>>,
+    ended: Option<String>,
+}
+
+#[derive(Default)]
+struct JobSlot {
+    pid: Option<u32>,
+    started: Option<oneshot::Sender<Result<u32, String>>>,
+    exited: Option<oneshot::Sender<JobEnd>>,
+}
+
+impl Connection {
+    /// Starts a worker and waits for its hello.
+    pub async fn open(opts: &WorkerOptions) -> Result<Arc<Self>, StartError> {
+        let spawned = process::spawn(opts).await.map_err(|source| StartError::Spawn {
+            python: opts.python.display().to_string(),
+            source,
+        })?;
+        let (read, write) = spawned.socket.into_split();
+        let mut reader = FrameReader::new(read);
+        let mut child = spawned.child;
+
+        let first = tokio::time::timeout(opts.startup_timeout, reader.next::<Event>()).await;
+        let info = match first {
+            Ok(Ok(Some(Event::Hello { protocol, pid, python_version, django_version }))) => {
+                if protocol != PROTOCOL_VERSION {
+                    return Err(StartError::ProtocolMismatch { theirs: protocol, ours: PROTOCOL_VERSION });
+                }
+                WorkerInfo { pid, python_version, django_version }
+            }
+            Ok(Ok(Some(Event::StartupFailed { error, .. }))) => {
+                let _ = child.wait().await;
+                return Err(StartError::DjangoSetup { traceback: error });
+            }
+            Ok(Ok(Some(other))) => {
+                return Err(StartError::Protocol(format!("expected a hello, got {other:?}")));
+            }
+            Ok(Ok(None)) => {
+                let status = child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                // Let the output forwarder catch the last lines.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return Err(StartError::ExitedEarly { status, output: spawned.stderr_tail.text() });
+            }
+            Ok(Err(err)) => return Err(StartError::Protocol(err.to_string())),
+            Err(_) => return Err(StartError::Timeout(opts.startup_timeout)),
+        };
+
+        let state = Arc::new(Mutex::new(State::default()));
+        let (closed_tx, closed) = watch::channel(None);
+        tokio::spawn(read_events(reader, child, state.clone(), closed_tx, spawned.stderr_tail));
+        Ok(Arc::new(Self { info, writer: tokio::sync::Mutex::new(FrameWriter::new(write)), state, closed }))
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.borrow().is_some()
+    }
+
+    /// Resolves with the reason once the conversation with this worker is over.
+    pub async fn closed(&self) -> String {
+        let mut closed = self.closed.clone();
+        let reason = match closed.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "worker connection dropped".to_string(),
+        };
+        reason
+    }
+
+    pub fn running_jobs(&self) -> usize {
+        self.lock().jobs.len()
+    }
+
+    pub async fn discover(&self, timeout: Duration) -> Result<Vec<CommandInfo>, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = self.lock();
+            if let Some(reason) = &state.ended {
+                return Err(RequestError::WorkerGone(reason.clone()));
+            }
+            state.discovery = Some(tx);
+        }
+        self.send(&Request::Discover, &[]).await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(commands)) => Ok(commands),
+            Ok(Err(_)) => Err(RequestError::WorkerGone(self.closed().await)),
+            Err(_) => Err(RequestError::NoAnswer(timeout)),
+        }
+    }
+
+    /// Asks the worker to fork `command`; the two descriptors become the
+    /// child's stdout and stderr. Returns the child's pid and a receiver for
+    /// how the job ends.
+    pub async fn run(
+        &self,
+        job: JobId,
+        command: &str,
+        args: &[String],
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> Result<(u32, oneshot::Receiver<JobEnd>), RequestError> {
+        let (started_tx, started_rx) = oneshot::channel();
+        let (exited_tx, exited_rx) = oneshot::channel();
+        {
+            let mut state = self.lock();
+            if let Some(reason) = &state.ended {
+                return Err(RequestError::WorkerGone(reason.clone()));
+            }
+            let slot = JobSlot { pid: None, started: Some(started_tx), exited: Some(exited_tx) };
+            state.jobs.insert(job, slot);
+        }
+        let request = Request::Run { job, command: command.to_string(), args: args.to_vec() };
+        let sent = self.send(&request, &[stdout.as_fd(), stderr.as_fd()]).await;
+        // Our copies must close now, or the pipes would never reach EOF.
+        drop((stdout, stderr));
+        if let Err(err) = sent {
+            self.lock().jobs.remove(&job);
+            return Err(err);
+        }
+        match tokio::time::timeout(JOB_START_TIMEOUT, started_rx).await {
+            Ok(Ok(Ok(pid))) => Ok((pid, exited_rx)),
+            Ok(Ok(Err(error))) => Err(RequestError::JobFailed(error)),
+            Ok(Err(_)) => Err(RequestError::WorkerGone(self.closed().await)),
+            Err(_) => {
+                self.lock().jobs.remove(&job);
+                // Should it start after all, it must not run unsupervised.
+                let _ = self.signal(job, Signal::SIGKILL).await;
+                Err(RequestError::NoAnswer(JOB_START_TIMEOUT))
+            }
+        }
+    }
+
+    /// Signals the job's process group through the worker, which knows
+    /// whether the job is still alive (so a recycled pid is never hit).
+    pub async fn signal(&self, job: JobId, signal: Signal) -> Result<(), RequestError> {
+        self.send(&Request::Signal { job, signal: signal as i32 }, &[]).await
+    }
+
+    /// Asks the worker to exit once its running jobs have ended.
+    pub async fn retire(&self) {
+        if let Err(err) = self.send(&Request::Shutdown, &[]).await {
+            tracing::debug!("retiring worker {}: {err}", self.info.pid);
+        }
+    }
+
+    async fn send(&self, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), RequestError> {
+        self.writer.lock().await.send(request, fds).await.map_err(RequestError::Send)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+async fn read_events(
+    mut reader: FrameReader<OwnedReadHalf>,
+    mut child: Child,
+    state: Arc<Mutex<State>>,
+    closed: watch::Sender<Option<String>>,
+    stderr_tail: StderrTail,
+) {
+    let pid = child.id().unwrap_or_default();
+    let reason = loop {
+        match reader.next::<Event>().await {
+            Ok(Some(event)) => route(event, &state),
+            Ok(None) => break None,
+            Err(err) => break Some(format!("protocol error from worker {pid}: {err}")),
+        }
+    };
+    // A worker that broke the protocol cannot be trusted with its jobs.
+    if reason.is_some() {
+        let _ = child.start_kill();
+    }
+    let status = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+        Ok(Ok(status)) => status.to_string(),
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            "killed after closing its socket without exiting".to_string()
+        }
+    };
+    let reason = reason.unwrap_or_else(|| {
+        let tail = stderr_tail.text();
+        let tail = tail.trim_end();
+        if tail.is_empty() {
+            format!("worker {pid} exited ({status})")
+        } else {
+            format!("worker {pid} exited ({status}); its last output:\n{tail}")
+        }
+    });
+    end_all_jobs(&state, &reason);
+    let _ = closed.send(Some(reason));
+}
+
+fn route(event: Event, state: &Mutex<State>) {
+    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    match event {
+        Event::JobStarted { job, pid } => {
+            if let Some(slot) = state.jobs.get_mut(&job) {
+                slot.pid = Some(pid);
+                if let Some(started) = slot.started.take() {
+                    let _ = started.send(Ok(pid));
+                }
+            }
+        }
+        Event::JobFailed { job, error } => {
+            if let Some(mut slot) = state.jobs.remove(&job) {
+                if let Some(started) = slot.started.take() {
+                    let _ = started.send(Err(error));
+                }
+            }
+        }
+        Event::JobExited { job, status } => {
+            if let Some(mut slot) = state.jobs.remove(&job) {
+                if let Some(exited) = slot.exited.take() {
+                    let _ = exited.send(JobEnd::Exited(status));
+                }
+            }
+        }
+        Event::Commands { commands } => {
+            if let Some(waiting) = state.discovery.take() {
+                let _ = waiting.send(commands);
+            }
+        }
+        Event::Log { level, message } => log_from_worker(level, &message),
+        Event::Hello { .. } | Event::StartupFailed { .. } => {
+            tracing::warn!("worker sent a second hello; ignored");
+        }
+    }
+}
+
+fn log_from_worker(level: LogLevel, message: &str) {
+    match level {
+        LogLevel::Debug => tracing::debug!(target: "dcsupervisor::worker::python", "{message}"),
+        LogLevel::Info => tracing::info!(target: "dcsupervisor::worker::python", "{message}"),
+        LogLevel::Warning => tracing::warn!(target: "dcsupervisor::worker::python", "{message}"),
+        LogLevel::Error => tracing::error!(target: "dcsupervisor::worker::python", "{message}"),
+    }
+}
+
+/// Fails every job still waiting on this worker and kills what it left.
+fn end_all_jobs(state: &Mutex<State>, reason: &str) {
+    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    state.ended = Some(reason.to_string());
+    state.discovery = None;
+    for (job, mut slot) in state.jobs.drain() {
+        if let Some(pid) = slot.pid {
+            // The job led its own process group; without the worker nobody
+            // else would end it.
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        if let Some(started) = slot.started.take() {
+            let _ = started.send(Err(reason.to_string()));
+        }
+        if let Some(exited) = slot.exited.take() {
+            tracing::debug!(job, "job lost with its worker");
+            let _ = exited.send(JobEnd::Lost(reason.to_string()));
+        }
+    }
+}

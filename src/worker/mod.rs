@@ -1,0 +1,268 @@
+//! The Python side of the house, seen from the supervisor: a persistent
+//! worker process with Django already set up, which forks a child per job.
+//!
+//! [`Worker`] hides the process's life cycle from its users. It starts the
+//! worker, restarts it with backoff when it dies (jobs running at that moment
+//! end as [`JobEnd::Lost`] with the reason), and recycles it after a number
+//! of jobs or on request: the new worker takes new jobs while the old one
+//! finishes its own and exits. Commands configured for the `spawn` isolation
+//! mode bypass the worker and run as plain `manage.py` subprocesses.
+
+mod connection;
+mod job;
+mod process;
+mod subprocess;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+pub use connection::RequestError;
+pub use job::{Job, JobEnd, Output, Stop};
+pub use process::WORKER_SOURCE;
+
+use crate::ipc::CommandInfo;
+use connection::Connection;
+use job::{Control, JobOutputs};
+
+/// How a job is isolated from the supervisor and from other jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// A fork of the preloaded worker (milliseconds per job).
+    Fork,
+    /// A fresh `python manage.py` subprocess (a full Django start per job).
+    Spawn,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub python: PathBuf,
+    pub project_dir: PathBuf,
+    pub settings_module: String,
+    /// Extra environment for the worker and the jobs.
+    pub env: BTreeMap<String, String>,
+    pub startup_timeout: Duration,
+    pub isolation: Isolation,
+    /// Commands that always use [`Isolation::Spawn`].
+    pub spawn_commands: BTreeSet<String>,
+    /// Start a fresh worker after this many jobs (`None`: never).
+    pub recycle_after_jobs: Option<u64>,
+}
+
+/// What the worker said about itself in its hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    pub pid: u32,
+    pub python_version: String,
+    pub django_version: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("could not start the Python interpreter {python:?}: {source}")]
+    Spawn { python: String, source: std::io::Error },
+    #[error("Django failed to set up in the worker:\n{traceback}")]
+    DjangoSetup { traceback: String },
+    #[error("the worker exited before saying hello ({status}); its output:\n{output}")]
+    ExitedEarly { status: String, output: String },
+    #[error("the worker did not finish starting within {0:?} (raise worker.startup_timeout if Django is slow to set up)")]
+    Timeout(Duration),
+    #[error("the worker speaks IPC protocol {theirs}, this supervisor {ours}")]
+    ProtocolMismatch { theirs: u32, ours: u32 },
+    #[error("protocol error during the worker's start: {0}")]
+    Protocol(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("no worker is available: {0}")]
+    NoWorker(String),
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error("could not set up the job's output pipes: {0}")]
+    Pipes(std::io::Error),
+    #[error("could not start the subprocess: {0}")]
+    Subprocess(std::io::Error),
+}
+
+/// Handle to the worker; cheap to clone.
+#[derive(Clone)]
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    opts: WorkerOptions,
+    /// The worker taking new jobs; `None` while it is being (re)started.
+    current: watch::Sender<Option<Arc<Connection>>>,
+    /// Why the last start failed, for jobs that find no worker.
+    last_start_error: Mutex<Option<String>>,
+    next_job: AtomicU64,
+    jobs_on_current: AtomicU64,
+    recycle: Notify,
+    shutdown: Notify,
+}
+
+/// Backoff between restarts of a worker that keeps dying.
+const RESTART_BACKOFF: [Duration; 6] = [
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(15),
+    Duration::from_secs(30),
+];
+/// A worker that lived this long is healthy again: its next restart is immediate.
+const HEALTHY_UPTIME: Duration = Duration::from_secs(60);
+
+impl Worker {
+    /// Starts the first worker and waits for it, so start-up errors (a bad
+    /// settings module, a missing interpreter) reach the caller directly.
+    pub async fn start(opts: WorkerOptions) -> Result<Worker, StartError> {
+        let first = Connection::open(&opts).await?;
+        tracing::info!(
+            pid = first.info.pid,
+            python = %first.info.python_version,
+            django = %first.info.django_version,
+            "worker ready"
+        );
+        let (current, _) = watch::channel(Some(first));
+        let shared = Arc::new(Shared {
+            opts,
+            current,
+            last_start_error: Mutex::new(None),
+            next_job: AtomicU64::new(1),
+            jobs_on_current: AtomicU64::new(0),
+            recycle: Notify::new(),
+            shutdown: Notify::new(),
+        });
+        tokio::spawn(keep_worker_alive(shared.clone()));
+        Ok(Worker { shared })
+    }
+
+    /// The current worker's hello, if one is up.
+    pub fn info(&self) -> Option<WorkerInfo> {
+        self.shared.current.borrow().as_ref().map(|c| c.info.clone())
+    }
+
+    /// Every management command of the project, as the worker loaded them.
+    pub async fn discover(&self) -> Result<Vec<CommandInfo>, JobError> {
+        let connection = self.connection().await?;
+        Ok(connection.discover(self.shared.opts.startup_timeout).await?)
+    }
+
+    /// Starts `command` with `args` (never through a shell).
+    pub async fn spawn_job(&self, command: &str, args: &[String], output: Output) -> Result<Job, JobError> {
+        let id = self.shared.next_job.fetch_add(1, Ordering::Relaxed);
+        let outputs = JobOutputs::new(output).map_err(JobError::Pipes)?;
+        let opts = &self.shared.opts;
+        if opts.isolation == Isolation::Spawn || opts.spawn_commands.contains(command) {
+            return subprocess::start(opts, id, command, args, outputs).map_err(JobError::Subprocess);
+        }
+        let connection = self.connection().await?;
+        let JobOutputs { stdout_write, stderr_write, stdout, stderr } = outputs;
+        let (pid, end) = connection.run(id, command, args, stdout_write, stderr_write).await?;
+        self.count_job_for_recycling();
+        Ok(Job::new(id, pid, (stdout, stderr), end, Control::Worker(connection)))
+    }
+
+    /// Starts a fresh worker for new jobs; the current one finishes its jobs
+    /// and exits. Used on reload so newly deployed code is picked up.
+    pub fn recycle(&self) {
+        self.shared.recycle.notify_one();
+    }
+
+    /// Stops the worker. Jobs still running are killed with it.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.notify_one();
+    }
+
+    fn count_job_for_recycling(&self) {
+        let done = self.shared.jobs_on_current.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.shared.opts.recycle_after_jobs.is_some_and(|limit| done >= limit) {
+            self.shared.jobs_on_current.store(0, Ordering::Relaxed);
+            self.recycle();
+        }
+    }
+
+    /// The worker taking jobs, waiting (up to the start-up timeout) while it restarts.
+    async fn connection(&self) -> Result<Arc<Connection>, JobError> {
+        let mut current = self.shared.current.subscribe();
+        let wait = current.wait_for(|c| c.as_ref().is_some_and(|c| !c.is_closed()));
+        let live = match tokio::time::timeout(self.shared.opts.startup_timeout, wait).await {
+            Ok(Ok(connection)) => connection.clone(),
+            _ => None,
+        };
+        match live {
+            Some(connection) => Ok(connection),
+            None => {
+                let last = self.shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                Err(JobError::NoWorker(last.unwrap_or_else(|| "the worker is restarting".into())))
+            }
+        }
+    }
+}
+
+/// Watches the current worker: restarts it when it dies, swaps it on recycle,
+/// and drops it on shutdown.
+async fn keep_worker_alive(shared: Arc<Shared>) {
+    let mut failures = 0usize;
+    loop {
+        let Some(connection) = shared.current.borrow().clone() else {
+            return;
+        };
+        let started = tokio::time::Instant::now();
+        tokio::select! {
+            reason = connection.closed() => {
+                shared.current.send_replace(None);
+                tracing::warn!("{reason}; restarting the worker");
+                if started.elapsed() >= HEALTHY_UPTIME {
+                    failures = 0;
+                }
+            }
+            _ = shared.recycle.notified() => {
+                tracing::info!(pid = connection.info.pid, "recycling the worker");
+                let replacement = start_with_backoff(&shared, &mut failures).await;
+                shared.current.send_replace(Some(replacement));
+                let jobs = connection.running_jobs();
+                connection.retire().await;
+                tracing::info!(pid = connection.info.pid, jobs, "old worker retires once its jobs end");
+                continue;
+            }
+            _ = shared.shutdown.notified() => {
+                shared.current.send_replace(None);
+                // Dropping the last handle closes the socket: the worker kills its jobs and exits.
+                return;
+            }
+        }
+        let replacement = start_with_backoff(&shared, &mut failures).await;
+        shared.current.send_replace(Some(replacement));
+    }
+}
+
+async fn start_with_backoff(shared: &Shared, failures: &mut usize) -> Arc<Connection> {
+    loop {
+        if *failures > 0 {
+            let delay = RESTART_BACKOFF[(*failures - 1).min(RESTART_BACKOFF.len() - 1)];
+            tokio::time::sleep(delay).await;
+        }
+        match Connection::open(&shared.opts).await {
+            Ok(connection) => {
+                *shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                tracing::info!(pid = connection.info.pid, "worker ready");
+                *failures += 1;
+                return connection;
+            }
+            Err(err) => {
+                tracing::error!("worker failed to start: {err}");
+                *shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(err.to_string());
+                *failures += 1;
+            }
+        }
+    }
+}

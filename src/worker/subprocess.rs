@@ -1,0 +1,66 @@
+//! The `spawn` isolation mode: `python manage.py <command> <args>` as a plain
+//! subprocess, as the published runner does. Slower (a fresh interpreter and
+//! `django.setup()` per job) but right for projects where forking a process
+//! that imported the project is unsafe.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::sync::oneshot;
+
+use super::job::{Control, Job, JobOutputs};
+use super::{JobEnd, WorkerOptions};
+use crate::ipc::{ExitStatus, JobId};
+
+pub(super) fn start(
+    opts: &WorkerOptions,
+    id: JobId,
+    command: &str,
+    args: &[String],
+    outputs: JobOutputs,
+) -> std::io::Result<Job> {
+    let mut child = {
+        let mut process = tokio::process::Command::new(&opts.python);
+        process
+            .arg(opts.project_dir.join("manage.py"))
+            .arg(command)
+            .args(args)
+            .current_dir(&opts.project_dir)
+            .env("DJANGO_SETTINGS_MODULE", &opts.settings_module)
+            .env("PYTHONUNBUFFERED", "1")
+            .env_remove("NOTIFY_SOCKET")
+            .envs(&opts.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(outputs.stdout_write))
+            .stderr(Stdio::from(outputs.stderr_write))
+            .process_group(0);
+        process.spawn()?
+        // `process` drops here, closing our copies of the write ends.
+    };
+    let pid = child.id().unwrap_or_default();
+    let exited = Arc::new(AtomicBool::new(false));
+    let (end_tx, end_rx) = oneshot::channel();
+    let reaped = exited.clone();
+    tokio::spawn(async move {
+        let end = match child.wait().await {
+            Ok(status) => {
+                reaped.store(true, Ordering::Release);
+                // Like the worker does for forked jobs: nothing the command
+                // started outlives it (leftovers would also hold the pipes).
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                match (status.code(), status.signal()) {
+                    (Some(code), _) => JobEnd::Exited(ExitStatus::Code { code }),
+                    (None, Some(signal)) => JobEnd::Exited(ExitStatus::Signal { signal }),
+                    (None, None) => JobEnd::Lost(format!("unexpected wait status {status}")),
+                }
+            }
+            Err(err) => JobEnd::Lost(format!("could not wait for the subprocess: {err}")),
+        };
+        let _ = end_tx.send(end);
+    });
+    Ok(Job::new(id, pid, (outputs.stdout, outputs.stderr), end_rx, Control::Subprocess { exited }))
+}
