@@ -98,7 +98,11 @@ SCHEMA = {
     ),
 }
 
-_INTS = {"u32": struct.Struct("<I"), "i32": struct.Struct("<i"), "u64": struct.Struct("<Q")}
+_INTS = {
+    "u32": struct.Struct("<I"),
+    "i32": struct.Struct("<i"),
+    "u64": struct.Struct("<Q"),
+}
 _U32 = _INTS["u32"]
 _U64 = _INTS["u64"]
 _VARIANT_INDEX = {
@@ -113,7 +117,9 @@ def encode(type_name: str, value: object) -> bytes:
     out = bytearray()
     _encode_value(out, type_name, value)
     if len(out) > MAX_FRAME_LEN:
-        raise ProtocolError(f"{type_name} payload of {len(out)} bytes exceeds the frame limit")
+        raise ProtocolError(
+            f"{type_name} payload of {len(out)} bytes exceeds the frame limit"
+        )
     return bytes(out)
 
 
@@ -124,7 +130,9 @@ def decode(type_name: str, payload: bytes) -> object:
     reader = _Reader(bytes(payload))
     value = _decode_value(reader, type_name)
     if reader.remaining():
-        raise ProtocolError(f"{type_name} payload has {reader.remaining()} trailing bytes")
+        raise ProtocolError(
+            f"{type_name} payload has {reader.remaining()} trailing bytes"
+        )
     return value
 
 
@@ -155,7 +163,9 @@ class FrameDecoder:
         while len(self._buffer) >= _U32.size:
             (length,) = _U32.unpack_from(self._buffer)
             if length > MAX_FRAME_LEN:
-                raise ProtocolError(f"announced frame of {length} bytes exceeds the frame limit")
+                raise ProtocolError(
+                    f"announced frame of {length} bytes exceeds the frame limit"
+                )
             end = _U32.size + length
             if len(self._buffer) < end:
                 break
@@ -230,25 +240,33 @@ def _encode_vec(out: bytearray, item_type: str, value: object) -> None:
 
 def _encode_fields(out: bytearray, where: str, fields: tuple, value: object) -> None:
     names = [name for name, _ in fields]
-    if not isinstance(value, dict) or sorted(value) != sorted(names):
-        raise ProtocolError(f"{where} needs exactly the fields {names}, got {value!r:.80}")
+    if not isinstance(value, dict) or set(value) != set(names):
+        raise ProtocolError(
+            f"{where} needs exactly the fields {names}, got {value!r:.80}"
+        )
     for name, field_type in fields:
         _encode_value(out, field_type, value[name])
 
 
-def _encode_enum(out: bytearray, type_name: str, variants: tuple, value: object) -> None:
+def _encode_enum(
+    out: bytearray, type_name: str, variants: tuple, value: object
+) -> None:
     if isinstance(value, str):
         name, fields = value, None
     elif isinstance(value, dict) and len(value) == 1:
         ((name, fields),) = value.items()
     else:
-        raise ProtocolError(f"{type_name}: expected a variant name or a one-key dict, got {value!r:.80}")
+        raise ProtocolError(
+            f"{type_name}: expected a variant name or a one-key dict, got {value!r:.80}"
+        )
     index = _VARIANT_INDEX[type_name].get(name)
     if index is None:
         raise ProtocolError(f"{type_name} has no variant {name!r}")
     spec = variants[index][1]
     if (spec is None) != isinstance(value, str):
-        raise ProtocolError(f"{type_name}::{name} given in the wrong shape: {value!r:.80}")
+        raise ProtocolError(
+            f"{type_name}::{name} given in the wrong shape: {value!r:.80}"
+        )
     out += _U32.pack(index)
     if spec is not None:
         _encode_fields(out, f"{type_name}::{name}", spec, fields)
@@ -266,7 +284,9 @@ class _Reader:
 
     def take(self, size: int) -> bytes:
         if size > self.remaining():
-            raise ProtocolError(f"truncated: {size} bytes needed at offset {self.pos}, {self.remaining()} left")
+            raise ProtocolError(
+                f"truncated: {size} bytes needed at offset {self.pos}, {self.remaining()} left"
+            )
         chunk = self.data[self.pos : self.pos + size]
         self.pos += size
         return chunk
@@ -284,7 +304,9 @@ class _Reader:
         if size > MAX_FRAME_LEN:
             raise ProtocolError(f"{what} length {size} exceeds the frame limit")
         if size > self.remaining():
-            raise ProtocolError(f"truncated: {what} of length {size}, {self.remaining()} bytes left")
+            raise ProtocolError(
+                f"truncated: {what} of length {size}, {self.remaining()} bytes left"
+            )
         return size
 
 
@@ -298,7 +320,9 @@ def _decode_value(reader: _Reader, type_name: str) -> object:
             raise ProtocolError(f"String is not valid UTF-8: {exc}") from None
     if type_name.startswith("Vec<"):
         item_type = type_name[4:-1]
-        return [_decode_value(reader, item_type) for _ in range(reader.length(type_name))]
+        return [
+            _decode_value(reader, item_type) for _ in range(reader.length(type_name))
+        ]
     kind, spec = _schema(type_name)
     if kind == "struct":
         return _decode_fields(reader, spec)
@@ -323,7 +347,9 @@ def _decode_fields(reader: _Reader, fields: tuple) -> dict:
 _RETIRED_STREAMS: list = []
 
 
-def _job_main(worker_fds: list[int], stdout_fd: int, stderr_fd: int, command: str, args: list[str]):
+def _job_main(
+    worker_fds: list[int], stdout_fd: int, stderr_fd: int, command: str, args: list[str]
+):
     status = 70  # EX_SOFTWARE, should anything below fail to set a status
     try:
         _become_job_process(worker_fds, stdout_fd, stderr_fd)
@@ -332,7 +358,7 @@ def _job_main(worker_fds: list[int], stdout_fd: int, stderr_fd: int, command: st
     except KeyboardInterrupt:
         # A SIGINT sent before the command started: die of it as asked.
         _die_by_sigint()
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the worker's loop must never see it
         with contextlib.suppress(BaseException):
             traceback.print_exc()
     finally:
@@ -381,10 +407,22 @@ def _install_stdio(stdout_fd: int, stderr_fd: int) -> None:
 
 def _rebuild_std_streams() -> None:
     """Streams like ``python -u`` makes: UTF-8, line-buffered, write-through."""
-    _RETIRED_STREAMS.extend([sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__])
-    stdin_buffer = open(0, "rb", closefd=False)  # noqa: SIM115 - lives as long as the process
-    stdin_buffer.raw.name = "<stdin>"
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(stdin_buffer, encoding="utf-8", line_buffering=True)
+    _RETIRED_STREAMS.extend(
+        [
+            sys.stdin,
+            sys.stdout,
+            sys.stderr,
+            sys.__stdin__,
+            sys.__stdout__,
+            sys.__stderr__,
+        ]
+    )
+    # Buffered, unlike the writers: TextIOWrapper reads through read1().
+    stdin_raw = io.FileIO(0, "rb", closefd=False)
+    stdin_raw.name = "<stdin>"
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(
+        io.BufferedReader(stdin_raw), encoding="utf-8", line_buffering=True
+    )
     sys.stdout = sys.__stdout__ = _text_writer(1, "<stdout>", "strict")
     sys.stderr = sys.__stderr__ = _text_writer(2, "<stderr>", "backslashreplace")
 
@@ -392,7 +430,9 @@ def _rebuild_std_streams() -> None:
 def _text_writer(fd: int, name: str, errors: str) -> io.TextIOWrapper:
     raw = io.FileIO(fd, "wb", closefd=False)
     raw.name = name
-    return io.TextIOWrapper(raw, encoding="utf-8", errors=errors, line_buffering=True, write_through=True)
+    return io.TextIOWrapper(
+        raw, encoding="utf-8", errors=errors, line_buffering=True, write_through=True
+    )
 
 
 def _execute(argv: list[str]) -> int:
@@ -408,7 +448,7 @@ def _execute(argv: list[str]) -> int:
     except KeyboardInterrupt:
         _print_exc()
         interrupted, status = True, 128 + signal.SIGINT
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - what the interpreter does at top level
         _print_exc()
         status = 1
     status = _finalize(status)
@@ -450,7 +490,7 @@ def _flush(stream) -> bool:
         return True
     try:
         stream.flush()
-    except Exception:
+    except Exception:  # noqa: BLE001 - the stream may be anything the command set
         return False
     return True
 
@@ -504,11 +544,15 @@ class Worker:
             self.selector.register(self.wake_r, selectors.EVENT_READ)
             return self._loop()
         except ProtocolError as exc:
-            print(f"dcsupervisor worker: protocol error: {exc}", file=sys.stderr, flush=True)
+            print(
+                f"dcsupervisor worker: protocol error: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
             with contextlib.suppress(Exception):
                 self.log("Error", f"protocol error: {exc}")
             return 2
-        except (BrokenPipeError, ConnectionError):
+        except ConnectionError:
             return 0  # the supervisor is gone
         finally:
             self._kill_all_jobs()
@@ -582,7 +626,9 @@ class Worker:
         from django.core.management import get_commands
         from django.db import connections
 
-        commands = [self._describe(name, app) for name, app in sorted(get_commands().items())]
+        commands = [
+            self._describe(name, app) for name, app in sorted(get_commands().items())
+        ]
         # Loading commands may have connected; a fork must not share that.
         connections.close_all()
         self.send("Commands", commands=commands)
@@ -593,11 +639,15 @@ class Worker:
         # Tests sometimes register a command instance instead of an app name.
         app_label = app if isinstance(app, str) else type(app).__module__
         try:
-            command = app if isinstance(app, BaseCommand) else load_command_class(app, name)
+            command = (
+                app if isinstance(app, BaseCommand) else load_command_class(app, name)
+            )
             help_text = command.create_parser("manage.py", name).format_help()
-        except (Exception, SystemExit) as exc:
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - any project bug
             error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            self.log("Warning", f"command {name!r} ({app_label}) failed to load: {error}")
+            self.log(
+                "Warning", f"command {name!r} ({app_label}) failed to load: {error}"
+            )
             self.log("Debug", traceback.format_exc())
             help_text = ""
         return {"name": name, "app_label": app_label, "help_text": help_text}
@@ -648,7 +698,9 @@ class Worker:
             pid = os.fork()
             if pid == 0:
                 try:
-                    _job_main(self._fds_to_close_in_child(), fds[0], fds[1], command, args)
+                    _job_main(
+                        self._fds_to_close_in_child(), fds[0], fds[1], command, args
+                    )
                 finally:
                     os._exit(70)
         finally:
@@ -753,7 +805,11 @@ def _close_quietly(fds) -> None:
 
 
 def _clip(text: str, limit: int = _LOG_LIMIT) -> str:
-    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} characters cut]"
+    return (
+        text
+        if len(text) <= limit
+        else text[:limit] + f"... [{len(text) - limit} characters cut]"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -762,9 +818,15 @@ def _clip(text: str, limit: int = _LOG_LIMIT) -> str:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dcsupervisor-worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--project-dir", default=".", help="the Django project (put first on sys.path)")
-    parser.add_argument("--settings", help="settings module (default: $DJANGO_SETTINGS_MODULE)")
+    parser = argparse.ArgumentParser(
+        prog="dcsupervisor-worker", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--project-dir", default=".", help="the Django project (put first on sys.path)"
+    )
+    parser.add_argument(
+        "--settings", help="settings module (default: $DJANGO_SETTINGS_MODULE)"
+    )
     return parser.parse_args(argv)
 
 
@@ -791,10 +853,14 @@ def main(argv: list[str] | None = None) -> int:
     sock.set_inheritable(False)
     try:
         django = _setup_django(args.project_dir, args.settings)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the supervisor must hear why
         error = _clip(traceback.format_exc())
         with contextlib.suppress(OSError):
-            send_frame(sock, "Event", {"StartupFailed": {"protocol": PROTOCOL_VERSION, "error": error}})
+            send_frame(
+                sock,
+                "Event",
+                {"StartupFailed": {"protocol": PROTOCOL_VERSION, "error": error}},
+            )
         return 1
     worker = Worker(sock)
     hello = {

@@ -133,7 +133,7 @@ async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u
     if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
         tracing::warn!("output still open 5 s after the command ended; stopped reading");
     }
-    worker.shutdown();
+    worker.shutdown().await;
     if let JobEnd::Lost(reason) = &end {
         eprintln!("dcsupervisor: the command's worker died: {reason}");
     }
@@ -177,7 +177,7 @@ async fn copy_output(from: Option<tokio::net::unix::pipe::Receiver>, mut to: imp
 async fn list_commands(config: &Config, json: bool) -> Result<ExitCode> {
     let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
     let discovered = worker.discover().await.context("command discovery failed")?;
-    worker.shutdown();
+    worker.shutdown().await;
     let policy = config.policy();
     let synced = synced_commands(&discovered, &policy);
     let hash = commands_hash(&synced);

@@ -133,6 +133,14 @@ impl FrameWriter {
     }
 }
 
+impl FrameWriter {
+    /// Shuts our sending direction: the worker reads EOF and exits, killing
+    /// its jobs, even while other handles to the connection remain.
+    pub async fn close(&mut self) -> io::Result<()> {
+        tokio::io::AsyncWriteExt::shutdown(&mut self.socket).await
+    }
+}
+
 fn send_with_fds(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &[ControlMessage::ScmRights(fds)] };
     sendmsg::<()>(socket, &[IoSlice::new(bytes)], cmsgs, MsgFlags::MSG_NOSIGNAL, None).map_err(io::Error::from)

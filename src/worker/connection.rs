@@ -194,6 +194,13 @@ impl Connection {
         }
     }
 
+    /// Ends the conversation now: the worker kills its jobs and exits.
+    pub async fn close(&self) {
+        if let Err(err) = self.writer.lock().await.close().await {
+            tracing::debug!("closing worker {}: {err}", self.info.pid);
+        }
+    }
+
     async fn send(&self, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), RequestError> {
         self.writer.lock().await.send(request, fds).await.map_err(RequestError::Send)
     }

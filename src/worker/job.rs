@@ -136,13 +136,18 @@ impl Job {
         Self { id, pid, stdout: outputs.0, stderr: outputs.1, end: Some(end), ended: None, control }
     }
 
-    /// Waits for the job to end. Safe to call again: the outcome is kept.
+    /// Waits for the job to end. Safe to call again, and to cancel (e.g.
+    /// under a timeout): the outcome is kept once known.
     pub async fn wait(&mut self) -> JobEnd {
-        if let Some(end) = self.end.take() {
-            let outcome = end.await.unwrap_or_else(|_| JobEnd::Lost("job tracking was dropped".into()));
-            self.ended = Some(outcome);
+        if let Some(ended) = &self.ended {
+            return ended.clone();
         }
-        self.ended.clone().expect("set above or earlier")
+        let outcome = match self.end.as_mut() {
+            Some(end) => end.await.unwrap_or_else(|_| JobEnd::Lost("job tracking was dropped".into())),
+            None => JobEnd::Lost("job tracking was dropped".into()),
+        };
+        self.ended = Some(outcome.clone());
+        outcome
     }
 
     /// Sends `signal` to the job's whole process group (the command and

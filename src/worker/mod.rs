@@ -15,7 +15,7 @@ mod subprocess;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -106,6 +106,7 @@ struct Shared {
     jobs_on_current: AtomicU64,
     recycle: Notify,
     shutdown: Notify,
+    stopping: AtomicBool,
 }
 
 /// Backoff between restarts of a worker that keeps dying.
@@ -131,7 +132,7 @@ impl Worker {
             django = %first.info.django_version,
             "worker ready"
         );
-        let (current, _) = watch::channel(Some(first));
+        let (current, _) = watch::channel(Some(first.clone()));
         let shared = Arc::new(Shared {
             opts,
             current,
@@ -140,8 +141,9 @@ impl Worker {
             jobs_on_current: AtomicU64::new(0),
             recycle: Notify::new(),
             shutdown: Notify::new(),
+            stopping: AtomicBool::new(false),
         });
-        tokio::spawn(keep_worker_alive(shared.clone()));
+        tokio::spawn(keep_worker_alive(shared.clone(), first));
         Ok(Worker { shared })
     }
 
@@ -172,14 +174,20 @@ impl Worker {
     }
 
     /// Starts a fresh worker for new jobs; the current one finishes its jobs
-    /// and exits. Used on reload so newly deployed code is picked up.
+    /// and exits. Used on reload so newly deployed code is picked up: from
+    /// this call on, new jobs wait for the fresh worker.
     pub fn recycle(&self) {
+        self.shared.current.send_replace(None);
         self.shared.recycle.notify_one();
     }
 
-    /// Stops the worker. Jobs still running are killed with it.
-    pub fn shutdown(&self) {
+    /// Stops the worker now; jobs still running on it are killed with it.
+    pub async fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
         self.shared.shutdown.notify_one();
+        if let Some(connection) = self.shared.current.send_replace(None) {
+            connection.close().await;
+        }
     }
 
     fn count_job_for_recycling(&self) {
@@ -208,54 +216,55 @@ impl Worker {
     }
 }
 
-/// Watches the current worker: restarts it when it dies, swaps it on recycle,
-/// and drops it on shutdown.
-async fn keep_worker_alive(shared: Arc<Shared>) {
-    let mut failures = 0usize;
+/// Watches the worker taking jobs: restarts it when it dies, replaces it on
+/// recycle, and stops on shutdown.
+async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>) {
+    let mut crashes = 0usize;
     loop {
-        let Some(connection) = shared.current.borrow().clone() else {
-            return;
-        };
         let started = tokio::time::Instant::now();
         tokio::select! {
             reason = connection.closed() => {
-                shared.current.send_replace(None);
+                // Clear it unless a recycle already did.
+                shared.current.send_if_modified(|current| {
+                    let is_this = current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &connection));
+                    if is_this {
+                        *current = None;
+                    }
+                    is_this
+                });
                 tracing::warn!("{reason}; restarting the worker");
                 if started.elapsed() >= HEALTHY_UPTIME {
-                    failures = 0;
+                    crashes = 0;
                 }
+                crashes += 1;
             }
             _ = shared.recycle.notified() => {
-                tracing::info!(pid = connection.info.pid, "recycling the worker");
-                let replacement = start_with_backoff(&shared, &mut failures).await;
-                shared.current.send_replace(Some(replacement));
                 let jobs = connection.running_jobs();
+                tracing::info!(pid = connection.info.pid, jobs, "recycling the worker; it exits once its jobs end");
                 connection.retire().await;
-                tracing::info!(pid = connection.info.pid, jobs, "old worker retires once its jobs end");
-                continue;
+                crashes = 0;
             }
-            _ = shared.shutdown.notified() => {
-                shared.current.send_replace(None);
-                // Dropping the last handle closes the socket: the worker kills its jobs and exits.
-                return;
-            }
+            _ = shared.shutdown.notified() => return,
         }
-        let replacement = start_with_backoff(&shared, &mut failures).await;
-        shared.current.send_replace(Some(replacement));
+        connection = start_with_backoff(&shared, &mut crashes).await;
+        if shared.stopping.load(Ordering::Acquire) {
+            connection.close().await;
+            return;
+        }
+        shared.current.send_replace(Some(connection.clone()));
     }
 }
 
+/// Starts a worker, waiting longer between attempts the more have failed.
 async fn start_with_backoff(shared: &Shared, failures: &mut usize) -> Arc<Connection> {
     loop {
         if *failures > 0 {
-            let delay = RESTART_BACKOFF[(*failures - 1).min(RESTART_BACKOFF.len() - 1)];
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep(RESTART_BACKOFF[(*failures - 1).min(RESTART_BACKOFF.len() - 1)]).await;
         }
         match Connection::open(&shared.opts).await {
             Ok(connection) => {
                 *shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 tracing::info!(pid = connection.info.pid, "worker ready");
-                *failures += 1;
                 return connection;
             }
             Err(err) => {

@@ -1,0 +1,276 @@
+"""The real worker process, driven from Python alone against the demo project.
+
+The test plays the supervisor: it starts ``python -`` with the worker source
+on stdin and its end of a socketpair as fd 3, then speaks the protocol.
+"""
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+django = pytest.importorskip("django")
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER_PATH = ROOT / "python" / "djangocommand" / "_worker.py"
+DEMO_DIR = ROOT / "examples" / "demo"
+TIMEOUT = 20  # seconds; generous for a loaded CI machine
+
+if not (DEMO_DIR / "manage.py").exists():
+    pytest.skip(f"demo project {DEMO_DIR} not present", allow_module_level=True)
+
+
+def _load_worker():
+    spec = importlib.util.spec_from_file_location("dcsupervisor_worker", WORKER_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+codec = _load_worker()
+
+_EXEC_WITH_FD3 = """
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+class Supervisor:
+    """Our end of the socket, with the worker process it talks to."""
+
+    def __init__(self, tmp_path: Path, settings: str = "demo_project.settings"):
+        self.sock, worker_end = socket.socketpair()
+        self.sock.settimeout(TIMEOUT)
+        self.logs: list[dict] = []
+        self.stderr_path = tmp_path / "worker-stderr.txt"
+        env = dict(
+            os.environ,
+            DJANGOCOMMAND_WORKER_FD="3",
+            DEMO_DB_PATH=str(tmp_path / "db.sqlite3"),
+        )
+        # pass_fds keeps the number, and the worker wants fd 3: a first
+        # interpreter moves it there and execs the worker in its place (same
+        # pid, same stdin).
+        fd = worker_end.fileno()
+        argv = [sys.executable, "-c", _EXEC_WITH_FD3, str(fd), sys.executable]
+        argv += ["-", "--project-dir", ".", "--settings", settings]
+        with self.stderr_path.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=DEMO_DIR,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=stderr,
+                stderr=stderr,
+                pass_fds=[fd],
+            )
+        worker_end.close()
+        self.proc.stdin.write(WORKER_PATH.read_bytes())
+        self.proc.stdin.close()
+
+    def send(self, request, fds=()) -> None:
+        frame = codec.encode_frame("Request", request)
+        if fds:
+            socket.send_fds(self.sock, [frame], list(fds))
+        else:
+            self.sock.sendall(frame)
+
+    def _recv_exactly(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                raise EOFError(f"worker closed the socket; stderr:\n{self.stderr()}")
+            data += chunk
+        return data
+
+    def event(self):
+        """The next event that is not a Log (those are kept in self.logs)."""
+        while True:
+            (length,) = codec._U32.unpack(self._recv_exactly(4))
+            event = codec.decode("Event", self._recv_exactly(length))
+            if not (isinstance(event, dict) and "Log" in event):
+                return event
+            self.logs.append(event["Log"])
+
+    def run(self, job: int, command: str, *args: str) -> tuple[dict, bytes, bytes]:
+        """Runs a job to completion: (its exit status, stdout, stderr)."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        request = {"Run": {"job": job, "command": command, "args": list(args)}}
+        self.send(request, fds=[out_w, err_w])
+        os.close(out_w)
+        os.close(err_w)
+        started = self.event()
+        assert started == {
+            "JobStarted": {"job": job, "pid": started["JobStarted"]["pid"]}
+        }
+        exited = self.event()
+        assert list(exited) == ["JobExited"] and exited["JobExited"]["job"] == job
+        return exited["JobExited"]["status"], _read_all(out_r), _read_all(err_r)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def _read_all(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as pipe:
+        return pipe.read()
+
+
+@pytest.fixture
+def supervisor(tmp_path):
+    sup = Supervisor(tmp_path)
+    hello = sup.event()
+    assert hello == {
+        "Hello": {
+            "protocol": codec.PROTOCOL_VERSION,
+            "pid": sup.proc.pid,
+            "python_version": hello["Hello"]["python_version"],
+            "django_version": django.get_version(),
+        }
+    }, sup.stderr()
+    yield sup
+    if sup.proc.poll() is None:
+        sup.close()
+
+
+def test_smoke_discover_run_crash_and_exit_on_eof(supervisor):
+    supervisor.send("Discover")
+    (commands,) = supervisor.event()["Commands"].values()
+    by_name = {command["name"]: command for command in commands}
+    assert by_name["noop"]["app_label"] == "demo"
+    assert by_name["noop"]["help_text"].startswith("usage: manage.py noop")
+    assert by_name["migrate"]["app_label"] == "django.core"
+
+    status, out, err = supervisor.run(1, "noisy", "--lines", "3")
+    assert (status, out, err) == (
+        {"Code": {"code": 0}},
+        b"out 0\nout 1\nout 2\n",
+        b"err 0\nerr 1\nerr 2\n",
+    )
+
+    status, out, _ = supervisor.run(2, "segfault")
+    assert status == {"Signal": {"signal": 11}}
+    assert out == b"about to crash\n"
+
+    assert supervisor.run(3, "noop") == ({"Code": {"code": 0}}, b"", b"")
+
+    started = time.monotonic()
+    supervisor.close()
+    assert time.monotonic() - started < 5
+    assert supervisor.proc.returncode == 0
+
+
+def test_exit_statuses_match_manage_py(supervisor):
+    status, _, err = supervisor.run(1, "fail", "--code", "3")
+    assert status == {"Code": {"code": 3}}
+    assert err == b"CommandError: demo failure\n"
+
+    assert supervisor.run(2, "exit_with", "4")[0] == {"Code": {"code": 4}}
+    assert supervisor.run(3, "hard_exit", "5")[:2] == (
+        {"Code": {"code": 5}},
+        b"hard exit\n",
+    )
+
+    status, _, err = supervisor.run(4, "boom")
+    assert status == {"Code": {"code": 1}}
+    assert err.startswith(b"Traceback (most recent call last):\n")
+    assert err.endswith(b"ValueError: kaboom\n")
+
+    status, _, err = supervisor.run(5, "no_such_command")
+    assert status == {"Code": {"code": 1}}
+    assert b"Unknown command: 'no_such_command'" in err
+
+    status, out, _ = supervisor.run(6, "read_stdin")
+    assert (status, out) == ({"Code": {"code": 0}}, b"stdin: ''\n")
+
+
+def _start_grandchild_job(supervisor, job: int):
+    """Starts the `grandchild` command: (job pid, its stdout, grandchild pid)."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    run = {"Run": {"job": job, "command": "grandchild", "args": []}}
+    supervisor.send(run, fds=[out_w, err_w])
+    for fd in (out_w, err_w, err_r):
+        os.close(fd)
+    pid = supervisor.event()["JobStarted"]["pid"]
+    out = os.fdopen(out_r, "rb")
+    grandchild = int(out.readline().split()[1])
+    return pid, out, grandchild
+
+
+def test_signal_reaches_the_whole_job(supervisor):
+    _, out, _ = _start_grandchild_job(supervisor, 9)
+    with out:
+        supervisor.send({"Signal": {"job": 9, "signal": 15}})
+        exited = {"JobExited": {"job": 9, "status": {"Signal": {"signal": 15}}}}
+        assert supervisor.event() == exited
+        # The grandchild holds the pipe too: EOF means it is gone as well.
+        assert out.read() == b""
+
+
+def test_leftovers_of_a_dead_job_are_killed(supervisor):
+    pid, out, _ = _start_grandchild_job(supervisor, 10)
+    with out:
+        os.kill(pid, 9)  # only the job's main process
+        exited = {"JobExited": {"job": 10, "status": {"Signal": {"signal": 9}}}}
+        assert supervisor.event() == exited
+        assert out.read() == b""
+    assert supervisor.run(11, "noop")[0] == {"Code": {"code": 0}}
+
+
+def test_shutdown_waits_for_running_jobs_and_refuses_new_ones(supervisor):
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    sleep = {"Run": {"job": 1, "command": "sleep", "args": ["0.5"]}}
+    supervisor.send(sleep, fds=[out_w, err_w])
+    assert "JobStarted" in supervisor.event()
+    supervisor.send("Shutdown")
+    late = {"Run": {"job": 2, "command": "noop", "args": []}}
+    supervisor.send(late, fds=[out_w, err_w])
+    assert supervisor.event() == {
+        "JobFailed": {"job": 2, "error": "worker is shutting down"}
+    }
+    for fd in (out_w, err_w):
+        os.close(fd)
+    assert supervisor.event() == {
+        "JobExited": {"job": 1, "status": {"Code": {"code": 0}}}
+    }
+    assert supervisor.proc.wait(timeout=TIMEOUT) == 0
+    assert _read_all(out_r) == b"sleeping 0.5\ndone\n"
+    os.close(err_r)
+
+
+def test_run_without_descriptors_fails_the_job_only(supervisor):
+    supervisor.send({"Run": {"job": 1, "command": "noop", "args": []}})
+    failed = supervisor.event()["JobFailed"]
+    assert failed["job"] == 1 and "2 descriptors" in failed["error"]
+    assert supervisor.run(2, "noop")[0] == {"Code": {"code": 0}}
+
+
+def test_startup_failure_is_reported_with_the_traceback(tmp_path):
+    sup = Supervisor(tmp_path, settings="demo_project.settings_broken")
+    failed = sup.event()["StartupFailed"]
+    assert failed["protocol"] == codec.PROTOCOL_VERSION
+    assert "No module named 'does_not_exist_module'" in failed["error"]
+    assert sup.proc.wait(timeout=TIMEOUT) == 1
+    sup.sock.close()

@@ -1,0 +1,341 @@
+//! The preloaded worker end to end: real Python, real Django (the demo
+//! project), real forks, real pipes. Each example command's exit status and
+//! exact output bytes are checked, most against `python manage.py` itself.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use dcsupervisor::ipc::ExitStatus;
+use dcsupervisor::worker::{Isolation, JobEnd, Output, StartError, Stop, Worker};
+use tokio::io::AsyncBufReadExt;
+
+fn code(code: i32) -> JobEnd {
+    JobEnd::Exited(ExitStatus::Code { code })
+}
+
+async fn start(db: &TestDb) -> Worker {
+    Worker::start(options(db)).await.expect("worker starts")
+}
+
+#[tokio::test]
+async fn hello_reports_versions_and_discovery_lists_every_command() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    let info = worker.info().expect("worker is up");
+    assert!(info.django_version.chars().next().unwrap().is_ascii_digit(), "{info:?}");
+    assert!(info.python_version.starts_with('3'), "{info:?}");
+
+    let commands = worker.discover().await.expect("discovery");
+    let noop = commands.iter().find(|c| c.name == "noop").expect("noop discovered");
+    assert_eq!(noop.app_label, "demo");
+    assert!(noop.help_text.starts_with("usage: manage.py noop"), "{}", noop.help_text);
+    let migrate = commands.iter().find(|c| c.name == "migrate").expect("migrate discovered");
+    assert_eq!(migrate.app_label, "django.core");
+    let auth = commands.iter().find(|c| c.name == "changepassword").expect("changepassword");
+    assert_eq!(auth.app_label, "django.contrib.auth");
+}
+
+#[tokio::test]
+async fn help_text_equals_what_manage_py_help_prints() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    let commands = worker.discover().await.unwrap();
+    for name in ["noisy", "sleep", "migrate"] {
+        let ours = &commands.iter().find(|c| c.name == name).unwrap().help_text;
+        let reference = run_manage_py(&db, name, &["--help"]);
+        assert_eq!(ours.as_bytes(), reference.stdout.as_slice(), "help of {name}");
+    }
+}
+
+#[tokio::test]
+async fn output_and_exit_codes_match_manage_py_exactly() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    let cases: &[(&str, &[&str])] = &[
+        ("noop", &[]),
+        ("noisy", &["--lines", "5"]),
+        ("fail", &[]),
+        ("fail", &["--code", "3"]),
+        ("exit_with", &["7"]),
+        ("hard_exit", &["4"]),
+        ("bad_utf8", &[]),
+        ("read_stdin", &[]),
+        ("sleep", &[]),                 // argparse error: missing argument, exit 2
+        ("noisy", &["--lines", "x"]),   // argparse error: invalid int
+        ("no_such_command", &[]),       // Django's "Unknown command"
+        ("noop", &["--settings", "demo_project.settings"]),
+    ];
+    for (command, args) in cases {
+        let ours = run(&worker, command, args).await;
+        let reference = run_manage_py(&db, command, args);
+        let label = format!("{command} {args:?}");
+        assert_eq!(ours.stdout_text(), String::from_utf8_lossy(&reference.stdout), "stdout of {label}");
+        assert_eq!(ours.stdout, reference.stdout, "stdout bytes of {label}");
+        assert_eq!(ours.stderr_text(), String::from_utf8_lossy(&reference.stderr), "stderr of {label}");
+        assert_eq!(ours.end, code(reference.status.code().unwrap()), "exit of {label}");
+    }
+}
+
+#[tokio::test]
+async fn exact_bytes_of_the_demo_commands() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+
+    let noisy = run(&worker, "noisy", &["--lines", "3"]).await;
+    assert_eq!(noisy.stdout, b"out 0\nout 1\nout 2\n");
+    assert_eq!(noisy.stderr, b"err 0\nerr 1\nerr 2\n");
+    assert_eq!(noisy.end, code(0));
+
+    let bad = run(&worker, "bad_utf8", &[]).await;
+    assert_eq!(bad.stdout, "héllo wörld ✓\n".bytes().chain(*b"bad \xff\xfe bytes\nafter\n").collect::<Vec<u8>>());
+
+    let fail = run(&worker, "fail", &["--code", "3"]).await;
+    assert_eq!((fail.end.clone(), fail.stderr_text()), (code(3), "CommandError: demo failure\n".to_string()));
+
+    let boom = run(&worker, "boom", &[]).await;
+    assert_eq!(boom.end, code(1));
+    assert!(boom.stderr_text().starts_with("Traceback (most recent call last):\n"), "{}", boom.stderr_text());
+    assert!(boom.stderr_text().ends_with("ValueError: kaboom\n"), "{}", boom.stderr_text());
+
+    // stdin is /dev/null: a prompt fails at once instead of hanging.
+    let prompt = run(&worker, "prompt", &[]).await;
+    assert_eq!(prompt.end, code(1));
+    assert!(prompt.stderr_text().contains("EOFError"), "{}", prompt.stderr_text());
+    assert_eq!(run(&worker, "read_stdin", &[]).await.stdout, b"stdin: ''\n");
+}
+
+#[tokio::test]
+async fn the_worker_survives_every_kind_of_crash() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    let pid = worker.info().unwrap().pid;
+
+    let segfault = run(&worker, "segfault", &[]).await;
+    assert_eq!(segfault.end, JobEnd::Exited(ExitStatus::Signal { signal: 11 }));
+    assert_eq!(segfault.stdout, b"about to crash\n");
+    assert_eq!(run(&worker, "hard_exit", &["9"]).await.end, code(9));
+    assert_eq!(run(&worker, "boom", &[]).await.end, code(1));
+
+    // A command whose reader went away: its writes fail, not the worker.
+    let args = vec!["--lines".to_string(), "100000".to_string()];
+    let mut job = worker.spawn_job("noisy", &args, Output::Capture).await.unwrap();
+    drop(job.stdout.take());
+    let stderr = tokio::spawn(read_all(job.stderr.take()));
+    assert_ne!(job.wait().await, code(0), "writing to a closed stdout fails the command");
+    stderr.await.unwrap();
+
+    assert_eq!(run(&worker, "noop", &[]).await.end, code(0));
+    assert_eq!(worker.info().unwrap().pid, pid, "still the same worker");
+}
+
+#[tokio::test]
+async fn the_database_works_after_fork() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    assert_eq!(run(&worker, "migrate", &["--verbosity", "0"]).await.end, code(0));
+    assert_eq!(run(&worker, "db_query", &[]).await.stdout, b"notes: 1\n");
+    assert_eq!(run(&worker, "db_query", &["--text", "again"]).await.stdout, b"notes: 2\n");
+}
+
+/// Reads the `grandchild <pid>` line the demo command prints.
+async fn grandchild_pid(job: &mut dcsupervisor::worker::Job) -> u32 {
+    let stdout = job.stdout.as_mut().unwrap();
+    let mut line = String::new();
+    tokio::io::BufReader::new(stdout).read_line(&mut line).await.unwrap();
+    line.trim().strip_prefix("grandchild ").expect("grandchild line").parse().unwrap()
+}
+
+#[tokio::test]
+async fn cancel_kills_the_whole_process_group() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    let mut job = worker.spawn_job("grandchild", &[], Output::Capture).await.unwrap();
+    let grandchild = grandchild_pid(&mut job).await;
+    assert!(alive(grandchild) && alive(job.pid));
+
+    let end = job.stop(Stop::Graceful(Duration::from_secs(5))).await;
+    assert_eq!(end, JobEnd::Exited(ExitStatus::Signal { signal: 15 }));
+    assert!(gone_within(grandchild, Duration::from_secs(10)).await, "grandchild {grandchild} survived");
+}
+
+#[tokio::test]
+async fn forced_cancel_and_timeout() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    let mut job = worker.spawn_job("spin", &[], Output::Capture).await.unwrap();
+    assert_eq!(job.stop(Stop::Kill).await, JobEnd::Exited(ExitStatus::Signal { signal: 9 }));
+
+    let mut job = worker.spawn_job("grandchild", &[], Output::Capture).await.unwrap();
+    let grandchild = grandchild_pid(&mut job).await;
+    let (end, timed_out) = job.wait_or_stop_after(Duration::from_millis(200), Stop::Graceful(Duration::from_secs(5))).await;
+    assert!(timed_out);
+    assert_eq!(end, JobEnd::Exited(ExitStatus::Signal { signal: 15 }));
+    assert!(gone_within(grandchild, Duration::from_secs(10)).await);
+
+    // A command that ignores nothing but never ends on its own: SIGTERM ends it.
+    let mut job = worker.spawn_job("sleep", &["60".to_string()], Output::Capture).await.unwrap();
+    let (end, timed_out) = job.wait_or_stop_after(Duration::from_millis(100), Stop::Graceful(Duration::from_secs(5))).await;
+    assert!(timed_out);
+    assert_eq!(end, JobEnd::Exited(ExitStatus::Signal { signal: 15 }));
+}
+
+#[tokio::test]
+async fn eight_jobs_run_at_once() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    let mut jobs = Vec::new();
+    for _ in 0..8 {
+        jobs.push(worker.spawn_job("sleep", &["60".to_string()], Output::Capture).await.unwrap());
+    }
+    let pids: std::collections::BTreeSet<u32> = jobs.iter().map(|j| j.pid).collect();
+    assert_eq!(pids.len(), 8);
+    assert!(pids.iter().all(|pid| alive(*pid)), "all eight alive at the same time");
+    for job in &mut jobs {
+        assert_eq!(job.stop(Stop::Kill).await, JobEnd::Exited(ExitStatus::Signal { signal: 9 }));
+    }
+    assert_eq!(run(&worker, "noop", &[]).await.end, code(0));
+}
+
+#[tokio::test]
+async fn a_dead_worker_fails_its_jobs_and_is_replaced() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    let old = worker.info().unwrap().pid;
+    let mut job = worker.spawn_job("grandchild", &[], Output::Capture).await.unwrap();
+    let grandchild = grandchild_pid(&mut job).await;
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    match job.wait().await {
+        JobEnd::Lost(reason) => assert!(reason.contains("exited"), "{reason}"),
+        other => panic!("expected a lost job, got {other:?}"),
+    }
+    assert!(gone_within(job.pid, Duration::from_secs(10)).await, "orphaned job killed");
+    assert!(gone_within(grandchild, Duration::from_secs(10)).await, "its grandchild too");
+
+    // The next job waits for the replacement worker.
+    assert_eq!(run(&worker, "noop", &[]).await.end, code(0));
+    assert_ne!(worker.info().unwrap().pid, old);
+}
+
+#[tokio::test]
+async fn the_worker_exits_with_its_jobs_when_the_supervisor_lets_go() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    let pid = worker.info().unwrap().pid;
+    let job = worker.spawn_job("sleep", &["60".to_string()], Output::Capture).await.unwrap();
+    worker.shutdown().await;
+    drop(worker);
+    assert!(gone_within(pid, Duration::from_secs(10)).await, "worker {pid} outlived its socket");
+    assert!(gone_within(job.pid, Duration::from_secs(10)).await, "job outlived the worker");
+}
+
+#[tokio::test]
+async fn recycling_moves_new_jobs_to_a_fresh_worker() {
+    let db = TestDb::new();
+    let mut opts = options(&db);
+    opts.recycle_after_jobs = Some(2);
+    let worker = Worker::start(opts).await.unwrap();
+    let first = worker.info().unwrap().pid;
+    let mut long = worker.spawn_job("sleep", &["1".to_string()], Output::Capture).await.unwrap();
+    assert_eq!(run(&worker, "noop", &[]).await.end, code(0));
+    // The second job triggered the recycle; the next one goes to the new worker.
+    assert_eq!(run(&worker, "noop", &[]).await.end, code(0));
+    assert_ne!(worker.info().unwrap().pid, first);
+    // The job on the retired worker finishes normally.
+    assert_eq!(long.wait().await, code(0));
+    assert!(gone_within(first, Duration::from_secs(10)).await, "retired worker exits after its jobs");
+}
+
+#[tokio::test]
+async fn spawn_isolation_runs_manage_py_with_the_same_results() {
+    let db = TestDb::new();
+    let mut opts = options(&db);
+    opts.isolation = Isolation::Spawn;
+    let worker = Worker::start(opts).await.unwrap();
+    let noisy = run(&worker, "noisy", &["--lines", "2"]).await;
+    assert_eq!((noisy.stdout.as_slice(), noisy.stderr.as_slice()), (&b"out 0\nout 1\n"[..], &b"err 0\nerr 1\n"[..]));
+    assert_eq!(run(&worker, "fail", &["--code", "5"]).await.end, code(5));
+
+    let mut job = worker.spawn_job("grandchild", &[], Output::Capture).await.unwrap();
+    let grandchild = grandchild_pid(&mut job).await;
+    assert_eq!(job.stop(Stop::Graceful(Duration::from_secs(5))).await, JobEnd::Exited(ExitStatus::Signal { signal: 15 }));
+    assert!(gone_within(grandchild, Duration::from_secs(10)).await);
+}
+
+#[tokio::test]
+async fn spawn_can_be_chosen_per_command() {
+    let db = TestDb::new();
+    let mut opts = options(&db);
+    opts.spawn_commands.insert("noop".into());
+    let worker = Worker::start(opts).await.unwrap();
+    let worker_pid = worker.info().unwrap().pid;
+    let job = worker.spawn_job("noop", &[], Output::Capture).await.unwrap();
+    let parent = std::fs::read_to_string(format!("/proc/{}/stat", job.pid)).ok();
+    assert_eq!(finish(job).await.end, code(0));
+    // A spawned job is our child, not the worker's (when we caught it alive).
+    if let Some(stat) = parent {
+        let ppid: u32 = stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert_ne!(ppid, worker_pid);
+    }
+}
+
+#[tokio::test]
+async fn discarded_output_still_reports_the_exit() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    let job = worker.spawn_job("exit_with", &["3".to_string()], Output::Discard).await.unwrap();
+    assert!(job.stdout.is_none() && job.stderr.is_none());
+    assert_eq!(finish(job).await.end, code(3));
+}
+
+#[tokio::test]
+async fn a_broken_settings_module_is_a_clear_startup_error() {
+    let db = TestDb::new();
+    let mut opts = options(&db);
+    opts.settings_module = "demo_project.settings_broken".into();
+    match Worker::start(opts).await {
+        Err(StartError::DjangoSetup { traceback }) => {
+            assert!(traceback.contains("Traceback"), "{traceback}");
+            assert!(traceback.contains("does_not_exist_module"), "{traceback}");
+        }
+        Err(other) => panic!("expected a Django set-up error, got {other}"),
+        Ok(_) => panic!("the broken settings started"),
+    }
+}
+
+#[tokio::test]
+async fn a_missing_interpreter_is_a_clear_startup_error() {
+    let db = TestDb::new();
+    let mut opts = options(&db);
+    opts.python = "/nonexistent/python3".into();
+    let err = Worker::start(opts).await.err().expect("must fail");
+    assert!(err.to_string().contains("/nonexistent/python3"), "{err}");
+}
+
+#[tokio::test]
+async fn garbage_from_the_worker_is_a_protocol_error_not_a_panic() {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("oversized", r"printf '\377\377\377\177' >&3; sleep 5"),
+        ("undecodable", r"printf '\004\000\000\000\011\000\000\000' >&3; sleep 5"),
+        ("silent_exit", "echo 'no hello from me' >&2; exit 3"),
+    ];
+    for (name, script) in cases {
+        let fake = dir.path().join(name);
+        write_file(&fake, &format!("#!/bin/sh\ncat >/dev/null\n{script}\n"));
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let mut opts = options(&db);
+        opts.python = fake;
+        opts.startup_timeout = Duration::from_secs(20);
+        let err = Worker::start(opts).await.err().expect("a fake worker must be refused");
+        let text = err.to_string();
+        match name {
+            "oversized" => assert!(text.contains("limit"), "{text}"),
+            "undecodable" => assert!(text.contains("protocol error"), "{text}"),
+            _ => assert!(text.contains("no hello from me") && text.contains("exit status: 3"), "{text}"),
+        }
+    }
+}
