@@ -18,14 +18,22 @@ use crate::worker::{Isolation, WorkerOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {message}")]
+    #[error("{path}: {message}")]
     Load { path: String, message: String },
     #[error("invalid value for `{field}`: {value}: {fix}")]
-    Invalid { field: &'static str, value: String, fix: String },
+    Invalid {
+        field: &'static str,
+        value: String,
+        fix: String,
+    },
 }
 
 fn invalid(field: &'static str, value: impl std::fmt::Display, fix: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field, value: value.to_string(), fix: fix.into() }
+    ConfigError::Invalid {
+        field,
+        value: value.to_string(),
+        fix: fix.into(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -143,9 +151,16 @@ impl Default for RunnerConfig {
 impl Config {
     /// Reads, merges the environment into, and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let load_error = |message: String| ConfigError::Load { path: path.display().to_string(), message };
+        let load_error = |message: String| ConfigError::Load {
+            path: path.display().to_string(),
+            message,
+        };
         let mut builder = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml).required(true))
+            .add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            )
             .add_source(
                 config::Environment::with_prefix("DCSUPERVISOR")
                     .prefix_separator("_")
@@ -155,12 +170,19 @@ impl Config {
                     .try_parsing(true),
             );
         if let Ok(key) = std::env::var("DJANGOCOMMAND_API_KEY") {
-            builder = builder.set_override("server.api_key", key).map_err(|e| load_error(e.to_string()))?;
+            builder = builder
+                .set_override("server.api_key", key)
+                .map_err(|e| load_error(e.to_string()))?;
         }
         let merged = builder.build().map_err(|e| load_error(e.to_string()))?;
         let mut config: Config = merged.try_deserialize().map_err(|e| load_error(e.to_string()))?;
-        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        config.resolve_paths(base);
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        // Absolute, because the worker runs with the project as its cwd.
+        let base = std::path::absolute(base).map_err(|e| load_error(e.to_string()))?;
+        config.resolve_paths(&base);
         config.validate()?;
         Ok(config)
     }
@@ -199,14 +221,26 @@ impl Config {
         }
         for name in self.policy.named_commands() {
             if name.is_empty() || name.contains(char::is_whitespace) {
-                return Err(invalid("policy", format!("{name:?}"), "command names are single words"));
+                return Err(invalid(
+                    "policy",
+                    format!("{name:?}"),
+                    "command names are single words",
+                ));
             }
         }
         if self.worker.startup_timeout == 0 {
-            return Err(invalid("worker.startup_timeout", 0, "give Django at least 1 second to set up"));
+            return Err(invalid(
+                "worker.startup_timeout",
+                0,
+                "give Django at least 1 second to set up",
+            ));
         }
         if self.runner.max_concurrent == 0 {
-            return Err(invalid("runner.max_concurrent", 0, "allow at least 1 execution at a time"));
+            return Err(invalid(
+                "runner.max_concurrent",
+                0,
+                "allow at least 1 execution at a time",
+            ));
         }
         self.server.validate_intervals()
     }
@@ -224,7 +258,8 @@ impl Config {
             startup_timeout: Duration::from_secs(self.worker.startup_timeout),
             isolation: self.worker.isolation,
             spawn_commands: self.worker.spawn_commands.iter().cloned().collect(),
-            recycle_after_jobs: (self.worker.recycle_after_jobs > 0).then_some(self.worker.recycle_after_jobs),
+            recycle_after_jobs: (self.worker.recycle_after_jobs > 0)
+                .then_some(self.worker.recycle_after_jobs),
         }
     }
 
@@ -236,10 +271,18 @@ impl Config {
 impl ServerConfig {
     fn validate_intervals(&self) -> Result<(), ConfigError> {
         if self.heartbeat_interval < 5 {
-            return Err(invalid("server.heartbeat_interval", self.heartbeat_interval, "the minimum is 5 seconds"));
+            return Err(invalid(
+                "server.heartbeat_interval",
+                self.heartbeat_interval,
+                "the minimum is 5 seconds",
+            ));
         }
         if self.request_timeout == 0 {
-            return Err(invalid("server.request_timeout", 0, "use a timeout of at least 1 second"));
+            return Err(invalid(
+                "server.request_timeout",
+                0,
+                "use a timeout of at least 1 second",
+            ));
         }
         Ok(())
     }
@@ -285,7 +328,16 @@ impl PolicyConfig {
 }
 
 /// `replacement` or the defaults, plus `add`, minus `remove`.
-fn combine(replacement: Option<&[String]>, defaults: &[String], add: &[String], remove: &[String]) -> BTreeSet<String> {
+fn combine(
+    replacement: Option<&[String]>,
+    defaults: &[String],
+    add: &[String],
+    remove: &[String],
+) -> BTreeSet<String> {
     let base = replacement.unwrap_or(defaults);
-    base.iter().chain(add).filter(|name| !remove.contains(name)).cloned().collect()
+    base.iter()
+        .chain(add)
+        .filter(|name| !remove.contains(name))
+        .cloned()
+        .collect()
 }

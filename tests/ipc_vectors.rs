@@ -31,7 +31,14 @@ fn cases() -> Vec<(&'static str, Message)> {
                 args: vec!["--plan".into(), "app label with spaces".into()],
             }),
         ),
-        ("run_no_args", R(Request::Run { job: u64::MAX, command: "noop".into(), args: vec![] })),
+        (
+            "run_no_args",
+            R(Request::Run {
+                job: u64::MAX,
+                command: "noop".into(),
+                args: vec![],
+            }),
+        ),
         ("signal_term", R(Request::Signal { job: 1, signal: 15 })),
         ("shutdown", R(Request::Shutdown)),
         (
@@ -47,7 +54,8 @@ fn cases() -> Vec<(&'static str, Message)> {
             "startup_failed",
             E(Event::StartupFailed {
                 protocol: PROTOCOL_VERSION,
-                error: "Traceback (most recent call last):\n  ModuleNotFoundError: No module named 'x'\n".into(),
+                error: "Traceback (most recent call last):\n  ModuleNotFoundError: No module named 'x'\n"
+                    .into(),
             }),
         ),
         (
@@ -59,26 +67,80 @@ fn cases() -> Vec<(&'static str, Message)> {
                         app_label: "django.core".into(),
                         help_text: "usage: manage.py migrate\n".into(),
                     },
-                    CommandInfo { name: "héllo_✓".into(), app_label: "demo".into(), help_text: String::new() },
+                    CommandInfo {
+                        name: "héllo_✓".into(),
+                        app_label: "demo".into(),
+                        help_text: String::new(),
+                    },
                 ],
             }),
         ),
         ("commands_empty", E(Event::Commands { commands: vec![] })),
         ("job_started", E(Event::JobStarted { job: 7, pid: 31337 })),
-        ("job_failed", E(Event::JobFailed { job: 8, error: "fork failed".into() })),
-        ("job_exited_code", E(Event::JobExited { job: 7, status: ExitStatus::Code { code: -1 } })),
-        ("job_exited_signal", E(Event::JobExited { job: 9, status: ExitStatus::Signal { signal: 11 } })),
-        ("log_debug", E(Event::Log { level: LogLevel::Debug, message: "d".into() })),
-        ("log_info", E(Event::Log { level: LogLevel::Info, message: "i".into() })),
-        ("log_warning", E(Event::Log { level: LogLevel::Warning, message: "threads alive at fork".into() })),
-        ("log_error", E(Event::Log { level: LogLevel::Error, message: "e".into() })),
+        (
+            "job_failed",
+            E(Event::JobFailed {
+                job: 8,
+                error: "fork failed".into(),
+            }),
+        ),
+        (
+            "job_exited_code",
+            E(Event::JobExited {
+                job: 7,
+                status: ExitStatus::Code { code: -1 },
+            }),
+        ),
+        (
+            "job_exited_signal",
+            E(Event::JobExited {
+                job: 9,
+                status: ExitStatus::Signal { signal: 11 },
+            }),
+        ),
+        (
+            "log_debug",
+            E(Event::Log {
+                level: LogLevel::Debug,
+                message: "d".into(),
+            }),
+        ),
+        (
+            "log_info",
+            E(Event::Log {
+                level: LogLevel::Info,
+                message: "i".into(),
+            }),
+        ),
+        (
+            "log_warning",
+            E(Event::Log {
+                level: LogLevel::Warning,
+                message: "threads alive at fork".into(),
+            }),
+        ),
+        (
+            "log_error",
+            E(Event::Log {
+                level: LogLevel::Error,
+                message: "e".into(),
+            }),
+        ),
     ]
 }
 
 fn to_vector(name: &str, message: &Message) -> Value {
     let (kind, value, payload) = match message {
-        Message::Request(r) => ("Request", serde_json::to_value(r).unwrap(), encode_payload(r).unwrap()),
-        Message::Event(e) => ("Event", serde_json::to_value(e).unwrap(), encode_payload(e).unwrap()),
+        Message::Request(r) => (
+            "Request",
+            serde_json::to_value(r).unwrap(),
+            encode_payload(r).unwrap(),
+        ),
+        Message::Event(e) => (
+            "Event",
+            serde_json::to_value(e).unwrap(),
+            encode_payload(e).unwrap(),
+        ),
     };
     json!({"name": name, "type": kind, "value": value, "hex": hex(&payload)})
 }
@@ -88,7 +150,10 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 fn load_vectors() -> Vec<Value> {
@@ -108,13 +173,29 @@ fn rust_codec_matches_every_shared_vector() {
         match vector["type"].as_str().unwrap() {
             "Request" => {
                 let expected: Request = serde_json::from_value(value).unwrap();
-                assert_eq!(hex(&encode_payload(&expected).unwrap()), hex(&bytes), "encoding {name}");
-                assert_eq!(decode_payload::<Request>(&bytes).unwrap(), expected, "decoding {name}");
+                assert_eq!(
+                    hex(&encode_payload(&expected).unwrap()),
+                    hex(&bytes),
+                    "encoding {name}"
+                );
+                assert_eq!(
+                    decode_payload::<Request>(&bytes).unwrap(),
+                    expected,
+                    "decoding {name}"
+                );
             }
             "Event" => {
                 let expected: Event = serde_json::from_value(value).unwrap();
-                assert_eq!(hex(&encode_payload(&expected).unwrap()), hex(&bytes), "encoding {name}");
-                assert_eq!(decode_payload::<Event>(&bytes).unwrap(), expected, "decoding {name}");
+                assert_eq!(
+                    hex(&encode_payload(&expected).unwrap()),
+                    hex(&bytes),
+                    "encoding {name}"
+                );
+                assert_eq!(
+                    decode_payload::<Event>(&bytes).unwrap(),
+                    expected,
+                    "decoding {name}"
+                );
             }
             other => panic!("vector {name} has unknown type {other}"),
         }
@@ -124,7 +205,11 @@ fn rust_codec_matches_every_shared_vector() {
 #[test]
 fn vectors_file_is_up_to_date_and_covers_every_variant() {
     let expected: Vec<Value> = cases().iter().map(|(name, m)| to_vector(name, m)).collect();
-    assert_eq!(load_vectors(), expected, "regenerate with: cargo test --test ipc_vectors -- --ignored regenerate");
+    assert_eq!(
+        load_vectors(),
+        expected,
+        "regenerate with: cargo test --test ipc_vectors -- --ignored regenerate"
+    );
     let variants: BTreeSet<String> = expected
         .iter()
         .map(|v| match &v["value"] {

@@ -421,7 +421,7 @@ def _rebuild_std_streams() -> None:
     stdin_raw = io.FileIO(0, "rb", closefd=False)
     stdin_raw.name = "<stdin>"
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(
-        io.BufferedReader(stdin_raw), encoding="utf-8", line_buffering=True
+        io.BufferedReader(stdin_raw), encoding="utf-8"
     )
     sys.stdout = sys.__stdout__ = _text_writer(1, "<stdout>", "strict")
     sys.stderr = sys.__stderr__ = _text_writer(2, "<stderr>", "backslashreplace")
@@ -445,11 +445,11 @@ def _execute(argv: list[str]) -> int:
         status = 0
     except SystemExit as exc:
         status = _system_exit_status(exc)
-    except KeyboardInterrupt:
-        _print_exc()
+    except KeyboardInterrupt as exc:
+        _print_exception(exc)
         interrupted, status = True, 128 + signal.SIGINT
-    except BaseException:  # noqa: BLE001 - what the interpreter does at top level
-        _print_exc()
+    except BaseException as exc:  # noqa: BLE001 - what the interpreter does at top level
+        _print_exception(exc)
         status = 1
     status = _finalize(status)
     if interrupted:
@@ -468,9 +468,12 @@ def _system_exit_status(exc: SystemExit) -> int:
     return 1
 
 
-def _print_exc() -> None:
+def _print_exception(exc: BaseException) -> None:
+    # Starting at Django's frame, the traceback reads like one from manage.py
+    # rather than showing this file as "<stdin>".
+    tb = exc.__traceback__
     with contextlib.suppress(Exception):
-        traceback.print_exc()
+        traceback.print_exception(type(exc), exc, tb.tb_next if tb else None)
 
 
 def _finalize(status: int) -> int:
@@ -516,6 +519,8 @@ _LOG_LIMIT = 256 * 1024  # characters; keeps any Log far below the frame limit
 
 
 class Worker:
+    """One supervisor connection: requests in, events out, jobs forked and reaped."""
+
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.frames = FrameDecoder()
@@ -681,11 +686,10 @@ class Worker:
         from django.db import connections
 
         connections.close_all()
-        if threading.active_count() > 1:
-            self.log(
-                "Warning",
-                f"job {job}: {threading.active_count()} threads alive at fork; only the main one exists in the job",
-            )
+        threads = threading.active_count()
+        if threads > 1:
+            message = f"job {job}: {threads} threads alive at fork; only this one"
+            self.log("Warning", message + " carries on in the job")
         # Anything still buffered would otherwise be written again by the child.
         _flush(sys.stdout)
         _flush(sys.stderr)
@@ -805,11 +809,11 @@ def _close_quietly(fds) -> None:
 
 
 def _clip(text: str, limit: int = _LOG_LIMIT) -> str:
-    return (
-        text
-        if len(text) <= limit
-        else text[:limit] + f"... [{len(text) - limit} characters cut]"
-    )
+    if len(text) <= limit:
+        return text
+    # Both ends: a traceback's last lines name the error.
+    half = limit // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
 
 
 # ---------------------------------------------------------------------------
@@ -819,7 +823,8 @@ def _clip(text: str, limit: int = _LOG_LIMIT) -> str:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="dcsupervisor-worker", description=__doc__.splitlines()[0]
+        prog="dcsupervisor-worker",
+        description="Django set up once, one fork per management command.",
     )
     parser.add_argument(
         "--project-dir", default=".", help="the Django project (put first on sys.path)"

@@ -20,10 +20,19 @@ use tracing_subscriber::EnvFilter;
 const REFUSED_EXIT_CODE: u8 = 126;
 
 #[derive(Parser)]
-#[command(version, about = "DjangoCommand runner: runs Django management commands for the DjangoCommand control plane")]
+#[command(
+    version,
+    about = "DjangoCommand runner: runs Django management commands for the DjangoCommand control plane"
+)]
 struct Cli {
     /// Path to dc.toml.
-    #[arg(long, short, env = "DCSUPERVISOR_CONFIG", default_value = "dc.toml", global = true)]
+    #[arg(
+        long,
+        short,
+        env = "DCSUPERVISOR_CONFIG",
+        default_value = "dc.toml",
+        global = true
+    )]
     config: PathBuf,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -87,7 +96,10 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(cli: &Cli) {
+    // One-shot local commands keep the terminal for the command's own output.
+    let quiet_by_default = matches!(cli.command, Command::Exec { .. } | Command::Commands { .. });
     let level = match (cli.verbose, cli.quiet) {
+        (0, 0) if quiet_by_default => "warn",
         (0, 0) => "info",
         (1, _) => "debug",
         (v, _) if v >= 2 => "trace",
@@ -95,7 +107,9 @@ fn init_logging(cli: &Cli) {
         _ => "error",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -103,10 +117,14 @@ fn init_logging(cli: &Cli) {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let config =
-        Config::load(&cli.config).with_context(|| format!("configuration {} is not usable", cli.config.display()))?;
+    let config = Config::load(&cli.config)
+        .with_context(|| format!("configuration {} is not usable", cli.config.display()))?;
     match cli.command {
-        Command::Exec { timeout, command, args } => exec(&config, &command, &args, timeout).await,
+        Command::Exec {
+            timeout,
+            command,
+            args,
+        } => exec(&config, &command, &args, timeout).await,
         Command::Commands { json } => list_commands(&config, json).await,
     }
 }
@@ -117,8 +135,13 @@ async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u
         eprint!("{}", policy.refusal_message(command, &refusal));
         return Ok(ExitCode::from(REFUSED_EXIT_CODE));
     }
-    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
-    let mut job = worker.spawn_job(command, args, Output::Capture).await.context("could not start the command")?;
+    let worker = Worker::start(config.worker_options())
+        .await
+        .context("the Python worker did not start")?;
+    let mut job = worker
+        .spawn_job(command, args, Output::Capture)
+        .await
+        .context("could not start the command")?;
     let copy_stdout = tokio::spawn(copy_output(job.stdout.take(), tokio::io::stdout()));
     let copy_stderr = tokio::spawn(copy_output(job.stderr.take(), tokio::io::stderr()));
 
@@ -167,7 +190,10 @@ async fn wait_interruptibly(job: &mut Job, timeout: Option<Duration>, grace: Dur
     }
 }
 
-async fn copy_output(from: Option<tokio::net::unix::pipe::Receiver>, mut to: impl tokio::io::AsyncWrite + Unpin) {
+async fn copy_output(
+    from: Option<tokio::net::unix::pipe::Receiver>,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+) {
     if let Some(mut from) = from {
         let _ = tokio::io::copy(&mut from, &mut to).await;
         let _ = to.flush().await;
@@ -175,7 +201,9 @@ async fn copy_output(from: Option<tokio::net::unix::pipe::Receiver>, mut to: imp
 }
 
 async fn list_commands(config: &Config, json: bool) -> Result<ExitCode> {
-    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
+    let worker = Worker::start(config.worker_options())
+        .await
+        .context("the Python worker did not start")?;
     let discovered = worker.discover().await.context("command discovery failed")?;
     worker.shutdown().await;
     let policy = config.policy();
@@ -194,8 +222,17 @@ async fn list_commands(config: &Config, json: bool) -> Result<ExitCode> {
             Ok(()) => "allowed".to_string(),
             Err(refusal) => format!("refused ({refusal})"),
         };
-        writeln!(out, "{:width$}  {:app_width$}  {verdict}", command.name, command.app_label)?;
+        writeln!(
+            out,
+            "{:width$}  {:app_width$}  {verdict}",
+            command.name, command.app_label
+        )?;
     }
-    writeln!(out, "\n{} of {} commands allowed; commands hash {hash}", synced.len(), discovered.len())?;
+    writeln!(
+        out,
+        "\n{} of {} commands allowed; commands hash {hash}",
+        synced.len(),
+        discovered.len()
+    )?;
     Ok(ExitCode::SUCCESS)
 }

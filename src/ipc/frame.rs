@@ -10,7 +10,7 @@
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
-use bincode::config::{Configuration, Fixint, LittleEndian, Limit};
+use bincode::config::{Configuration, Fixint, Limit, LittleEndian};
 use bincode::{Decode, Encode};
 use futures_util::StreamExt;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
@@ -126,7 +126,9 @@ impl FrameWriter {
             let attach: &[RawFd] = if sent == 0 { &raw_fds } else { &[] };
             let stream = self.socket.as_ref();
             sent += stream
-                .async_io(Interest::WRITABLE, || send_with_fds(stream.as_raw_fd(), &frame[sent..], attach))
+                .async_io(Interest::WRITABLE, || {
+                    send_with_fds(stream.as_raw_fd(), &frame[sent..], attach)
+                })
                 .await?;
         }
         Ok(())
@@ -142,6 +144,17 @@ impl FrameWriter {
 }
 
 fn send_with_fds(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<usize> {
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &[ControlMessage::ScmRights(fds)] };
-    sendmsg::<()>(socket, &[IoSlice::new(bytes)], cmsgs, MsgFlags::MSG_NOSIGNAL, None).map_err(io::Error::from)
+    let cmsgs: &[ControlMessage] = if fds.is_empty() {
+        &[]
+    } else {
+        &[ControlMessage::ScmRights(fds)]
+    };
+    sendmsg::<()>(
+        socket,
+        &[IoSlice::new(bytes)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io::Error::from)
 }

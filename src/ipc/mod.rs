@@ -5,5 +5,7 @@
 mod frame;
 mod messages;
 
-pub use frame::{decode_payload, encode_frame, encode_payload, FrameError, FrameReader, FrameWriter, MAX_FRAME_LEN};
+pub use frame::{
+    decode_payload, encode_frame, encode_payload, FrameError, FrameReader, FrameWriter, MAX_FRAME_LEN,
+};
 pub use messages::*;

@@ -63,7 +63,9 @@ pub fn canonical_json(commands: &[SyncedCommand]) -> Vec<u8> {
     let value = serde_json::to_value(&sorted).expect("commands serialize");
     let mut out = Vec::new();
     let mut serializer = serde_json::Serializer::with_formatter(&mut out, PythonAsciiFormatter);
-    value.serialize(&mut serializer).expect("writing to a Vec cannot fail");
+    value
+        .serialize(&mut serializer)
+        .expect("writing to a Vec cannot fail");
     out
 }
 
@@ -71,7 +73,11 @@ pub fn canonical_json(commands: &[SyncedCommand]) -> Vec<u8> {
 struct PythonAsciiFormatter;
 
 impl serde_json::ser::Formatter for PythonAsciiFormatter {
-    fn write_string_fragment<W: ?Sized + io::Write>(&mut self, writer: &mut W, fragment: &str) -> io::Result<()> {
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
         for ch in fragment.chars() {
             if (' '..='~').contains(&ch) {
                 writer.write_all(&[ch as u8])?;
@@ -91,7 +97,12 @@ mod tests {
     use super::*;
 
     fn command(name: &str, help: &str) -> SyncedCommand {
-        SyncedCommand { name: name.into(), app_label: "demo".into(), help_text: help.into(), bound_args: None }
+        SyncedCommand {
+            name: name.into(),
+            app_label: "demo".into(),
+            help_text: help.into(),
+            bound_args: None,
+        }
     }
 
     #[test]
@@ -106,7 +117,10 @@ mod tests {
     #[test]
     fn bound_args_appear_only_when_set() {
         let mut bound = command("migrate", "");
-        bound.bound_args = Some(vec![BoundArgs { args: "--plan".into(), label: "Plan".into() }]);
+        bound.bound_args = Some(vec![BoundArgs {
+            args: "--plan".into(),
+            label: "Plan".into(),
+        }]);
         let json = String::from_utf8(canonical_json(&[bound])).unwrap();
         assert!(json.contains(r#""bound_args":[{"args":"--plan","label":"Plan"}]"#));
     }

@@ -21,7 +21,8 @@ struct Defaults {
 }
 
 static DEFAULTS: LazyLock<Defaults> = LazyLock::new(|| {
-    let defaults: Defaults = serde_json::from_str(DEFAULTS_JSON).expect("default_commands.json is valid (tested)");
+    let defaults: Defaults =
+        serde_json::from_str(DEFAULTS_JSON).expect("default_commands.json is valid (tested)");
     assert_eq!(defaults.runner_command, RUNNER_COMMAND);
     defaults
 });
@@ -103,7 +104,10 @@ impl Policy {
 
     /// The names among `discovered` that this policy lets through, sorted.
     pub fn filter<'a>(&self, discovered: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
-        let mut allowed: Vec<&str> = discovered.into_iter().filter(|name| self.check(name).is_ok()).collect();
+        let mut allowed: Vec<&str> = discovered
+            .into_iter()
+            .filter(|name| self.check(name).is_ok())
+            .collect();
         allowed.sort_unstable();
         allowed
     }
@@ -149,7 +153,13 @@ mod tests {
     #[test]
     fn defaults_follow_the_seed_readme() {
         let policy = Policy::default_allowlist();
-        for name in ["migrate", "dbrestore", "loaddata", "print_settings", "clear_index"] {
+        for name in [
+            "migrate",
+            "dbrestore",
+            "loaddata",
+            "print_settings",
+            "clear_index",
+        ] {
             assert_eq!(policy.check(name), Ok(()), "{name}");
         }
         assert_eq!(policy.check("shell"), Err(Refusal::NotAllowlisted));
@@ -160,7 +170,10 @@ mod tests {
 
     #[test]
     fn blocklist_mode_refuses_only_listed_commands() {
-        let policy = Policy { mode: Mode::Blocklist, ..Policy::default_allowlist() };
+        let policy = Policy {
+            mode: Mode::Blocklist,
+            ..Policy::default_allowlist()
+        };
         assert_eq!(policy.check("my_custom"), Ok(()));
         assert_eq!(policy.check("flush"), Err(Refusal::Blocklisted));
         assert_eq!(policy.check(RUNNER_COMMAND), Err(Refusal::RunnerCommand));
@@ -168,7 +181,10 @@ mod tests {
 
     #[test]
     fn refusal_explains_how_to_allow() {
-        let policy = Policy { configured_in: ConfiguredIn::DjangoSettings, ..Policy::default_allowlist() };
+        let policy = Policy {
+            configured_in: ConfiguredIn::DjangoSettings,
+            ..Policy::default_allowlist()
+        };
         let text = policy.refusal_message("shell", &Refusal::NotAllowlisted);
         assert!(text.starts_with("Command 'shell' rejected by runner security policy.\n"));
         assert!(text.contains("Reason: not in DJANGOCOMMAND_ALLOWED_COMMANDS allowlist\n"));

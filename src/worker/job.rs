@@ -45,12 +45,10 @@ impl std::fmt::Display for JobEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             JobEnd::Exited(ExitStatus::Code { code }) => write!(f, "exit code {code}"),
-            JobEnd::Exited(ExitStatus::Signal { signal }) => {
-                match Signal::try_from(*signal) {
-                    Ok(name) => write!(f, "killed by {name}"),
-                    Err(_) => write!(f, "killed by signal {signal}"),
-                }
-            }
+            JobEnd::Exited(ExitStatus::Signal { signal }) => match Signal::try_from(*signal) {
+                Ok(name) => write!(f, "killed by {name}"),
+                Err(_) => write!(f, "killed by signal {signal}"),
+            },
             JobEnd::Lost(reason) => write!(f, "lost: {reason}"),
         }
     }
@@ -133,7 +131,15 @@ impl Job {
         end: oneshot::Receiver<JobEnd>,
         control: Control,
     ) -> Self {
-        Self { id, pid, stdout: outputs.0, stderr: outputs.1, end: Some(end), ended: None, control }
+        Self {
+            id,
+            pid,
+            stdout: outputs.0,
+            stderr: outputs.1,
+            end: Some(end),
+            ended: None,
+            control,
+        }
     }
 
     /// Waits for the job to end. Safe to call again, and to cancel (e.g.
@@ -143,7 +149,9 @@ impl Job {
             return ended.clone();
         }
         let outcome = match self.end.as_mut() {
-            Some(end) => end.await.unwrap_or_else(|_| JobEnd::Lost("job tracking was dropped".into())),
+            Some(end) => end
+                .await
+                .unwrap_or_else(|_| JobEnd::Lost("job tracking was dropped".into())),
             None => JobEnd::Lost("job tracking was dropped".into()),
         };
         self.ended = Some(outcome.clone());

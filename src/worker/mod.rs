@@ -64,8 +64,8 @@ pub struct WorkerInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("could not start the Python interpreter {python:?}: {source}")]
-    Spawn { python: String, source: std::io::Error },
+    #[error("could not start the Python interpreter {python:?}: {error}")]
+    Spawn { python: String, error: std::io::Error },
     #[error("Django failed to set up in the worker:\n{traceback}")]
     DjangoSetup { traceback: String },
     #[error("the worker exited before saying hello ({status}); its output:\n{output}")]
@@ -167,10 +167,23 @@ impl Worker {
             return subprocess::start(opts, id, command, args, outputs).map_err(JobError::Subprocess);
         }
         let connection = self.connection().await?;
-        let JobOutputs { stdout_write, stderr_write, stdout, stderr } = outputs;
-        let (pid, end) = connection.run(id, command, args, stdout_write, stderr_write).await?;
+        let JobOutputs {
+            stdout_write,
+            stderr_write,
+            stdout,
+            stderr,
+        } = outputs;
+        let (pid, end) = connection
+            .run(id, command, args, stdout_write, stderr_write)
+            .await?;
         self.count_job_for_recycling();
-        Ok(Job::new(id, pid, (stdout, stderr), end, Control::Worker(connection)))
+        Ok(Job::new(
+            id,
+            pid,
+            (stdout, stderr),
+            end,
+            Control::Worker(connection),
+        ))
     }
 
     /// Starts a fresh worker for new jobs; the current one finishes its jobs
@@ -192,7 +205,12 @@ impl Worker {
 
     fn count_job_for_recycling(&self) {
         let done = self.shared.jobs_on_current.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.shared.opts.recycle_after_jobs.is_some_and(|limit| done >= limit) {
+        if self
+            .shared
+            .opts
+            .recycle_after_jobs
+            .is_some_and(|limit| done >= limit)
+        {
             self.shared.jobs_on_current.store(0, Ordering::Relaxed);
             self.recycle();
         }
@@ -209,8 +227,15 @@ impl Worker {
         match live {
             Some(connection) => Ok(connection),
             None => {
-                let last = self.shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                Err(JobError::NoWorker(last.unwrap_or_else(|| "the worker is restarting".into())))
+                let last = self
+                    .shared
+                    .last_start_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                Err(JobError::NoWorker(
+                    last.unwrap_or_else(|| "the worker is restarting".into()),
+                ))
             }
         }
     }

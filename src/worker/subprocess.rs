@@ -62,5 +62,11 @@ pub(super) fn start(
         };
         let _ = end_tx.send(end);
     });
-    Ok(Job::new(id, pid, (outputs.stdout, outputs.stderr), end_rx, Control::Subprocess { exited }))
+    Ok(Job::new(
+        id,
+        pid,
+        (outputs.stdout, outputs.stderr),
+        end_rx,
+        Control::Subprocess { exited },
+    ))
 }

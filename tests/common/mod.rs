@@ -25,7 +25,10 @@ pub fn python() -> PathBuf {
         return PathBuf::from(path);
     }
     let venv = repo_root().join(".venv/bin/python");
-    assert!(venv.exists(), "no Python with Django: run scripts/test (it creates .venv) or set DCSUPERVISOR_TEST_PYTHON");
+    assert!(
+        venv.exists(),
+        "no Python with Django: run scripts/test (it creates .venv) or set DCSUPERVISOR_TEST_PYTHON"
+    );
     venv
 }
 
@@ -36,7 +39,9 @@ pub struct TestDb {
 
 impl TestDb {
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().expect("temp dir") }
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
     }
 
     pub fn path(&self) -> PathBuf {
@@ -79,7 +84,11 @@ pub async fn finish(mut job: Job) -> Finished {
     let stdout = tokio::spawn(read_all(job.stdout.take()));
     let stderr = tokio::spawn(read_all(job.stderr.take()));
     let end = job.wait().await;
-    Finished { end, stdout: stdout.await.unwrap(), stderr: stderr.await.unwrap() }
+    Finished {
+        end,
+        stdout: stdout.await.unwrap(),
+        stderr: stderr.await.unwrap(),
+    }
 }
 
 pub async fn read_all(pipe: Option<tokio::net::unix::pipe::Receiver>) -> Vec<u8> {
@@ -92,7 +101,10 @@ pub async fn read_all(pipe: Option<tokio::net::unix::pipe::Receiver>) -> Vec<u8>
 
 pub async fn run(worker: &Worker, command: &str, args: &[&str]) -> Finished {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let job = worker.spawn_job(command, &args, Output::Capture).await.expect("job starts");
+    let job = worker
+        .spawn_job(command, &args, Output::Capture)
+        .await
+        .expect("job starts");
     finish(job).await
 }
 
@@ -113,7 +125,12 @@ pub fn run_manage_py(db: &TestDb, command: &str, args: &[&str]) -> std::process:
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }

@@ -7,6 +7,7 @@ on stdin and its end of a socketpair as fd 3, then speaks the protocol.
 import importlib.util
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -96,7 +97,7 @@ class Supervisor:
     def event(self):
         """The next event that is not a Log (those are kept in self.logs)."""
         while True:
-            (length,) = codec._U32.unpack(self._recv_exactly(4))
+            (length,) = struct.unpack("<I", self._recv_exactly(4))
             event = codec.decode("Event", self._recv_exactly(length))
             if not (isinstance(event, dict) and "Log" in event):
                 return event
