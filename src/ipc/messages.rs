@@ -33,7 +33,8 @@ pub enum Request {
     },
     /// Send `signal` to the job's process group (ignored if the job ended).
     Signal { job: JobId, signal: i32 },
-    /// Kill every remaining job and exit.
+    /// Take no new jobs; exit once the running ones have ended. (Closing
+    /// the socket instead makes the worker kill its jobs and exit at once.)
     Shutdown,
 }
 

@@ -2,5 +2,6 @@
 //! commands may run ([`policy`]) and what is synced to the control plane
 //! ([`commands`]).
 
+pub mod api;
 pub mod commands;
 pub mod policy;

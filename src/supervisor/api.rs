@@ -1,0 +1,227 @@
+//! The JSON bodies of the DjangoCommand runner API (see docs/protocol.md):
+//! the one definition of the wire messages, used by the runner's client and
+//! by `dccontrol`, the local control plane.
+//!
+//! Answers from the server are read leniently (unknown fields ignored,
+//! missing optional fields defaulted), because a control plane newer than
+//! this runner must not break it; what we send is exact.
+
+use serde::{Deserialize, Serialize};
+
+use super::commands::SyncedCommand;
+
+pub const HEARTBEAT_PATH: &str = "/api/runner/heartbeat/";
+pub const SYNC_PATH: &str = "/api/runner/commands/sync/";
+pub const PENDING_PATH: &str = "/api/runner/pending/";
+
+pub fn start_path(id: &ExecutionId) -> String {
+    format!("/api/runner/executions/{id}/start/")
+}
+pub fn output_path(id: &ExecutionId) -> String {
+    format!("/api/runner/executions/{id}/output/")
+}
+pub fn complete_path(id: &ExecutionId) -> String {
+    format!("/api/runner/executions/{id}/complete/")
+}
+pub fn cancel_status_path(id: &ExecutionId) -> String {
+    format!("/api/runner/executions/{id}/cancel-status/")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub runner_version: String,
+    pub python_version: String,
+    pub django_version: String,
+    pub commands_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    #[serde(default)]
+    pub ok: bool,
+    #[serde(default = "yes")]
+    pub commands_in_sync: bool,
+    #[serde(default)]
+    pub pending_executions: u64,
+    #[serde(default)]
+    pub runner_state: RunnerState,
+    #[serde(default)]
+    pub suspension_reason: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunnerState {
+    #[default]
+    Active,
+    Suspended,
+    /// A state this runner does not know: treated as active.
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    pub commands: Vec<SyncedCommand>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncResponse {
+    #[serde(default)]
+    pub ok: bool,
+    #[serde(default)]
+    pub synced_count: u64,
+    #[serde(default)]
+    pub commands_hash: Option<String>,
+}
+
+/// `/pending/`'s answer. Executions stay raw JSON here so that one malformed
+/// entry is refused on its own instead of failing the whole poll.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingResponse {
+    pub executions: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Execution {
+    pub id: ExecutionId,
+    pub command: String,
+    #[serde(default)]
+    pub args: String,
+    #[serde(default = "default_timeout")]
+    pub timeout: u64,
+    #[serde(default)]
+    pub use_metadata_only_mode: bool,
+}
+
+pub const DEFAULT_EXECUTION_TIMEOUT: u64 = 300;
+
+fn default_timeout() -> u64 {
+    DEFAULT_EXECUTION_TIMEOUT
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputRequest {
+    pub chunk_number: u64,
+    pub segments: Vec<Segment>,
+    pub is_stderr: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Segment {
+    /// Unix seconds when the line's first character arrived; `None` for the
+    /// continuation of a line whose start went in an earlier chunk.
+    pub timestamp: Option<f64>,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompleteRequest {
+    pub exit_code: i32,
+    pub status: CompletionStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompletionStatus {
+    Success,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelStatus {
+    #[serde(default)]
+    pub cancel_requested: bool,
+    #[serde(default)]
+    pub force_kill: bool,
+}
+
+/// An execution id: a UUID in its 8-4-4-4-12 hyphenated form (any case),
+/// checked before it is ever put into a URL path. The text is kept as the
+/// server sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ExecutionId(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("execution id {0:?} is not a UUID (8-4-4-4-12 hex digits)")]
+pub struct InvalidExecutionId(pub String);
+
+impl ExecutionId {
+    pub fn parse(text: &str) -> Result<Self, InvalidExecutionId> {
+        let well_formed = text.len() == 36
+            && text.char_indices().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => c == '-',
+                _ => c.is_ascii_hexdigit(),
+            });
+        if well_formed {
+            Ok(Self(text.to_string()))
+        } else {
+            Err(InvalidExecutionId(text.chars().take(80).collect()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ExecutionId {
+    type Error = InvalidExecutionId;
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        Self::parse(&text)
+    }
+}
+
+impl From<ExecutionId> for String {
+    fn from(id: ExecutionId) -> String {
+        id.0
+    }
+}
+
+impl std::fmt::Display for ExecutionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn execution_ids_must_be_hyphenated_uuids() {
+        assert!(ExecutionId::parse("3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b").is_ok());
+        assert!(ExecutionId::parse("3F2B8C1E-0A4D-4E5F-9B6A-7C8D9E0F1A2B").is_ok());
+        for bad in [
+            "../../admin",
+            "3f2b8c1e0a4d4e5f9b6a7c8d9e0f1a2b",
+            "{3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b}",
+            "3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2/",
+            "",
+        ] {
+            assert!(ExecutionId::parse(bad).is_err(), "{bad}");
+        }
+        let execution: Result<Execution, _> = serde_json::from_str(r#"{"id": "../x", "command": "noop"}"#);
+        assert!(execution.is_err());
+    }
+
+    #[test]
+    fn server_answers_are_read_leniently() {
+        let answer: HeartbeatResponse =
+            serde_json::from_str(r#"{"ok": true, "runner_state": "paused", "extra": 1}"#).unwrap();
+        assert_eq!(answer.runner_state, RunnerState::Unknown);
+        assert!(answer.commands_in_sync);
+        let execution: Execution = serde_json::from_str(
+            r#"{"id": "3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b", "command": "noop", "new_field": []}"#,
+        )
+        .unwrap();
+        assert_eq!((execution.timeout, execution.args.as_str()), (300, ""));
+    }
+}
