@@ -530,6 +530,7 @@ class Worker:
         self.shutting_down = False
         self.wake_r, self.wake_w = os.pipe()
         self.selector = selectors.DefaultSelector()
+        self.commands: list[dict] | None = None
 
     # --- sending ---------------------------------------------------------
 
@@ -544,6 +545,7 @@ class Worker:
     def serve(self) -> int:
         """Runs until EOF, SIGTERM, a finished Shutdown or a protocol error."""
         try:
+            self._warm_up()
             self._install_signals()
             self.selector.register(self.sock, selectors.EVENT_READ)
             self.selector.register(self.wake_r, selectors.EVENT_READ)
@@ -627,16 +629,41 @@ class Worker:
 
     # --- Discover --------------------------------------------------------
 
-    def _discover(self) -> None:
-        from django.core.management import get_commands
+    def _warm_up(self) -> None:
+        """Does once, before any fork, the work every job would redo.
+
+        Loading every command (and building its parser) and running the
+        system checks import modules and fill caches that `manage.py` would
+        load in each process; done here, the children inherit them warm.
+        The checks' results are ignored: each job runs them again and reports
+        them exactly as `manage.py` would.
+        """
+        from django.core import checks
         from django.db import connections
 
-        commands = [
+        self.commands = self._describe_all()
+        try:
+            checks.run_checks()
+        except Exception:  # noqa: BLE001 - a job will report it properly
+            self.log(
+                "Debug", "system checks failed in warm-up:\n" + traceback.format_exc()
+            )
+        # Loading commands or checks may have connected; forks must not share that.
+        connections.close_all()
+        gc.freeze()
+
+    def _describe_all(self) -> list[dict]:
+        from django.core.management import get_commands
+
+        return [
             self._describe(name, app) for name, app in sorted(get_commands().items())
         ]
-        # Loading commands may have connected; a fork must not share that.
-        connections.close_all()
-        self.send("Commands", commands=commands)
+
+    def _discover(self) -> None:
+        # The worker's code never changes after start-up, so neither do its commands.
+        if self.commands is None:
+            self.commands = self._describe_all()
+        self.send("Commands", commands=self.commands)
 
     def _describe(self, name: str, app: object) -> dict:
         from django.core.management import BaseCommand, load_command_class

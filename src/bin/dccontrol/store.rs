@@ -1,0 +1,448 @@
+//! The control plane's state, in memory only: the executions and their
+//! output, what the runner last reported, the synced commands, the operator's
+//! runner-state setting, and the test hooks (seen nonces, request log,
+//! faults, injected `/pending/` entries).
+//!
+//! Every method is synchronous and quick: the server keeps the store behind
+//! one mutex and never holds it across an `await`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dcsupervisor::supervisor::api::{
+    CancelStatus, CompleteRequest, ExecutionId, HeartbeatRequest, HeartbeatResponse, OutputRequest,
+    PendingResponse, RunnerState, Segment, SyncResponse,
+};
+use dcsupervisor::supervisor::commands::{commands_hash, SyncedCommand};
+use serde_json::json;
+
+use crate::wire::{
+    ChunkView, ExecutionDetail, ExecutionStatus, ExecutionSummary, FaultSpec, LoggedRequest, NewExecution,
+    RunnerView, StateView,
+};
+
+/// Why the store refused an operation on an execution.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no execution with id {0}")]
+    UnknownExecution(ExecutionId),
+    /// The operation does not fit the execution's state (started twice,
+    /// completed twice, ...).
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Unix seconds, with sub-second precision.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+#[derive(Default)]
+pub struct Store {
+    /// In creation order, which is the order `/pending/` hands them out.
+    executions: Vec<ExecutionRecord>,
+    /// Lowercased id → index in `executions`: ids are UUIDs, which compare
+    /// case-insensitively.
+    index: HashMap<String, usize>,
+    runner: RunnerView,
+    heartbeats: u64,
+    commands: Vec<SyncedCommand>,
+    commands_hash: Option<String>,
+    runner_state: RunnerState,
+    suspension_reason: Option<String>,
+    /// Every nonce ever accepted. Never pruned: requests are not signed, so a
+    /// replay could come back with a fresh timestamp, and a test run is far
+    /// too short for the set to matter.
+    nonces: HashSet<String>,
+    requests: Vec<LoggedRequest>,
+    next_seq: u64,
+    faults: Vec<ActiveFault>,
+    injected_pending: Vec<serde_json::Value>,
+}
+
+struct ExecutionRecord {
+    id: ExecutionId,
+    request: NewExecution,
+    status: ExecutionStatus,
+    exit_code: Option<i32>,
+    created_at: f64,
+    started_at: Option<f64>,
+    completed_at: Option<f64>,
+    /// Keyed by chunk number: the runner retries a chunk with the same
+    /// number, so the first one stored wins and the map keeps them ordered.
+    chunks: BTreeMap<u64, StoredChunk>,
+    cancel: CancelStatus,
+}
+
+struct StoredChunk {
+    is_stderr: bool,
+    segments: Vec<Segment>,
+}
+
+struct ActiveFault {
+    spec: FaultSpec,
+    remaining: u64,
+}
+
+impl ExecutionRecord {
+    fn summary(&self) -> ExecutionSummary {
+        ExecutionSummary {
+            id: self.id.clone(),
+            command: self.request.command.clone(),
+            args: self.request.args.clone(),
+            timeout: self.request.timeout,
+            use_metadata_only_mode: self.request.use_metadata_only_mode,
+            status: self.status,
+            exit_code: self.exit_code,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            completed_at: self.completed_at,
+        }
+    }
+
+    fn detail(&self) -> ExecutionDetail {
+        let chunks = self
+            .chunks
+            .iter()
+            .map(|(number, chunk)| ChunkView {
+                chunk_number: *number,
+                is_stderr: chunk.is_stderr,
+                segments: chunk.segments.clone(),
+            })
+            .collect();
+        ExecutionDetail {
+            summary: self.summary(),
+            chunks,
+            cancel_requested: self.cancel.cancel_requested,
+            force_kill: self.cancel.force_kill,
+        }
+    }
+
+    /// The execution as `/pending/` lists it.
+    fn pending_entry(&self) -> serde_json::Value {
+        json!({
+            "id": self.id,
+            "command": self.request.command,
+            "args": self.request.args,
+            "timeout": self.request.timeout,
+            "use_metadata_only_mode": self.request.use_metadata_only_mode,
+        })
+    }
+
+    fn conflict(&self, action: &str) -> StoreError {
+        StoreError::Conflict(format!(
+            "cannot {action} execution {}: it is {}",
+            self.id,
+            match self.status {
+                ExecutionStatus::Pending => "not started".to_string(),
+                ExecutionStatus::Running => "already running".to_string(),
+                finished => format!("already completed ({})", finished.as_str()),
+            }
+        ))
+    }
+}
+
+// The runner API.
+impl Store {
+    pub fn heartbeat(&mut self, report: HeartbeatRequest, now: f64) -> HeartbeatResponse {
+        let commands_in_sync = self.commands_hash.as_deref() == Some(report.commands_hash.as_str());
+        self.runner = RunnerView {
+            runner_version: Some(report.runner_version),
+            python_version: Some(report.python_version),
+            django_version: Some(report.django_version),
+            last_heartbeat: Some(now),
+        };
+        self.heartbeats += 1;
+        HeartbeatResponse {
+            ok: true,
+            commands_in_sync,
+            pending_executions: self.queued().count() as u64,
+            runner_state: self.runner_state,
+            suspension_reason: self.suspension_reason.clone(),
+        }
+    }
+
+    pub fn sync(&mut self, commands: Vec<SyncedCommand>) -> SyncResponse {
+        let hash = commands_hash(&commands);
+        let synced_count = commands.len() as u64;
+        self.commands = commands;
+        self.commands_hash = Some(hash.clone());
+        SyncResponse {
+            ok: true,
+            synced_count,
+            commands_hash: Some(hash),
+        }
+    }
+
+    /// Queued executions, oldest first, then the injected raw entries (handed
+    /// out once).
+    pub fn pending(&mut self) -> PendingResponse {
+        let mut executions: Vec<serde_json::Value> =
+            self.queued().map(ExecutionRecord::pending_entry).collect();
+        executions.append(&mut self.injected_pending);
+        PendingResponse { executions }
+    }
+
+    pub fn start(&mut self, id: &ExecutionId, now: f64) -> Result<(), StoreError> {
+        let execution = self.execution_mut(id)?;
+        if execution.status != ExecutionStatus::Pending {
+            return Err(execution.conflict("start"));
+        }
+        execution.status = ExecutionStatus::Running;
+        execution.started_at = Some(now);
+        Ok(())
+    }
+
+    pub fn output(&mut self, id: &ExecutionId, chunk: OutputRequest) -> Result<(), StoreError> {
+        let execution = self.execution_mut(id)?;
+        execution.chunks.entry(chunk.chunk_number).or_insert(StoredChunk {
+            is_stderr: chunk.is_stderr,
+            segments: chunk.segments,
+        });
+        Ok(())
+    }
+
+    pub fn complete(&mut self, id: &ExecutionId, end: CompleteRequest, now: f64) -> Result<(), StoreError> {
+        let execution = self.execution_mut(id)?;
+        if execution.status.is_finished() {
+            return Err(execution.conflict("complete"));
+        }
+        execution.status = end.status.into();
+        execution.exit_code = Some(end.exit_code);
+        execution.completed_at = Some(now);
+        Ok(())
+    }
+
+    pub fn cancel_status(&self, id: &ExecutionId) -> Result<CancelStatus, StoreError> {
+        Ok(self.execution(id)?.cancel)
+    }
+
+    /// Records a nonce; false if it was seen before (a replay).
+    pub fn accept_nonce(&mut self, nonce: &str) -> bool {
+        self.nonces.insert(nonce.to_ascii_lowercase())
+    }
+
+    fn queued(&self) -> impl Iterator<Item = &ExecutionRecord> {
+        self.executions
+            .iter()
+            .filter(|e| e.status == ExecutionStatus::Pending)
+    }
+
+    fn execution(&self, id: &ExecutionId) -> Result<&ExecutionRecord, StoreError> {
+        self.index
+            .get(&id.as_str().to_ascii_lowercase())
+            .map(|&i| &self.executions[i])
+            .ok_or_else(|| StoreError::UnknownExecution(id.clone()))
+    }
+
+    fn execution_mut(&mut self, id: &ExecutionId) -> Result<&mut ExecutionRecord, StoreError> {
+        match self.index.get(&id.as_str().to_ascii_lowercase()) {
+            Some(&i) => Ok(&mut self.executions[i]),
+            None => Err(StoreError::UnknownExecution(id.clone())),
+        }
+    }
+}
+
+// The operator API.
+impl Store {
+    pub fn queue(&mut self, request: NewExecution, now: f64) -> ExecutionId {
+        let id = ExecutionId::parse(&uuid::Uuid::new_v4().to_string())
+            .expect("a v4 UUID is in the hyphenated form");
+        self.index.insert(id.as_str().to_string(), self.executions.len());
+        self.executions.push(ExecutionRecord {
+            id: id.clone(),
+            request,
+            status: ExecutionStatus::Pending,
+            exit_code: None,
+            created_at: now,
+            started_at: None,
+            completed_at: None,
+            chunks: BTreeMap::new(),
+            cancel: CancelStatus::default(),
+        });
+        id
+    }
+
+    pub fn list(&self) -> Vec<ExecutionSummary> {
+        self.executions.iter().map(ExecutionRecord::summary).collect()
+    }
+
+    pub fn detail(&self, id: &ExecutionId) -> Result<ExecutionDetail, StoreError> {
+        Ok(self.execution(id)?.detail())
+    }
+
+    /// Asks the runner to stop the execution (it learns so by polling
+    /// cancel-status). A queued execution stays queued: the runner that picks
+    /// it up sees the request on its first poll, as with the hosted service.
+    pub fn cancel(&mut self, id: &ExecutionId, force: bool) -> Result<CancelStatus, StoreError> {
+        let execution = self.execution_mut(id)?;
+        if execution.status.is_finished() {
+            return Err(execution.conflict("cancel"));
+        }
+        execution.cancel.cancel_requested = true;
+        execution.cancel.force_kill |= force;
+        Ok(execution.cancel)
+    }
+
+    pub fn set_runner_state(&mut self, state: RunnerState, reason: Option<String>) {
+        self.runner_state = state;
+        // A reason only means something while suspended.
+        self.suspension_reason = reason.filter(|_| state == RunnerState::Suspended);
+    }
+
+    pub fn state(&self) -> StateView {
+        StateView {
+            runner: self.runner.clone(),
+            commands: self.commands.clone(),
+            commands_hash: self.commands_hash.clone(),
+            heartbeats: self.heartbeats,
+            runner_state: self.runner_state,
+            suspension_reason: self.suspension_reason.clone(),
+        }
+    }
+
+    /// Logs a request on arrival (so the log is in arrival order even when a
+    /// delayed one finishes last); its status is filled in by [`Self::log_answer`].
+    pub fn log_arrival(&mut self, mut entry: LoggedRequest) -> u64 {
+        self.next_seq += 1;
+        entry.seq = self.next_seq;
+        self.requests.push(entry);
+        self.next_seq
+    }
+
+    pub fn log_answer(&mut self, seq: u64, status: u16) {
+        // The log may have been cleared meanwhile; then there is nothing to fill in.
+        if let Some(entry) = self.requests.iter_mut().rev().find(|e| e.seq == seq) {
+            entry.status = Some(status);
+        }
+    }
+
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        self.requests.clone()
+    }
+
+    pub fn clear_requests(&mut self) {
+        self.requests.clear();
+    }
+
+    pub fn add_fault(&mut self, spec: FaultSpec) {
+        let remaining = spec.count;
+        self.faults.push(ActiveFault { spec, remaining });
+    }
+
+    pub fn clear_faults(&mut self) {
+        self.faults.clear();
+    }
+
+    /// The oldest fault matching `path`, using up one of its count.
+    pub fn take_fault(&mut self, path: &str) -> Option<FaultSpec> {
+        let i = self
+            .faults
+            .iter()
+            .position(|f| path.starts_with(&f.spec.path_prefix))?;
+        let fault = &mut self.faults[i];
+        fault.remaining -= 1;
+        let spec = fault.spec.clone();
+        if fault.remaining == 0 {
+            self.faults.remove(i);
+        }
+        Some(spec)
+    }
+
+    pub fn inject_pending(&mut self, entries: Vec<serde_json::Value>) {
+        self.injected_pending.extend(entries);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dcsupervisor::supervisor::api::CompletionStatus;
+
+    use super::*;
+
+    fn queue(store: &mut Store) -> ExecutionId {
+        store.queue(
+            NewExecution {
+                command: "noop".into(),
+                args: String::new(),
+                timeout: 300,
+                use_metadata_only_mode: false,
+            },
+            1.0,
+        )
+    }
+
+    fn chunk(number: u64, content: &str) -> OutputRequest {
+        OutputRequest {
+            chunk_number: number,
+            segments: vec![Segment {
+                timestamp: None,
+                content: content.into(),
+            }],
+            is_stderr: false,
+        }
+    }
+
+    #[test]
+    fn an_execution_goes_through_its_life_once() {
+        let mut store = Store::default();
+        let id = queue(&mut store);
+        assert_eq!(store.pending().executions.len(), 1);
+        store.start(&id, 2.0).unwrap();
+        assert!(matches!(store.start(&id, 2.0), Err(StoreError::Conflict(_))));
+        assert!(store.pending().executions.is_empty());
+        for (n, text) in [(2, "b"), (1, "a"), (2, "again")] {
+            store.output(&id, chunk(n, text)).unwrap();
+        }
+        let end = CompleteRequest {
+            exit_code: 0,
+            status: CompletionStatus::Success,
+        };
+        store.complete(&id, end, 3.0).unwrap();
+        assert!(matches!(store.complete(&id, end, 3.0), Err(StoreError::Conflict(_))));
+        let detail = store.detail(&id).unwrap();
+        let contents: Vec<&str> = detail
+            .chunks
+            .iter()
+            .map(|c| c.segments[0].content.as_str())
+            .collect();
+        assert_eq!(contents, ["a", "b"]);
+        assert_eq!(detail.summary.status, ExecutionStatus::Success);
+    }
+
+    #[test]
+    fn ids_are_found_whatever_their_case() {
+        let mut store = Store::default();
+        let id = queue(&mut store);
+        let upper = ExecutionId::parse(&id.as_str().to_ascii_uppercase()).unwrap();
+        assert!(store.cancel_status(&upper).is_ok());
+    }
+
+    #[test]
+    fn a_fault_is_used_up_after_count_matches() {
+        let mut store = Store::default();
+        store.add_fault(FaultSpec {
+            path_prefix: "/api/runner/pending/".into(),
+            status: 500,
+            count: 2,
+            body: None,
+            delay_ms: None,
+            retry_after: None,
+        });
+        assert!(store.take_fault("/api/runner/heartbeat/").is_none());
+        assert!(store.take_fault("/api/runner/pending/").is_some());
+        assert!(store.take_fault("/api/runner/pending/").is_some());
+        assert!(store.take_fault("/api/runner/pending/").is_none());
+    }
+
+    #[test]
+    fn injected_entries_are_handed_out_once() {
+        let mut store = Store::default();
+        store.inject_pending(vec![json!({"id": "../x"})]);
+        assert_eq!(store.pending().executions.len(), 1);
+        assert!(store.pending().executions.is_empty());
+    }
+}
