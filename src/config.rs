@@ -13,6 +13,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::supervisor::client::{ApiKey, ClientOptions};
+use crate::supervisor::commands::BoundArgs;
+use crate::supervisor::execution::ExecutionSettings;
+use crate::supervisor::runner::RunnerOptions;
 use crate::supervisor::policy::{self, ConfiguredIn, Mode, Policy};
 use crate::worker::{Isolation, WorkerOptions};
 
@@ -60,6 +64,8 @@ pub struct ServerConfig {
     pub request_timeout: u64,
     pub max_retries: u32,
     pub allow_http_hosts: Vec<String>,
+    /// PEM file of extra CAs to trust (a self-hosted control plane).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +77,7 @@ impl Default for ServerConfig {
             request_timeout: 30,
             max_retries: 3,
             allow_http_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            ca_file: None,
         }
     }
 }
@@ -109,6 +116,18 @@ pub struct PolicyConfig {
     pub metadata_only_commands: Vec<String>,
     /// Where refusals tell the operator to change the policy.
     pub configured_in: ConfiguredIn,
+    /// Commands restricted to listed argument sets.
+    pub bound_args: Vec<BoundArgsConfig>,
+}
+
+/// One permitted argument set of a command (`[[policy.bound_args]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoundArgsConfig {
+    pub command: String,
+    /// Split like a POSIX shell would (never run by one).
+    pub args: String,
+    pub label: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -140,11 +159,28 @@ impl Default for WorkerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RunnerConfig {
     pub max_concurrent: usize,
+    /// Seconds between polls for executions (sooner when a slot frees up).
+    pub poll_interval: f64,
+    /// Seconds between output chunks of a running execution.
+    pub output_flush_interval: f64,
+    /// A stream's buffer is sent early once it holds this many bytes.
+    pub chunk_max_bytes: usize,
+    /// Per-execution output cap in bytes, head and tail kept (0: no cap).
+    pub output_cap_bytes: usize,
+    /// Seconds running executions get to finish on shutdown before they are cancelled.
+    pub shutdown_grace: u64,
 }
 
 impl Default for RunnerConfig {
     fn default() -> Self {
-        Self { max_concurrent: 4 }
+        Self {
+            max_concurrent: 4,
+            poll_interval: 2.0,
+            output_flush_interval: 1.5,
+            chunk_max_bytes: 64 * 1024,
+            output_cap_bytes: 0,
+            shutdown_grace: 30,
+        }
     }
 }
 
@@ -194,6 +230,9 @@ impl Config {
         // A bare interpreter name is looked up on PATH; a relative path is the file's.
         if self.django.python.components().count() > 1 && self.django.python.is_relative() {
             self.django.python = base.join(&self.django.python);
+        }
+        if let Some(ca_file) = self.server.ca_file.as_mut().filter(|p| p.is_relative()) {
+            *ca_file = base.join(&*ca_file);
         }
     }
 
@@ -266,9 +305,132 @@ impl Config {
     pub fn cancel_grace(&self) -> Duration {
         Duration::from_secs(self.worker.cancel_grace)
     }
+
+    /// What the control-plane client needs; fails if the key or URL is unusable.
+    pub fn client_options(&self) -> Result<ClientOptions, ConfigError> {
+        let server = self.server.settings()?;
+        Ok(ClientOptions {
+            base_url: server.base_url,
+            api_key: server.api_key,
+            request_timeout: Duration::from_secs(self.server.request_timeout),
+            max_retries: self.server.max_retries,
+            ca_file: self.server.ca_file.clone(),
+            user_agent: format!("dcsupervisor/{}", env!("CARGO_PKG_VERSION")),
+        })
+    }
+
+    pub fn execution_settings(&self) -> ExecutionSettings {
+        let mut bound_args: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
+        for bound in &self.policy.bound_args {
+            // Validated at load: the split succeeds.
+            let args = shlex::split(&bound.args).unwrap_or_default();
+            bound_args.entry(bound.command.clone()).or_default().push(args);
+        }
+        ExecutionSettings {
+            policy: self.policy(),
+            metadata_only: self.policy.metadata_only(),
+            bound_args,
+            cancel_grace: self.cancel_grace(),
+            cancel_poll_interval: Duration::from_secs(2),
+            flush_interval: Duration::from_secs_f64(self.runner.output_flush_interval),
+            chunk_max_bytes: self.runner.chunk_max_bytes,
+            output_cap: (self.runner.output_cap_bytes > 0).then_some(self.runner.output_cap_bytes),
+        }
+    }
+
+    /// The labelled argument sets synced for bound commands.
+    pub fn bound_args_labels(&self) -> BTreeMap<String, Vec<BoundArgs>> {
+        let mut labels: BTreeMap<String, Vec<BoundArgs>> = BTreeMap::new();
+        for bound in &self.policy.bound_args {
+            let entry = BoundArgs { args: bound.args.clone(), label: bound.label.clone() };
+            labels.entry(bound.command.clone()).or_default().push(entry);
+        }
+        labels
+    }
+
+    pub fn runner_options(&self) -> RunnerOptions {
+        RunnerOptions {
+            runner_version: format!("{}+dcsupervisor", env!("CARGO_PKG_VERSION")),
+            heartbeat_interval: Duration::from_secs(self.server.heartbeat_interval),
+            poll_interval: Duration::from_secs_f64(self.runner.poll_interval),
+            max_concurrent: self.runner.max_concurrent,
+            shutdown_grace: Duration::from_secs(self.runner.shutdown_grace),
+            delivery_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the control-plane client needs, checked.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Without a trailing slash.
+    pub base_url: String,
+    pub api_key: ApiKey,
 }
 
 impl ServerConfig {
+    /// The URL and key, checked against the protocol's rules: a `dc_` key,
+    /// HTTPS unless the host is allowed plain HTTP.
+    pub fn settings(&self) -> Result<ServerSettings, ConfigError> {
+        let key = match &self.api_key {
+            Some(key) if key.starts_with("dc_") => key.clone(),
+            Some(_) => {
+                return Err(invalid(
+                    "server.api_key",
+                    "<hidden>",
+                    "API keys start with dc_; copy it again from the DjangoCommand dashboard",
+                ))
+            }
+            None => {
+                return Err(invalid(
+                    "server.api_key",
+                    "(not set)",
+                    "set the DJANGOCOMMAND_API_KEY environment variable (or server.api_key in dc.toml)",
+                ))
+            }
+        };
+        let base_url = self.url.trim_end_matches('/').to_string();
+        let uri: http::Uri = base_url
+            .parse()
+            .map_err(|e| invalid("server.url", &self.url, format!("not a URL ({e})")))?;
+        let host = uri
+            .host()
+            .unwrap_or("")
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if host.is_empty() || uri.path_and_query().is_some_and(|p| p.query().is_some()) {
+            return Err(invalid(
+                "server.url",
+                &self.url,
+                "use a URL like https://app.djangocommand.com",
+            ));
+        }
+        match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") if self.allow_http_hosts.iter().any(|allowed| allowed == host) => {}
+            Some("http") => {
+                return Err(invalid(
+                    "server.url",
+                    &self.url,
+                    format!(
+                        "HTTPS is required; to allow plain HTTP to {host}, add it to server.allow_http_hosts"
+                    ),
+                ))
+            }
+            _ => {
+                return Err(invalid(
+                    "server.url",
+                    &self.url,
+                    "the URL must start with https://",
+                ))
+            }
+        }
+        Ok(ServerSettings {
+            base_url,
+            api_key: ApiKey::new(key),
+        })
+    }
+
     fn validate_intervals(&self) -> Result<(), ConfigError> {
         if self.heartbeat_interval < 5 {
             return Err(invalid(

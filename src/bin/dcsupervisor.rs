@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use dcsupervisor::config::Config;
+use dcsupervisor::supervisor::client::Client;
 use dcsupervisor::supervisor::commands::{commands_hash, synced_commands};
+use dcsupervisor::supervisor::runner::Runner;
 use dcsupervisor::worker::{Job, JobEnd, Output, Stop, Worker};
 use nix::sys::signal::Signal;
 use tokio::io::AsyncWriteExt;
@@ -44,7 +46,7 @@ struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
     quiet: u8,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -55,6 +57,10 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Connect to the control plane and run executions until stopped (the default).
+    Run,
+    /// One heartbeat (and a command sync if the control plane asks), then exit.
+    Once,
     /// Run one management command locally through the worker and the policy,
     /// streaming its output; exits with the command's exit code.
     Exec {
@@ -97,7 +103,7 @@ fn main() -> ExitCode {
 
 fn init_logging(cli: &Cli) {
     // One-shot local commands keep the terminal for the command's own output.
-    let quiet_by_default = matches!(cli.command, Command::Exec { .. } | Command::Commands { .. });
+    let quiet_by_default = matches!(cli.command, Some(Command::Exec { .. } | Command::Commands { .. }));
     let level = match (cli.verbose, cli.quiet) {
         (0, 0) if quiet_by_default => "warn",
         (0, 0) => "info",
@@ -119,13 +125,60 @@ fn init_logging(cli: &Cli) {
 async fn run(cli: Cli) -> Result<ExitCode> {
     let config = Config::load(&cli.config)
         .with_context(|| format!("configuration {} is not usable", cli.config.display()))?;
-    match cli.command {
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run_runner(&config, false).await,
+        Command::Once => run_runner(&config, true).await,
         Command::Exec {
             timeout,
             command,
             args,
         } => exec(&config, &command, &args, timeout).await,
         Command::Commands { json } => list_commands(&config, json).await,
+    }
+}
+
+async fn run_runner(config: &Config, once: bool) -> Result<ExitCode> {
+    let client = Client::new(config.client_options()?).context("cannot set up the HTTP client")?;
+    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
+    let runner = Runner::new(
+        client,
+        worker.clone(),
+        config.execution_settings(),
+        config.runner_options(),
+        &config.bound_args_labels(),
+    )
+    .await
+    .context("command discovery failed")?;
+    if once {
+        let result = runner.run_once().await;
+        worker.shutdown().await;
+        let answer = result.context("the heartbeat failed")?;
+        println!(
+            "heartbeat ok: commands in sync: {}, pending executions: {}, runner state: {:?}",
+            answer.commands_in_sync, answer.pending_executions, answer.runner_state
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    runner.run(shutdown_requested()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_requested() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!("cannot listen for SIGTERM: {err}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }
 

@@ -3,5 +3,10 @@
 //! ([`commands`]).
 
 pub mod api;
+pub mod client;
 pub mod commands;
+pub mod delivery;
+pub mod execution;
+pub mod output;
 pub mod policy;
+pub mod runner;

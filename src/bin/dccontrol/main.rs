@@ -1,1 +1,209 @@
-fn main() {}
+//! `dccontrol`: a local DjangoCommand control plane, for tests and demos.
+//!
+//! `dccontrol serve` answers the runner API on a loopback address the way the
+//! hosted service does (same paths, bodies, authentication and replay
+//! checks), with state in memory, plus an operator API to queue commands,
+//! read their output and inject faults. The other subcommands are clients of
+//! that operator API. Nothing leaves the machine.
+
+mod client;
+mod operator;
+mod reply;
+mod routes;
+mod server;
+mod store;
+mod wire;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::ControlClient;
+use crate::operator::{OperatorError, RunOptions};
+
+const DEFAULT_API_KEY: &str = "dc_local_demo_key";
+
+#[derive(Parser)]
+#[command(
+    name = "dccontrol",
+    version,
+    about = "A local DjangoCommand control plane, for tests and demos"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the runner API and the operator API until SIGTERM/SIGINT.
+    Serve(ServeArgs),
+    /// Queue a command for the runner (options may come anywhere; pass
+    /// arguments that start with '-' after '--').
+    Run(RunArgs),
+    /// Ask the runner to stop an execution.
+    Cancel(CancelArgs),
+    /// List the executions.
+    List(ServerArgs),
+    /// Show one execution and its output.
+    Show(ShowArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Loopback address to listen on; port 0 picks a free one (the first
+    /// stdout line says which).
+    #[arg(long, env = "DCCONTROL_LISTEN", default_value = "127.0.0.1:8765", value_parser = loopback_address)]
+    listen: SocketAddr,
+    /// The key runners and operators must present as `Authorization: Bearer <key>`.
+    #[arg(long, env = "DJANGOCOMMAND_API_KEY", default_value = DEFAULT_API_KEY, hide_env_values = true)]
+    api_key: String,
+}
+
+/// Where the control plane is, for the client subcommands.
+#[derive(Args)]
+struct ServerArgs {
+    #[arg(long, env = "DCCONTROL_URL", default_value = "http://127.0.0.1:8765")]
+    server: String,
+    #[arg(long, env = "DJANGOCOMMAND_API_KEY", default_value = DEFAULT_API_KEY, hide_env_values = true)]
+    api_key: String,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The management command's name.
+    command: String,
+    /// Its arguments (each one is quoted, so the runner gets the same words).
+    args: Vec<String>,
+    /// Seconds before the runner stops it.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Ask the runner not to capture the output.
+    #[arg(long)]
+    metadata_only: bool,
+    /// Stream the output here and exit with the command's exit code.
+    #[arg(long)]
+    follow: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Args)]
+struct CancelArgs {
+    id: String,
+    /// Kill at once (SIGKILL) instead of SIGTERM and a grace period.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Args)]
+struct ShowArgs {
+    id: String,
+    /// Print the operator API's JSON as it is.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// `--listen`: an IP socket address, or `localhost:PORT`, on loopback only.
+fn loopback_address(text: &str) -> Result<SocketAddr, String> {
+    let address = match text.strip_prefix("localhost:") {
+        Some(port) => port
+            .parse::<u16>()
+            .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+            .map_err(|e| format!("bad port {port:?}: {e}"))?,
+        None => text
+            .parse::<SocketAddr>()
+            .map_err(|e| format!("expected an address like 127.0.0.1:8765: {e}"))?,
+    };
+    if !address.ip().is_loopback() {
+        return Err(format!(
+            "{address} is not a loopback address: dccontrol is a local test tool \
+             and listens on 127.0.0.1 or ::1 only"
+        ));
+    }
+    Ok(address)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        client_command => operate(client_command).await.map_err(anyhow::Error::from),
+    };
+    match outcome {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            eprintln!("dccontrol: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    anyhow::ensure!(!args.api_key.is_empty(), "the API key must not be empty");
+    server::serve(args.listen, args.api_key).await?;
+    Ok(0)
+}
+
+/// The client subcommands: each talks to the operator API.
+async fn operate(command: Command) -> Result<u8, OperatorError> {
+    match command {
+        Command::Serve(_) => Ok(0), // handled by `main`
+        Command::Run(args) => {
+            let client = connect(&args.server)?;
+            let options = RunOptions {
+                command: args.command,
+                args: args.args,
+                timeout: args.timeout,
+                metadata_only: args.metadata_only,
+                follow: args.follow,
+            };
+            operator::run(&client, options).await
+        }
+        Command::Cancel(args) => operator::cancel(&connect(&args.server)?, &args.id, args.force).await,
+        Command::List(server) => operator::list(&connect(&server)?).await,
+        Command::Show(args) => operator::show(&connect(&args.server)?, &args.id, args.json).await,
+    }
+}
+
+fn connect(server: &ServerArgs) -> Result<ControlClient, OperatorError> {
+    Ok(ControlClient::new(&server.server, &server.api_key)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_addresses_are_served() {
+        assert!(loopback_address("127.0.0.1:0").is_ok());
+        assert!(loopback_address("[::1]:8765").is_ok());
+        assert_eq!(
+            loopback_address("localhost:8765").unwrap(),
+            "127.0.0.1:8765".parse().unwrap()
+        );
+        assert!(loopback_address("0.0.0.0:8765").is_err());
+        assert!(loopback_address("192.168.1.2:80").is_err());
+        assert!(loopback_address("example.com:80").is_err());
+    }
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -402,7 +402,10 @@ mod tests {
             status: CompletionStatus::Success,
         };
         store.complete(&id, end, 3.0).unwrap();
-        assert!(matches!(store.complete(&id, end, 3.0), Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            store.complete(&id, end, 3.0),
+            Err(StoreError::Conflict(_))
+        ));
         let detail = store.detail(&id).unwrap();
         let contents: Vec<&str> = detail
             .chunks

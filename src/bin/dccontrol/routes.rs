@@ -1,0 +1,275 @@
+//! What each endpoint does, once the request is known to be authentic:
+//! the runner API exactly as PROTOCOL.md describes it, and the operator API.
+//! Pure functions of (store, method, path, body) → answer; HTTP plumbing,
+//! authentication and faults live in `server`.
+
+use dcsupervisor::supervisor::api::{
+    CompleteRequest, ExecutionId, HeartbeatRequest, OutputRequest, RunnerState, SyncRequest,
+};
+use http::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::reply::Reply;
+use crate::store::Store;
+use crate::wire::{
+    CancelAnswer, CancelRequest, Created, ExecutionList, FaultSpec, InjectPending, NewExecution, RequestLog,
+    RunnerStateRequest,
+};
+
+/// Either outcome is an answer; `Err` lets `?` end an endpoint early.
+type Answer = Result<Reply, Reply>;
+
+pub const RUNNER_PREFIX: &str = "/api/runner/";
+pub const OPERATOR_PREFIX: &str = "/api/operator/";
+
+/// The runner API's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunnerRoute<'a> {
+    Heartbeat,
+    Sync,
+    Pending,
+    Execution(&'a str, ExecutionAction),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExecutionAction {
+    Start,
+    Output,
+    Complete,
+    CancelStatus,
+}
+
+impl<'a> RunnerRoute<'a> {
+    /// Paths end with a slash, as in the hosted service (a Django app); one
+    /// without it is unknown, which catches a runner building paths wrongly.
+    fn parse(path: &'a str) -> Option<Self> {
+        let inner = path.strip_prefix(RUNNER_PREFIX)?.strip_suffix('/')?;
+        let segments: Vec<&str> = inner.split('/').collect();
+        let route = match segments.as_slice() {
+            ["heartbeat"] => Self::Heartbeat,
+            ["commands", "sync"] => Self::Sync,
+            ["pending"] => Self::Pending,
+            ["executions", id, action] => Self::Execution(id, ExecutionAction::parse(action)?),
+            _ => return None,
+        };
+        Some(route)
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Self::Pending | Self::Execution(_, ExecutionAction::CancelStatus) => Method::GET,
+            _ => Method::POST,
+        }
+    }
+}
+
+impl ExecutionAction {
+    fn parse(segment: &str) -> Option<Self> {
+        Some(match segment {
+            "start" => Self::Start,
+            "output" => Self::Output,
+            "complete" => Self::Complete,
+            "cancel-status" => Self::CancelStatus,
+            _ => return None,
+        })
+    }
+}
+
+/// A runner-API request that passed authentication and replay checks.
+pub fn runner(store: &mut Store, method: &Method, path: &str, body: &[u8], now: f64) -> Reply {
+    let Some(route) = RunnerRoute::parse(path) else {
+        return Reply::not_found(method, path);
+    };
+    if *method != route.method() {
+        return method_not_allowed(method);
+    }
+    let answer = match route {
+        RunnerRoute::Heartbeat => parse_body(body)
+            .map(|report: HeartbeatRequest| Reply::json(StatusCode::OK, &store.heartbeat(report, now))),
+        RunnerRoute::Sync => {
+            parse_body(body).map(|sync: SyncRequest| Reply::json(StatusCode::OK, &store.sync(sync.commands)))
+        }
+        RunnerRoute::Pending => Ok(Reply::json(StatusCode::OK, &store.pending())),
+        RunnerRoute::Execution(id, action) => execution(store, id, action, body, now),
+    };
+    answer.unwrap_or_else(|refusal| refusal)
+}
+
+fn execution(store: &mut Store, id: &str, action: ExecutionAction, body: &[u8], now: f64) -> Answer {
+    let id = parse_id(id)?;
+    match action {
+        // The protocol's start has no body; whatever came is ignored.
+        ExecutionAction::Start => store.start(&id, now)?,
+        ExecutionAction::Output => store.output(&id, parse_body::<OutputRequest>(body)?)?,
+        ExecutionAction::Complete => store.complete(&id, parse_body::<CompleteRequest>(body)?, now)?,
+        ExecutionAction::CancelStatus => {
+            return Ok(Reply::json(StatusCode::OK, &store.cancel_status(&id)?));
+        }
+    }
+    Ok(Reply::ok())
+}
+
+/// An operator-API request with a valid key.
+pub fn operator(store: &mut Store, method: &Method, path: &str, body: &[u8], now: f64) -> Reply {
+    let Some(inner) = path.strip_prefix(OPERATOR_PREFIX) else {
+        return Reply::not_found(method, path);
+    };
+    // Forgiving about a trailing slash: people type these by hand.
+    let segments: Vec<&str> = inner.trim_end_matches('/').split('/').collect();
+    let answer = match (method.as_str(), segments.as_slice()) {
+        ("POST", ["executions"]) => parse_body(body).map(|request: NewExecution| queue(store, request, now)),
+        ("GET", ["executions"]) => Ok(Reply::json(
+            StatusCode::OK,
+            &ExecutionList {
+                executions: store.list(),
+            },
+        )),
+        ("GET", ["executions", id]) => parse_id(id)
+            .and_then(|id| Ok(store.detail(&id)?))
+            .map(|detail| Reply::json(StatusCode::OK, &detail)),
+        ("POST", ["executions", id, "cancel"]) => cancel(store, id, body),
+        ("POST", ["runner-state"]) => set_runner_state(store, body),
+        ("GET", ["state"]) => Ok(Reply::json(StatusCode::OK, &store.state())),
+        ("GET", ["requests"]) => Ok(Reply::json(
+            StatusCode::OK,
+            &RequestLog {
+                requests: store.requests(),
+            },
+        )),
+        ("DELETE", ["requests"]) => {
+            store.clear_requests();
+            Ok(Reply::ok())
+        }
+        ("POST", ["faults"]) => add_fault(store, body),
+        ("DELETE", ["faults"]) => {
+            store.clear_faults();
+            Ok(Reply::ok())
+        }
+        ("POST", ["inject-pending"]) => parse_body(body).map(|inject: InjectPending| {
+            store.inject_pending(inject.executions);
+            Reply::ok()
+        }),
+        _ => Err(Reply::not_found(method, path)),
+    };
+    answer.unwrap_or_else(|refusal| refusal)
+}
+
+fn queue(store: &mut Store, request: NewExecution, now: f64) -> Reply {
+    if request.command.trim().is_empty() {
+        return Reply::error(StatusCode::BAD_REQUEST, "command must not be empty");
+    }
+    let id = store.queue(request, now);
+    Reply::json(StatusCode::CREATED, &Created { id })
+}
+
+fn cancel(store: &mut Store, id: &str, body: &[u8]) -> Answer {
+    let id = parse_id(id)?;
+    // An empty body is a plain (not forced) cancel.
+    let request: CancelRequest = if body.is_empty() {
+        CancelRequest::default()
+    } else {
+        parse_body(body)?
+    };
+    let status = store.cancel(&id, request.force)?;
+    Ok(Reply::json(
+        StatusCode::OK,
+        &CancelAnswer {
+            ok: true,
+            cancel_requested: status.cancel_requested,
+            force_kill: status.force_kill,
+        },
+    ))
+}
+
+fn set_runner_state(store: &mut Store, body: &[u8]) -> Answer {
+    let request: RunnerStateRequest = parse_body(body)?;
+    // The library type reads unknown states leniently (it is made for reading
+    // servers' answers); an operator asking for one is a mistake.
+    if request.state == RunnerState::Unknown {
+        return Err(Reply::error(
+            StatusCode::BAD_REQUEST,
+            "state must be \"active\" or \"suspended\"",
+        ));
+    }
+    store.set_runner_state(request.state, request.reason);
+    Ok(Reply::ok())
+}
+
+fn add_fault(store: &mut Store, body: &[u8]) -> Answer {
+    let spec: FaultSpec = parse_body(body)?;
+    if spec.status != 0 && !(200..=599).contains(&spec.status) {
+        return Err(Reply::error(
+            StatusCode::BAD_REQUEST,
+            "status must be 0 (delay only) or an HTTP status from 200 to 599",
+        ));
+    }
+    if spec.count == 0 {
+        return Err(Reply::error(StatusCode::BAD_REQUEST, "count must be at least 1"));
+    }
+    store.add_fault(spec);
+    Ok(Reply::json(StatusCode::CREATED, &json!({"ok": true})))
+}
+
+fn parse_id(text: &str) -> Result<ExecutionId, Reply> {
+    ExecutionId::parse(text).map_err(|e| Reply::error(StatusCode::BAD_REQUEST, e))
+}
+
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
+    serde_json::from_slice(body)
+        .map_err(|e| Reply::error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))
+}
+
+fn method_not_allowed(method: &Method) -> Reply {
+    Reply::error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("Method \"{method}\" not allowed."),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runner_paths_are_parsed_strictly() {
+        let id = "3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b";
+        assert_eq!(
+            RunnerRoute::parse("/api/runner/heartbeat/"),
+            Some(RunnerRoute::Heartbeat)
+        );
+        assert_eq!(
+            RunnerRoute::parse(&format!("/api/runner/executions/{id}/cancel-status/")),
+            Some(RunnerRoute::Execution(id, ExecutionAction::CancelStatus))
+        );
+        for unknown in [
+            "/api/runner/heartbeat",
+            "/api/runner/pending/x/",
+            "/api/runner/executions/x/stop/",
+            "/api/runner/executions/../../admin/start/",
+        ] {
+            assert_eq!(RunnerRoute::parse(unknown), None, "{unknown}");
+        }
+    }
+
+    #[test]
+    fn a_non_uuid_id_is_a_bad_request_that_changes_nothing() {
+        let mut store = Store::default();
+        let reply = runner(
+            &mut store,
+            &Method::POST,
+            "/api/runner/executions/not-a-uuid/start/",
+            b"",
+            0.0,
+        );
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert!(store.list().is_empty());
+    }
+
+    #[test]
+    fn the_wrong_method_is_refused() {
+        let mut store = Store::default();
+        let reply = runner(&mut store, &Method::GET, "/api/runner/heartbeat/", b"", 0.0);
+        assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+}

@@ -1,0 +1,299 @@
+//! `dccontrol serve`: the HTTP side. Accepts connections on a loopback
+//! address, reads each request's body (capped), and runs it through what a
+//! strict hosted control plane does before its views: the bearer key, the
+//! replay checks (timestamp window, one-time nonce), then the test hooks
+//! (request log, injected faults), and finally `routes`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH};
+use http::request::Parts;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::reply::Reply;
+use crate::routes::{self, OPERATOR_PREFIX, RUNNER_PREFIX};
+use crate::store::{unix_now, Store};
+use crate::wire::LoggedRequest;
+
+/// Larger request bodies are refused with 413: the runner's biggest is an
+/// output chunk of 1.5 s of output, far below this.
+const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// How far `X-Request-Timestamp` may be from our clock, either way.
+const TIMESTAMP_WINDOW_SECS: u64 = 300;
+
+const TIMESTAMP_HEADER: &str = "x-request-timestamp";
+const NONCE_HEADER: &str = "x-request-nonce";
+
+/// What every connection shares.
+struct App {
+    api_key: String,
+    store: Mutex<Store>,
+}
+
+impl App {
+    fn store(&self) -> MutexGuard<'_, Store> {
+        // A panic while holding the lock leaves plain data behind, still
+        // usable: better to keep serving than to fail every later request.
+        self.store.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn is_authorized(&self, headers: &HeaderMap) -> bool {
+        let expected = format!("Bearer {}", self.api_key);
+        headers
+            .get(AUTHORIZATION)
+            .is_some_and(|value| value.as_bytes() == expected.as_bytes())
+    }
+}
+
+/// Serves until SIGTERM or SIGINT. The first stdout line is the bound address,
+/// so a caller that asked for port 0 learns the real one.
+pub async fn serve(listen: SocketAddr, api_key: String) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let local = listener.local_addr().context("cannot read the bound address")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    announce(local)?;
+    tracing::info!("serving the runner API on http://{local}/api/runner/ and the operator API on http://{local}/api/operator/");
+
+    let app = Arc::new(App {
+        api_key,
+        store: Mutex::new(Store::default()),
+    });
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => spawn_connection(Arc::clone(&app), stream),
+                Err(error) => {
+                    // Typically out of file descriptors: wait instead of spinning.
+                    tracing::warn!("accept failed: {error}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    tracing::info!("stopping (state is not kept)");
+    Ok(())
+}
+
+fn announce(local: SocketAddr) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on http://{local}")
+        .and_then(|()| stdout.flush())
+        .context("cannot write to stdout")
+}
+
+fn spawn_connection(app: Arc<App>, stream: TcpStream) {
+    tokio::spawn(async move {
+        let service = service_fn(move |request| handle(Arc::clone(&app), request));
+        let served = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+        if let Err(error) = served {
+            tracing::debug!("connection ended: {error}");
+        }
+    });
+}
+
+async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = request.into_parts();
+    let body = read_body(&parts.headers, body).await;
+    let reply = if parts.uri.path().starts_with(OPERATOR_PREFIX) {
+        operator_request(&app, &parts, body)
+    } else {
+        runner_request(&app, &parts, body).await
+    };
+    tracing::debug!("{} {} → {}", parts.method, parts.uri, reply.status.as_u16());
+    Ok(reply.into_response())
+}
+
+async fn read_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, Reply> {
+    let too_large = || {
+        Reply::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    // Refuse an announced oversize body before reading any of it.
+    let announced = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(too_large()),
+        Err(error) => Err(Reply::error(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body: {error}"),
+        )),
+    }
+}
+
+fn operator_request(app: &App, parts: &Parts, body: Result<Bytes, Reply>) -> Reply {
+    if !app.is_authorized(&parts.headers) {
+        return invalid_key();
+    }
+    match body {
+        Ok(body) => routes::operator(
+            &mut app.store(),
+            &parts.method,
+            parts.uri.path(),
+            &body,
+            unix_now(),
+        ),
+        Err(refusal) => refusal,
+    }
+}
+
+/// Everything outside the operator API is logged, answered, and the answer's
+/// status added to the log entry before it is sent.
+async fn runner_request(app: &App, parts: &Parts, body: Result<Bytes, Reply>) -> Reply {
+    let authorized = app.is_authorized(&parts.headers);
+    let entry = log_entry(parts, body.as_ref().ok(), authorized);
+    let seq = app.store().log_arrival(entry);
+    let reply = match body {
+        Ok(body) => process_runner_request(app, parts, &body, authorized).await,
+        Err(refusal) => refusal,
+    };
+    app.store().log_answer(seq, reply.status.as_u16());
+    reply
+}
+
+async fn process_runner_request(app: &App, parts: &Parts, body: &[u8], authorized: bool) -> Reply {
+    let path = parts.uri.path();
+    if !path.starts_with(RUNNER_PREFIX) {
+        return Reply::not_found(&parts.method, path);
+    }
+    if !authorized {
+        return invalid_key();
+    }
+    let now = unix_now();
+    if let Err(refusal) = check_replay(app, &parts.headers, now) {
+        return refusal;
+    }
+    // A fault stands in for the view: it answers before any state changes.
+    // (Taken in its own statement so the store's lock is released before the
+    // delay: an `if let` would hold the guard through its body.)
+    let fault = app.store().take_fault(path);
+    if let Some(fault) = fault {
+        if let Some(delay) = fault.delay_ms {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if fault.status != 0 {
+            return fault_reply(fault.status, fault.body, fault.retry_after);
+        }
+    }
+    routes::runner(&mut app.store(), &parts.method, path, body, unix_now())
+}
+
+fn invalid_key() -> Reply {
+    Reply::error(StatusCode::UNAUTHORIZED, "Invalid API key")
+}
+
+/// The replay protection of a strict server: a recent timestamp and a nonce
+/// never seen before. The nonce is recorded once the timestamp is good, even
+/// if a fault then answers: a retry must come with a fresh one.
+fn check_replay(app: &App, headers: &HeaderMap, now: f64) -> Result<(), Reply> {
+    let refuse = |detail: &str| Err(Reply::error(StatusCode::UNAUTHORIZED, detail));
+    let Some(timestamp) = header_text(headers, TIMESTAMP_HEADER).and_then(|t| t.parse::<i64>().ok()) else {
+        return refuse("Missing or invalid X-Request-Timestamp header (unix seconds, an integer)");
+    };
+    if (now as i64).saturating_sub(timestamp).unsigned_abs() > TIMESTAMP_WINDOW_SECS {
+        return refuse("Request timestamp outside the allowed window of 300 s (stale or clock skew)");
+    }
+    let Some(nonce) = header_text(headers, NONCE_HEADER).filter(|n| is_hyphenated_uuid(n)) else {
+        return refuse("Missing or invalid X-Request-Nonce header (a UUID)");
+    };
+    if !app.store().accept_nonce(nonce) {
+        return refuse("Nonce already used (replayed request)");
+    }
+    Ok(())
+}
+
+fn is_hyphenated_uuid(text: &str) -> bool {
+    // `Uuid::try_parse` also takes the simple, braced and URN forms.
+    text.len() == 36 && uuid::Uuid::try_parse(text).is_ok()
+}
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+fn fault_reply(status: u16, body: Option<String>, retry_after: Option<u64>) -> Reply {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut reply = match body {
+        Some(raw) => Reply::raw(status, raw),
+        None => Reply::error(status, "injected fault"),
+    };
+    reply.retry_after = retry_after;
+    reply
+}
+
+/// The request as the log shows it; the key itself is never kept.
+fn log_entry(parts: &Parts, body: Option<&Bytes>, authorized: bool) -> LoggedRequest {
+    let mut headers = std::collections::BTreeMap::new();
+    for (name, value) in &parts.headers {
+        let text = if *name == AUTHORIZATION {
+            (if authorized {
+                "Bearer <redacted>"
+            } else {
+                "<invalid>"
+            })
+            .to_string()
+        } else {
+            String::from_utf8_lossy(value.as_bytes()).into_owned()
+        };
+        // A repeated header is shown the way HTTP allows folding it.
+        headers
+            .entry(name.as_str().to_string())
+            .and_modify(|existing: &mut String| {
+                existing.push_str(", ");
+                existing.push_str(&text);
+            })
+            .or_insert(text);
+    }
+    let (body, raw_body) = match body.filter(|b| !b.is_empty()) {
+        None => (serde_json::Value::Null, None),
+        Some(bytes) => match serde_json::from_slice(bytes) {
+            Ok(value) => (value, None),
+            Err(_) => (
+                serde_json::Value::Null,
+                Some(String::from_utf8_lossy(bytes).into_owned()),
+            ),
+        },
+    };
+    LoggedRequest {
+        seq: 0,
+        method: parts.method.to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_string(), |pq| pq.to_string()),
+        headers,
+        body,
+        raw_body,
+        status: None,
+        time: unix_now(),
+    }
+}

@@ -1,0 +1,389 @@
+//! The HTTP client for the control plane's runner API: TLS (rustls with the
+//! ring provider named explicitly, system roots plus an optional extra CA),
+//! the authentication and replay-protection headers, timeouts, a cap on
+//! response size, and retries with exponential backoff.
+//!
+//! Every attempt is built afresh, so a retry carries a new timestamp and a
+//! new nonce (a strict replay check refuses a reused one). The API key lives
+//! in [`ApiKey`], whose `Debug` and `Display` never show it, and it is never
+//! part of an error.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::api::{self, CancelStatus, ExecutionId};
+
+/// Answers above this size are refused rather than buffered.
+pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+/// Idle connections are closed before a typical load balancer (60 s) would.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A `Retry-After` above this is capped: the runner must keep its rhythm.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The project's API key. Never printed.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: String) -> Self {
+        Self(key)
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Base URL without a trailing slash, already checked against the HTTPS rule.
+    pub base_url: String,
+    pub api_key: ApiKey,
+    pub request_timeout: Duration,
+    pub max_retries: u32,
+    /// PEM file of extra trusted CAs (self-hosted control planes).
+    pub ca_file: Option<PathBuf>,
+    pub user_agent: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("authentication failed (HTTP {status}): {detail}")]
+    Auth { status: u16, detail: String },
+    #[error("the control plane answered HTTP {status}: {detail}")]
+    Status {
+        status: u16,
+        detail: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot reach the control plane: {0}")]
+    Connect(String),
+    #[error("unusable answer from the control plane: {0}")]
+    BadResponse(String),
+    #[error("invalid request: {0}")]
+    Request(String),
+}
+
+impl ApiError {
+    /// Whether another attempt may succeed (PROTOCOL.md's retry rule).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ApiError::Status { status, .. } => matches!(status, 429 | 500 | 502 | 503 | 504),
+            ApiError::Timeout(_) | ApiError::Connect(_) => true,
+            ApiError::Auth { .. } | ApiError::BadResponse(_) | ApiError::Request(_) => false,
+        }
+    }
+
+    pub fn is_auth(&self) -> bool {
+        matches!(self, ApiError::Auth { .. })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientSetupError {
+    #[error("cannot read the extra CA file {path}: {error}")]
+    CaFile { path: String, error: String },
+    #[error("TLS set-up failed: {0}")]
+    Tls(String),
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    opts: Arc<ClientOptions>,
+}
+
+impl Client {
+    pub fn new(opts: ClientOptions) -> Result<Self, ClientSetupError> {
+        let tls = tls_config(opts.ca_file.as_ref())?;
+        let mut tcp = HttpConnector::new();
+        // The HTTPS rule is enforced on the configured URL, not here.
+        tcp.enforce_http(false);
+        tcp.set_connect_timeout(Some(opts.request_timeout));
+        tcp.set_nodelay(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp);
+        let http = HyperClient::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
+        Ok(Self {
+            http,
+            opts: Arc::new(opts),
+        })
+    }
+
+    pub async fn heartbeat(&self, body: &api::HeartbeatRequest) -> Result<api::HeartbeatResponse, ApiError> {
+        self.call(Method::POST, api::HEARTBEAT_PATH, Some(body)).await
+    }
+
+    pub async fn sync_commands(&self, body: &api::SyncRequest) -> Result<api::SyncResponse, ApiError> {
+        self.call(Method::POST, api::SYNC_PATH, Some(body)).await
+    }
+
+    pub async fn pending(&self) -> Result<api::PendingResponse, ApiError> {
+        self.call::<(), _>(Method::GET, api::PENDING_PATH, None).await
+    }
+
+    pub async fn start(&self, id: &ExecutionId) -> Result<(), ApiError> {
+        self.call::<(), serde_json::Value>(Method::POST, &api::start_path(id), None)
+            .await
+            .map(drop)
+    }
+
+    pub async fn output(&self, id: &ExecutionId, body: &api::OutputRequest) -> Result<(), ApiError> {
+        self.call::<_, serde_json::Value>(Method::POST, &api::output_path(id), Some(body))
+            .await
+            .map(drop)
+    }
+
+    pub async fn complete(&self, id: &ExecutionId, body: &api::CompleteRequest) -> Result<(), ApiError> {
+        self.call::<_, serde_json::Value>(Method::POST, &api::complete_path(id), Some(body))
+            .await
+            .map(drop)
+    }
+
+    pub async fn cancel_status(&self, id: &ExecutionId) -> Result<CancelStatus, ApiError> {
+        self.call::<(), _>(Method::GET, &api::cancel_status_path(id), None)
+            .await
+    }
+
+    /// One API call with PROTOCOL.md's retries: up to `max_retries` more
+    /// attempts after a retryable failure, waiting 1 s, 2 s, 4 s... or what
+    /// the server's `Retry-After` asks (capped).
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ApiError> {
+        let body = match body {
+            Some(body) => Some(Bytes::from(
+                serde_json::to_vec(body).map_err(|e| ApiError::Request(e.to_string()))?,
+            )),
+            None => None,
+        };
+        let mut attempt = 0;
+        loop {
+            match self.attempt(&method, path, body.clone()).await {
+                Ok(answer) => {
+                    return serde_json::from_slice(&answer)
+                        .map_err(|e| ApiError::BadResponse(format!("{path}: {e}")))
+                }
+                Err(err) if err.is_retryable() && attempt < self.opts.max_retries => {
+                    let delay = match &err {
+                        ApiError::Status {
+                            retry_after: Some(wait),
+                            ..
+                        } => (*wait).min(MAX_RETRY_AFTER),
+                        _ => Duration::from_secs(1 << attempt.min(6)),
+                    };
+                    attempt += 1;
+                    tracing::debug!(%method, path, attempt, ?delay, "retrying after: {err}");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// One HTTP exchange; the timeout covers sending and reading the body.
+    async fn attempt(&self, method: &Method, path: &str, body: Option<Bytes>) -> Result<Bytes, ApiError> {
+        let request = self.build_request(method, path, body)?;
+        let timeout = self.opts.request_timeout;
+        let exchange = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| ApiError::Connect(error_chain(&e)))?;
+            let status = response.status();
+            let retry_after = retry_after(response.headers().get(RETRY_AFTER));
+            let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| ApiError::BadResponse(format!("reading the answer: {e}")))?
+                .to_bytes();
+            Ok::<_, ApiError>((status, retry_after, bytes))
+        };
+        let (status, retry_after, bytes) = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| ApiError::Timeout(timeout))??;
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let detail = error_detail(&bytes);
+        Err(match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ApiError::Auth {
+                status: status.as_u16(),
+                detail,
+            },
+            _ => ApiError::Status {
+                status: status.as_u16(),
+                detail,
+                retry_after,
+            },
+        })
+    }
+
+    fn build_request(
+        &self,
+        method: &Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<Request<Full<Bytes>>, ApiError> {
+        let uri: Uri = format!("{}{}", self.opts.base_url, path)
+            .parse()
+            .map_err(|e| ApiError::Request(format!("{e}")))?;
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut authorization =
+            HeaderValue::from_str(&format!("Bearer {}", self.opts.api_key.0)).map_err(|_| {
+                ApiError::Request("the API key contains characters not allowed in a header".into())
+            })?;
+        authorization.set_sensitive(true);
+        Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .header(AUTHORIZATION, authorization)
+            .header(CONTENT_TYPE, "application/json")
+            .header(USER_AGENT, &self.opts.user_agent)
+            .header("X-Request-Timestamp", timestamp.to_string())
+            .header("X-Request-Nonce", uuid::Uuid::new_v4().to_string())
+            .body(Full::new(body.unwrap_or_default()))
+            .map_err(|e| ApiError::Request(e.to_string()))
+    }
+}
+
+fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, ClientSetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        tracing::warn!("could not load a system CA certificate: {error}");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(native.certs);
+    tracing::debug!(added, ignored, "system CA certificates loaded");
+    if let Some(path) = ca_file {
+        use rustls_pki_types::pem::PemObject;
+        let ca_error = |error: String| ClientSetupError::CaFile {
+            path: path.display().to_string(),
+            error,
+        };
+        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| ca_error(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| ca_error(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(ca_error("no PEM certificate in it".into()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
+        }
+    }
+    // Named explicitly: relying on a process-wide default provider panics
+    // when none, or more than one, is compiled in.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientSetupError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The error text rule: the answer's `detail` or `error` field, else the raw body.
+fn error_detail(body: &[u8]) -> String {
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice::<serde_json::Value>(body) {
+        for key in ["detail", "error"] {
+            match fields.get(key) {
+                Some(serde_json::Value::String(text)) => return text.clone(),
+                Some(other) if !other.is_null() => return other.to_string(),
+                _ => {}
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.chars().count() > 500 {
+        format!("{}…", text.chars().take(500).collect::<String>())
+    } else {
+        text.to_string()
+    }
+}
+
+fn retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
+    let seconds: u64 = value?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(seconds))
+}
+
+/// An error with its causes, e.g. "client error (Connect): tcp connect error: Connection refused".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_text_follows_the_protocol_rule() {
+        assert_eq!(
+            error_detail(br#"{"detail": "Invalid API key"}"#),
+            "Invalid API key"
+        );
+        assert_eq!(error_detail(br#"{"error": "quota exceeded"}"#), "quota exceeded");
+        assert_eq!(
+            error_detail(b"<html>Bad Gateway</html>"),
+            "<html>Bad Gateway</html>"
+        );
+    }
+
+    #[test]
+    fn the_key_is_never_printed() {
+        let key = ApiKey::new("dc_secret_value".into());
+        assert!(!format!("{key:?}").contains("secret"));
+    }
+
+    #[test]
+    fn retryable_statuses() {
+        let status = |status| ApiError::Status {
+            status,
+            detail: String::new(),
+            retry_after: None,
+        };
+        assert!(status(503).is_retryable() && status(429).is_retryable());
+        assert!(!status(404).is_retryable() && !status(400).is_retryable());
+        assert!(!ApiError::Auth {
+            status: 401,
+            detail: String::new()
+        }
+        .is_retryable());
+    }
+}

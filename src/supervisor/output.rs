@@ -1,0 +1,252 @@
+//! Turning a command's raw output into the protocol's chunks.
+//!
+//! Each stream is decoded as UTF-8 incrementally: a character split across
+//! two reads is held until it is complete (so it is never split across
+//! chunks), and invalid bytes become U+FFFD instead of ending the capture.
+//! Text is cut into line segments stamped with the time their first
+//! character arrived; a line still open when a chunk is cut goes out with its
+//! timestamp, and its continuation in a later chunk has none.
+//!
+//! [`OutputCap`] optionally bounds what one execution sends: the head goes
+//! out as it comes, the tail is kept in a ring and sent at the end after a
+//! line saying how much was left out in between.
+
+use std::collections::VecDeque;
+
+use super::api::Segment;
+
+/// One stream's text not yet sent.
+#[derive(Debug, Default)]
+pub struct StreamBuffer {
+    /// The start of a UTF-8 sequence whose remaining bytes have not arrived.
+    incomplete: Vec<u8>,
+    segments: Vec<Segment>,
+    bytes: usize,
+    /// The last segment handed out ended mid-line.
+    continues_line: bool,
+}
+
+impl StreamBuffer {
+    /// Adds bytes read at `now` (unix seconds).
+    pub fn push(&mut self, data: &[u8], now: f64) {
+        let mut bytes = std::mem::take(&mut self.incomplete);
+        bytes.extend_from_slice(data);
+        let mut rest = bytes.as_slice();
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(text) => {
+                    self.push_text(text, now);
+                    break;
+                }
+                Err(error) => {
+                    let (valid, after) = rest.split_at(error.valid_up_to());
+                    self.push_text(std::str::from_utf8(valid).expect("checked by valid_up_to"), now);
+                    match error.error_len() {
+                        Some(bad) => {
+                            self.push_text("\u{FFFD}", now);
+                            rest = &after[bad..];
+                        }
+                        None => {
+                            // Possibly completed by the next read.
+                            self.incomplete = after.to_vec();
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// End of stream: an unfinished character can no longer complete.
+    pub fn finish(&mut self, now: f64) {
+        if !self.incomplete.is_empty() {
+            self.incomplete.clear();
+            self.push_text("\u{FFFD}", now);
+        }
+    }
+
+    /// Bytes of text waiting to be sent.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// Everything waiting, as segments for one chunk.
+    pub fn take(&mut self) -> Vec<Segment> {
+        let segments = std::mem::take(&mut self.segments);
+        self.bytes = 0;
+        if let Some(last) = segments.last() {
+            self.continues_line = !last.content.ends_with('\n');
+        }
+        segments
+    }
+
+    fn push_text(&mut self, text: &str, now: f64) {
+        for piece in text.split_inclusive('\n') {
+            self.bytes += piece.len();
+            match self.segments.last_mut() {
+                Some(open) if !open.content.ends_with('\n') => open.content.push_str(piece),
+                _ => {
+                    let timestamp = if std::mem::take(&mut self.continues_line) {
+                        None
+                    } else {
+                        Some(now)
+                    };
+                    self.segments.push(Segment {
+                        timestamp,
+                        content: piece.to_string(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Keeps an execution's output within a byte budget: head and tail.
+#[derive(Debug)]
+pub struct OutputCap {
+    head_budget: usize,
+    tail_budget: usize,
+    sent: usize,
+    tail: VecDeque<(bool, Segment)>,
+    tail_bytes: usize,
+    omitted: usize,
+}
+
+impl OutputCap {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            head_budget: limit / 2,
+            tail_budget: limit - limit / 2,
+            sent: 0,
+            tail: VecDeque::new(),
+            tail_bytes: 0,
+            omitted: 0,
+        }
+    }
+
+    /// Returns the part of `segments` that may be sent now; the rest is held
+    /// for the tail (or dropped from the middle).
+    pub fn admit(&mut self, is_stderr: bool, segments: Vec<Segment>) -> Vec<Segment> {
+        let mut now = Vec::new();
+        for segment in segments {
+            let len = segment.content.len();
+            if self.tail.is_empty() && self.sent + len <= self.head_budget {
+                self.sent += len;
+                now.push(segment);
+            } else {
+                self.tail_bytes += len;
+                self.tail.push_back((is_stderr, segment));
+                while self.tail_bytes > self.tail_budget && self.tail.len() > 1 {
+                    let (_, dropped) = self.tail.pop_front().expect("len > 1");
+                    self.tail_bytes -= dropped.content.len();
+                    self.omitted += dropped.content.len();
+                }
+            }
+        }
+        now
+    }
+
+    /// At the end: a notice of what was left out (if anything) and the tail,
+    /// grouped into runs of the same stream, in order.
+    pub fn finish(&mut self, now: f64) -> Vec<(bool, Vec<Segment>)> {
+        let mut runs: Vec<(bool, Vec<Segment>)> = Vec::new();
+        if self.omitted > 0 {
+            let notice = format!(
+                "\n[dcsupervisor: {} bytes of output left out here (output cap reached); the end of the output follows]\n",
+                self.omitted
+            );
+            runs.push((
+                true,
+                vec![Segment {
+                    timestamp: Some(now),
+                    content: notice,
+                }],
+            ));
+        }
+        for (is_stderr, segment) in self.tail.drain(..) {
+            match runs.last_mut() {
+                Some((stream, segments)) if *stream == is_stderr => segments.push(segment),
+                _ => runs.push((is_stderr, vec![segment])),
+            }
+        }
+        runs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contents(segments: &[Segment]) -> Vec<(&str, bool)> {
+        segments
+            .iter()
+            .map(|s| (s.content.as_str(), s.timestamp.is_some()))
+            .collect()
+    }
+
+    #[test]
+    fn lines_are_stamped_when_their_first_character_arrives() {
+        let mut buffer = StreamBuffer::default();
+        buffer.push(b"one\ntw", 1.0);
+        buffer.push(b"o\nthree", 2.0);
+        let segments = buffer.take();
+        assert_eq!(
+            contents(&segments),
+            [("one\n", true), ("two\n", true), ("three", true)]
+        );
+        assert_eq!(
+            segments.iter().map(|s| s.timestamp.unwrap()).collect::<Vec<_>>(),
+            [1.0, 1.0, 2.0]
+        );
+        buffer.push(b" continued\nfour\n", 3.0);
+        assert_eq!(
+            contents(&buffer.take()),
+            [(" continued\n", false), ("four\n", true)]
+        );
+    }
+
+    #[test]
+    fn a_character_split_across_reads_is_never_split_across_chunks() {
+        let mut buffer = StreamBuffer::default();
+        let check = "✓".as_bytes();
+        buffer.push(&check[..1], 1.0);
+        assert!(buffer.is_empty());
+        buffer.push(&check[1..], 1.0);
+        assert_eq!(buffer.take()[0].content, "✓");
+    }
+
+    #[test]
+    fn invalid_bytes_are_replaced_and_the_rest_kept() {
+        let mut buffer = StreamBuffer::default();
+        buffer.push(b"bad \xff\xfe bytes\nafter\n", 1.0);
+        buffer.push(b"\xe2\x9c", 1.0);
+        buffer.finish(1.0);
+        let text: String = buffer.take().into_iter().map(|s| s.content).collect();
+        assert_eq!(text, "bad \u{FFFD}\u{FFFD} bytes\nafter\n\u{FFFD}");
+    }
+
+    #[test]
+    fn the_cap_keeps_head_and_tail() {
+        let mut cap = OutputCap::new(20);
+        let line = |n: usize| Segment {
+            timestamp: Some(0.0),
+            content: format!("line {n:02}\n"),
+        };
+        let mut sent: Vec<Segment> = Vec::new();
+        for n in 0..10 {
+            sent.extend(cap.admit(false, vec![line(n)]));
+        }
+        assert_eq!(sent.len(), 1, "8-byte lines: one fits the 10-byte head");
+        let end = cap.finish(1.0);
+        assert!(
+            end[0].1[0].content.contains("bytes of output left out"),
+            "{end:?}"
+        );
+        let tail: Vec<String> = end[1].1.iter().map(|s| s.content.clone()).collect();
+        assert_eq!(tail, ["line 09\n"]);
+    }
+}
