@@ -16,8 +16,8 @@ use serde::Deserialize;
 use crate::supervisor::client::{ApiKey, ClientOptions};
 use crate::supervisor::commands::BoundArgs;
 use crate::supervisor::execution::ExecutionSettings;
-use crate::supervisor::runner::RunnerOptions;
 use crate::supervisor::policy::{self, ConfiguredIn, Mode, Policy};
+use crate::supervisor::runner::RunnerOptions;
 use crate::worker::{Isolation, WorkerOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -342,7 +342,10 @@ impl Config {
     pub fn bound_args_labels(&self) -> BTreeMap<String, Vec<BoundArgs>> {
         let mut labels: BTreeMap<String, Vec<BoundArgs>> = BTreeMap::new();
         for bound in &self.policy.bound_args {
-            let entry = BoundArgs { args: bound.args.clone(), label: bound.label.clone() };
+            let entry = BoundArgs {
+                args: bound.args.clone(),
+                label: bound.label.clone(),
+            };
             labels.entry(bound.command.clone()).or_default().push(entry);
         }
         labels

@@ -335,7 +335,10 @@ fn an_execution_is_started_fed_out_of_order_and_completed_once() {
     let pending = server.runner("GET", "/api/runner/pending/", None).json();
     assert_eq!(
         pending["executions"],
-        json!([{"id": id, "command": "noisy", "args": "--lines 3", "timeout": 60, "use_metadata_only_mode": false}])
+        json!([{
+            "id": id, "command": "noisy", "args": "--lines 3",
+            "timeout": 60, "use_metadata_only_mode": false,
+        }])
     );
 
     // A non-UUID id is refused before anything is looked up; nothing changes.

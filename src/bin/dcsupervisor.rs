@@ -139,7 +139,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 
 async fn run_runner(config: &Config, once: bool) -> Result<ExitCode> {
     let client = Client::new(config.client_options()?).context("cannot set up the HTTP client")?;
-    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
+    let worker = Worker::start(config.worker_options())
+        .await
+        .context("the Python worker did not start")?;
     let runner = Runner::new(
         client,
         worker.clone(),

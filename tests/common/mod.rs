@@ -150,3 +150,5 @@ pub async fn gone_within(pid: u32, limit: Duration) -> bool {
 pub fn write_file(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write file");
 }
+
+pub mod plane;

@@ -68,7 +68,9 @@ pub async fn serve(listen: SocketAddr, api_key: String) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     announce(local)?;
-    tracing::info!("serving the runner API on http://{local}/api/runner/ and the operator API on http://{local}/api/operator/");
+    tracing::info!(
+        "runner API on http://{local}{RUNNER_PREFIX}, operator API on http://{local}{OPERATOR_PREFIX}"
+    );
 
     let app = Arc::new(App {
         api_key,

@@ -93,6 +93,7 @@ pub struct ExecutionSummary {
     pub completed_at: Option<f64>,
 }
 
+/// `GET /api/operator/executions`: oldest first.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecutionList {
     pub executions: Vec<ExecutionSummary>,
@@ -181,6 +182,7 @@ pub struct LoggedRequest {
     pub time: f64,
 }
 
+/// `GET /api/operator/requests`: in arrival order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RequestLog {
     pub requests: Vec<LoggedRequest>,

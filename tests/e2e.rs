@@ -1,0 +1,463 @@
+//! dcsupervisor against the local control plane, over real HTTP on
+//! loopback: every path of the runner protocol, and the failures a real
+//! network and a real control plane produce.
+
+mod common;
+
+use std::time::Duration;
+
+use common::plane::{chunks, output, ControlPlane, Supervisor};
+use serde_json::{json, Value};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn status_and_code(execution: &Value) -> (String, i64) {
+    (
+        execution["status"].as_str().unwrap_or("").to_string(),
+        execution["exit_code"].as_i64().unwrap_or(i64::MIN),
+    )
+}
+
+fn assert_numbered_from_one(execution: &Value) {
+    let numbers: Vec<u64> = chunks(execution)
+        .iter()
+        .map(|c| c["chunk_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        numbers,
+        (1..=numbers.len() as u64).collect::<Vec<_>>(),
+        "{execution:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_executions_and_reports_output_and_exit_codes() {
+    let plane = ControlPlane::start();
+    let _runner = Supervisor::start(&plane.url, "", "");
+
+    let noisy = plane.queue("noisy", "--lines 3").await;
+    let fail = plane.queue("fail", "--code 3").await;
+    let boom = plane.queue("boom", "").await;
+    let bad = plane.queue("bad_utf8", "").await;
+
+    let noisy = plane.wait_done(&noisy, LIMIT).await;
+    assert_eq!(status_and_code(&noisy), ("success".into(), 0));
+    assert_eq!(output(&noisy, false), "out 0\nout 1\nout 2\n");
+    assert_eq!(output(&noisy, true), "err 0\nerr 1\nerr 2\n");
+    assert_numbered_from_one(&noisy);
+    for chunk in chunks(&noisy) {
+        for segment in chunk["segments"].as_array().unwrap() {
+            assert!(
+                segment["timestamp"].as_f64().is_some(),
+                "whole lines carry their timestamp: {segment}"
+            );
+        }
+    }
+
+    let fail = plane.wait_done(&fail, LIMIT).await;
+    assert_eq!(status_and_code(&fail), ("failed".into(), 3));
+    assert_eq!(output(&fail, true), "CommandError: demo failure\n");
+
+    let boom = plane.wait_done(&boom, LIMIT).await;
+    assert_eq!(status_and_code(&boom), ("failed".into(), 1));
+    assert!(output(&boom, true).ends_with("ValueError: kaboom\n"));
+
+    // Invalid UTF-8 is replaced, and what follows it is kept.
+    let bad = plane.wait_done(&bad, LIMIT).await;
+    assert_eq!(
+        output(&bad, false),
+        "héllo wörld ✓\nbad \u{FFFD}\u{FFFD} bytes\nafter\n"
+    );
+
+    let state = plane.call("GET", "/api/operator/state", None).await.1;
+    let names: Vec<&str> = state["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"migrate") && names.contains(&"noisy"));
+    assert!(!names.contains(&"shell") && !names.contains(&"djangocommand"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_streams_while_the_command_runs() {
+    let plane = ControlPlane::start();
+    let _runner = Supervisor::start(&plane.url, "", "");
+    let id = plane.queue("sleep", "3").await;
+    let running = plane.wait_status(&id, LIMIT, |_| true).await;
+    let _ = running;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let execution = plane.execution(&id).await;
+        if output(&execution, false).contains("sleeping 3") {
+            assert_eq!(
+                execution["status"], "running",
+                "the first line arrived before the end"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let done = plane.wait_done(&id, LIMIT).await;
+    assert_eq!(output(&done, false), "sleeping 3\ndone\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_and_cancels() {
+    let plane = ControlPlane::start();
+    let _runner = Supervisor::start(&plane.url, "", "");
+
+    let timed = plane
+        .queue_with(json!({"command": "spin", "args": "", "timeout": 1}))
+        .await;
+    let soft = plane.queue("sleep", "60").await;
+    let hard = plane.queue("spin", "").await;
+
+    let timed = plane.wait_done(&timed, LIMIT).await;
+    assert_eq!(status_and_code(&timed), ("timed_out".into(), -1));
+
+    plane.wait_status(&soft, LIMIT, |s| s == "running").await;
+    plane.wait_status(&hard, LIMIT, |s| s == "running").await;
+    plane
+        .call(
+            "POST",
+            &format!("/api/operator/executions/{soft}/cancel"),
+            Some(json!({"force": false})),
+        )
+        .await;
+    plane
+        .call(
+            "POST",
+            &format!("/api/operator/executions/{hard}/cancel"),
+            Some(json!({"force": true})),
+        )
+        .await;
+    assert_eq!(
+        status_and_code(&plane.wait_done(&soft, LIMIT).await),
+        ("cancelled".into(), -15)
+    );
+    assert_eq!(
+        status_and_code(&plane.wait_done(&hard, LIMIT).await),
+        ("cancelled".into(), -9)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_is_enforced_whatever_the_server_asks() {
+    let plane = ControlPlane::start();
+    let _runner = Supervisor::start(&plane.url, "configured_in = \"django-settings\"", "");
+    let shell = plane.wait_done(&plane.queue("shell", "").await, LIMIT).await;
+    assert_eq!(status_and_code(&shell), ("failed".into(), -1));
+    assert_eq!(chunks(&shell).len(), 1);
+    assert_eq!(
+        output(&shell, true),
+        "Command 'shell' rejected by runner security policy.\n\
+         Reason: not in DJANGOCOMMAND_ALLOWED_COMMANDS allowlist\n\n\
+         To allow this command, add it to DJANGOCOMMAND_ALLOWED_COMMANDS\n\
+         in your Django settings:\n\n  \
+         from djangocommand import DEFAULT_ALLOWED_COMMANDS\n  \
+         DJANGOCOMMAND_ALLOWED_COMMANDS = DEFAULT_ALLOWED_COMMANDS + ('shell',)\n"
+    );
+    let own = plane
+        .wait_done(&plane.queue("djangocommand", "start").await, LIMIT)
+        .await;
+    assert_eq!(status_and_code(&own), ("failed".into(), -1));
+
+    let blocklist_plane = ControlPlane::start();
+    let _blocklist = Supervisor::start(&blocklist_plane.url, "mode = \"blocklist\"", "");
+    let flush = blocklist_plane
+        .wait_done(&blocklist_plane.queue("flush", "--no-input").await, LIMIT)
+        .await;
+    assert_eq!(status_and_code(&flush), ("failed".into(), -1));
+    assert!(output(&flush, true).contains("Reason: in DJANGOCOMMAND_DISALLOWED_COMMANDS blocklist\n"));
+    assert!(output(&flush, true).contains("remove_disallowed_commands = [\"flush\"]"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_only_never_sends_the_output() {
+    let plane = ControlPlane::start();
+    let _runner = Supervisor::start(&plane.url, "metadata_only_commands = [\"exit_with\"]", "");
+    let flagged = plane
+        .queue_with(json!({"command": "noisy", "args": "", "use_metadata_only_mode": true}))
+        .await;
+    let configured = plane.queue("exit_with", "4").await;
+    for (id, expected) in [
+        (flagged, ("success".to_string(), 0)),
+        (configured, ("failed".to_string(), 4)),
+    ] {
+        let execution = plane.wait_done(&id, LIMIT).await;
+        assert_eq!(status_and_code(&execution), expected);
+        let notice = "(metadata-only mode, no output captured)\n";
+        assert_eq!(
+            (output(&execution, false), output(&execution, true)),
+            (notice.into(), notice.into())
+        );
+        let shape: Vec<(u64, bool)> = chunks(&execution)
+            .iter()
+            .map(|c| {
+                (
+                    c["chunk_number"].as_u64().unwrap(),
+                    c["is_stderr"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(shape, [(1, false), (2, true)]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bound_arguments_restrict_what_a_command_may_be_given() {
+    let plane = ControlPlane::start();
+    let bound = "[[policy.bound_args]]\ncommand = \"noisy\"\nargs = \"--lines 2\"\nlabel = \"Two lines\"\n";
+    let _runner = Supervisor::start(&plane.url, "", bound);
+    let allowed = plane
+        .wait_done(&plane.queue("noisy", "--lines  '2'").await, LIMIT)
+        .await;
+    assert_eq!(status_and_code(&allowed), ("success".into(), 0));
+    let refused = plane
+        .wait_done(&plane.queue("noisy", "--lines 3").await, LIMIT)
+        .await;
+    assert_eq!(status_and_code(&refused), ("failed".into(), -1));
+    assert!(
+        output(&refused, true).contains("not one of the argument sets"),
+        "{}",
+        output(&refused, true)
+    );
+
+    let state = plane.call("GET", "/api/operator/state", None).await.1;
+    let noisy = state["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "noisy")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        noisy["bound_args"],
+        json!([{"args": "--lines 2", "label": "Two lines"}])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_slots_leave_executions_queued_on_the_server() {
+    let plane = ControlPlane::start();
+    let _runner = Supervisor::start(
+        &plane.url,
+        "",
+        "[runner]\nmax_concurrent = 2\npoll_interval = 0.1\n",
+    );
+    let ids = [
+        plane.queue("sleep", "2").await,
+        plane.queue("sleep", "2").await,
+        plane.queue("sleep", "2").await,
+        plane.queue("sleep", "2").await,
+    ];
+    let mut max_running = 0;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let statuses: Vec<String> = plane
+            .executions()
+            .await
+            .iter()
+            .map(|e| e["status"].as_str().unwrap().to_string())
+            .collect();
+        max_running = max_running.max(statuses.iter().filter(|s| *s == "running").count());
+        if statuses.iter().all(|s| s == "success") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{statuses:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        max_running <= 2,
+        "at most max_concurrent at once, saw {max_running}"
+    );
+    // Nothing was started and dropped: exactly one start per execution.
+    let starts = plane
+        .requests()
+        .await
+        .iter()
+        .filter(|r| r["path"].as_str().unwrap().ends_with("/start/"))
+        .count();
+    assert_eq!(starts, ids.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspension_pauses_polling_until_the_runner_is_active_again() {
+    let plane = ControlPlane::start();
+    plane.set_state("suspended", Some("billing")).await;
+    let mut runner = Supervisor::start(&plane.url, "", "");
+    let id = plane.queue("noop", "").await;
+    // Two heartbeats while suspended: the execution is never fetched.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while plane
+        .requests()
+        .await
+        .iter()
+        .filter(|r| r["path"] == "/api/runner/heartbeat/")
+        .count()
+        < 2
+    {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(plane
+        .requests()
+        .await
+        .iter()
+        .all(|r| r["path"] != "/api/runner/pending/"));
+    assert_eq!(plane.execution(&id).await["status"], "pending");
+    plane.set_state("active", None).await;
+    assert_eq!(
+        status_and_code(&plane.wait_done(&id, LIMIT).await),
+        ("success".into(), 0)
+    );
+    assert!(runner.is_running());
+    assert!(runner.log().contains("billing"), "the reason is logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_failures_back_off_and_recover() {
+    let plane = ControlPlane::start();
+    plane
+        .fault(json!({"status": 401, "count": 3, "body": "{\"detail\": \"Invalid API key\"}"}))
+        .await;
+    let mut runner = Supervisor::start(&plane.url, "", "");
+    let id = plane.queue("noop", "").await;
+    assert_eq!(
+        status_and_code(&plane.wait_done(&id, LIMIT).await),
+        ("success".into(), 0)
+    );
+    let requests = plane.requests().await;
+    let first_ok = requests.iter().position(|r| r["status"] == 200).unwrap();
+    let before: Vec<&str> = requests[..first_ok]
+        .iter()
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        before, ["/api/runner/heartbeat/"; 3],
+        "only heartbeats while not authenticated"
+    );
+    // The backoff schedule: 1 s, then 2 s between the refused heartbeats.
+    let times: Vec<f64> = requests[..=first_ok]
+        .iter()
+        .map(|r| r["time"].as_f64().unwrap())
+        .collect();
+    assert!(
+        times[1] - times[0] >= 0.9 && times[2] - times[1] >= 1.9,
+        "{times:?}"
+    );
+    assert!(runner.is_running());
+
+    // A 403 on any later call pauses everything but heartbeats too.
+    plane
+        .fault(json!({"status": 403, "count": 1, "path_prefix": "/api/runner/pending/"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = plane.queue("noop", "").await;
+    assert_eq!(
+        status_and_code(&plane.wait_done(&second, LIMIT).await),
+        ("success".into(), 0)
+    );
+    assert!(runner.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_and_outages_lose_nothing() {
+    let plane = ControlPlane::start();
+    let mut runner = Supervisor::start(&plane.url, "", "");
+    // Warm up: authenticated and synced.
+    assert_eq!(
+        status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0,
+        "success"
+    );
+
+    // The command prints while every answer is a 503 for several seconds.
+    let id = plane.queue("sleep", "2").await;
+    plane.wait_status(&id, LIMIT, |s| s == "running").await;
+    plane.fault(json!({"status": 503, "count": 100000})).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    plane.clear_faults().await;
+    let done = plane.wait_done(&id, LIMIT).await;
+    assert_eq!(status_and_code(&done), ("success".into(), 0));
+    assert_eq!(output(&done, false), "sleeping 2\ndone\n");
+    assert_numbered_from_one(&done);
+
+    // Bursts of 500 and timeouts on the polling and heartbeat never end the process.
+    plane
+        .fault(json!({"status": 500, "count": 8, "path_prefix": "/api/runner/pending/"}))
+        .await;
+    let after = plane.queue("noisy", "--lines 2").await;
+    assert_eq!(
+        status_and_code(&plane.wait_done(&after, LIMIT).await).0,
+        "success"
+    );
+    assert!(runner.is_running());
+
+    // Every retry carries a fresh nonce.
+    let requests = plane.requests().await;
+    let nonces: std::collections::HashSet<&str> = requests
+        .iter()
+        .map(|r| r["headers"]["x-request-nonce"].as_str().unwrap())
+        .collect();
+    assert_eq!(nonces.len(), requests.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_that_is_down_then_back() {
+    // Reserve a port, start the runner against it while nothing listens.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut runner = Supervisor::start(&url, "", "");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(runner.is_running(), "connection refused does not end the runner");
+    let plane = ControlPlane::start_on(&format!("127.0.0.1:{port}"));
+    let id = plane.queue("noop", "").await;
+    assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await).0, "success");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_answers_and_hostile_ids_are_refused() {
+    let plane = ControlPlane::start();
+    let mut runner = Supervisor::start(&plane.url, "", "");
+    assert_eq!(
+        status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0,
+        "success"
+    );
+
+    plane.fault(json!({"status": 200, "count": 3, "path_prefix": "/api/runner/pending/", "body": "this is not json"})).await;
+    let (status, _) = plane
+        .call(
+            "POST",
+            "/api/operator/inject-pending",
+            Some(json!({"executions": [
+                {"id": "../../admin", "command": "noop"},
+                {"id": "3f2b8c1e0a4d4e5f9b6a7c8d9e0f1a2b", "command": "noop"},
+                {"command": "noop"},
+                "not an object"
+            ]})),
+        )
+        .await;
+    assert!(status < 300);
+    let id = plane.queue("noisy", "--lines 1").await;
+    assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await).0, "success");
+    let paths: Vec<String> = plane
+        .requests()
+        .await
+        .iter()
+        .map(|r| r["path"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        paths
+            .iter()
+            .all(|p| !p.contains("admin") && !p.contains("3f2b8c1e0a4d4e5f")),
+        "{paths:?}"
+    );
+    assert!(runner.is_running());
+}
