@@ -169,6 +169,11 @@ pub struct RunnerConfig {
     pub output_cap_bytes: usize,
     /// Seconds running executions get to finish on shutdown before they are cancelled.
     pub shutdown_grace: u64,
+    /// Where the supervisor keeps its lock and undelivered output (0700).
+    pub state_dir: PathBuf,
+    /// Undelivered output kept in memory per execution before it goes to
+    /// a file in the state directory (while the control plane is unreachable).
+    pub outbox_memory_bytes: usize,
 }
 
 impl Default for RunnerConfig {
@@ -180,6 +185,8 @@ impl Default for RunnerConfig {
             chunk_max_bytes: 64 * 1024,
             output_cap_bytes: 0,
             shutdown_grace: 30,
+            state_dir: PathBuf::from(".dcsupervisor"),
+            outbox_memory_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -230,6 +237,9 @@ impl Config {
         // A bare interpreter name is looked up on PATH; a relative path is the file's.
         if self.django.python.components().count() > 1 && self.django.python.is_relative() {
             self.django.python = base.join(&self.django.python);
+        }
+        if self.runner.state_dir.is_relative() {
+            self.runner.state_dir = base.join(&self.runner.state_dir);
         }
         if let Some(ca_file) = self.server.ca_file.as_mut().filter(|p| p.is_relative()) {
             *ca_file = base.join(&*ca_file);
@@ -359,6 +369,8 @@ impl Config {
             max_concurrent: self.runner.max_concurrent,
             shutdown_grace: Duration::from_secs(self.runner.shutdown_grace),
             delivery_deadline: Duration::from_secs(30),
+            state_dir: self.runner.state_dir.clone(),
+            outbox_memory_bytes: self.runner.outbox_memory_bytes,
         }
     }
 }

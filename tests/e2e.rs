@@ -461,3 +461,46 @@ async fn malformed_answers_and_hostile_ids_are_refused() {
     );
     assert!(runner.is_running());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_spills_output_to_disk_and_delivers_it_all() {
+    let plane = ControlPlane::start();
+    let runner_config =
+        "[runner]\npoll_interval = 0.1\noutput_flush_interval = 0.2\noutbox_memory_bytes = 16384\n";
+    let runner = Supervisor::start(&plane.url, "", runner_config);
+    assert_eq!(
+        status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0,
+        "success"
+    );
+
+    let lines = 20_000;
+    let id = plane.queue("noisy", &format!("--lines {lines} --delay 1")).await;
+    plane.wait_status(&id, LIMIT, |s| s == "running").await;
+    plane.fault(json!({"status": 503, "count": 1_000_000})).await;
+    // The command writes everything during the outage; the excess goes to disk.
+    let spill = runner
+        .dir
+        .path()
+        .join(".dcsupervisor/spill")
+        .join(format!("{id}.jsonl"));
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !spill.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "nothing was spilled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    plane.clear_faults().await;
+    let done = plane.wait_done(&id, LIMIT).await;
+    assert_eq!(status_and_code(&done), ("success".into(), 0));
+    let expected_out: String = (0..lines).map(|i| format!("out {i}\n")).collect();
+    let expected_err: String = (0..lines).map(|i| format!("err {i}\n")).collect();
+    assert!(
+        output(&done, false) == expected_out,
+        "stdout incomplete or out of order"
+    );
+    assert!(
+        output(&done, true) == expected_err,
+        "stderr incomplete or out of order"
+    );
+    assert_numbered_from_one(&done);
+    assert!(!spill.exists(), "the spill file is removed once delivered");
+}

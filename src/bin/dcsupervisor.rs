@@ -12,6 +12,7 @@ use dcsupervisor::config::Config;
 use dcsupervisor::supervisor::client::Client;
 use dcsupervisor::supervisor::commands::{commands_hash, synced_commands};
 use dcsupervisor::supervisor::runner::Runner;
+use dcsupervisor::supervisor::state;
 use dcsupervisor::worker::{Job, JobEnd, Output, Stop, Worker};
 use nix::sys::signal::Signal;
 use tokio::io::AsyncWriteExt;
@@ -138,6 +139,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 async fn run_runner(config: &Config, once: bool) -> Result<ExitCode> {
+    let state_dir = state::prepare(&config.runner.state_dir)?;
+    // `once` may run beside a running supervisor; only one may run executions.
+    let _lock = if once {
+        None
+    } else {
+        Some(state::InstanceLock::acquire(&state_dir)?)
+    };
     let client = Client::new(config.client_options()?).context("cannot set up the HTTP client")?;
     let worker = Worker::start(config.worker_options())
         .await

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use super::api::{CompleteRequest, CompletionStatus, Execution, OutputRequest, Segment};
 use super::client::Client;
-use super::delivery::{AuthGate, AuthState, Message, Outbox};
+use super::delivery::{AuthGate, AuthState, Message, Outbox, SpillOptions};
 use super::output::{OutputCap, StreamBuffer};
 use super::policy::Policy;
 use crate::ipc::ExitStatus;
@@ -50,6 +50,8 @@ pub struct ExecutionContext {
     pub settings: Arc<ExecutionSettings>,
     /// Turns true when running executions must be cancelled (shutdown).
     pub abort: watch::Receiver<bool>,
+    /// Where undelivered output beyond the memory limit waits.
+    pub spill: SpillOptions,
 }
 
 /// Why the runner stopped a job before it ended on its own.
@@ -76,7 +78,7 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
     }
     let metadata_only = execution.use_metadata_only_mode || settings.metadata_only.contains(&command);
     tracing::info!(execution = %id, command, args = %execution.args, metadata_only, "execution started");
-    let outbox = Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone());
+    let outbox = Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill);
     let mut chunks = ChunkWriter::new(&outbox, settings.output_cap);
     if metadata_only {
         chunks
@@ -161,7 +163,7 @@ async fn reject(ctx: &ExecutionContext, execution: &Execution, message: String) 
         tracing::warn!(execution = %id, "could not start the rejected execution: {error}");
         return;
     }
-    let outbox = Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone());
+    let outbox = Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill);
     let chunk = OutputRequest {
         chunk_number: 1,
         segments: vec![segment_now(&message)],

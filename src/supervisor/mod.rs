@@ -10,3 +10,4 @@ pub mod execution;
 pub mod output;
 pub mod policy;
 pub mod runner;
+pub mod state;

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use super::api::{Execution, ExecutionId, HeartbeatRequest, HeartbeatResponse, RunnerState, SyncRequest};
 use super::client::{ApiError, Client};
 use super::commands::{commands_hash, synced_commands, BoundArgs, SyncedCommand};
-use super::delivery::{AuthGate, AuthState};
+use super::delivery::{AuthGate, AuthState, SpillOptions};
 use super::execution::{self, ExecutionContext, ExecutionSettings};
 use crate::worker::{JobError, Worker};
 
@@ -48,6 +48,10 @@ pub struct RunnerOptions {
     pub shutdown_grace: Duration,
     /// Upper bound on delivering the last output and completions at shutdown.
     pub delivery_deadline: Duration,
+    /// The state directory (already created, private).
+    pub state_dir: std::path::PathBuf,
+    /// Bytes of undelivered output kept in memory per execution before spilling.
+    pub outbox_memory_bytes: usize,
 }
 
 pub struct Runner {
@@ -75,6 +79,13 @@ impl Runner {
         opts: RunnerOptions,
         bound_args_labels: &BTreeMap<String, Vec<BoundArgs>>,
     ) -> Result<Arc<Self>, JobError> {
+        let spill_dir = opts.state_dir.join("spill");
+        if let Err(error) = std::fs::create_dir_all(&spill_dir) {
+            tracing::error!(
+                "cannot create {}: {error}; output beyond memory limits will stay in memory",
+                spill_dir.display()
+            );
+        }
         let discovered = worker.discover().await?;
         let mut synced = synced_commands(&discovered, &settings.policy);
         for command in &mut synced {
@@ -306,6 +317,10 @@ impl Runner {
             gate: self.gate.clone(),
             settings: self.settings.clone(),
             abort: self.abort.subscribe(),
+            spill: SpillOptions {
+                dir: self.opts.state_dir.join("spill"),
+                memory_limit: self.opts.outbox_memory_bytes,
+            },
         }
     }
 

@@ -1,3 +1,5 @@
+import time
+
 from django.core.management.base import BaseCommand
 
 
@@ -13,9 +15,16 @@ class Command(BaseCommand):
             action="store_true",
             help="Flush both streams after every line (preserves interleaving).",
         )
+        parser.add_argument(
+            "--delay",
+            type=float,
+            default=0.0,
+            help="Seconds to wait before writing anything.",
+        )
 
     def handle(self, *args, **options):
         flush = options["flush"]
+        time.sleep(options["delay"])
         for i in range(options["lines"]):
             self.stdout.write(f"out {i}")
             if flush:

@@ -1,0 +1,97 @@
+//! The state directory: what the supervisor keeps on disk between runs.
+//! For now, the instance lock: one supervisor per project, and the lock file
+//! names the pid that holds it (the Python `djangocommand status/stop`
+//! commands read it).
+
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+pub const LOCK_FILE: &str = "dcsupervisor.lock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot use the state directory {path}: {error}")]
+    Io { path: String, error: std::io::Error },
+    #[error(
+        "another dcsupervisor (pid {pid}) is already running for this project (lock {path}); stop it first"
+    )]
+    AlreadyRunning { pid: String, path: String },
+}
+
+/// Creates the state directory (0700: output waiting for delivery may be in it).
+pub fn prepare(dir: &Path) -> Result<PathBuf, StateError> {
+    let io = |error| StateError::Io {
+        path: dir.display().to_string(),
+        error,
+    };
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)?;
+    let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// Held for the supervisor's lifetime; the kernel releases it if we die.
+pub struct InstanceLock {
+    _file: Flock<File>,
+}
+
+impl InstanceLock {
+    pub fn acquire(dir: &Path) -> Result<Self, StateError> {
+        let path = dir.join(LOCK_FILE);
+        let io = |error| StateError::Io {
+            path: path.display().to_string(),
+            error,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => locked,
+            Err((mut file, _)) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim().to_string();
+                return Err(StateError::AlreadyRunning {
+                    pid,
+                    path: path.display().to_string(),
+                });
+            }
+        };
+        file.set_len(0).map_err(io)?;
+        file.rewind().map_err(io)?;
+        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        Ok(Self { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = prepare(&dir.path().join("state")).unwrap();
+        let _held = InstanceLock::acquire(&state).unwrap();
+        let err = InstanceLock::acquire(&state).err().unwrap().to_string();
+        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        let contents = std::fs::read_to_string(state.join(LOCK_FILE)).unwrap();
+        assert_eq!(contents, format!("{}\n", std::process::id()));
+    }
+}
