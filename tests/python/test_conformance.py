@@ -820,3 +820,26 @@ def test_pending_polled_early_when_a_slot_frees(both):
         assert any(0 <= poll - t < 0.5 for t in triggers), (
             f"early poll at {poll} follows no completion"
         )
+
+
+def test_json_spacing_differs(both):
+    """`requests` writes bodies with `json.dumps` defaults (", " and ": ",
+    non-ASCII escaped), dcsupervisor compact JSON in UTF-8: the same JSON
+    values. The log shows parsed bodies, so Content-Length tells the forms
+    apart (bodies without floats only: dccontrol's float parsing may move a
+    timestamp by one digit)."""
+    forms = {
+        "published runner": lambda body: json.dumps(body),
+        "dcsupervisor": lambda body: json.dumps(
+            body, separators=(",", ":"), ensure_ascii=False
+        ),
+    }
+    for capture in both:
+        requests = capture.to(HEARTBEAT) + capture.to(SYNC)
+        requests += [r for c in SCENARIO for r in capture.of_kind(c, "complete")]
+        for request in requests:
+            length = len(forms[capture.name](request["body"]).encode())
+            assert int(request["headers"]["content-length"]) == length, (
+                capture.name,
+                request["path"],
+            )
