@@ -210,7 +210,8 @@ impl Config {
                     .separator("__")
                     .list_separator(",")
                     .with_list_parse_key("server.allow_http_hosts")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .source(Some(section_overrides())),
             );
         if let Ok(key) = std::env::var("DJANGOCOMMAND_API_KEY") {
             builder = builder
@@ -373,6 +374,14 @@ impl Config {
             outbox_memory_bytes: self.runner.outbox_memory_bytes,
         }
     }
+}
+
+/// The `DCSUPERVISOR_<SECTION>__<FIELD>` variables only: other variables
+/// with the prefix (`DCSUPERVISOR_CONFIG`, a test's own) are not config keys.
+fn section_overrides() -> config::Map<String, String> {
+    std::env::vars()
+        .filter(|(name, _)| name.strip_prefix("DCSUPERVISOR_").is_some_and(|key| key.contains("__")))
+        .collect()
 }
 
 /// What the control-plane client needs, checked.

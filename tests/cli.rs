@@ -170,6 +170,17 @@ fn invalid_configuration_names_the_field_the_value_and_the_fix() {
         "{stderr}"
     );
 
+    // The environment overrides the file; unrelated DCSUPERVISOR_ variables are ignored.
+    let setup = Setup::new("");
+    let out = setup
+        .command(&["commands"])
+        .env("DCSUPERVISOR_SERVER__HEARTBEAT_INTERVAL", "3")
+        .env("DCSUPERVISOR_SOMETHING_ELSE", "x")
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("server.heartbeat_interval") && stderr.contains('3'), "{stderr}");
+
     let setup = Setup::new("[polcy]\nmode = \"blocklist\"\n");
     let stderr = text(&setup.run(&["commands"]).stderr);
     assert!(stderr.contains("polcy"), "unknown sections are refused: {stderr}");
