@@ -19,6 +19,7 @@ Prints a Markdown table and writes it into docs/benchmarks.md between
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -27,8 +28,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,11 +111,13 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process (all its threads, living or gone)."""
+def cpu_seconds(pid: int, reaped_children: bool = False) -> float:
+    """utime + stime of the process (all its threads, living or gone), or with
+    `reaped_children` cutime + cstime: the children it has waited for."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    # fields[0] is field 3 (state); utime, stime, cutime, cstime are fields 14-17.
+    first = 13 if reaped_children else 11
+    return (int(fields[first]) + int(fields[first + 1])) / CLOCK_TICKS
 
 
 # --- the control plane -----------------------------------------------------
@@ -267,67 +272,172 @@ max_concurrent = 4
     return start_process(argv, workdir / "runner.log", env=env)
 
 
-RUNNERS = {
-    f"published runner {PUBLISHED_VERSION}": start_published,
-    "dcsupervisor": start_dcsupervisor,
-}
+@dataclass(frozen=True)
+class Runner:
+    name: str
+    start: Callable[[str, Path], subprocess.Popen]
+    has_worker: bool  # a Python worker as its one child (dcsupervisor)
+
+
+RUNNERS = (
+    Runner(f"published runner {PUBLISHED_VERSION}", start_published, has_worker=False),
+    Runner("dcsupervisor", start_dcsupervisor, has_worker=True),
+)
 
 
 # --- one measurement -------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CpuTimes:
+    """CPU seconds used so far by the processes of one run."""
+
+    runner: float  # dcsupervisor itself, or the published runner
+    worker: float | None  # dcsupervisor's Python worker (fork parent)
+    commands: float  # command processes, reaped by the worker or the runner
+    dccontrol: float  # the control plane: same machine, same CPUs
+
+    def __sub__(self, other: "CpuTimes") -> "CpuTimes":
+        worker = None if self.worker is None else self.worker - (other.worker or 0.0)
+        return CpuTimes(
+            self.runner - other.runner,
+            worker,
+            self.commands - other.commands,
+            self.dccontrol - other.dccontrol,
+        )
+
+
+def read_cpu(runner_pid: int, worker_pid: int | None, dccontrol_pid: int) -> CpuTimes:
+    # Commands are children of whoever forks them, the worker or the
+    # published runner itself: their CPU lands in its cutime + cstime.
+    reaper = worker_pid or runner_pid
+    return CpuTimes(
+        runner=cpu_seconds(runner_pid),
+        worker=None if worker_pid is None else cpu_seconds(worker_pid),
+        commands=cpu_seconds(reaper, reaped_children=True),
+        dccontrol=cpu_seconds(dccontrol_pid),
+    )
+
+
+class CpuSampler(threading.Thread):
+    """Samples CPU times while the runner starts and drains, so that the
+    drain's share can be told from start-up (Django set-up, discovery)."""
+
+    INTERVAL = 0.02  # seconds; /proc counts in 10 ms ticks anyway
+
+    def __init__(self, read):
+        super().__init__(daemon=True)
+        self.read = read
+        self.samples: list[tuple[float, CpuTimes]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.INTERVAL):
+            with contextlib.suppress(OSError, ValueError):  # a process not there (yet)
+                self.samples.append((time.time(), self.read()))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+    def before(self, moment: float) -> CpuTimes:
+        """The last sample taken before `moment` (unix time)."""
+        earlier = [times for taken, times in self.samples if taken < moment]
+        if not earlier:
+            raise RuntimeError("no CPU sample before the first execution started")
+        return earlier[-1]
+
+
 @dataclass
 class Result:
     runner: str
-    executions: int
-    drain_s: float
-    latencies_ms: list[float]
-    rss_kib: int
-    idle_cpu_percent: float
-    idle_ticks: int
-    worker_rss_kib: int | None = None  # dcsupervisor's Python worker
-    notes: list[str] = field(default_factory=list)
+    executions: list[dict]  # dccontrol's view, after the drain
+    rss_kib: int  # the runner process, right after the drain
+    worker_rss_kib: int | None
+    drain_cpu: CpuTimes  # from the first start to the last complete
+    idle_cpu_percent: float = 0.0
+    idle_ticks: int = 0
+    refused: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.executions)
+
+    @property
+    def first_start(self) -> float:
+        return min(e["started_at"] for e in self.executions)
+
+    @property
+    def drain_s(self) -> float:
+        return max(e["completed_at"] for e in self.executions) - self.first_start
 
     @property
     def rate(self) -> float:
-        return self.executions / self.drain_s
+        return self.count / self.drain_s
 
-    def percentile(self, p: float) -> float:
-        return statistics.quantiles(self.latencies_ms, n=100, method="inclusive")[p - 1]
+    def latency_ms(self, percent: int) -> float:
+        latencies = [
+            1000 * (e["completed_at"] - e["started_at"]) for e in self.executions
+        ]
+        return statistics.quantiles(latencies, n=100, method="inclusive")[percent - 1]
+
+    def per_execution_ms(self, cpu_s: float | None) -> str:
+        return "—" if cpu_s is None else f"{1000 * cpu_s / self.count:.1f} ms"
 
 
-def bench(name: str, start_runner, count: int, idle: float, workdir: Path) -> Result:
+def bench(runner: Runner, count: int, idle: float, workdir: Path) -> Result:
     """Queues `count` noops, starts the runner, measures the drain and the idle."""
     plane = ControlPlane(workdir)
-    runner = None
+    process = sampler = None
     try:
         for _ in range(count):
             plane.call(
                 "POST", "/api/operator/executions", {"command": "noop", "args": ""}
             )
-        print(
-            f"{name}: {count} executions queued; starting the runner", file=sys.stderr
+        print(f"{runner.name}: {count} executions queued; starting it", file=sys.stderr)
+        process = runner.start(plane.url, workdir)
+        sampler = CpuSampler(
+            lambda: read_cpu(
+                process.pid, worker_pid(runner, process), plane.process.pid
+            )
         )
-        runner = start_runner(plane.url, workdir)
+        sampler.start()
         limit = STARTUP_LIMIT + count * 5  # the published runner needs ~2 s per 4
         executions = wait_for(
-            lambda: drained(plane, runner), limit, "the queue to drain", 0.5
+            lambda: drained(plane, process), limit, "the queue to drain", 0.5
         )
-        rss = rss_kib(runner.pid)
-        worker = children(runner.pid) if name == "dcsupervisor" else []
-        worker_rss = sum(rss_kib(pid) for pid in worker) if worker else None
-        print(f"{name}: drained; {idle:g} s idle", file=sys.stderr)
-        idle_cpu, ticks = idle_cpu_percent(runner.pid, idle)
-        result = summarize(name, executions, rss, worker_rss, idle_cpu, ticks)
-        result.notes += refused_requests(plane.requests())
+        at_end = read_cpu(process.pid, worker_pid(runner, process), plane.process.pid)
+        sampler.stop()
+        worker = worker_pid(runner, process)
+        result = Result(
+            runner.name,
+            executions,
+            rss_kib(process.pid),
+            None if worker is None else rss_kib(worker),
+            drain_cpu=at_end - sampler.before(min(e["started_at"] for e in executions)),
+        )
+        print(f"{runner.name}: drained; measuring {idle:g} s of idle", file=sys.stderr)
+        result.idle_cpu_percent, result.idle_ticks = idle_cpu_percent(process.pid, idle)
+        result.refused = refused_requests(plane.requests())
         return result
     except BaseException:
-        print(f"{name}: failed; logs are in {workdir}", file=sys.stderr)
+        print(
+            f"{runner.name}: failed; its logs:\n{read_logs(workdir)}", file=sys.stderr
+        )
         raise
     finally:
-        if runner is not None:
-            stop_process(runner)
+        if sampler is not None:
+            sampler.stop()
+        if process is not None:
+            stop_process(process)
         plane.close()
+
+
+def worker_pid(runner: Runner, process: subprocess.Popen) -> int | None:
+    if not runner.has_worker:
+        return None
+    found = children(process.pid)
+    return found[0] if found else None
 
 
 def drained(plane: ControlPlane, runner: subprocess.Popen) -> list[dict] | None:
@@ -347,39 +457,24 @@ def idle_cpu_percent(pid: int, seconds: float) -> tuple[float, int]:
     return 100 * used / elapsed, round(used * CLOCK_TICKS)
 
 
-def summarize(name, executions, rss, worker_rss, idle_cpu, ticks) -> Result:
-    statuses = {e["status"] for e in executions}
-    if statuses != {"success"}:
-        raise RuntimeError(
-            f"{name}: executions ended {statuses}, expected success only"
-        )
-    first_start = min(e["started_at"] for e in executions)
-    last_complete = max(e["completed_at"] for e in executions)
-    latencies = [1000 * (e["completed_at"] - e["started_at"]) for e in executions]
-    return Result(
-        name,
-        len(executions),
-        last_complete - first_start,
-        latencies,
-        rss,
-        idle_cpu,
-        ticks,
-        worker_rss,
-    )
-
-
 def refused_requests(requests: list[dict]) -> list[str]:
     """Requests the control plane refused (e.g. starting an execution twice)."""
     refused: dict[tuple[str, int], int] = {}
     for request in requests:
         if request["status"] != 200:
-            kind = request["path"].rstrip("/").rsplit("/", 1)[-1]
-            key = (kind, request["status"])
+            key = (request["path"].rstrip("/").rsplit("/", 1)[-1], request["status"])
             refused[key] = refused.get(key, 0) + 1
     return [
         f"{n} `{kind}` requests answered {status}"
         for (kind, status), n in sorted(refused.items())
     ]
+
+
+def read_logs(workdir: Path) -> str:
+    return "".join(
+        f"== {p.name}\n{p.read_text(errors='replace')[-5000:]}"
+        for p in sorted(workdir.glob("*.log"))
+    )
 
 
 # --- the report ------------------------------------------------------------
@@ -392,8 +487,24 @@ def mark(value: float, target: float, at_most: bool) -> str:
 
 def table(results: list[Result]) -> str:
     t = TARGETS
+
+    def p50(r: Result) -> str:
+        return f"{r.latency_ms(50):.1f} ms {mark(r.latency_ms(50), t['p50_ms'], True)}"
+
+    def rss(r: Result) -> str:
+        mib = r.rss_kib / 1024
+        return f"{mib:.1f} MiB {mark(mib, t['rss_mb'], True)}"
+
+    def worker_rss(r: Result) -> str:
+        kib = r.worker_rss_kib
+        return "—" if kib is None else f"{kib / 1024:.1f} MiB"
+
+    def idle_cpu(r: Result) -> str:
+        met = mark(r.idle_cpu_percent, t["idle_cpu"], True)
+        return f"{r.idle_cpu_percent:.3f} % ({r.idle_ticks} ticks) {met}"
+
     rows = [
-        ("executions drained", "", lambda r: f"{r.executions}"),
+        ("executions drained", "", lambda r: f"{r.count}"),
         (
             "drain time (first start → last complete)",
             "",
@@ -404,37 +515,31 @@ def table(results: list[Result]) -> str:
             f"≥ {t['rate']:g}/s",
             lambda r: f"{r.rate:.1f}/s {mark(r.rate, t['rate'], False)}",
         ),
+        ("start→complete p50", f"≤ {t['p50_ms']:g} ms", p50),
+        ("start→complete p95", "", lambda r: f"{r.latency_ms(95):.1f} ms"),
+        ("runner process RSS after the drain", f"≤ {t['rss_mb']:g} MB", rss),
+        ("+ Python worker RSS (fork parent)", "", worker_rss),
+        ("idle CPU, runner process", f"≤ {t['idle_cpu']:g} %", idle_cpu),
+        # CPU from the first start to the last complete, per execution: where it goes.
         (
-            "start→complete p50",
-            f"≤ {t['p50_ms']:g} ms",
-            lambda r: (
-                f"{r.percentile(50):.1f} ms {mark(r.percentile(50), t['p50_ms'], True)}"
-            ),
-        ),
-        ("start→complete p95", "", lambda r: f"{r.percentile(95):.1f} ms"),
-        (
-            "runner process RSS after the drain",
-            f"≤ {t['rss_mb']:g} MB",
-            lambda r: (
-                f"{r.rss_kib / 1024:.1f} MiB {mark(r.rss_kib / 1024, t['rss_mb'], True)}"
-            ),
-        ),
-        (
-            "+ Python worker RSS (fork parent)",
+            "CPU per execution: the command's process",
             "",
-            lambda r: (
-                "—"
-                if r.worker_rss_kib is None
-                else f"{r.worker_rss_kib / 1024:.1f} MiB"
-            ),
+            lambda r: r.per_execution_ms(r.drain_cpu.commands),
         ),
         (
-            "idle CPU, runner process",
-            f"≤ {t['idle_cpu']:g} %",
-            lambda r: (
-                f"{r.idle_cpu_percent:.3f} % ({r.idle_ticks} ticks) "
-                f"{mark(r.idle_cpu_percent, t['idle_cpu'], True)}"
-            ),
+            "CPU per execution: runner process",
+            "",
+            lambda r: r.per_execution_ms(r.drain_cpu.runner),
+        ),
+        (
+            "CPU per execution: Python worker",
+            "",
+            lambda r: r.per_execution_ms(r.drain_cpu.worker),
+        ),
+        (
+            "CPU per execution: dccontrol",
+            "",
+            lambda r: r.per_execution_ms(r.drain_cpu.dccontrol),
         ),
     ]
     lines = [
@@ -446,6 +551,19 @@ def table(results: list[Result]) -> str:
         for label, target, cell in rows
     ]
     return "\n".join(lines)
+
+
+def cpu_bound(result: Result) -> str:
+    """What the CPU used per execution allows on this machine: the drain's ceiling."""
+    cpu = result.drain_cpu
+    total = cpu.runner + (cpu.worker or 0.0) + cpu.commands + cpu.dccontrol
+    per_execution = total / result.count
+    cpus = os.cpu_count() or 1
+    return (
+        f"{result.runner}: {1000 * per_execution:.1f} ms of CPU per execution, all processes "
+        f"together (dccontrol included); with {cpus} CPUs that caps the drain near "
+        f"{cpus / per_execution:.0f}/s."
+    )
 
 
 def environment(count: int, idle: float) -> str:
@@ -469,6 +587,17 @@ def environment(count: int, idle: float) -> str:
         f"Machine: {os.cpu_count()} CPUs, Linux {platform.release()}, Python {python_version}, "
         f"Django {django_version}; demo project (examples/demo)."
     )
+
+
+def report(results: list[Result], count: int, idle: float) -> str:
+    block = environment(count, idle) + "\n\n" + table(results)
+    block += "\n\n" + "\n".join(f"- {cpu_bound(r)}" for r in results)
+    refused = [f"- {r.runner}: {note}" for r in results for note in r.refused]
+    if refused:
+        block += "\n\nRequests dccontrol refused during the run:\n\n" + "\n".join(
+            refused
+        )
+    return block
 
 
 def write_doc(block: str) -> None:
@@ -504,17 +633,12 @@ def main() -> int:
             )
     ensure_published_venv()
     results = []
-    for name, start_runner in RUNNERS.items():
+    for runner in RUNNERS:
         with tempfile.TemporaryDirectory(prefix="dc-bench-") as workdir:
             results.append(
-                bench(
-                    name, start_runner, options.executions, options.idle, Path(workdir)
-                )
+                bench(runner, options.executions, options.idle, Path(workdir))
             )
-    notes = [f"- {r.runner}: {note}" for r in results for note in r.notes]
-    block = environment(options.executions, options.idle) + "\n\n" + table(results)
-    if notes:
-        block += "\n\nRefused requests during the run:\n\n" + "\n".join(notes)
+    block = report(results, options.executions, options.idle)
     print(block)
     if not options.no_doc:
         write_doc(block)

@@ -55,14 +55,12 @@ async fn main() -> anyhow::Result<()> {
         python: python.clone(),
         project_dir: repo.join("examples/demo"),
         settings_module: "demo_project.settings".into(),
-        env: BTreeMap::from([(
-            "DEMO_DB_PATH".into(),
-            db.path().join("db.sqlite3").display().to_string(),
-        )]),
+        env: BTreeMap::from([("DEMO_DB_PATH".into(), db.path().join("db.sqlite3").display().to_string())]),
         startup_timeout: Duration::from_secs(60),
         isolation,
         spawn_commands: BTreeSet::new(),
         recycle_after_jobs: None,
+        recycle_above_rss: None,
     };
 
     // One mode after the other, each with its own worker, shut down before
@@ -70,10 +68,9 @@ async fn main() -> anyhow::Result<()> {
     // worker sits idle: `spawn_job` bypasses it.)
     let mut info = None;
     let mut results = Vec::new();
-    for (label, isolation) in [
-        ("fork (preloaded worker)", Isolation::Fork),
-        ("subprocess (python manage.py)", Isolation::Spawn),
-    ] {
+    for (label, isolation) in
+        [("fork (preloaded worker)", Isolation::Fork), ("subprocess (python manage.py)", Isolation::Spawn)]
+    {
         let worker = Worker::start(opts(isolation)).await?;
         let worker_info = worker.info().context("the worker is not up")?;
         eprintln!("{label}: {WARMUP_RUNS} warm-up + {runs} timed runs of `noop`");
@@ -87,20 +84,12 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("{label}: memory of {CONCURRENT_JOBS} concurrent `sleep 30` jobs");
         // Forked jobs share the worker's pages, so the worker counts too.
         let (processes, extra_pid) = match isolation {
-            Isolation::Fork => (
-                format!("1 worker + {CONCURRENT_JOBS} jobs"),
-                Some(worker_info.pid),
-            ),
+            Isolation::Fork => (format!("1 worker + {CONCURRENT_JOBS} jobs"), Some(worker_info.pid)),
             Isolation::Spawn => (CONCURRENT_JOBS.to_string(), None),
         };
         let pss_kib = concurrent_pss(&worker, extra_pid).await?;
         worker.shutdown().await;
-        results.push(Measured {
-            label,
-            samples,
-            processes,
-            pss_kib,
-        });
+        results.push(Measured { label, samples, processes, pss_kib });
         info.get_or_insert(worker_info);
     }
 
@@ -115,11 +104,7 @@ async fn run_noop(worker: &Worker) -> anyhow::Result<Duration> {
     let (stdout, stderr) = (job.stdout.take(), job.stderr.take());
     let (_, stderr, end) = tokio::join!(read_all(stdout), read_all(stderr), job.wait());
     let elapsed = started.elapsed();
-    ensure!(
-        end.success(),
-        "noop ended with {end}: {}",
-        String::from_utf8_lossy(&stderr?)
-    );
+    ensure!(end.success(), "noop ended with {end}: {}", String::from_utf8_lossy(&stderr?));
     Ok(elapsed)
 }
 
@@ -165,10 +150,7 @@ async fn concurrent_pss(worker: &Worker, extra_pid: Option<u32>) -> anyhow::Resu
 fn pss_kib(pid: u32) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/smaps_rollup");
     let rollup = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let line = rollup
-        .lines()
-        .find(|l| l.starts_with("Pss:"))
-        .with_context(|| format!("no Pss in {path}"))?;
+    let line = rollup.lines().find(|l| l.starts_with("Pss:")).with_context(|| format!("no Pss in {path}"))?;
     let kib = line.split_whitespace().nth(1).context("malformed Pss line")?;
     Ok(kib.parse()?)
 }
@@ -189,20 +171,11 @@ fn print_report(info: &WorkerInfo, runs: usize, results: &mut [Measured]) {
         m.samples.sort();
         let mean = m.samples.iter().sum::<Duration>() / m.samples.len() as u32;
         let (p50, p95) = (percentile(&m.samples, 50.0), percentile(&m.samples, 95.0));
-        println!(
-            "| {} | {runs} | {:.1} | {:.1} | {:.1} |",
-            m.label,
-            ms(p50),
-            ms(p95),
-            ms(mean)
-        );
+        println!("| {} | {runs} | {:.1} | {:.1} | {:.1} |", m.label, ms(p50), ms(p95), ms(mean));
         p50s.push(ms(p50));
     }
     println!();
-    println!(
-        "Speed-up at p50: {:.0}× (subprocess p50 / fork p50).",
-        p50s[1] / p50s[0]
-    );
+    println!("Speed-up at p50: {:.0}× (subprocess p50 / fork p50).", p50s[1] / p50s[0]);
     println!();
     println!(
         "Memory, {CONCURRENT_JOBS} concurrent `sleep 30` jobs, sum of `Pss:` from /proc/<pid>/smaps_rollup:"

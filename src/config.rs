@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::supervisor::client::{ApiKey, ClientOptions};
+use crate::supervisor::client::{ApiKey, Client, ClientOptions};
 use crate::supervisor::commands::BoundArgs;
 use crate::supervisor::execution::ExecutionSettings;
 use crate::supervisor::policy::{self, ConfiguredIn, Mode, Policy};
-use crate::supervisor::runner::RunnerOptions;
+use crate::supervisor::runner::{RunnerOptions, RunnerSetup};
 use crate::worker::{Isolation, WorkerOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,19 +25,11 @@ pub enum ConfigError {
     #[error("{path}: {message}")]
     Load { path: String, message: String },
     #[error("invalid value for `{field}`: {value}: {fix}")]
-    Invalid {
-        field: &'static str,
-        value: String,
-        fix: String,
-    },
+    Invalid { field: &'static str, value: String, fix: String },
 }
 
 fn invalid(field: &'static str, value: impl std::fmt::Display, fix: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        value: value.to_string(),
-        fix: fix.into(),
-    }
+    ConfigError::Invalid { field, value: value.to_string(), fix: fix.into() }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,6 +131,8 @@ pub struct WorkerConfig {
     pub startup_timeout: u64,
     /// Recycle the worker after this many jobs (0: never).
     pub recycle_after_jobs: u64,
+    /// Recycle the worker once its RSS exceeds this many MiB (0: never).
+    pub recycle_above_rss_mb: u64,
     /// Seconds between SIGTERM and SIGKILL when a job is cancelled.
     pub cancel_grace: u64,
 }
@@ -150,6 +144,7 @@ impl Default for WorkerConfig {
             spawn_commands: Vec::new(),
             startup_timeout: 60,
             recycle_after_jobs: 0,
+            recycle_above_rss_mb: 0,
             cancel_grace: 5,
         }
     }
@@ -171,6 +166,8 @@ pub struct RunnerConfig {
     pub shutdown_grace: u64,
     /// Where the supervisor keeps its lock and undelivered output (0700).
     pub state_dir: PathBuf,
+    /// Reload when this file's modification time changes (deploy scripts `touch` it).
+    pub reload_touch_file: Option<PathBuf>,
     /// Undelivered output kept in memory per execution before it goes to
     /// a file in the state directory (while the control plane is unreachable).
     pub outbox_memory_bytes: usize,
@@ -186,6 +183,7 @@ impl Default for RunnerConfig {
             output_cap_bytes: 0,
             shutdown_grace: 30,
             state_dir: PathBuf::from(".dcsupervisor"),
+            reload_touch_file: None,
             outbox_memory_bytes: 4 * 1024 * 1024,
         }
     }
@@ -194,16 +192,9 @@ impl Default for RunnerConfig {
 impl Config {
     /// Reads, merges the environment into, and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let load_error = |message: String| ConfigError::Load {
-            path: path.display().to_string(),
-            message,
-        };
+        let load_error = |message: String| ConfigError::Load { path: path.display().to_string(), message };
         let mut builder = config::Config::builder()
-            .add_source(
-                config::File::from(path)
-                    .format(config::FileFormat::Toml)
-                    .required(true),
-            )
+            .add_source(config::File::from(path).format(config::FileFormat::Toml).required(true))
             .add_source(
                 config::Environment::with_prefix("DCSUPERVISOR")
                     .prefix_separator("_")
@@ -214,16 +205,11 @@ impl Config {
                     .source(Some(section_overrides())),
             );
         if let Ok(key) = std::env::var("DJANGOCOMMAND_API_KEY") {
-            builder = builder
-                .set_override("server.api_key", key)
-                .map_err(|e| load_error(e.to_string()))?;
+            builder = builder.set_override("server.api_key", key).map_err(|e| load_error(e.to_string()))?;
         }
         let merged = builder.build().map_err(|e| load_error(e.to_string()))?;
         let mut config: Config = merged.try_deserialize().map_err(|e| load_error(e.to_string()))?;
-        let base = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         // Absolute, because the worker runs with the project as its cwd.
         let base = std::path::absolute(base).map_err(|e| load_error(e.to_string()))?;
         config.resolve_paths(&base);
@@ -241,6 +227,9 @@ impl Config {
         }
         if self.runner.state_dir.is_relative() {
             self.runner.state_dir = base.join(&self.runner.state_dir);
+        }
+        if let Some(touch) = self.runner.reload_touch_file.as_mut().filter(|p| p.is_relative()) {
+            *touch = base.join(&*touch);
         }
         if let Some(ca_file) = self.server.ca_file.as_mut().filter(|p| p.is_relative()) {
             *ca_file = base.join(&*ca_file);
@@ -271,26 +260,14 @@ impl Config {
         }
         for name in self.policy.named_commands() {
             if name.is_empty() || name.contains(char::is_whitespace) {
-                return Err(invalid(
-                    "policy",
-                    format!("{name:?}"),
-                    "command names are single words",
-                ));
+                return Err(invalid("policy", format!("{name:?}"), "command names are single words"));
             }
         }
         if self.worker.startup_timeout == 0 {
-            return Err(invalid(
-                "worker.startup_timeout",
-                0,
-                "give Django at least 1 second to set up",
-            ));
+            return Err(invalid("worker.startup_timeout", 0, "give Django at least 1 second to set up"));
         }
         if self.runner.max_concurrent == 0 {
-            return Err(invalid(
-                "runner.max_concurrent",
-                0,
-                "allow at least 1 execution at a time",
-            ));
+            return Err(invalid("runner.max_concurrent", 0, "allow at least 1 execution at a time"));
         }
         self.server.validate_intervals()
     }
@@ -310,6 +287,8 @@ impl Config {
             spawn_commands: self.worker.spawn_commands.iter().cloned().collect(),
             recycle_after_jobs: (self.worker.recycle_after_jobs > 0)
                 .then_some(self.worker.recycle_after_jobs),
+            recycle_above_rss: (self.worker.recycle_above_rss_mb > 0)
+                .then_some(self.worker.recycle_above_rss_mb * 1024 * 1024),
         }
     }
 
@@ -353,13 +332,27 @@ impl Config {
     pub fn bound_args_labels(&self) -> BTreeMap<String, Vec<BoundArgs>> {
         let mut labels: BTreeMap<String, Vec<BoundArgs>> = BTreeMap::new();
         for bound in &self.policy.bound_args {
-            let entry = BoundArgs {
-                args: bound.args.clone(),
-                label: bound.label.clone(),
-            };
+            let entry = BoundArgs { args: bound.args.clone(), label: bound.label.clone() };
             labels.entry(bound.command.clone()).or_default().push(entry);
         }
         labels
+    }
+
+    /// Everything the runner is built from (and rebuilt from on reload).
+    pub fn runner_setup(&self) -> Result<RunnerSetup, ConfigError> {
+        let client = Client::new(self.client_options()?).map_err(|error| {
+            invalid(
+                "server.ca_file",
+                self.server.ca_file.as_deref().unwrap_or(Path::new("")).display(),
+                error.to_string(),
+            )
+        })?;
+        Ok(RunnerSetup {
+            client,
+            settings: self.execution_settings(),
+            opts: self.runner_options(),
+            bound_args_labels: self.bound_args_labels(),
+        })
     }
 
     pub fn runner_options(&self) -> RunnerOptions {
@@ -414,20 +407,11 @@ impl ServerConfig {
             }
         };
         let base_url = self.url.trim_end_matches('/').to_string();
-        let uri: http::Uri = base_url
-            .parse()
-            .map_err(|e| invalid("server.url", &self.url, format!("not a URL ({e})")))?;
-        let host = uri
-            .host()
-            .unwrap_or("")
-            .trim_start_matches('[')
-            .trim_end_matches(']');
+        let uri: http::Uri =
+            base_url.parse().map_err(|e| invalid("server.url", &self.url, format!("not a URL ({e})")))?;
+        let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || uri.path_and_query().is_some_and(|p| p.query().is_some()) {
-            return Err(invalid(
-                "server.url",
-                &self.url,
-                "use a URL like https://app.djangocommand.com",
-            ));
+            return Err(invalid("server.url", &self.url, "use a URL like https://app.djangocommand.com"));
         }
         match uri.scheme_str() {
             Some("https") => {}
@@ -441,18 +425,9 @@ impl ServerConfig {
                     ),
                 ))
             }
-            _ => {
-                return Err(invalid(
-                    "server.url",
-                    &self.url,
-                    "the URL must start with https://",
-                ))
-            }
+            _ => return Err(invalid("server.url", &self.url, "the URL must start with https://")),
         }
-        Ok(ServerSettings {
-            base_url,
-            api_key: ApiKey::new(key),
-        })
+        Ok(ServerSettings { base_url, api_key: ApiKey::new(key) })
     }
 
     fn validate_intervals(&self) -> Result<(), ConfigError> {
@@ -464,11 +439,7 @@ impl ServerConfig {
             ));
         }
         if self.request_timeout == 0 {
-            return Err(invalid(
-                "server.request_timeout",
-                0,
-                "use a timeout of at least 1 second",
-            ));
+            return Err(invalid("server.request_timeout", 0, "use a timeout of at least 1 second"));
         }
         Ok(())
     }
@@ -521,9 +492,5 @@ fn combine(
     remove: &[String],
 ) -> BTreeSet<String> {
     let base = replacement.unwrap_or(defaults);
-    base.iter()
-        .chain(add)
-        .filter(|name| !remove.contains(name))
-        .cloned()
-        .collect()
+    base.iter().chain(add).filter(|name| !remove.contains(name)).cloned().collect()
 }

@@ -32,20 +32,13 @@ impl Setup {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_dcsupervisor"));
-        command
-            .arg("--config")
-            .arg(self.dir.path().join("dc.toml"))
-            .arg("-q")
-            .args(args);
+        command.arg("--config").arg(self.dir.path().join("dc.toml")).arg("-q").args(args);
         command.env_remove("DJANGOCOMMAND_API_KEY").env_remove("RUST_LOG");
         command
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.command(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run dcsupervisor")
+        self.command(args).stdin(Stdio::null()).output().expect("run dcsupervisor")
     }
 }
 
@@ -74,17 +67,8 @@ fn arguments_never_reach_a_shell() {
     let marker = setup.dir.path().join("pwned");
     let hostile = format!("1; touch {}", marker.display());
     let out = setup.run(&["exec", "sleep", &hostile]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "argparse refuses the value: {}",
-        text(&out.stderr)
-    );
-    assert!(
-        text(&out.stderr).contains("invalid float value"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(2), "argparse refuses the value: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("invalid float value"), "{}", text(&out.stderr));
     assert!(!marker.exists());
 }
 
@@ -94,14 +78,8 @@ fn refused_commands_say_why_and_how_to_allow_them() {
     let out = setup.run(&["exec", "shell"]);
     assert_eq!(out.status.code(), Some(126));
     let stderr = text(&out.stderr);
-    assert!(
-        stderr.starts_with("Command 'shell' rejected by runner security policy.\n"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("Reason: not in DJANGOCOMMAND_ALLOWED_COMMANDS allowlist"),
-        "{stderr}"
-    );
+    assert!(stderr.starts_with("Command 'shell' rejected by runner security policy.\n"), "{stderr}");
+    assert!(stderr.contains("Reason: not in DJANGOCOMMAND_ALLOWED_COMMANDS allowlist"), "{stderr}");
     assert!(stderr.contains("add_allowed_commands = [\"shell\"]"), "{stderr}");
 
     // Even when listed, the runner's own command is refused.
@@ -121,12 +99,8 @@ fn commands_hash_equals_pythons_canonical_json() {
     let out = setup.run(&["commands", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = listing["commands"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> =
+        listing["commands"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"migrate") && names.contains(&"noisy"));
     assert!(!names.contains(&"shell") && !names.contains(&"djangocommand"));
 
@@ -142,10 +116,7 @@ fn commands_hash_equals_pythons_canonical_json() {
         .unwrap();
     std::io::Write::write_all(python.stdin.as_mut().unwrap(), &out.stdout).unwrap();
     let python = python.wait_with_output().unwrap();
-    assert_eq!(
-        text(&python.stdout).trim(),
-        listing["commands_hash"].as_str().unwrap()
-    );
+    assert_eq!(text(&python.stdout).trim(), listing["commands_hash"].as_str().unwrap());
 
     let human = setup.run(&["commands"]);
     assert!(text(&human.stdout).contains(listing["commands_hash"].as_str().unwrap()));
@@ -158,17 +129,11 @@ fn invalid_configuration_names_the_field_the_value_and_the_fix() {
     let out = setup.run(&["commands"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("server.heartbeat_interval") && stderr.contains("minimum is 5"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("server.heartbeat_interval") && stderr.contains("minimum is 5"), "{stderr}");
 
     let setup = Setup::new("[worker]\nisolation = \"thread\"\n");
     let stderr = text(&setup.run(&["commands"]).stderr);
-    assert!(
-        stderr.contains("isolation") && stderr.contains("thread"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("isolation") && stderr.contains("thread"), "{stderr}");
 
     // The environment overrides the file; unrelated DCSUPERVISOR_ variables are ignored.
     let setup = Setup::new("");
@@ -188,29 +153,16 @@ fn invalid_configuration_names_the_field_the_value_and_the_fix() {
 
 fn parent_of(pid: u32) -> u32 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    stat.rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap()
+    stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 #[tokio::test]
 async fn a_killed_supervisor_takes_its_worker_and_jobs_with_it() {
     let setup = Setup::new(DEMO_ALLOWED);
-    let mut supervisor = setup
-        .command(&["exec", "grandchild"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut supervisor =
+        setup.command(&["exec", "grandchild"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut line = String::new();
-    BufReader::new(supervisor.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    BufReader::new(supervisor.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
     let grandchild: u32 = line.trim().strip_prefix("grandchild ").unwrap().parse().unwrap();
     let job = parent_of(grandchild);
     let worker = parent_of(job);
@@ -220,9 +172,6 @@ async fn a_killed_supervisor_takes_its_worker_and_jobs_with_it() {
     supervisor.kill().unwrap();
     supervisor.wait().unwrap();
     for (what, pid) in [("worker", worker), ("job", job), ("grandchild", grandchild)] {
-        assert!(
-            gone_within(pid, Duration::from_secs(10)).await,
-            "{what} {pid} outlived the supervisor"
-        );
+        assert!(gone_within(pid, Duration::from_secs(10)).await, "{what} {pid} outlived the supervisor");
     }
 }

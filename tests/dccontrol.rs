@@ -78,10 +78,8 @@ impl Server {
     }
 
     fn operator(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
-        let headers = [
-            ("Authorization", format!("Bearer {KEY}")),
-            ("Content-Type", "application/json".to_string()),
-        ];
+        let headers =
+            [("Authorization", format!("Bearer {KEY}")), ("Content-Type", "application/json".to_string())];
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         self.send(method, &format!("/api/operator/{path}"), &headers, &body)
     }
@@ -108,10 +106,7 @@ impl Server {
         let mut command = dccontrol();
         // Right after the subcommand's name, so that a `--` among the rest
         // cannot turn them into the command's arguments.
-        command
-            .arg(args[0])
-            .args(["--server", &self.url, "--api-key", KEY])
-            .args(&args[1..]);
+        command.arg(args[0]).args(["--server", &self.url, "--api-key", KEY]).args(&args[1..]);
         command
     }
 }
@@ -125,12 +120,7 @@ impl Drop for Server {
 
 fn dccontrol() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_dccontrol"));
-    for name in [
-        "DJANGOCOMMAND_API_KEY",
-        "DCCONTROL_URL",
-        "DCCONTROL_LISTEN",
-        "RUST_LOG",
-    ] {
+    for name in ["DJANGOCOMMAND_API_KEY", "DCCONTROL_URL", "DCCONTROL_LISTEN", "RUST_LOG"] {
         command.env_remove(name);
     }
     command.stdin(Stdio::null());
@@ -153,10 +143,7 @@ impl Answer {
     }
 
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -171,15 +158,9 @@ fn exchange(address: &str, request: &[u8]) -> Answer {
     let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
     let mut lines = head.lines();
     let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers = lines
-        .filter_map(|line| line.split_once(": "))
-        .map(|(n, v)| (n.to_string(), v.to_string()))
-        .collect();
-    Answer {
-        status,
-        headers,
-        body: body.to_string(),
-    }
+    let headers =
+        lines.filter_map(|line| line.split_once(": ")).map(|(n, v)| (n.to_string(), v.to_string())).collect();
+    Answer { status, headers, body: body.to_string() }
 }
 
 fn unix_now() -> i64 {
@@ -252,35 +233,21 @@ fn runner_requests_need_the_key_a_fresh_timestamp_and_an_unused_nonce() {
     let mut no_key = runner_headers();
     no_key.remove(0);
     let refused = server.runner_with("POST", path, hb.clone(), &no_key);
-    assert_eq!(
-        (refused.status, refused.detail().as_str()),
-        (401, "Invalid API key")
-    );
+    assert_eq!((refused.status, refused.detail().as_str()), (401, "Invalid API key"));
 
     let mut wrong_key = runner_headers();
     wrong_key[0].1 = "Bearer dc_wrong".into();
-    assert_eq!(
-        server.runner_with("POST", path, hb.clone(), &wrong_key).status,
-        401
-    );
+    assert_eq!(server.runner_with("POST", path, hb.clone(), &wrong_key).status, 401);
 
     let fresh = runner_headers();
     assert_eq!(server.runner_with("POST", path, hb.clone(), &fresh).status, 200);
     let replayed = server.runner_with("POST", path, hb.clone(), &fresh);
     assert_eq!(replayed.status, 401);
-    assert!(
-        replayed.detail().contains("Nonce already used"),
-        "{}",
-        replayed.body
-    );
+    assert!(replayed.detail().contains("Nonce already used"), "{}", replayed.body);
 
     for timestamp in [unix_now() - 1000, unix_now() + 1000] {
-        let stale = server.runner_with(
-            "POST",
-            path,
-            hb.clone(),
-            &runner_headers_at(timestamp.to_string(), nonce()),
-        );
+        let stale =
+            server.runner_with("POST", path, hb.clone(), &runner_headers_at(timestamp.to_string(), nonce()));
         assert_eq!(stale.status, 401);
         assert!(stale.detail().contains("timestamp"), "{}", stale.body);
     }
@@ -299,10 +266,7 @@ fn runner_requests_need_the_key_a_fresh_timestamp_and_an_unused_nonce() {
 
     // The operator API needs the key too.
     let anonymous = server.send("GET", "/api/operator/state", &[], "");
-    assert_eq!(
-        (anonymous.status, anonymous.detail().as_str()),
-        (401, "Invalid API key")
-    );
+    assert_eq!((anonymous.status, anonymous.detail().as_str()), (401, "Invalid API key"));
 
     // Every runner request is logged in order, with its answer and never the key.
     let log = server.requests();
@@ -315,10 +279,7 @@ fn runner_requests_need_the_key_a_fresh_timestamp_and_an_unused_nonce() {
     assert_eq!(log[2]["headers"]["authorization"], "Bearer <redacted>");
     assert_eq!(log[2]["headers"]["x-request-nonce"], fresh[3].1.as_str());
     assert_eq!(log[2]["body"], heartbeat("sha256:0"));
-    assert_eq!(
-        (log[2]["method"].as_str(), log[2]["path"].as_str()),
-        (Some("POST"), Some(path))
-    );
+    assert_eq!((log[2]["method"].as_str(), log[2]["path"].as_str()), (Some("POST"), Some(path)));
     assert!(!server.operator("GET", "requests", None).body.contains(KEY));
 
     assert_eq!(server.operator("DELETE", "requests", None).status, 200);
@@ -351,17 +312,11 @@ fn an_execution_is_started_fed_out_of_order_and_completed_once() {
     let unknown = execution_path("00000000-0000-4000-8000-000000000000", "start");
     assert_eq!(server.runner("POST", &unknown, None).status, 404);
 
-    assert_eq!(
-        server.runner("POST", &execution_path(&id, "start"), None).status,
-        200
-    );
+    assert_eq!(server.runner("POST", &execution_path(&id, "start"), None).status, 200);
     let again = server.runner("POST", &execution_path(&id, "start"), None);
     assert_eq!(again.status, 409);
     assert!(again.detail().contains("already running"), "{}", again.body);
-    assert_eq!(
-        server.runner("GET", "/api/runner/pending/", None).json()["executions"],
-        json!([])
-    );
+    assert_eq!(server.runner("GET", "/api/runner/pending/", None).json()["executions"], json!([]));
 
     // Chunks arrive out of order, and chunk 1 twice (a retry): the first copy counts.
     let output = execution_path(&id, "output");
@@ -376,20 +331,12 @@ fn an_execution_is_started_fed_out_of_order_and_completed_once() {
     }
     let malformed = server.runner("POST", &output, Some(json!({"chunk_number": "one"})));
     assert_eq!(malformed.status, 400);
-    assert!(
-        malformed.detail().contains("invalid request body"),
-        "{}",
-        malformed.body
-    );
+    assert!(malformed.detail().contains("invalid request body"), "{}", malformed.body);
 
     let cancel_status = execution_path(&id, "cancel-status");
     let status = server.runner("GET", &cancel_status, None).json();
     assert_eq!(status, json!({"cancel_requested": false, "force_kill": false}));
-    let cancel = server.operator(
-        "POST",
-        &format!("executions/{id}/cancel"),
-        Some(json!({"force": true})),
-    );
+    let cancel = server.operator("POST", &format!("executions/{id}/cancel"), Some(json!({"force": true})));
     assert_eq!(cancel.status, 200);
     let status = server.runner("GET", &cancel_status, None).json();
     assert_eq!(status, json!({"cancel_requested": true, "force_kill": true}));
@@ -417,23 +364,15 @@ fn an_execution_is_started_fed_out_of_order_and_completed_once() {
     assert!(twice.detail().contains("already completed"), "{}", twice.body);
 
     let detail = server.execution(&id);
-    assert_eq!(
-        (detail["status"].as_str(), detail["exit_code"].as_i64()),
-        (Some("failed"), Some(3))
-    );
-    let (started, completed) = (
-        detail["started_at"].as_f64().unwrap(),
-        detail["completed_at"].as_f64().unwrap(),
-    );
+    assert_eq!((detail["status"].as_str(), detail["exit_code"].as_i64()), (Some("failed"), Some(3)));
+    let (started, completed) =
+        (detail["started_at"].as_f64().unwrap(), detail["completed_at"].as_f64().unwrap());
     assert!(detail["created_at"].as_f64().unwrap() <= started && started <= completed);
     let listed = server.operator("GET", "executions", None).json();
     assert_eq!(listed["executions"][0]["status"], "failed");
 
     // Wrong method, unknown paths, an oversize body.
-    assert_eq!(
-        server.runner("GET", &execution_path(&id, "start"), None).status,
-        405
-    );
+    assert_eq!(server.runner("GET", &execution_path(&id, "start"), None).status, 405);
     let nowhere = server.runner("GET", "/api/runner/nowhere/", None);
     assert_eq!(nowhere.status, 404);
     assert!(nowhere.detail().contains("no endpoint"));
@@ -442,9 +381,7 @@ fn an_execution_is_started_fed_out_of_order_and_completed_once() {
     let request = format!(
         "POST {output} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{}\r\n",
         server.address,
-        huge.iter()
-            .map(|(n, v)| format!("{n}: {v}\r\n"))
-            .collect::<String>()
+        huge.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect::<String>()
     );
     assert_eq!(exchange(&server.address, request.as_bytes()).status, 413);
 }
@@ -469,38 +406,21 @@ fn heartbeat_reports_whether_the_synced_commands_match() {
     ];
     let hash = commands_hash(&commands);
 
-    let before = server
-        .runner("POST", heartbeat_path, Some(heartbeat(&hash)))
-        .json();
+    let before = server.runner("POST", heartbeat_path, Some(heartbeat(&hash))).json();
     assert_eq!(
         before,
         json!({"ok": true, "commands_in_sync": false, "pending_executions": 0,
                "runner_state": "active", "suspension_reason": null})
     );
 
-    let synced = server.runner(
-        "POST",
-        "/api/runner/commands/sync/",
-        Some(json!({"commands": commands})),
-    );
-    assert_eq!(
-        synced.json(),
-        json!({"ok": true, "synced_count": 2, "commands_hash": hash})
-    );
-    let bad_sync = server.runner(
-        "POST",
-        "/api/runner/commands/sync/",
-        Some(json!({"commands": "all"})),
-    );
+    let synced = server.runner("POST", "/api/runner/commands/sync/", Some(json!({"commands": commands})));
+    assert_eq!(synced.json(), json!({"ok": true, "synced_count": 2, "commands_hash": hash}));
+    let bad_sync = server.runner("POST", "/api/runner/commands/sync/", Some(json!({"commands": "all"})));
     assert_eq!(bad_sync.status, 400);
 
-    let after = server
-        .runner("POST", heartbeat_path, Some(heartbeat(&hash)))
-        .json();
+    let after = server.runner("POST", heartbeat_path, Some(heartbeat(&hash))).json();
     assert_eq!(after["commands_in_sync"], true);
-    let other = server
-        .runner("POST", heartbeat_path, Some(heartbeat("sha256:other")))
-        .json();
+    let other = server.runner("POST", heartbeat_path, Some(heartbeat("sha256:other"))).json();
     assert_eq!(other["commands_in_sync"], false);
 
     let state = server.operator("GET", "state", None).json();
@@ -513,33 +433,20 @@ fn heartbeat_reports_whether_the_synced_commands_match() {
 
     let suspend = json!({"state": "suspended", "reason": "billing"});
     assert_eq!(server.operator("POST", "runner-state", Some(suspend)).status, 200);
-    let answer = server
-        .runner("POST", heartbeat_path, Some(heartbeat(&hash)))
-        .json();
+    let answer = server.runner("POST", heartbeat_path, Some(heartbeat(&hash))).json();
     assert_eq!(
-        (
-            answer["runner_state"].as_str(),
-            answer["suspension_reason"].as_str()
-        ),
+        (answer["runner_state"].as_str(), answer["suspension_reason"].as_str()),
         (Some("suspended"), Some("billing"))
     );
     let resume = json!({"state": "active", "reason": null});
     assert_eq!(server.operator("POST", "runner-state", Some(resume)).status, 200);
-    let answer = server
-        .runner("POST", heartbeat_path, Some(heartbeat(&hash)))
-        .json();
+    let answer = server.runner("POST", heartbeat_path, Some(heartbeat(&hash))).json();
     assert_eq!(
-        (
-            answer["runner_state"].as_str(),
-            answer["suspension_reason"].is_null()
-        ),
+        (answer["runner_state"].as_str(), answer["suspension_reason"].is_null()),
         (Some("active"), true)
     );
     let nonsense = json!({"state": "paused"});
-    assert_eq!(
-        server.operator("POST", "runner-state", Some(nonsense)).status,
-        400
-    );
+    assert_eq!(server.operator("POST", "runner-state", Some(nonsense)).status, 400);
 }
 
 #[test]
@@ -556,12 +463,7 @@ fn faults_answer_in_place_of_the_server_then_stop() {
         assert_eq!(injected.header("retry-after"), Some("7"));
         assert_eq!(injected.json(), json!({"detail": "injected fault"}));
     }
-    assert_eq!(
-        server
-            .runner("POST", heartbeat_path, Some(heartbeat("sha256:0")))
-            .status,
-        200
-    );
+    assert_eq!(server.runner("POST", heartbeat_path, Some(heartbeat("sha256:0"))).status, 200);
     assert_eq!(server.operator("GET", "state", None).json()["heartbeats"], 1);
 
     // A faulted start changes nothing: the execution is still there to start.
@@ -571,10 +473,7 @@ fn faults_answer_in_place_of_the_server_then_stop() {
     let failed = server.runner("POST", &execution_path(&id, "start"), None);
     assert_eq!((failed.status, failed.body.as_str()), (500, "oops"));
     assert_eq!(server.execution(&id)["status"], "pending");
-    assert_eq!(
-        server.runner("POST", &execution_path(&id, "start"), None).status,
-        200
-    );
+    assert_eq!(server.runner("POST", &execution_path(&id, "start"), None).status, 200);
 
     // Status 0: only a delay, then the request is processed.
     let slow = json!({"status": 0, "delay_ms": 300});
@@ -594,10 +493,7 @@ fn faults_answer_in_place_of_the_server_then_stop() {
     let raw = json!({"executions": [{"id": "../../admin", "command": "x"}, "junk"]});
     assert_eq!(server.operator("POST", "inject-pending", Some(raw)).status, 200);
     let first = server.runner("GET", "/api/runner/pending/", None).json();
-    assert_eq!(
-        first["executions"],
-        json!([{"id": "../../admin", "command": "x"}, "junk"])
-    );
+    assert_eq!(first["executions"], json!([{"id": "../../admin", "command": "x"}, "junk"]));
     let second = server.runner("GET", "/api/runner/pending/", None).json();
     assert_eq!(second["executions"], json!([]));
 }
@@ -622,10 +518,7 @@ fn run_follow_streams_what_the_runner_sends_and_exits_with_its_code() {
         assert!(Instant::now() < deadline, "dccontrol run queued nothing");
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(
-        (execution["command"].as_str(), execution["args"].as_str()),
-        (Some("noisy"), Some("'1 2' x"))
-    );
+    assert_eq!((execution["command"].as_str(), execution["args"].as_str()), (Some("noisy"), Some("'1 2' x")));
     let id = execution["id"].as_str().unwrap();
     server.runner("POST", &execution_path(id, "start"), None);
     let output = execution_path(id, "output");
@@ -649,47 +542,29 @@ fn run_follow_streams_what_the_runner_sends_and_exits_with_its_code() {
     assert_eq!(lines.first(), Some(&format!("queued {id}").as_str()), "{stderr}");
     assert!(lines.contains(&"warning"), "{stderr}");
     let last = lines.last().unwrap();
-    assert!(
-        last.starts_with("[failed, exit code 3, ") && last.ends_with(" s]"),
-        "{stderr}"
-    );
+    assert!(last.starts_with("[failed, exit code 3, ") && last.ends_with(" s]"), "{stderr}");
 }
 
 #[test]
 fn operator_commands_queue_list_cancel_and_show() {
     let server = Server::start();
-    let queued = server
-        .client(&["run", "migrate", "--timeout", "30", "--", "--plan"])
-        .output()
-        .unwrap();
+    let queued = server.client(&["run", "migrate", "--timeout", "30", "--", "--plan"]).output().unwrap();
     assert!(queued.status.success(), "{}", text(&queued.stderr));
     let id = text(&queued.stdout).trim().to_string();
     let execution = server.execution(&id);
-    assert_eq!(
-        (execution["args"].as_str(), execution["timeout"].as_u64()),
-        (Some("--plan"), Some(30))
-    );
+    assert_eq!((execution["args"].as_str(), execution["timeout"].as_u64()), (Some("--plan"), Some(30)));
 
     let listed = server.client(&["list"]).output().unwrap();
     let table = text(&listed.stdout);
-    assert!(
-        table.contains(&id) && table.contains("pending") && table.contains("migrate --plan"),
-        "{table}"
-    );
+    assert!(table.contains(&id) && table.contains("pending") && table.contains("migrate --plan"), "{table}");
 
     let cancelled = server.client(&["cancel", &id, "--force"]).output().unwrap();
     assert!(cancelled.status.success(), "{}", text(&cancelled.stderr));
-    let status = server
-        .runner("GET", &execution_path(&id, "cancel-status"), None)
-        .json();
+    let status = server.runner("GET", &execution_path(&id, "cancel-status"), None).json();
     assert_eq!(status, json!({"cancel_requested": true, "force_kill": true}));
 
     server.runner("POST", &execution_path(&id, "start"), None);
-    server.runner(
-        "POST",
-        &execution_path(&id, "output"),
-        Some(chunk(1, false, "Planned operations:\n")),
-    );
+    server.runner("POST", &execution_path(&id, "output"), Some(chunk(1, false, "Planned operations:\n")));
     let shown = text(&server.client(&["show", &id]).output().unwrap().stdout);
     assert!(shown.contains("status     running"), "{shown}");
     assert!(shown.contains("kill requested"), "{shown}");
@@ -706,11 +581,7 @@ fn operator_commands_queue_list_cancel_and_show() {
 #[test]
 fn clients_and_the_server_fail_with_clear_messages() {
     // A port nobody listens on.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
     let down = dccontrol().args(["list", "--server", &url]).output().unwrap();
     assert_eq!(down.status.code(), Some(1));
@@ -719,25 +590,17 @@ fn clients_and_the_server_fail_with_clear_messages() {
         format!("dccontrol: cannot reach the control plane at {url}: connection refused")
     );
 
-    let remote = dccontrol()
-        .args(["list", "--server", "http://192.0.2.1:8765"])
-        .output()
-        .unwrap();
+    let remote = dccontrol().args(["list", "--server", "http://192.0.2.1:8765"]).output().unwrap();
     assert_eq!(remote.status.code(), Some(1));
     assert!(text(&remote.stderr).contains("loopback"));
 
-    let exposed = dccontrol()
-        .args(["serve", "--listen", "0.0.0.0:0"])
-        .output()
-        .unwrap();
+    let exposed = dccontrol().args(["serve", "--listen", "0.0.0.0:0"]).output().unwrap();
     assert!(!exposed.status.success());
     assert!(text(&exposed.stderr).contains("not a loopback address"));
 
     let server = Server::start();
-    let wrong_key = dccontrol()
-        .args(["list", "--server", &server.url, "--api-key", "dc_wrong"])
-        .output()
-        .unwrap();
+    let wrong_key =
+        dccontrol().args(["list", "--server", &server.url, "--api-key", "dc_wrong"]).output().unwrap();
     assert_eq!(wrong_key.status.code(), Some(1));
     assert!(text(&wrong_key.stderr).contains("401 Unauthorized: Invalid API key"));
 }

@@ -19,15 +19,8 @@ fn status_and_code(execution: &Value) -> (String, i64) {
 }
 
 fn assert_numbered_from_one(execution: &Value) {
-    let numbers: Vec<u64> = chunks(execution)
-        .iter()
-        .map(|c| c["chunk_number"].as_u64().unwrap())
-        .collect();
-    assert_eq!(
-        numbers,
-        (1..=numbers.len() as u64).collect::<Vec<_>>(),
-        "{execution:#}"
-    );
+    let numbers: Vec<u64> = chunks(execution).iter().map(|c| c["chunk_number"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>(), "{execution:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,10 +40,7 @@ async fn runs_executions_and_reports_output_and_exit_codes() {
     assert_numbered_from_one(&noisy);
     for chunk in chunks(&noisy) {
         for segment in chunk["segments"].as_array().unwrap() {
-            assert!(
-                segment["timestamp"].as_f64().is_some(),
-                "whole lines carry their timestamp: {segment}"
-            );
+            assert!(segment["timestamp"].as_f64().is_some(), "whole lines carry their timestamp: {segment}");
         }
     }
 
@@ -64,18 +54,11 @@ async fn runs_executions_and_reports_output_and_exit_codes() {
 
     // Invalid UTF-8 is replaced, and what follows it is kept.
     let bad = plane.wait_done(&bad, LIMIT).await;
-    assert_eq!(
-        output(&bad, false),
-        "héllo wörld ✓\nbad \u{FFFD}\u{FFFD} bytes\nafter\n"
-    );
+    assert_eq!(output(&bad, false), "héllo wörld ✓\nbad \u{FFFD}\u{FFFD} bytes\nafter\n");
 
     let state = plane.call("GET", "/api/operator/state", None).await.1;
-    let names: Vec<&str> = state["commands"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> =
+        state["commands"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"migrate") && names.contains(&"noisy"));
     assert!(!names.contains(&"shell") && !names.contains(&"djangocommand"));
 }
@@ -91,10 +74,7 @@ async fn output_streams_while_the_command_runs() {
     loop {
         let execution = plane.execution(&id).await;
         if output(&execution, false).contains("sleeping 3") {
-            assert_eq!(
-                execution["status"], "running",
-                "the first line arrived before the end"
-            );
+            assert_eq!(execution["status"], "running", "the first line arrived before the end");
             break;
         }
         assert!(tokio::time::Instant::now() < deadline);
@@ -109,9 +89,7 @@ async fn timeouts_and_cancels() {
     let plane = ControlPlane::start();
     let _runner = Supervisor::start(&plane.url, "", "");
 
-    let timed = plane
-        .queue_with(json!({"command": "spin", "args": "", "timeout": 1}))
-        .await;
+    let timed = plane.queue_with(json!({"command": "spin", "args": "", "timeout": 1})).await;
     let soft = plane.queue("sleep", "60").await;
     let hard = plane.queue("spin", "").await;
 
@@ -121,27 +99,13 @@ async fn timeouts_and_cancels() {
     plane.wait_status(&soft, LIMIT, |s| s == "running").await;
     plane.wait_status(&hard, LIMIT, |s| s == "running").await;
     plane
-        .call(
-            "POST",
-            &format!("/api/operator/executions/{soft}/cancel"),
-            Some(json!({"force": false})),
-        )
+        .call("POST", &format!("/api/operator/executions/{soft}/cancel"), Some(json!({"force": false})))
         .await;
     plane
-        .call(
-            "POST",
-            &format!("/api/operator/executions/{hard}/cancel"),
-            Some(json!({"force": true})),
-        )
+        .call("POST", &format!("/api/operator/executions/{hard}/cancel"), Some(json!({"force": true})))
         .await;
-    assert_eq!(
-        status_and_code(&plane.wait_done(&soft, LIMIT).await),
-        ("cancelled".into(), -15)
-    );
-    assert_eq!(
-        status_and_code(&plane.wait_done(&hard, LIMIT).await),
-        ("cancelled".into(), -9)
-    );
+    assert_eq!(status_and_code(&plane.wait_done(&soft, LIMIT).await), ("cancelled".into(), -15));
+    assert_eq!(status_and_code(&plane.wait_done(&hard, LIMIT).await), ("cancelled".into(), -9));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,16 +124,12 @@ async fn the_policy_is_enforced_whatever_the_server_asks() {
          from djangocommand import DEFAULT_ALLOWED_COMMANDS\n  \
          DJANGOCOMMAND_ALLOWED_COMMANDS = DEFAULT_ALLOWED_COMMANDS + ('shell',)\n"
     );
-    let own = plane
-        .wait_done(&plane.queue("djangocommand", "start").await, LIMIT)
-        .await;
+    let own = plane.wait_done(&plane.queue("djangocommand", "start").await, LIMIT).await;
     assert_eq!(status_and_code(&own), ("failed".into(), -1));
 
     let blocklist_plane = ControlPlane::start();
     let _blocklist = Supervisor::start(&blocklist_plane.url, "mode = \"blocklist\"", "");
-    let flush = blocklist_plane
-        .wait_done(&blocklist_plane.queue("flush", "--no-input").await, LIMIT)
-        .await;
+    let flush = blocklist_plane.wait_done(&blocklist_plane.queue("flush", "--no-input").await, LIMIT).await;
     assert_eq!(status_and_code(&flush), ("failed".into(), -1));
     assert!(output(&flush, true).contains("Reason: in DJANGOCOMMAND_DISALLOWED_COMMANDS blocklist\n"));
     assert!(output(&flush, true).contains("remove_disallowed_commands = [\"flush\"]"));
@@ -179,29 +139,17 @@ async fn the_policy_is_enforced_whatever_the_server_asks() {
 async fn metadata_only_never_sends_the_output() {
     let plane = ControlPlane::start();
     let _runner = Supervisor::start(&plane.url, "metadata_only_commands = [\"exit_with\"]", "");
-    let flagged = plane
-        .queue_with(json!({"command": "noisy", "args": "", "use_metadata_only_mode": true}))
-        .await;
+    let flagged =
+        plane.queue_with(json!({"command": "noisy", "args": "", "use_metadata_only_mode": true})).await;
     let configured = plane.queue("exit_with", "4").await;
-    for (id, expected) in [
-        (flagged, ("success".to_string(), 0)),
-        (configured, ("failed".to_string(), 4)),
-    ] {
+    for (id, expected) in [(flagged, ("success".to_string(), 0)), (configured, ("failed".to_string(), 4))] {
         let execution = plane.wait_done(&id, LIMIT).await;
         assert_eq!(status_and_code(&execution), expected);
         let notice = "(metadata-only mode, no output captured)\n";
-        assert_eq!(
-            (output(&execution, false), output(&execution, true)),
-            (notice.into(), notice.into())
-        );
+        assert_eq!((output(&execution, false), output(&execution, true)), (notice.into(), notice.into()));
         let shape: Vec<(u64, bool)> = chunks(&execution)
             .iter()
-            .map(|c| {
-                (
-                    c["chunk_number"].as_u64().unwrap(),
-                    c["is_stderr"].as_bool().unwrap(),
-                )
-            })
+            .map(|c| (c["chunk_number"].as_u64().unwrap(), c["is_stderr"].as_bool().unwrap()))
             .collect();
         assert_eq!(shape, [(1, false), (2, true)]);
     }
@@ -212,42 +160,21 @@ async fn bound_arguments_restrict_what_a_command_may_be_given() {
     let plane = ControlPlane::start();
     let bound = "[[policy.bound_args]]\ncommand = \"noisy\"\nargs = \"--lines 2\"\nlabel = \"Two lines\"\n";
     let _runner = Supervisor::start(&plane.url, "", bound);
-    let allowed = plane
-        .wait_done(&plane.queue("noisy", "--lines  '2'").await, LIMIT)
-        .await;
+    let allowed = plane.wait_done(&plane.queue("noisy", "--lines  '2'").await, LIMIT).await;
     assert_eq!(status_and_code(&allowed), ("success".into(), 0));
-    let refused = plane
-        .wait_done(&plane.queue("noisy", "--lines 3").await, LIMIT)
-        .await;
+    let refused = plane.wait_done(&plane.queue("noisy", "--lines 3").await, LIMIT).await;
     assert_eq!(status_and_code(&refused), ("failed".into(), -1));
-    assert!(
-        output(&refused, true).contains("not one of the argument sets"),
-        "{}",
-        output(&refused, true)
-    );
+    assert!(output(&refused, true).contains("not one of the argument sets"), "{}", output(&refused, true));
 
     let state = plane.call("GET", "/api/operator/state", None).await.1;
-    let noisy = state["commands"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "noisy")
-        .unwrap()
-        .clone();
-    assert_eq!(
-        noisy["bound_args"],
-        json!([{"args": "--lines 2", "label": "Two lines"}])
-    );
+    let noisy = state["commands"].as_array().unwrap().iter().find(|c| c["name"] == "noisy").unwrap().clone();
+    assert_eq!(noisy["bound_args"], json!([{"args": "--lines 2", "label": "Two lines"}]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_slots_leave_executions_queued_on_the_server() {
     let plane = ControlPlane::start();
-    let _runner = Supervisor::start(
-        &plane.url,
-        "",
-        "[runner]\nmax_concurrent = 2\npoll_interval = 0.1\n",
-    );
+    let _runner = Supervisor::start(&plane.url, "", "[runner]\nmax_concurrent = 2\npoll_interval = 0.1\n");
     let ids = [
         plane.queue("sleep", "2").await,
         plane.queue("sleep", "2").await,
@@ -257,12 +184,8 @@ async fn busy_slots_leave_executions_queued_on_the_server() {
     let mut max_running = 0;
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
-        let statuses: Vec<String> = plane
-            .executions()
-            .await
-            .iter()
-            .map(|e| e["status"].as_str().unwrap().to_string())
-            .collect();
+        let statuses: Vec<String> =
+            plane.executions().await.iter().map(|e| e["status"].as_str().unwrap().to_string()).collect();
         max_running = max_running.max(statuses.iter().filter(|s| *s == "running").count());
         if statuses.iter().all(|s| s == "success") {
             break;
@@ -270,17 +193,10 @@ async fn busy_slots_leave_executions_queued_on_the_server() {
         assert!(tokio::time::Instant::now() < deadline, "{statuses:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        max_running <= 2,
-        "at most max_concurrent at once, saw {max_running}"
-    );
+    assert!(max_running <= 2, "at most max_concurrent at once, saw {max_running}");
     // Nothing was started and dropped: exactly one start per execution.
-    let starts = plane
-        .requests()
-        .await
-        .iter()
-        .filter(|r| r["path"].as_str().unwrap().ends_with("/start/"))
-        .count();
+    let starts =
+        plane.requests().await.iter().filter(|r| r["path"].as_str().unwrap().ends_with("/start/")).count();
     assert_eq!(starts, ids.len());
 }
 
@@ -292,28 +208,14 @@ async fn suspension_pauses_polling_until_the_runner_is_active_again() {
     let id = plane.queue("noop", "").await;
     // Two heartbeats while suspended: the execution is never fetched.
     let deadline = tokio::time::Instant::now() + LIMIT;
-    while plane
-        .requests()
-        .await
-        .iter()
-        .filter(|r| r["path"] == "/api/runner/heartbeat/")
-        .count()
-        < 2
-    {
+    while plane.requests().await.iter().filter(|r| r["path"] == "/api/runner/heartbeat/").count() < 2 {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(plane
-        .requests()
-        .await
-        .iter()
-        .all(|r| r["path"] != "/api/runner/pending/"));
+    assert!(plane.requests().await.iter().all(|r| r["path"] != "/api/runner/pending/"));
     assert_eq!(plane.execution(&id).await["status"], "pending");
     plane.set_state("active", None).await;
-    assert_eq!(
-        status_and_code(&plane.wait_done(&id, LIMIT).await),
-        ("success".into(), 0)
-    );
+    assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await), ("success".into(), 0));
     assert!(runner.is_running());
     assert!(runner.log().contains("billing"), "the reason is logged");
 }
@@ -321,46 +223,24 @@ async fn suspension_pauses_polling_until_the_runner_is_active_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_failures_back_off_and_recover() {
     let plane = ControlPlane::start();
-    plane
-        .fault(json!({"status": 401, "count": 3, "body": "{\"detail\": \"Invalid API key\"}"}))
-        .await;
+    plane.fault(json!({"status": 401, "count": 3, "body": "{\"detail\": \"Invalid API key\"}"})).await;
     let mut runner = Supervisor::start(&plane.url, "", "");
     let id = plane.queue("noop", "").await;
-    assert_eq!(
-        status_and_code(&plane.wait_done(&id, LIMIT).await),
-        ("success".into(), 0)
-    );
+    assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await), ("success".into(), 0));
     let requests = plane.requests().await;
     let first_ok = requests.iter().position(|r| r["status"] == 200).unwrap();
-    let before: Vec<&str> = requests[..first_ok]
-        .iter()
-        .map(|r| r["path"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        before, ["/api/runner/heartbeat/"; 3],
-        "only heartbeats while not authenticated"
-    );
+    let before: Vec<&str> = requests[..first_ok].iter().map(|r| r["path"].as_str().unwrap()).collect();
+    assert_eq!(before, ["/api/runner/heartbeat/"; 3], "only heartbeats while not authenticated");
     // The backoff schedule: 1 s, then 2 s between the refused heartbeats.
-    let times: Vec<f64> = requests[..=first_ok]
-        .iter()
-        .map(|r| r["time"].as_f64().unwrap())
-        .collect();
-    assert!(
-        times[1] - times[0] >= 0.9 && times[2] - times[1] >= 1.9,
-        "{times:?}"
-    );
+    let times: Vec<f64> = requests[..=first_ok].iter().map(|r| r["time"].as_f64().unwrap()).collect();
+    assert!(times[1] - times[0] >= 0.9 && times[2] - times[1] >= 1.9, "{times:?}");
     assert!(runner.is_running());
 
     // A 403 on any later call pauses everything but heartbeats too.
-    plane
-        .fault(json!({"status": 403, "count": 1, "path_prefix": "/api/runner/pending/"}))
-        .await;
+    plane.fault(json!({"status": 403, "count": 1, "path_prefix": "/api/runner/pending/"})).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let second = plane.queue("noop", "").await;
-    assert_eq!(
-        status_and_code(&plane.wait_done(&second, LIMIT).await),
-        ("success".into(), 0)
-    );
+    assert_eq!(status_and_code(&plane.wait_done(&second, LIMIT).await), ("success".into(), 0));
     assert!(runner.is_running());
 }
 
@@ -369,10 +249,7 @@ async fn server_errors_and_outages_lose_nothing() {
     let plane = ControlPlane::start();
     let mut runner = Supervisor::start(&plane.url, "", "");
     // Warm up: authenticated and synced.
-    assert_eq!(
-        status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0,
-        "success"
-    );
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
 
     // The command prints while every answer is a 503 for several seconds.
     let id = plane.queue("sleep", "2").await;
@@ -386,33 +263,22 @@ async fn server_errors_and_outages_lose_nothing() {
     assert_numbered_from_one(&done);
 
     // Bursts of 500 and timeouts on the polling and heartbeat never end the process.
-    plane
-        .fault(json!({"status": 500, "count": 8, "path_prefix": "/api/runner/pending/"}))
-        .await;
+    plane.fault(json!({"status": 500, "count": 8, "path_prefix": "/api/runner/pending/"})).await;
     let after = plane.queue("noisy", "--lines 2").await;
-    assert_eq!(
-        status_and_code(&plane.wait_done(&after, LIMIT).await).0,
-        "success"
-    );
+    assert_eq!(status_and_code(&plane.wait_done(&after, LIMIT).await).0, "success");
     assert!(runner.is_running());
 
     // Every retry carries a fresh nonce.
     let requests = plane.requests().await;
-    let nonces: std::collections::HashSet<&str> = requests
-        .iter()
-        .map(|r| r["headers"]["x-request-nonce"].as_str().unwrap())
-        .collect();
+    let nonces: std::collections::HashSet<&str> =
+        requests.iter().map(|r| r["headers"]["x-request-nonce"].as_str().unwrap()).collect();
     assert_eq!(nonces.len(), requests.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_that_is_down_then_back() {
     // Reserve a port, start the runner against it while nothing listens.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
     let mut runner = Supervisor::start(&url, "", "");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -426,10 +292,7 @@ async fn a_control_plane_that_is_down_then_back() {
 async fn malformed_answers_and_hostile_ids_are_refused() {
     let plane = ControlPlane::start();
     let mut runner = Supervisor::start(&plane.url, "", "");
-    assert_eq!(
-        status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0,
-        "success"
-    );
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
 
     plane.fault(json!({"status": 200, "count": 3, "path_prefix": "/api/runner/pending/", "body": "this is not json"})).await;
     let (status, _) = plane
@@ -447,18 +310,9 @@ async fn malformed_answers_and_hostile_ids_are_refused() {
     assert!(status < 300);
     let id = plane.queue("noisy", "--lines 1").await;
     assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await).0, "success");
-    let paths: Vec<String> = plane
-        .requests()
-        .await
-        .iter()
-        .map(|r| r["path"].as_str().unwrap().to_string())
-        .collect();
-    assert!(
-        paths
-            .iter()
-            .all(|p| !p.contains("admin") && !p.contains("3f2b8c1e0a4d4e5f")),
-        "{paths:?}"
-    );
+    let paths: Vec<String> =
+        plane.requests().await.iter().map(|r| r["path"].as_str().unwrap().to_string()).collect();
+    assert!(paths.iter().all(|p| !p.contains("admin") && !p.contains("3f2b8c1e0a4d4e5f")), "{paths:?}");
     assert!(runner.is_running());
 }
 
@@ -468,21 +322,14 @@ async fn a_long_outage_spills_output_to_disk_and_delivers_it_all() {
     let runner_config =
         "[runner]\npoll_interval = 0.1\noutput_flush_interval = 0.2\noutbox_memory_bytes = 16384\n";
     let runner = Supervisor::start(&plane.url, "", runner_config);
-    assert_eq!(
-        status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0,
-        "success"
-    );
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
 
     let lines = 20_000;
     let id = plane.queue("noisy", &format!("--lines {lines} --delay 1")).await;
     plane.wait_status(&id, LIMIT, |s| s == "running").await;
     plane.fault(json!({"status": 503, "count": 1_000_000})).await;
     // The command writes everything during the outage; the excess goes to disk.
-    let spill = runner
-        .dir
-        .path()
-        .join(".dcsupervisor/spill")
-        .join(format!("{id}.jsonl"));
+    let spill = runner.dir.path().join(".dcsupervisor/spill").join(format!("{id}.jsonl"));
     let deadline = tokio::time::Instant::now() + LIMIT;
     while !spill.exists() {
         assert!(tokio::time::Instant::now() < deadline, "nothing was spilled");
@@ -493,14 +340,8 @@ async fn a_long_outage_spills_output_to_disk_and_delivers_it_all() {
     assert_eq!(status_and_code(&done), ("success".into(), 0));
     let expected_out: String = (0..lines).map(|i| format!("out {i}\n")).collect();
     let expected_err: String = (0..lines).map(|i| format!("err {i}\n")).collect();
-    assert!(
-        output(&done, false) == expected_out,
-        "stdout incomplete or out of order"
-    );
-    assert!(
-        output(&done, true) == expected_err,
-        "stderr incomplete or out of order"
-    );
+    assert!(output(&done, false) == expected_out, "stdout incomplete or out of order");
+    assert!(output(&done, true) == expected_err, "stderr incomplete or out of order");
     assert_numbered_from_one(&done);
     assert!(!spill.exists(), "the spill file is removed once delivered");
 }

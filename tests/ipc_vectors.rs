@@ -31,14 +31,7 @@ fn cases() -> Vec<(&'static str, Message)> {
                 args: vec!["--plan".into(), "app label with spaces".into()],
             }),
         ),
-        (
-            "run_no_args",
-            R(Request::Run {
-                job: u64::MAX,
-                command: "noop".into(),
-                args: vec![],
-            }),
-        ),
+        ("run_no_args", R(Request::Run { job: u64::MAX, command: "noop".into(), args: vec![] })),
         ("signal_term", R(Request::Signal { job: 1, signal: 15 })),
         ("shutdown", R(Request::Shutdown)),
         (
@@ -77,70 +70,20 @@ fn cases() -> Vec<(&'static str, Message)> {
         ),
         ("commands_empty", E(Event::Commands { commands: vec![] })),
         ("job_started", E(Event::JobStarted { job: 7, pid: 31337 })),
-        (
-            "job_failed",
-            E(Event::JobFailed {
-                job: 8,
-                error: "fork failed".into(),
-            }),
-        ),
-        (
-            "job_exited_code",
-            E(Event::JobExited {
-                job: 7,
-                status: ExitStatus::Code { code: -1 },
-            }),
-        ),
-        (
-            "job_exited_signal",
-            E(Event::JobExited {
-                job: 9,
-                status: ExitStatus::Signal { signal: 11 },
-            }),
-        ),
-        (
-            "log_debug",
-            E(Event::Log {
-                level: LogLevel::Debug,
-                message: "d".into(),
-            }),
-        ),
-        (
-            "log_info",
-            E(Event::Log {
-                level: LogLevel::Info,
-                message: "i".into(),
-            }),
-        ),
-        (
-            "log_warning",
-            E(Event::Log {
-                level: LogLevel::Warning,
-                message: "threads alive at fork".into(),
-            }),
-        ),
-        (
-            "log_error",
-            E(Event::Log {
-                level: LogLevel::Error,
-                message: "e".into(),
-            }),
-        ),
+        ("job_failed", E(Event::JobFailed { job: 8, error: "fork failed".into() })),
+        ("job_exited_code", E(Event::JobExited { job: 7, status: ExitStatus::Code { code: -1 } })),
+        ("job_exited_signal", E(Event::JobExited { job: 9, status: ExitStatus::Signal { signal: 11 } })),
+        ("log_debug", E(Event::Log { level: LogLevel::Debug, message: "d".into() })),
+        ("log_info", E(Event::Log { level: LogLevel::Info, message: "i".into() })),
+        ("log_warning", E(Event::Log { level: LogLevel::Warning, message: "threads alive at fork".into() })),
+        ("log_error", E(Event::Log { level: LogLevel::Error, message: "e".into() })),
     ]
 }
 
 fn to_vector(name: &str, message: &Message) -> Value {
     let (kind, value, payload) = match message {
-        Message::Request(r) => (
-            "Request",
-            serde_json::to_value(r).unwrap(),
-            encode_payload(r).unwrap(),
-        ),
-        Message::Event(e) => (
-            "Event",
-            serde_json::to_value(e).unwrap(),
-            encode_payload(e).unwrap(),
-        ),
+        Message::Request(r) => ("Request", serde_json::to_value(r).unwrap(), encode_payload(r).unwrap()),
+        Message::Event(e) => ("Event", serde_json::to_value(e).unwrap(), encode_payload(e).unwrap()),
     };
     json!({"name": name, "type": kind, "value": value, "hex": hex(&payload)})
 }
@@ -150,10 +93,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
 }
 
 fn load_vectors() -> Vec<Value> {
@@ -173,29 +113,13 @@ fn rust_codec_matches_every_shared_vector() {
         match vector["type"].as_str().unwrap() {
             "Request" => {
                 let expected: Request = serde_json::from_value(value).unwrap();
-                assert_eq!(
-                    hex(&encode_payload(&expected).unwrap()),
-                    hex(&bytes),
-                    "encoding {name}"
-                );
-                assert_eq!(
-                    decode_payload::<Request>(&bytes).unwrap(),
-                    expected,
-                    "decoding {name}"
-                );
+                assert_eq!(hex(&encode_payload(&expected).unwrap()), hex(&bytes), "encoding {name}");
+                assert_eq!(decode_payload::<Request>(&bytes).unwrap(), expected, "decoding {name}");
             }
             "Event" => {
                 let expected: Event = serde_json::from_value(value).unwrap();
-                assert_eq!(
-                    hex(&encode_payload(&expected).unwrap()),
-                    hex(&bytes),
-                    "encoding {name}"
-                );
-                assert_eq!(
-                    decode_payload::<Event>(&bytes).unwrap(),
-                    expected,
-                    "decoding {name}"
-                );
+                assert_eq!(hex(&encode_payload(&expected).unwrap()), hex(&bytes), "encoding {name}");
+                assert_eq!(decode_payload::<Event>(&bytes).unwrap(), expected, "decoding {name}");
             }
             other => panic!("vector {name} has unknown type {other}"),
         }

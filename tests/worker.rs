@@ -24,32 +24,16 @@ async fn hello_reports_versions_and_discovery_lists_every_command() {
     let db = TestDb::new();
     let worker = start(&db).await;
     let info = worker.info().expect("worker is up");
-    assert!(
-        info.django_version.chars().next().unwrap().is_ascii_digit(),
-        "{info:?}"
-    );
+    assert!(info.django_version.chars().next().unwrap().is_ascii_digit(), "{info:?}");
     assert!(info.python_version.starts_with('3'), "{info:?}");
 
     let commands = worker.discover().await.expect("discovery");
-    let noop = commands
-        .iter()
-        .find(|c| c.name == "noop")
-        .expect("noop discovered");
+    let noop = commands.iter().find(|c| c.name == "noop").expect("noop discovered");
     assert_eq!(noop.app_label, "demo");
-    assert!(
-        noop.help_text.starts_with("usage: manage.py noop"),
-        "{}",
-        noop.help_text
-    );
-    let migrate = commands
-        .iter()
-        .find(|c| c.name == "migrate")
-        .expect("migrate discovered");
+    assert!(noop.help_text.starts_with("usage: manage.py noop"), "{}", noop.help_text);
+    let migrate = commands.iter().find(|c| c.name == "migrate").expect("migrate discovered");
     assert_eq!(migrate.app_label, "django.core");
-    let auth = commands
-        .iter()
-        .find(|c| c.name == "changepassword")
-        .expect("changepassword");
+    let auth = commands.iter().find(|c| c.name == "changepassword").expect("changepassword");
     assert_eq!(auth.app_label, "django.contrib.auth");
 }
 
@@ -87,22 +71,10 @@ async fn output_and_exit_codes_match_manage_py_exactly() {
         let ours = run(&worker, command, args).await;
         let reference = run_manage_py(&db, command, args);
         let label = format!("{command} {args:?}");
-        assert_eq!(
-            ours.stdout_text(),
-            String::from_utf8_lossy(&reference.stdout),
-            "stdout of {label}"
-        );
+        assert_eq!(ours.stdout_text(), String::from_utf8_lossy(&reference.stdout), "stdout of {label}");
         assert_eq!(ours.stdout, reference.stdout, "stdout bytes of {label}");
-        assert_eq!(
-            ours.stderr_text(),
-            String::from_utf8_lossy(&reference.stderr),
-            "stderr of {label}"
-        );
-        assert_eq!(
-            ours.end,
-            code(reference.status.code().unwrap()),
-            "exit of {label}"
-        );
+        assert_eq!(ours.stderr_text(), String::from_utf8_lossy(&reference.stderr), "stderr of {label}");
+        assert_eq!(ours.end, code(reference.status.code().unwrap()), "exit of {label}");
     }
 }
 
@@ -119,40 +91,21 @@ async fn exact_bytes_of_the_demo_commands() {
     let bad = run(&worker, "bad_utf8", &[]).await;
     assert_eq!(
         bad.stdout,
-        "héllo wörld ✓\n"
-            .bytes()
-            .chain(*b"bad \xff\xfe bytes\nafter\n")
-            .collect::<Vec<u8>>()
+        "héllo wörld ✓\n".bytes().chain(*b"bad \xff\xfe bytes\nafter\n").collect::<Vec<u8>>()
     );
 
     let fail = run(&worker, "fail", &["--code", "3"]).await;
-    assert_eq!(
-        (fail.end.clone(), fail.stderr_text()),
-        (code(3), "CommandError: demo failure\n".to_string())
-    );
+    assert_eq!((fail.end.clone(), fail.stderr_text()), (code(3), "CommandError: demo failure\n".to_string()));
 
     let boom = run(&worker, "boom", &[]).await;
     assert_eq!(boom.end, code(1));
-    assert!(
-        boom.stderr_text()
-            .starts_with("Traceback (most recent call last):\n"),
-        "{}",
-        boom.stderr_text()
-    );
-    assert!(
-        boom.stderr_text().ends_with("ValueError: kaboom\n"),
-        "{}",
-        boom.stderr_text()
-    );
+    assert!(boom.stderr_text().starts_with("Traceback (most recent call last):\n"), "{}", boom.stderr_text());
+    assert!(boom.stderr_text().ends_with("ValueError: kaboom\n"), "{}", boom.stderr_text());
 
     // stdin is /dev/null: a prompt fails at once instead of hanging.
     let prompt = run(&worker, "prompt", &[]).await;
     assert_eq!(prompt.end, code(1));
-    assert!(
-        prompt.stderr_text().contains("EOFError"),
-        "{}",
-        prompt.stderr_text()
-    );
+    assert!(prompt.stderr_text().contains("EOFError"), "{}", prompt.stderr_text());
     assert_eq!(run(&worker, "read_stdin", &[]).await.stdout, b"stdin: ''\n");
 }
 
@@ -173,11 +126,7 @@ async fn the_worker_survives_every_kind_of_crash() {
     let mut job = worker.spawn_job("noisy", &args, Output::Capture).await.unwrap();
     drop(job.stdout.take());
     let stderr = tokio::spawn(read_all(job.stderr.take()));
-    assert_ne!(
-        job.wait().await,
-        code(0),
-        "writing to a closed stdout fails the command"
-    );
+    assert_ne!(job.wait().await, code(0), "writing to a closed stdout fails the command");
     stderr.await.unwrap();
 
     assert_eq!(run(&worker, "noop", &[]).await.end, code(0));
@@ -190,44 +139,28 @@ async fn the_database_works_after_fork() {
     let worker = start(&db).await;
     assert_eq!(run(&worker, "migrate", &["--verbosity", "0"]).await.end, code(0));
     assert_eq!(run(&worker, "db_query", &[]).await.stdout, b"notes: 1\n");
-    assert_eq!(
-        run(&worker, "db_query", &["--text", "again"]).await.stdout,
-        b"notes: 2\n"
-    );
+    assert_eq!(run(&worker, "db_query", &["--text", "again"]).await.stdout, b"notes: 2\n");
 }
 
 /// Reads the `grandchild <pid>` line the demo command prints.
 async fn grandchild_pid(job: &mut dcsupervisor::worker::Job) -> u32 {
     let stdout = job.stdout.as_mut().unwrap();
     let mut line = String::new();
-    tokio::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .await
-        .unwrap();
-    line.trim()
-        .strip_prefix("grandchild ")
-        .expect("grandchild line")
-        .parse()
-        .unwrap()
+    tokio::io::BufReader::new(stdout).read_line(&mut line).await.unwrap();
+    line.trim().strip_prefix("grandchild ").expect("grandchild line").parse().unwrap()
 }
 
 #[tokio::test]
 async fn cancel_kills_the_whole_process_group() {
     let db = TestDb::new();
     let worker = start(&db).await;
-    let mut job = worker
-        .spawn_job("grandchild", &[], Output::Capture)
-        .await
-        .unwrap();
+    let mut job = worker.spawn_job("grandchild", &[], Output::Capture).await.unwrap();
     let grandchild = grandchild_pid(&mut job).await;
     assert!(alive(grandchild) && alive(job.pid));
 
     let end = job.stop(Stop::Graceful(Duration::from_secs(5))).await;
     assert_eq!(end, JobEnd::Exited(ExitStatus::Signal { signal: 15 }));
-    assert!(
-        gone_within(grandchild, Duration::from_secs(10)).await,
-        "grandchild {grandchild} survived"
-    );
+    assert!(gone_within(grandchild, Duration::from_secs(10)).await, "grandchild {grandchild} survived");
 }
 
 #[tokio::test]
@@ -235,31 +168,20 @@ async fn forced_cancel_and_timeout() {
     let db = TestDb::new();
     let worker = start(&db).await;
     let mut job = worker.spawn_job("spin", &[], Output::Capture).await.unwrap();
-    assert_eq!(
-        job.stop(Stop::Kill).await,
-        JobEnd::Exited(ExitStatus::Signal { signal: 9 })
-    );
+    assert_eq!(job.stop(Stop::Kill).await, JobEnd::Exited(ExitStatus::Signal { signal: 9 }));
 
-    let mut job = worker
-        .spawn_job("grandchild", &[], Output::Capture)
-        .await
-        .unwrap();
+    let mut job = worker.spawn_job("grandchild", &[], Output::Capture).await.unwrap();
     let grandchild = grandchild_pid(&mut job).await;
-    let (end, timed_out) = job
-        .wait_or_stop_after(Duration::from_millis(200), Stop::Graceful(Duration::from_secs(5)))
-        .await;
+    let (end, timed_out) =
+        job.wait_or_stop_after(Duration::from_millis(200), Stop::Graceful(Duration::from_secs(5))).await;
     assert!(timed_out);
     assert_eq!(end, JobEnd::Exited(ExitStatus::Signal { signal: 15 }));
     assert!(gone_within(grandchild, Duration::from_secs(10)).await);
 
     // A command that ignores nothing but never ends on its own: SIGTERM ends it.
-    let mut job = worker
-        .spawn_job("sleep", &["60".to_string()], Output::Capture)
-        .await
-        .unwrap();
-    let (end, timed_out) = job
-        .wait_or_stop_after(Duration::from_millis(100), Stop::Graceful(Duration::from_secs(5)))
-        .await;
+    let mut job = worker.spawn_job("sleep", &["60".to_string()], Output::Capture).await.unwrap();
+    let (end, timed_out) =
+        job.wait_or_stop_after(Duration::from_millis(100), Stop::Graceful(Duration::from_secs(5))).await;
     assert!(timed_out);
     assert_eq!(end, JobEnd::Exited(ExitStatus::Signal { signal: 15 }));
 }
@@ -270,24 +192,13 @@ async fn eight_jobs_run_at_once() {
     let worker = start(&db).await;
     let mut jobs = Vec::new();
     for _ in 0..8 {
-        jobs.push(
-            worker
-                .spawn_job("sleep", &["60".to_string()], Output::Capture)
-                .await
-                .unwrap(),
-        );
+        jobs.push(worker.spawn_job("sleep", &["60".to_string()], Output::Capture).await.unwrap());
     }
     let pids: std::collections::BTreeSet<u32> = jobs.iter().map(|j| j.pid).collect();
     assert_eq!(pids.len(), 8);
-    assert!(
-        pids.iter().all(|pid| alive(*pid)),
-        "all eight alive at the same time"
-    );
+    assert!(pids.iter().all(|pid| alive(*pid)), "all eight alive at the same time");
     for job in &mut jobs {
-        assert_eq!(
-            job.stop(Stop::Kill).await,
-            JobEnd::Exited(ExitStatus::Signal { signal: 9 })
-        );
+        assert_eq!(job.stop(Stop::Kill).await, JobEnd::Exited(ExitStatus::Signal { signal: 9 }));
     }
     assert_eq!(run(&worker, "noop", &[]).await.end, code(0));
 }
@@ -297,29 +208,17 @@ async fn a_dead_worker_fails_its_jobs_and_is_replaced() {
     let db = TestDb::new();
     let worker = start(&db).await;
     let old = worker.info().unwrap().pid;
-    let mut job = worker
-        .spawn_job("grandchild", &[], Output::Capture)
-        .await
-        .unwrap();
+    let mut job = worker.spawn_job("grandchild", &[], Output::Capture).await.unwrap();
     let grandchild = grandchild_pid(&mut job).await;
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
     match job.wait().await {
         JobEnd::Lost(reason) => assert!(reason.contains("exited"), "{reason}"),
         other => panic!("expected a lost job, got {other:?}"),
     }
-    assert!(
-        gone_within(job.pid, Duration::from_secs(10)).await,
-        "orphaned job killed"
-    );
-    assert!(
-        gone_within(grandchild, Duration::from_secs(10)).await,
-        "its grandchild too"
-    );
+    assert!(gone_within(job.pid, Duration::from_secs(10)).await, "orphaned job killed");
+    assert!(gone_within(grandchild, Duration::from_secs(10)).await, "its grandchild too");
 
     // The next job waits for the replacement worker.
     assert_eq!(run(&worker, "noop", &[]).await.end, code(0));
@@ -331,20 +230,11 @@ async fn the_worker_exits_with_its_jobs_when_the_supervisor_lets_go() {
     let db = TestDb::new();
     let worker = start(&db).await;
     let pid = worker.info().unwrap().pid;
-    let job = worker
-        .spawn_job("sleep", &["60".to_string()], Output::Capture)
-        .await
-        .unwrap();
+    let job = worker.spawn_job("sleep", &["60".to_string()], Output::Capture).await.unwrap();
     worker.shutdown().await;
     drop(worker);
-    assert!(
-        gone_within(pid, Duration::from_secs(10)).await,
-        "worker {pid} outlived its socket"
-    );
-    assert!(
-        gone_within(job.pid, Duration::from_secs(10)).await,
-        "job outlived the worker"
-    );
+    assert!(gone_within(pid, Duration::from_secs(10)).await, "worker {pid} outlived its socket");
+    assert!(gone_within(job.pid, Duration::from_secs(10)).await, "job outlived the worker");
 }
 
 #[tokio::test]
@@ -354,20 +244,14 @@ async fn recycling_moves_new_jobs_to_a_fresh_worker() {
     opts.recycle_after_jobs = Some(2);
     let worker = Worker::start(opts).await.unwrap();
     let first = worker.info().unwrap().pid;
-    let mut long = worker
-        .spawn_job("sleep", &["1".to_string()], Output::Capture)
-        .await
-        .unwrap();
+    let mut long = worker.spawn_job("sleep", &["1".to_string()], Output::Capture).await.unwrap();
     assert_eq!(run(&worker, "noop", &[]).await.end, code(0));
     // The second job triggered the recycle; the next one goes to the new worker.
     assert_eq!(run(&worker, "noop", &[]).await.end, code(0));
     assert_ne!(worker.info().unwrap().pid, first);
     // The job on the retired worker finishes normally.
     assert_eq!(long.wait().await, code(0));
-    assert!(
-        gone_within(first, Duration::from_secs(10)).await,
-        "retired worker exits after its jobs"
-    );
+    assert!(gone_within(first, Duration::from_secs(10)).await, "retired worker exits after its jobs");
 }
 
 #[tokio::test]
@@ -383,10 +267,7 @@ async fn spawn_isolation_runs_manage_py_with_the_same_results() {
     );
     assert_eq!(run(&worker, "fail", &["--code", "5"]).await.end, code(5));
 
-    let mut job = worker
-        .spawn_job("grandchild", &[], Output::Capture)
-        .await
-        .unwrap();
+    let mut job = worker.spawn_job("grandchild", &[], Output::Capture).await.unwrap();
     let grandchild = grandchild_pid(&mut job).await;
     assert_eq!(
         job.stop(Stop::Graceful(Duration::from_secs(5))).await,
@@ -407,15 +288,7 @@ async fn spawn_can_be_chosen_per_command() {
     assert_eq!(finish(job).await.end, code(0));
     // A spawned job is our child, not the worker's (when we caught it alive).
     if let Some(stat) = parent {
-        let ppid: u32 = stat
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
+        let ppid: u32 = stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
         assert_ne!(ppid, worker_pid);
     }
 }
@@ -424,10 +297,7 @@ async fn spawn_can_be_chosen_per_command() {
 async fn discarded_output_still_reports_the_exit() {
     let db = TestDb::new();
     let worker = start(&db).await;
-    let job = worker
-        .spawn_job("exit_with", &["3".to_string()], Output::Discard)
-        .await
-        .unwrap();
+    let job = worker.spawn_job("exit_with", &["3".to_string()], Output::Discard).await.unwrap();
     assert!(job.stdout.is_none() && job.stderr.is_none());
     assert_eq!(finish(job).await.end, code(3));
 }
@@ -462,10 +332,7 @@ async fn garbage_from_the_worker_is_a_protocol_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("oversized", r"printf '\377\377\377\177' >&3; sleep 5"),
-        (
-            "undecodable",
-            r"printf '\004\000\000\000\011\000\000\000' >&3; sleep 5",
-        ),
+        ("undecodable", r"printf '\004\000\000\000\011\000\000\000' >&3; sleep 5"),
         ("silent_exit", "echo 'no hello from me' >&2; exit 3"),
     ];
     for (name, script) in cases {
@@ -475,18 +342,12 @@ async fn garbage_from_the_worker_is_a_protocol_error_not_a_panic() {
         let mut opts = options(&db);
         opts.python = fake;
         opts.startup_timeout = Duration::from_secs(20);
-        let err = Worker::start(opts)
-            .await
-            .err()
-            .expect("a fake worker must be refused");
+        let err = Worker::start(opts).await.err().expect("a fake worker must be refused");
         let text = err.to_string();
         match name {
             "oversized" => assert!(text.contains("limit"), "{text}"),
             "undecodable" => assert!(text.contains("protocol error"), "{text}"),
-            _ => assert!(
-                text.contains("no hello from me") && text.contains("exit status: 3"),
-                "{text}"
-            ),
+            _ => assert!(text.contains("no hello from me") && text.contains("exit status: 3"), "{text}"),
         }
     }
 }

@@ -2,17 +2,17 @@
 //! `dc.toml` and hands over to the library. Errors get their context here.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use dcsupervisor::config::Config;
-use dcsupervisor::supervisor::client::Client;
 use dcsupervisor::supervisor::commands::{commands_hash, synced_commands};
+use dcsupervisor::supervisor::journal::Journal;
 use dcsupervisor::supervisor::runner::Runner;
-use dcsupervisor::supervisor::state;
+use dcsupervisor::supervisor::{control, state, systemd};
 use dcsupervisor::worker::{Job, JobEnd, Output, Stop, Worker};
 use nix::sys::signal::Signal;
 use tokio::io::AsyncWriteExt;
@@ -29,13 +29,7 @@ const REFUSED_EXIT_CODE: u8 = 126;
 )]
 struct Cli {
     /// Path to dc.toml.
-    #[arg(
-        long,
-        short,
-        env = "DCSUPERVISOR_CONFIG",
-        default_value = "dc.toml",
-        global = true
-    )]
+    #[arg(long, short, env = "DCSUPERVISOR_CONFIG", default_value = "dc.toml", global = true)]
     config: PathBuf,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -114,9 +108,7 @@ fn init_logging(cli: &Cli) {
         _ => "error",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -127,38 +119,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let config = Config::load(&cli.config)
         .with_context(|| format!("configuration {} is not usable", cli.config.display()))?;
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run_runner(&config, false).await,
-        Command::Once => run_runner(&config, true).await,
-        Command::Exec {
-            timeout,
-            command,
-            args,
-        } => exec(&config, &command, &args, timeout).await,
+        Command::Run => run_runner(&cli.config, &config, false).await,
+        Command::Once => run_runner(&cli.config, &config, true).await,
+        Command::Exec { timeout, command, args } => exec(&config, &command, &args, timeout).await,
         Command::Commands { json } => list_commands(&config, json).await,
     }
 }
 
-async fn run_runner(config: &Config, once: bool) -> Result<ExitCode> {
+async fn run_runner(config_path: &Path, config: &Config, once: bool) -> Result<ExitCode> {
     let state_dir = state::prepare(&config.runner.state_dir)?;
     // `once` may run beside a running supervisor; only one may run executions.
-    let _lock = if once {
-        None
-    } else {
-        Some(state::InstanceLock::acquire(&state_dir)?)
-    };
-    let client = Client::new(config.client_options()?).context("cannot set up the HTTP client")?;
-    let worker = Worker::start(config.worker_options())
-        .await
-        .context("the Python worker did not start")?;
-    let runner = Runner::new(
-        client,
-        worker.clone(),
-        config.execution_settings(),
-        config.runner_options(),
-        &config.bound_args_labels(),
-    )
-    .await
-    .context("command discovery failed")?;
+    let _lock = if once { None } else { Some(state::InstanceLock::acquire(&state_dir)?) };
+    let setup = config.runner_setup()?;
+    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
+    let journal =
+        if once { None } else { Some(Journal::open(&state_dir).context("cannot open the journal")?) };
+    let runner = Runner::new(worker.clone(), setup, journal).await.context("command discovery failed")?;
     if once {
         let result = runner.run_once().await;
         worker.shutdown().await;
@@ -169,27 +145,12 @@ async fn run_runner(config: &Config, once: bool) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    runner.run(shutdown_requested()).await;
+    let events = control::listen(config_path.to_path_buf(), config.runner.reload_touch_file.clone())
+        .context("cannot listen for signals")?;
+    systemd::spawn_watchdog();
+    runner.run(events).await;
+    tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_requested() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::error!("cannot listen for SIGTERM: {err}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = terminate => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
 }
 
 async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u64>) -> Result<ExitCode> {
@@ -198,13 +159,9 @@ async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u
         eprint!("{}", policy.refusal_message(command, &refusal));
         return Ok(ExitCode::from(REFUSED_EXIT_CODE));
     }
-    let worker = Worker::start(config.worker_options())
-        .await
-        .context("the Python worker did not start")?;
-    let mut job = worker
-        .spawn_job(command, args, Output::Capture)
-        .await
-        .context("could not start the command")?;
+    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
+    let mut job =
+        worker.spawn_job(command, args, Output::Capture).await.context("could not start the command")?;
     let copy_stdout = tokio::spawn(copy_output(job.stdout.take(), tokio::io::stdout()));
     let copy_stderr = tokio::spawn(copy_output(job.stderr.take(), tokio::io::stderr()));
 
@@ -264,9 +221,7 @@ async fn copy_output(
 }
 
 async fn list_commands(config: &Config, json: bool) -> Result<ExitCode> {
-    let worker = Worker::start(config.worker_options())
-        .await
-        .context("the Python worker did not start")?;
+    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
     let discovered = worker.discover().await.context("command discovery failed")?;
     worker.shutdown().await;
     let policy = config.policy();
@@ -285,17 +240,8 @@ async fn list_commands(config: &Config, json: bool) -> Result<ExitCode> {
             Ok(()) => "allowed".to_string(),
             Err(refusal) => format!("refused ({refusal})"),
         };
-        writeln!(
-            out,
-            "{:width$}  {:app_width$}  {verdict}",
-            command.name, command.app_label
-        )?;
+        writeln!(out, "{:width$}  {:app_width$}  {verdict}", command.name, command.app_label)?;
     }
-    writeln!(
-        out,
-        "\n{} of {} commands allowed; commands hash {hash}",
-        synced.len(),
-        discovered.len()
-    )?;
+    writeln!(out, "\n{} of {} commands allowed; commands hash {hash}", synced.len(), discovered.len())?;
     Ok(ExitCode::SUCCESS)
 }

@@ -24,10 +24,8 @@ pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
 
 /// Fixed-width little-endian integers keep the Python codec trivial; the
 /// limit caps what a hostile length inside a payload can make us allocate.
-const CONFIG: Configuration<LittleEndian, Fixint, Limit<MAX_FRAME_LEN>> = bincode::config::standard()
-    .with_little_endian()
-    .with_fixed_int_encoding()
-    .with_limit::<MAX_FRAME_LEN>();
+const CONFIG: Configuration<LittleEndian, Fixint, Limit<MAX_FRAME_LEN>> =
+    bincode::config::standard().with_little_endian().with_fixed_int_encoding().with_limit::<MAX_FRAME_LEN>();
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -88,9 +86,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             .length_field_length(4)
             .max_frame_length(MAX_FRAME_LEN)
             .new_codec();
-        Self {
-            frames: FramedRead::new(reader, codec),
-        }
+        Self { frames: FramedRead::new(reader, codec) }
     }
 
     /// The next message, or `None` on a clean end of stream.
@@ -126,9 +122,7 @@ impl FrameWriter {
             let attach: &[RawFd] = if sent == 0 { &raw_fds } else { &[] };
             let stream = self.socket.as_ref();
             sent += stream
-                .async_io(Interest::WRITABLE, || {
-                    send_with_fds(stream.as_raw_fd(), &frame[sent..], attach)
-                })
+                .async_io(Interest::WRITABLE, || send_with_fds(stream.as_raw_fd(), &frame[sent..], attach))
                 .await?;
         }
         Ok(())
@@ -144,17 +138,7 @@ impl FrameWriter {
 }
 
 fn send_with_fds(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<usize> {
-    let cmsgs: &[ControlMessage] = if fds.is_empty() {
-        &[]
-    } else {
-        &[ControlMessage::ScmRights(fds)]
-    };
-    sendmsg::<()>(
-        socket,
-        &[IoSlice::new(bytes)],
-        cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
-    .map_err(io::Error::from)
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &[ControlMessage::ScmRights(fds)] };
+    sendmsg::<()>(socket, &[IoSlice::new(bytes)], cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(io::Error::from)
 }

@@ -26,11 +26,7 @@ pub enum Request {
     /// Fork a child that runs `manage.py <command> <args...>`. The frame
     /// carries two file descriptors (SCM_RIGHTS): the child's stdout and
     /// stderr, in that order.
-    Run {
-        job: JobId,
-        command: String,
-        args: Vec<String>,
-    },
+    Run { job: JobId, command: String, args: Vec<String> },
     /// Send `signal` to the job's process group (ignored if the job ended).
     Signal { job: JobId, signal: i32 },
     /// Take no new jobs; exit once the running ones have ended. (Closing
@@ -42,12 +38,7 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub enum Event {
     /// First frame after a successful `django.setup()`.
-    Hello {
-        protocol: u32,
-        pid: u32,
-        python_version: String,
-        django_version: String,
-    },
+    Hello { protocol: u32, pid: u32, python_version: String, django_version: String },
     /// First frame when the worker could not set Django up; `error` is the
     /// Python traceback.
     StartupFailed { protocol: u32, error: String },

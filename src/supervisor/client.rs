@@ -65,11 +65,7 @@ pub enum ApiError {
     #[error("authentication failed (HTTP {status}): {detail}")]
     Auth { status: u16, detail: String },
     #[error("the control plane answered HTTP {status}: {detail}")]
-    Status {
-        status: u16,
-        detail: String,
-        retry_after: Option<Duration>,
-    },
+    Status { status: u16, detail: String, retry_after: Option<Duration> },
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error("cannot reach the control plane: {0}")]
@@ -126,10 +122,7 @@ impl Client {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build(connector);
-        Ok(Self {
-            http,
-            opts: Arc::new(opts),
-        })
+        Ok(Self { http, opts: Arc::new(opts) })
     }
 
     pub async fn heartbeat(&self, body: &api::HeartbeatRequest) -> Result<api::HeartbeatResponse, ApiError> {
@@ -145,26 +138,19 @@ impl Client {
     }
 
     pub async fn start(&self, id: &ExecutionId) -> Result<(), ApiError> {
-        self.call::<(), serde_json::Value>(Method::POST, &api::start_path(id), None)
-            .await
-            .map(drop)
+        self.call::<(), serde_json::Value>(Method::POST, &api::start_path(id), None).await.map(drop)
     }
 
     pub async fn output(&self, id: &ExecutionId, body: &api::OutputRequest) -> Result<(), ApiError> {
-        self.call::<_, serde_json::Value>(Method::POST, &api::output_path(id), Some(body))
-            .await
-            .map(drop)
+        self.call::<_, serde_json::Value>(Method::POST, &api::output_path(id), Some(body)).await.map(drop)
     }
 
     pub async fn complete(&self, id: &ExecutionId, body: &api::CompleteRequest) -> Result<(), ApiError> {
-        self.call::<_, serde_json::Value>(Method::POST, &api::complete_path(id), Some(body))
-            .await
-            .map(drop)
+        self.call::<_, serde_json::Value>(Method::POST, &api::complete_path(id), Some(body)).await.map(drop)
     }
 
     pub async fn cancel_status(&self, id: &ExecutionId) -> Result<CancelStatus, ApiError> {
-        self.call::<(), _>(Method::GET, &api::cancel_status_path(id), None)
-            .await
+        self.call::<(), _>(Method::GET, &api::cancel_status_path(id), None).await
     }
 
     /// One API call with PROTOCOL.md's retries: up to `max_retries` more
@@ -177,9 +163,9 @@ impl Client {
         body: Option<&B>,
     ) -> Result<T, ApiError> {
         let body = match body {
-            Some(body) => Some(Bytes::from(
-                serde_json::to_vec(body).map_err(|e| ApiError::Request(e.to_string()))?,
-            )),
+            Some(body) => {
+                Some(Bytes::from(serde_json::to_vec(body).map_err(|e| ApiError::Request(e.to_string()))?))
+            }
             None => None,
         };
         let mut attempt = 0;
@@ -191,10 +177,7 @@ impl Client {
                 }
                 Err(err) if err.is_retryable() && attempt < self.opts.max_retries => {
                     let delay = match &err {
-                        ApiError::Status {
-                            retry_after: Some(wait),
-                            ..
-                        } => (*wait).min(MAX_RETRY_AFTER),
+                        ApiError::Status { retry_after: Some(wait), .. } => (*wait).min(MAX_RETRY_AFTER),
                         _ => Duration::from_secs(1 << attempt.min(6)),
                     };
                     attempt += 1;
@@ -211,11 +194,8 @@ impl Client {
         let request = self.build_request(method, path, body)?;
         let timeout = self.opts.request_timeout;
         let exchange = async {
-            let response = self
-                .http
-                .request(request)
-                .await
-                .map_err(|e| ApiError::Connect(error_chain(&e)))?;
+            let response =
+                self.http.request(request).await.map_err(|e| ApiError::Connect(error_chain(&e)))?;
             let status = response.status();
             let retry_after = retry_after(response.headers().get(RETRY_AFTER));
             let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
@@ -225,23 +205,17 @@ impl Client {
                 .to_bytes();
             Ok::<_, ApiError>((status, retry_after, bytes))
         };
-        let (status, retry_after, bytes) = tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| ApiError::Timeout(timeout))??;
+        let (status, retry_after, bytes) =
+            tokio::time::timeout(timeout, exchange).await.map_err(|_| ApiError::Timeout(timeout))??;
         if status.is_success() {
             return Ok(bytes);
         }
         let detail = error_detail(&bytes);
         Err(match status {
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ApiError::Auth {
-                status: status.as_u16(),
-                detail,
-            },
-            _ => ApiError::Status {
-                status: status.as_u16(),
-                detail,
-                retry_after,
-            },
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                ApiError::Auth { status: status.as_u16(), detail }
+            }
+            _ => ApiError::Status { status: status.as_u16(), detail, retry_after },
         })
     }
 
@@ -254,10 +228,7 @@ impl Client {
         let uri: Uri = format!("{}{}", self.opts.base_url, path)
             .parse()
             .map_err(|e| ApiError::Request(format!("{e}")))?;
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let mut authorization =
             HeaderValue::from_str(&format!("Bearer {}", self.opts.api_key.0)).map_err(|_| {
                 ApiError::Request("the API key contains characters not allowed in a header".into())
@@ -286,10 +257,7 @@ fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, ClientS
     tracing::debug!(added, ignored, "system CA certificates loaded");
     if let Some(path) = ca_file {
         use rustls_pki_types::pem::PemObject;
-        let ca_error = |error: String| ClientSetupError::CaFile {
-            path: path.display().to_string(),
-            error,
-        };
+        let ca_error = |error: String| ClientSetupError::CaFile { path: path.display().to_string(), error };
         let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(path)
             .map_err(|e| ca_error(e.to_string()))?
             .collect::<Result<_, _>>()
@@ -354,15 +322,9 @@ mod tests {
 
     #[test]
     fn error_text_follows_the_protocol_rule() {
-        assert_eq!(
-            error_detail(br#"{"detail": "Invalid API key"}"#),
-            "Invalid API key"
-        );
+        assert_eq!(error_detail(br#"{"detail": "Invalid API key"}"#), "Invalid API key");
         assert_eq!(error_detail(br#"{"error": "quota exceeded"}"#), "quota exceeded");
-        assert_eq!(
-            error_detail(b"<html>Bad Gateway</html>"),
-            "<html>Bad Gateway</html>"
-        );
+        assert_eq!(error_detail(b"<html>Bad Gateway</html>"), "<html>Bad Gateway</html>");
     }
 
     #[test]
@@ -373,17 +335,9 @@ mod tests {
 
     #[test]
     fn retryable_statuses() {
-        let status = |status| ApiError::Status {
-            status,
-            detail: String::new(),
-            retry_after: None,
-        };
+        let status = |status| ApiError::Status { status, detail: String::new(), retry_after: None };
         assert!(status(503).is_retryable() && status(429).is_retryable());
         assert!(!status(404).is_retryable() && !status(400).is_retryable());
-        assert!(!ApiError::Auth {
-            status: 401,
-            detail: String::new()
-        }
-        .is_retryable());
+        assert!(!ApiError::Auth { status: 401, detail: String::new() }.is_retryable());
     }
 }

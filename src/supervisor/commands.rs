@@ -63,9 +63,7 @@ pub fn canonical_json(commands: &[SyncedCommand]) -> Vec<u8> {
     let value = serde_json::to_value(&sorted).expect("commands serialize");
     let mut out = Vec::new();
     let mut serializer = serde_json::Serializer::with_formatter(&mut out, PythonAsciiFormatter);
-    value
-        .serialize(&mut serializer)
-        .expect("writing to a Vec cannot fail");
+    value.serialize(&mut serializer).expect("writing to a Vec cannot fail");
     out
 }
 
@@ -117,10 +115,7 @@ mod tests {
     #[test]
     fn bound_args_appear_only_when_set() {
         let mut bound = command("migrate", "");
-        bound.bound_args = Some(vec![BoundArgs {
-            args: "--plan".into(),
-            label: "Plan".into(),
-        }]);
+        bound.bound_args = Some(vec![BoundArgs { args: "--plan".into(), label: "Plan".into() }]);
         let json = String::from_utf8(canonical_json(&[bound])).unwrap();
         assert!(json.contains(r#""bound_args":[{"args":"--plan","label":"Plan"}]"#));
     }

@@ -45,9 +45,7 @@ pub struct AuthGate {
 
 impl Default for AuthGate {
     fn default() -> Self {
-        Self {
-            state: Arc::new(watch::channel(AuthState::Unknown).0),
-        }
+        Self { state: Arc::new(watch::channel(AuthState::Unknown).0) }
     }
 }
 
@@ -58,8 +56,7 @@ impl AuthGate {
 
     /// Returns whether the state changed.
     pub fn set(&self, state: AuthState) -> bool {
-        self.state
-            .send_if_modified(|current| std::mem::replace(current, state) != state)
+        self.state.send_if_modified(|current| std::mem::replace(current, state) != state)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<AuthState> {
@@ -161,12 +158,7 @@ struct Spill {
 
 impl Queue {
     fn new(memory_limit: usize, spill_path: PathBuf) -> Self {
-        Self {
-            state: Mutex::default(),
-            ready: Notify::new(),
-            memory_limit,
-            spill_path,
-        }
+        Self { state: Mutex::default(), ready: Notify::new(), memory_limit, spill_path }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
@@ -209,11 +201,7 @@ impl Queue {
                 "output waiting for the control plane exceeds memory; spilling to {}",
                 self.spill_path.display()
             );
-            state.spill = Some(Spill {
-                writer,
-                reader,
-                waiting: 0,
-            });
+            state.spill = Some(Spill { writer, reader, waiting: 0 });
         }
         let spill = state.spill.as_mut().expect("just created");
         let mut line = serde_json::to_vec(message).map_err(std::io::Error::other)?;
@@ -315,15 +303,8 @@ mod tests {
     use crate::supervisor::api::{CompletionStatus, Segment};
 
     fn chunk(n: u64) -> Message {
-        let segments = vec![Segment {
-            timestamp: Some(1.5),
-            content: format!("line {n} ✓\n"),
-        }];
-        Message::Output(OutputRequest {
-            chunk_number: n,
-            segments,
-            is_stderr: n % 2 == 0,
-        })
+        let segments = vec![Segment { timestamp: Some(1.5), content: format!("line {n} ✓\n") }];
+        Message::Output(OutputRequest { chunk_number: n, segments, is_stderr: n % 2 == 0 })
     }
 
     #[tokio::test]
@@ -334,10 +315,7 @@ mod tests {
         for n in 1..=50 {
             queue.push(chunk(n));
         }
-        queue.push(Message::Complete(CompleteRequest {
-            exit_code: 0,
-            status: CompletionStatus::Success,
-        }));
+        queue.push(Message::Complete(CompleteRequest { exit_code: 0, status: CompletionStatus::Success }));
         assert!(path.exists(), "most of it went to disk");
         assert!(queue.lock().memory_bytes <= 300);
         queue.close();

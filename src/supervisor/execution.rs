@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use super::api::{CompleteRequest, CompletionStatus, Execution, OutputRequest, Segment};
 use super::client::Client;
 use super::delivery::{AuthGate, AuthState, Message, Outbox, SpillOptions};
+use super::journal::{kill_leftover, process_start_time, Entry, Journal};
 use super::output::{OutputCap, StreamBuffer};
 use super::policy::Policy;
 use crate::ipc::ExitStatus;
@@ -52,6 +53,8 @@ pub struct ExecutionContext {
     pub abort: watch::Receiver<bool>,
     /// Where undelivered output beyond the memory limit waits.
     pub spill: SpillOptions,
+    /// Records executions in flight (absent for one-off runs).
+    pub journal: Option<Journal>,
 }
 
 /// Why the runner stopped a job before it ended on its own.
@@ -76,37 +79,40 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
         tracing::warn!(execution = %id, command, "could not start the execution: {error}");
         return;
     }
+    let mut entry =
+        Entry { id: id.clone(), command: command.clone(), pid: None, pid_start_time: None, next_chunk: 1 };
+    let journal = ctx.journal.as_ref();
+    if let Some(journal) = journal {
+        journal.record(&entry);
+    }
     let metadata_only = execution.use_metadata_only_mode || settings.metadata_only.contains(&command);
     tracing::info!(execution = %id, command, args = %execution.args, metadata_only, "execution started");
     let outbox = Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill);
-    let mut chunks = ChunkWriter::new(&outbox, settings.output_cap);
+    let mut chunks = ChunkWriter::new(&outbox, settings.output_cap, journal.map(|j| (j, entry.clone())));
     if metadata_only {
-        chunks
-            .send_as_is(false, vec![segment_now(METADATA_ONLY_NOTICE)])
-            .await;
-        chunks
-            .send_as_is(true, vec![segment_now(METADATA_ONLY_NOTICE)])
-            .await;
+        chunks.send_as_is(false, vec![segment_now(METADATA_ONLY_NOTICE)]).await;
+        chunks.send_as_is(true, vec![segment_now(METADATA_ONLY_NOTICE)]).await;
     }
-    let output = if metadata_only {
-        Output::Discard
-    } else {
-        Output::Capture
-    };
+    let output = if metadata_only { Output::Discard } else { Output::Capture };
     let completion = match ctx.worker.spawn_job(&command, &args, output).await {
-        Ok(job) => supervise(&ctx, job, Duration::from_secs(execution.timeout), &mut chunks).await,
+        Ok(job) => {
+            entry.pid = Some(job.pid);
+            entry.pid_start_time = process_start_time(job.pid);
+            chunks.remember_job(&entry);
+            supervise(&ctx, job, Duration::from_secs(execution.timeout), &mut chunks).await
+        }
         Err(error) => {
             let line = format!("[dcsupervisor] the command could not be started: {error}\n");
             chunks.send_as_is(true, vec![segment_now(&line)]).await;
-            CompleteRequest {
-                exit_code: -1,
-                status: CompletionStatus::Failed,
-            }
+            CompleteRequest { exit_code: -1, status: CompletionStatus::Failed }
         }
     };
     chunks.finish().await;
     outbox.push(Message::Complete(completion)).await;
     outbox.flush_and_close().await;
+    if let Some(journal) = journal {
+        journal.remove(&id);
+    }
     tracing::info!(
         execution = %id,
         command,
@@ -115,6 +121,39 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
         duration_ms = started_at.elapsed().as_millis() as u64,
         "execution finished"
     );
+}
+
+/// Finishes an execution a previous run of the supervisor left in the
+/// journal: kills what is left of its job, delivers the output that had been
+/// spilled to disk, and reports it failed with a line saying why.
+pub async fn recover(client: Client, gate: AuthGate, journal: Journal, spill: SpillOptions, entry: Entry) {
+    let id = entry.id.clone();
+    if kill_leftover(&entry) {
+        tracing::warn!(execution = %id, pid = entry.pid, "killed the leftover processes of an execution from before the restart");
+    }
+    let spilled = read_spilled(&spill.dir.join(format!("{id}.jsonl")));
+    tracing::warn!(execution = %id, command = entry.command, spilled = spilled.len(), "reporting an execution interrupted by a runner restart");
+    let outbox = Outbox::new(client, gate, id.clone(), &spill);
+    for message in spilled {
+        outbox.push(message).await;
+    }
+    let line = "[dcsupervisor] the runner restarted while this command was running; its outcome is unknown\n";
+    let chunk =
+        OutputRequest { chunk_number: entry.next_chunk, segments: vec![segment_now(line)], is_stderr: true };
+    outbox.push(Message::Output(chunk)).await;
+    outbox.push(Message::Complete(CompleteRequest { exit_code: -1, status: CompletionStatus::Failed })).await;
+    outbox.flush_and_close().await;
+    journal.remove(&id);
+}
+
+/// Messages a previous run spilled (some may have been delivered already:
+/// the server de-duplicates chunks by number and refuses a second completion).
+fn read_spilled(path: &std::path::Path) -> Vec<Message> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let _ = std::fs::remove_file(path);
+    text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect()
 }
 
 /// `Ok(arguments)` if this runner may run the execution, else the text
@@ -143,11 +182,7 @@ fn refusal(settings: &ExecutionSettings, execution: &Execution) -> Result<Vec<St
                  Allowed argument sets: {}\n\
                  To allow others, add them to [[policy.bound_args]] in dc.toml.\n",
                 execution.args,
-                listed
-                    .iter()
-                    .map(|s| format!("{s:?}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                listed.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
             ));
         }
     }
@@ -164,18 +199,9 @@ async fn reject(ctx: &ExecutionContext, execution: &Execution, message: String) 
         return;
     }
     let outbox = Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill);
-    let chunk = OutputRequest {
-        chunk_number: 1,
-        segments: vec![segment_now(&message)],
-        is_stderr: true,
-    };
+    let chunk = OutputRequest { chunk_number: 1, segments: vec![segment_now(&message)], is_stderr: true };
     outbox.push(Message::Output(chunk)).await;
-    outbox
-        .push(Message::Complete(CompleteRequest {
-            exit_code: -1,
-            status: CompletionStatus::Failed,
-        }))
-        .await;
+    outbox.push(Message::Complete(CompleteRequest { exit_code: -1, status: CompletionStatus::Failed })).await;
     outbox.flush_and_close().await;
 }
 
@@ -283,10 +309,7 @@ fn completion(stop: Option<StopReason>, end: &JobEnd) -> CompleteRequest {
     };
     let status = match (stop, exit_code) {
         (Some(StopReason::TimedOut), _) => {
-            return CompleteRequest {
-                exit_code: -1,
-                status: CompletionStatus::TimedOut,
-            }
+            return CompleteRequest { exit_code: -1, status: CompletionStatus::TimedOut }
         }
         (Some(StopReason::Cancelled), _) => CompletionStatus::Cancelled,
         (None, 0) => CompletionStatus::Success,
@@ -333,14 +356,20 @@ struct ChunkWriter<'a> {
     outbox: &'a Outbox,
     next_number: u64,
     cap: Option<OutputCap>,
+    /// Kept up to date so a restart knows the next free chunk number.
+    journal: Option<(&'a Journal, Entry)>,
 }
 
 impl<'a> ChunkWriter<'a> {
-    fn new(outbox: &'a Outbox, cap: Option<usize>) -> Self {
-        Self {
-            outbox,
-            next_number: 1,
-            cap: cap.map(OutputCap::new),
+    fn new(outbox: &'a Outbox, cap: Option<usize>, journal: Option<(&'a Journal, Entry)>) -> Self {
+        Self { outbox, next_number: 1, cap: cap.map(OutputCap::new), journal }
+    }
+
+    fn remember_job(&mut self, entry: &Entry) {
+        if let Some((journal, recorded)) = &mut self.journal {
+            recorded.pid = entry.pid;
+            recorded.pid_start_time = entry.pid_start_time;
+            journal.record(recorded);
         }
     }
 
@@ -364,12 +393,12 @@ impl<'a> ChunkWriter<'a> {
         if segments.is_empty() {
             return;
         }
-        let chunk = OutputRequest {
-            chunk_number: self.next_number,
-            segments,
-            is_stderr,
-        };
+        let chunk = OutputRequest { chunk_number: self.next_number, segments, is_stderr };
         self.next_number += 1;
+        if let Some((journal, recorded)) = &mut self.journal {
+            recorded.next_chunk = self.next_number;
+            journal.record(recorded);
+        }
         self.outbox.push(Message::Output(chunk)).await;
     }
 
@@ -384,17 +413,11 @@ impl<'a> ChunkWriter<'a> {
 }
 
 fn segment_now(text: &str) -> Segment {
-    Segment {
-        timestamp: Some(unix_now()),
-        content: text.to_string(),
-    }
+    Segment { timestamp: Some(unix_now()), content: text.to_string() }
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default()
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -407,32 +430,20 @@ mod tests {
         let killed = |signal| JobEnd::Exited(ExitStatus::Signal { signal });
         assert_eq!(
             completion(None, &exited(0)),
-            CompleteRequest {
-                exit_code: 0,
-                status: CompletionStatus::Success
-            }
+            CompleteRequest { exit_code: 0, status: CompletionStatus::Success }
         );
         assert_eq!(
             completion(None, &exited(3)),
-            CompleteRequest {
-                exit_code: 3,
-                status: CompletionStatus::Failed
-            }
+            CompleteRequest { exit_code: 3, status: CompletionStatus::Failed }
         );
         assert_eq!(completion(None, &killed(11)).exit_code, -11);
         assert_eq!(
             completion(Some(StopReason::Cancelled), &killed(15)),
-            CompleteRequest {
-                exit_code: -15,
-                status: CompletionStatus::Cancelled
-            }
+            CompleteRequest { exit_code: -15, status: CompletionStatus::Cancelled }
         );
         assert_eq!(
             completion(Some(StopReason::TimedOut), &killed(9)),
-            CompleteRequest {
-                exit_code: -1,
-                status: CompletionStatus::TimedOut
-            }
+            CompleteRequest { exit_code: -1, status: CompletionStatus::TimedOut }
         );
     }
 }

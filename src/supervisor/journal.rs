@@ -44,7 +44,12 @@ impl Journal {
         let path = self.path(&entry.id);
         let temporary = path.with_extension("tmp");
         let write = || -> std::io::Result<()> {
-            let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temporary)?;
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&temporary)?;
             file.write_all(&serde_json::to_vec(entry).map_err(std::io::Error::other)?)?;
             fs::rename(&temporary, &path)
         };

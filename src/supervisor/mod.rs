@@ -5,6 +5,7 @@
 pub mod api;
 pub mod client;
 pub mod commands;
+pub mod control;
 pub mod delivery;
 pub mod execution;
 pub mod journal;

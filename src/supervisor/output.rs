@@ -90,15 +90,8 @@ impl StreamBuffer {
             match self.segments.last_mut() {
                 Some(open) if !open.content.ends_with('\n') => open.content.push_str(piece),
                 _ => {
-                    let timestamp = if std::mem::take(&mut self.continues_line) {
-                        None
-                    } else {
-                        Some(now)
-                    };
-                    self.segments.push(Segment {
-                        timestamp,
-                        content: piece.to_string(),
-                    });
+                    let timestamp = if std::mem::take(&mut self.continues_line) { None } else { Some(now) };
+                    self.segments.push(Segment { timestamp, content: piece.to_string() });
                 }
             }
         }
@@ -159,13 +152,7 @@ impl OutputCap {
                 "\n[dcsupervisor: {} bytes of output left out here (output cap reached); the end of the output follows]\n",
                 self.omitted
             );
-            runs.push((
-                true,
-                vec![Segment {
-                    timestamp: Some(now),
-                    content: notice,
-                }],
-            ));
+            runs.push((true, vec![Segment { timestamp: Some(now), content: notice }]));
         }
         for (is_stderr, segment) in self.tail.drain(..) {
             match runs.last_mut() {
@@ -182,10 +169,7 @@ mod tests {
     use super::*;
 
     fn contents(segments: &[Segment]) -> Vec<(&str, bool)> {
-        segments
-            .iter()
-            .map(|s| (s.content.as_str(), s.timestamp.is_some()))
-            .collect()
+        segments.iter().map(|s| (s.content.as_str(), s.timestamp.is_some())).collect()
     }
 
     #[test]
@@ -194,19 +178,10 @@ mod tests {
         buffer.push(b"one\ntw", 1.0);
         buffer.push(b"o\nthree", 2.0);
         let segments = buffer.take();
-        assert_eq!(
-            contents(&segments),
-            [("one\n", true), ("two\n", true), ("three", true)]
-        );
-        assert_eq!(
-            segments.iter().map(|s| s.timestamp.unwrap()).collect::<Vec<_>>(),
-            [1.0, 1.0, 2.0]
-        );
+        assert_eq!(contents(&segments), [("one\n", true), ("two\n", true), ("three", true)]);
+        assert_eq!(segments.iter().map(|s| s.timestamp.unwrap()).collect::<Vec<_>>(), [1.0, 1.0, 2.0]);
         buffer.push(b" continued\nfour\n", 3.0);
-        assert_eq!(
-            contents(&buffer.take()),
-            [(" continued\n", false), ("four\n", true)]
-        );
+        assert_eq!(contents(&buffer.take()), [(" continued\n", false), ("four\n", true)]);
     }
 
     #[test]
@@ -232,20 +207,14 @@ mod tests {
     #[test]
     fn the_cap_keeps_head_and_tail() {
         let mut cap = OutputCap::new(20);
-        let line = |n: usize| Segment {
-            timestamp: Some(0.0),
-            content: format!("line {n:02}\n"),
-        };
+        let line = |n: usize| Segment { timestamp: Some(0.0), content: format!("line {n:02}\n") };
         let mut sent: Vec<Segment> = Vec::new();
         for n in 0..10 {
             sent.extend(cap.admit(false, vec![line(n)]));
         }
         assert_eq!(sent.len(), 1, "8-byte lines: one fits the 10-byte head");
         let end = cap.finish(1.0);
-        assert!(
-            end[0].1[0].content.contains("bytes of output left out"),
-            "{end:?}"
-        );
+        assert!(end[0].1[0].content.contains("bytes of output left out"), "{end:?}");
         let tail: Vec<String> = end[1].1.iter().map(|s| s.content.clone()).collect();
         assert_eq!(tail, ["line 09\n"]);
     }

@@ -104,10 +104,7 @@ impl Policy {
 
     /// The names among `discovered` that this policy lets through, sorted.
     pub fn filter<'a>(&self, discovered: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
-        let mut allowed: Vec<&str> = discovered
-            .into_iter()
-            .filter(|name| self.check(name).is_ok())
-            .collect();
+        let mut allowed: Vec<&str> = discovered.into_iter().filter(|name| self.check(name).is_ok()).collect();
         allowed.sort_unstable();
         allowed
     }
@@ -153,13 +150,7 @@ mod tests {
     #[test]
     fn defaults_follow_the_seed_readme() {
         let policy = Policy::default_allowlist();
-        for name in [
-            "migrate",
-            "dbrestore",
-            "loaddata",
-            "print_settings",
-            "clear_index",
-        ] {
+        for name in ["migrate", "dbrestore", "loaddata", "print_settings", "clear_index"] {
             assert_eq!(policy.check(name), Ok(()), "{name}");
         }
         assert_eq!(policy.check("shell"), Err(Refusal::NotAllowlisted));
@@ -170,10 +161,7 @@ mod tests {
 
     #[test]
     fn blocklist_mode_refuses_only_listed_commands() {
-        let policy = Policy {
-            mode: Mode::Blocklist,
-            ..Policy::default_allowlist()
-        };
+        let policy = Policy { mode: Mode::Blocklist, ..Policy::default_allowlist() };
         assert_eq!(policy.check("my_custom"), Ok(()));
         assert_eq!(policy.check("flush"), Err(Refusal::Blocklisted));
         assert_eq!(policy.check(RUNNER_COMMAND), Err(Refusal::RunnerCommand));
@@ -181,10 +169,7 @@ mod tests {
 
     #[test]
     fn refusal_explains_how_to_allow() {
-        let policy = Policy {
-            configured_in: ConfiguredIn::DjangoSettings,
-            ..Policy::default_allowlist()
-        };
+        let policy = Policy { configured_in: ConfiguredIn::DjangoSettings, ..Policy::default_allowlist() };
         let text = policy.refusal_message("shell", &Refusal::NotAllowlisted);
         assert!(text.starts_with("Command 'shell' rejected by runner security policy.\n"));
         assert!(text.contains("Reason: not in DJANGOCOMMAND_ALLOWED_COMMANDS allowlist\n"));

@@ -8,13 +8,16 @@
 //! this runner cannot take stay queued on the server; it polls at once when
 //! a slot frees up or a heartbeat reports pending work. Each execution runs
 //! in its own task ([`execution::run`]).
+//!
+//! Everything a reload may change lives in [`Live`], swapped as a whole:
+//! loops read the current one at each turn, while a running execution keeps
+//! the settings it started with.
 
 use std::collections::{BTreeMap, HashSet};
-use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
 use super::api::{Execution, ExecutionId, HeartbeatRequest, HeartbeatResponse, RunnerState, SyncRequest};
@@ -22,7 +25,10 @@ use super::client::{ApiError, Client};
 use super::commands::{commands_hash, synced_commands, BoundArgs, SyncedCommand};
 use super::delivery::{AuthGate, AuthState, SpillOptions};
 use super::execution::{self, ExecutionContext, ExecutionSettings};
-use crate::worker::{JobError, Worker};
+use super::journal::Journal;
+use super::systemd;
+use crate::ipc::CommandInfo;
+use crate::worker::{JobError, Worker, WorkerOptions};
 
 /// Retry schedule of the heartbeat after an authentication failure.
 const AUTH_BACKOFF: [Duration; 7] = [
@@ -54,57 +60,66 @@ pub struct RunnerOptions {
     pub outbox_memory_bytes: usize,
 }
 
-pub struct Runner {
+/// Everything the runner is built from; a reload brings a new one.
+pub struct RunnerSetup {
+    pub client: Client,
+    pub settings: ExecutionSettings,
+    pub opts: RunnerOptions,
+    pub bound_args_labels: BTreeMap<String, Vec<BoundArgs>>,
+}
+
+/// What the process asks of a running runner.
+pub enum Event {
+    /// Apply a new configuration and start a fresh worker.
+    Reload(Box<RunnerSetup>, Box<WorkerOptions>),
+    /// Stop: gracefully the first time, at once the second.
+    Shutdown,
+}
+
+/// The part of the runner a reload replaces.
+struct Live {
     client: Client,
-    worker: Worker,
-    gate: AuthGate,
     opts: RunnerOptions,
     settings: Arc<ExecutionSettings>,
     synced: Vec<SyncedCommand>,
     hash: Mutex<String>,
+}
+
+pub struct Runner {
+    worker: Worker,
+    gate: AuthGate,
+    live: RwLock<Arc<Live>>,
+    /// The last successful discovery, reused if a reload's worker cannot start.
+    discovered: Mutex<Vec<CommandInfo>>,
+    journal: Option<Journal>,
     suspended: watch::Sender<bool>,
     running: Mutex<HashSet<ExecutionId>>,
-    slots: Arc<Semaphore>,
     poll_now: Notify,
+    heartbeat_now: Notify,
     abort: watch::Sender<bool>,
     tasks: Mutex<JoinSet<()>>,
 }
 
 impl Runner {
-    /// Discovers the project's commands and prepares what is synced.
+    /// Discovers the project's commands and prepares what is synced. With a
+    /// journal, executions in flight are recorded so a restart can report them.
     pub async fn new(
-        client: Client,
         worker: Worker,
-        settings: ExecutionSettings,
-        opts: RunnerOptions,
-        bound_args_labels: &BTreeMap<String, Vec<BoundArgs>>,
+        setup: RunnerSetup,
+        journal: Option<Journal>,
     ) -> Result<Arc<Self>, JobError> {
-        let spill_dir = opts.state_dir.join("spill");
-        if let Err(error) = std::fs::create_dir_all(&spill_dir) {
-            tracing::error!(
-                "cannot create {}: {error}; output beyond memory limits will stay in memory",
-                spill_dir.display()
-            );
-        }
         let discovered = worker.discover().await?;
-        let mut synced = synced_commands(&discovered, &settings.policy);
-        for command in &mut synced {
-            command.bound_args = bound_args_labels.get(&command.name).cloned();
-        }
-        let hash = commands_hash(&synced);
-        tracing::info!(discovered = discovered.len(), synced = synced.len(), %hash, "commands discovered");
+        let live = Live::new(setup, &discovered);
         Ok(Arc::new(Self {
-            client,
             worker,
             gate: AuthGate::default(),
-            slots: Arc::new(Semaphore::new(opts.max_concurrent)),
-            opts,
-            settings: Arc::new(settings),
-            synced,
-            hash: Mutex::new(hash),
+            live: RwLock::new(Arc::new(live)),
+            discovered: Mutex::new(discovered),
+            journal,
             suspended: watch::channel(false).0,
             running: Mutex::new(HashSet::new()),
             poll_now: Notify::new(),
+            heartbeat_now: Notify::new(),
             abort: watch::channel(false).0,
             tasks: Mutex::new(JoinSet::new()),
         }))
@@ -115,54 +130,128 @@ impl Runner {
         self.heartbeat().await
     }
 
-    /// Runs until `shutdown` resolves, then stops polling, lets running
-    /// executions finish within the grace period (cancelling the rest) and
-    /// delivers their output and completions.
-    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
-        tokio::select! {
-            _ = self.clone().heartbeat_loop() => {}
-            _ = self.clone().poll_loop() => {}
-            _ = shutdown => {}
+    /// Runs until a shutdown event: recovers what a previous run left in the
+    /// journal, heartbeats, polls and executes, and applies reloads. On the
+    /// first shutdown it stops polling, lets running executions finish
+    /// within the grace period (cancelling the rest) and delivers their
+    /// output and completions; a second shutdown stops at once.
+    pub async fn run(self: Arc<Self>, mut events: mpsc::Receiver<Event>) {
+        self.recover_journal();
+        let heartbeats = tokio::spawn(self.clone().heartbeat_loop());
+        let polling = tokio::spawn(self.clone().poll_loop());
+        // Until a shutdown (or every sender is gone).
+        while let Some(Event::Reload(setup, worker_opts)) = events.recv().await {
+            self.reload(*setup, *worker_opts).await;
         }
-        self.shut_down().await;
+        systemd::stopping();
+        polling.abort();
+        self.shut_down(&mut events).await;
+        heartbeats.abort();
+        self.worker.shutdown().await;
     }
 
-    async fn shut_down(&self) {
+    async fn shut_down(&self, events: &mut mpsc::Receiver<Event>) {
         let mut tasks = std::mem::take(&mut *self.lock_tasks());
+        let opts = self.live().opts.clone();
         if !tasks.is_empty() {
-            tracing::info!(
-                running = tasks.len(),
-                grace = ?self.opts.shutdown_grace,
-                "shutting down: waiting for running executions"
-            );
+            tracing::info!(running = tasks.len(), grace = ?opts.shutdown_grace, "shutting down: waiting for running executions");
         }
-        let finished = tokio::time::timeout(self.opts.shutdown_grace, join_all(&mut tasks)).await;
-        if finished.is_err() {
-            tracing::warn!(
-                running = tasks.len(),
-                "grace period over: cancelling the remaining executions"
-            );
-            self.abort.send_replace(true);
-            let bound = self.settings.cancel_grace + self.opts.delivery_deadline;
-            if tokio::time::timeout(bound, join_all(&mut tasks)).await.is_err() {
-                tracing::error!(
-                    "gave up delivering the last results of {} executions",
-                    tasks.len()
-                );
+        let at_once = async {
+            while let Some(event) = events.recv().await {
+                if matches!(event, Event::Shutdown) {
+                    return;
+                }
+            }
+            std::future::pending().await
+        };
+        tokio::pin!(at_once);
+        tokio::select! {
+            _ = tokio::time::timeout(opts.shutdown_grace, join_all(&mut tasks)) => {}
+            _ = &mut at_once => {
+                tracing::warn!(running = tasks.len(), "second stop request: stopping at once");
+                return;
             }
         }
-        self.worker.shutdown().await;
+        if tasks.is_empty() {
+            return;
+        }
+        tracing::warn!(running = tasks.len(), "grace period over: cancelling the remaining executions");
+        self.abort.send_replace(true);
+        let bound = self.live().settings.cancel_grace + opts.delivery_deadline;
+        tokio::select! {
+            finished = tokio::time::timeout(bound, join_all(&mut tasks)) => {
+                if finished.is_err() {
+                    tracing::error!("gave up delivering the last results of {} executions", tasks.len());
+                }
+            }
+            _ = &mut at_once => tracing::warn!("second stop request: stopping at once"),
+        }
+    }
+
+    /// Applies a new configuration: a fresh worker (running jobs finish on
+    /// the old one), a new command list and hash, new policy and limits.
+    async fn reload(&self, setup: RunnerSetup, worker_opts: WorkerOptions) {
+        systemd::reloading();
+        tracing::info!("reloading: starting a fresh worker with the new configuration");
+        self.worker.reconfigure(worker_opts);
+        let discovered = match self.worker.discover().await {
+            Ok(discovered) => {
+                *self.lock_discovered() = discovered.clone();
+                discovered
+            }
+            Err(error) => {
+                tracing::error!(
+                    "the new worker could not list the commands ({error}); keeping the previous list"
+                );
+                self.lock_discovered().clone()
+            }
+        };
+        let live = Live::new(setup, &discovered);
+        let changed = *live.lock_hash() != *self.live().lock_hash();
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
+        if changed {
+            self.heartbeat_now.notify_one();
+        }
+        self.poll_now.notify_one();
+        systemd::ready("reloaded");
+        tracing::info!(commands_changed = changed, "reload applied");
+    }
+
+    /// Reports executions a previous run left unfinished.
+    fn recover_journal(&self) {
+        let Some(journal) = &self.journal else { return };
+        for entry in journal.entries() {
+            let live = self.live();
+            let spill = SpillOptions {
+                dir: live.opts.state_dir.join("spill"),
+                memory_limit: live.opts.outbox_memory_bytes,
+            };
+            let (client, gate, journal) = (live.client.clone(), self.gate.clone(), journal.clone());
+            self.lock_tasks().spawn(execution::recover(client, gate, journal, spill, entry));
+        }
     }
 
     async fn heartbeat_loop(self: Arc<Self>) {
         let mut failures = 0usize;
         let mut last_auth_log: Option<Instant> = None;
         let mut auth = self.gate.subscribe();
+        let mut announced = false;
         loop {
-            let wait = match self.heartbeat().await {
+            let interval = self.live().opts.heartbeat_interval;
+            let result = self.heartbeat().await;
+            if !announced {
+                // Ready once the first heartbeat was tried, whatever its outcome:
+                // an unreachable control plane must not fail the service's start.
+                announced = true;
+                systemd::ready(match &result {
+                    Ok(_) => "connected to the control plane",
+                    Err(_) => "running; the control plane has not answered yet",
+                });
+            }
+            let wait = match result {
                 Ok(_) => {
                     failures = 0;
-                    self.opts.heartbeat_interval
+                    interval
                 }
                 Err(error) if error.is_auth() => {
                     let wait = AUTH_BACKOFF[failures.min(AUTH_BACKOFF.len() - 1)];
@@ -175,12 +264,13 @@ impl Runner {
                 }
                 Err(error) => {
                     tracing::warn!("heartbeat failed: {error}");
-                    self.opts.heartbeat_interval
+                    interval
                 }
             };
             let valid_now = self.gate.get() == AuthState::Valid;
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = self.heartbeat_now.notified() => {}
                 // Another call was refused: start the backoff schedule now.
                 _ = auth.wait_for(|state| *state == AuthState::Failed), if valid_now => {}
             }
@@ -188,32 +278,21 @@ impl Runner {
     }
 
     async fn heartbeat(&self) -> Result<HeartbeatResponse, ApiError> {
+        let live = self.live();
         let info = self.worker.info();
         let request = HeartbeatRequest {
-            runner_version: self.opts.runner_version.clone(),
-            python_version: info
-                .as_ref()
-                .map(|i| i.python_version.clone())
-                .unwrap_or_default(),
-            django_version: info
-                .as_ref()
-                .map(|i| i.django_version.clone())
-                .unwrap_or_default(),
-            commands_hash: self.lock_hash().clone(),
+            runner_version: live.opts.runner_version.clone(),
+            python_version: info.as_ref().map(|i| i.python_version.clone()).unwrap_or_default(),
+            django_version: info.as_ref().map(|i| i.django_version.clone()).unwrap_or_default(),
+            commands_hash: live.lock_hash().clone(),
         };
-        let answer = match self.client.heartbeat(&request).await {
-            Ok(answer) => answer,
-            Err(error) => {
-                self.gate.observe(&error);
-                return Err(error);
-            }
-        };
+        let answer = live.client.heartbeat(&request).await.inspect_err(|e| self.gate.observe(e))?;
         if self.gate.set(AuthState::Valid) {
             tracing::info!("authenticated with the control plane");
         }
         self.follow_runner_state(&answer);
         if !answer.commands_in_sync {
-            self.sync().await?;
+            self.sync(&live).await?;
         }
         if answer.pending_executions > 0 {
             self.poll_now.notify_one();
@@ -223,28 +302,22 @@ impl Runner {
 
     fn follow_runner_state(&self, answer: &HeartbeatResponse) {
         let suspended = answer.runner_state == RunnerState::Suspended;
-        if self
-            .suspended
-            .send_if_modified(|current| std::mem::replace(current, suspended) != suspended)
-        {
+        if self.suspended.send_if_modified(|current| std::mem::replace(current, suspended) != suspended) {
             let reason = answer.suspension_reason.as_deref().unwrap_or("no reason given");
             if suspended {
                 tracing::warn!("runner suspended by the control plane ({reason}); polling paused");
+                systemd::status(&format!("suspended by the control plane: {reason}"));
             } else {
                 tracing::info!("runner active again; polling resumed");
+                systemd::status("active");
             }
         }
     }
 
-    async fn sync(&self) -> Result<(), ApiError> {
-        let answer = self
-            .client
-            .sync_commands(&SyncRequest {
-                commands: self.synced.clone(),
-            })
-            .await
-            .inspect_err(|e| self.gate.observe(e))?;
-        let mut hash = self.lock_hash();
+    async fn sync(&self, live: &Live) -> Result<(), ApiError> {
+        let request = SyncRequest { commands: live.synced.clone() };
+        let answer = live.client.sync_commands(&request).await.inspect_err(|e| self.gate.observe(e))?;
+        let mut hash = live.lock_hash();
         if let Some(theirs) = answer.commands_hash.filter(|theirs| *theirs != *hash) {
             // Adopting it stops a disagreement from syncing on every heartbeat.
             tracing::warn!(ours = %hash, %theirs, "the control plane hashed our commands differently; using its hash");
@@ -260,18 +333,23 @@ impl Runner {
         loop {
             let _ = auth.wait_for(|state| *state == AuthState::Valid).await;
             let _ = suspended.wait_for(|suspended| !suspended).await;
-            if self.slots.available_permits() > 0 {
+            if self.free_slots() > 0 {
                 self.poll().await;
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.opts.poll_interval) => {}
+                _ = tokio::time::sleep(self.live().opts.poll_interval) => {}
                 _ = self.poll_now.notified() => {}
             }
         }
     }
 
+    fn free_slots(&self) -> usize {
+        self.live().opts.max_concurrent.saturating_sub(self.lock_running().len())
+    }
+
     async fn poll(self: &Arc<Self>) {
-        let pending = match self.client.pending().await {
+        let live = self.live();
+        let pending = match live.client.pending().await {
             Ok(pending) => pending,
             Err(error) => {
                 self.gate.observe(&error);
@@ -287,21 +365,22 @@ impl Runner {
                     continue;
                 }
             };
-            if !self.lock_running().insert(execution.id.clone()) {
-                continue; // already running here
+            {
+                let mut running = self.lock_running();
+                if running.contains(&execution.id) {
+                    continue; // already running here
+                }
+                if running.len() >= live.opts.max_concurrent {
+                    break; // full: leave it (and the rest) queued on the server
+                }
+                running.insert(execution.id.clone());
             }
-            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                // Full: leave it (and the rest) queued on the server.
-                self.lock_running().remove(&execution.id);
-                break;
-            };
             let runner = self.clone();
-            let ctx = self.execution_context();
+            let ctx = self.execution_context(&live);
             self.lock_tasks().spawn(async move {
                 let id = execution.id.clone();
                 execution::run(ctx, execution).await;
                 runner.lock_running().remove(&id);
-                drop(slot);
                 runner.poll_now.notify_one();
             });
         }
@@ -310,22 +389,27 @@ impl Runner {
         while tasks.try_join_next().is_some() {}
     }
 
-    fn execution_context(&self) -> ExecutionContext {
+    fn execution_context(&self, live: &Live) -> ExecutionContext {
         ExecutionContext {
-            client: self.client.clone(),
+            client: live.client.clone(),
             worker: self.worker.clone(),
             gate: self.gate.clone(),
-            settings: self.settings.clone(),
+            settings: live.settings.clone(),
             abort: self.abort.subscribe(),
             spill: SpillOptions {
-                dir: self.opts.state_dir.join("spill"),
-                memory_limit: self.opts.outbox_memory_bytes,
+                dir: live.opts.state_dir.join("spill"),
+                memory_limit: live.opts.outbox_memory_bytes,
             },
+            journal: self.journal.clone(),
         }
     }
 
-    fn lock_hash(&self) -> std::sync::MutexGuard<'_, String> {
-        self.hash.lock().unwrap_or_else(|e| e.into_inner())
+    fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn lock_discovered(&self) -> std::sync::MutexGuard<'_, Vec<CommandInfo>> {
+        self.discovered.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_running(&self) -> std::sync::MutexGuard<'_, HashSet<ExecutionId>> {
@@ -334,6 +418,35 @@ impl Runner {
 
     fn lock_tasks(&self) -> std::sync::MutexGuard<'_, JoinSet<()>> {
         self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Live {
+    fn new(setup: RunnerSetup, discovered: &[CommandInfo]) -> Self {
+        let spill_dir = setup.opts.state_dir.join("spill");
+        if let Err(error) = std::fs::create_dir_all(&spill_dir) {
+            tracing::error!(
+                "cannot create {}: {error}; undelivered output will stay in memory",
+                spill_dir.display()
+            );
+        }
+        let mut synced = synced_commands(discovered, &setup.settings.policy);
+        for command in &mut synced {
+            command.bound_args = setup.bound_args_labels.get(&command.name).cloned();
+        }
+        let hash = commands_hash(&synced);
+        tracing::info!(discovered = discovered.len(), synced = synced.len(), %hash, "commands discovered");
+        Self {
+            client: setup.client,
+            opts: setup.opts,
+            settings: Arc::new(setup.settings),
+            synced,
+            hash: Mutex::new(hash),
+        }
+    }
+
+    fn lock_hash(&self) -> std::sync::MutexGuard<'_, String> {
+        self.hash.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -24,15 +24,8 @@ pub enum StateError {
 
 /// Creates the state directory (0700: output waiting for delivery may be in it).
 pub fn prepare(dir: &Path) -> Result<PathBuf, StateError> {
-    let io = |error| StateError::Io {
-        path: dir.display().to_string(),
-        error,
-    };
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io)?;
+    let io = |error| StateError::Io { path: dir.display().to_string(), error };
+    DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
     let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode();
     if mode & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
@@ -48,10 +41,7 @@ pub struct InstanceLock {
 impl InstanceLock {
     pub fn acquire(dir: &Path) -> Result<Self, StateError> {
         let path = dir.join(LOCK_FILE);
-        let io = |error| StateError::Io {
-            path: path.display().to_string(),
-            error,
-        };
+        let io = |error| StateError::Io { path: path.display().to_string(), error };
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -66,10 +56,7 @@ impl InstanceLock {
                 let mut pid = String::new();
                 let _ = file.read_to_string(&mut pid);
                 let pid = pid.trim().to_string();
-                return Err(StateError::AlreadyRunning {
-                    pid,
-                    path: path.display().to_string(),
-                });
+                return Err(StateError::AlreadyRunning { pid, path: path.display().to_string() });
             }
         };
         file.set_len(0).map_err(io)?;

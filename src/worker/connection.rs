@@ -64,33 +64,20 @@ struct JobSlot {
 impl Connection {
     /// Starts a worker and waits for its hello.
     pub async fn open(opts: &WorkerOptions) -> Result<Arc<Self>, StartError> {
-        let spawned = process::spawn(opts).await.map_err(|error| StartError::Spawn {
-            python: opts.python.display().to_string(),
-            error,
-        })?;
+        let spawned = process::spawn(opts)
+            .await
+            .map_err(|error| StartError::Spawn { python: opts.python.display().to_string(), error })?;
         let (read, write) = spawned.socket.into_split();
         let mut reader = FrameReader::new(read);
         let mut child = spawned.child;
 
         let first = tokio::time::timeout(opts.startup_timeout, reader.next::<Event>()).await;
         let info = match first {
-            Ok(Ok(Some(Event::Hello {
-                protocol,
-                pid,
-                python_version,
-                django_version,
-            }))) => {
+            Ok(Ok(Some(Event::Hello { protocol, pid, python_version, django_version }))) => {
                 if protocol != PROTOCOL_VERSION {
-                    return Err(StartError::ProtocolMismatch {
-                        theirs: protocol,
-                        ours: PROTOCOL_VERSION,
-                    });
+                    return Err(StartError::ProtocolMismatch { theirs: protocol, ours: PROTOCOL_VERSION });
                 }
-                WorkerInfo {
-                    pid,
-                    python_version,
-                    django_version,
-                }
+                WorkerInfo { pid, python_version, django_version }
             }
             Ok(Ok(Some(Event::StartupFailed { error, .. }))) => {
                 let _ = child.wait().await;
@@ -100,17 +87,10 @@ impl Connection {
                 return Err(StartError::Protocol(format!("expected a hello, got {other:?}")));
             }
             Ok(Ok(None)) => {
-                let status = child
-                    .wait()
-                    .await
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|e| e.to_string());
+                let status = child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                 // Let the output forwarder catch the last lines.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                return Err(StartError::ExitedEarly {
-                    status,
-                    output: spawned.stderr_tail.text(),
-                });
+                return Err(StartError::ExitedEarly { status, output: spawned.stderr_tail.text() });
             }
             Ok(Err(err)) => return Err(StartError::Protocol(err.to_string())),
             Err(_) => return Err(StartError::Timeout(opts.startup_timeout)),
@@ -118,19 +98,8 @@ impl Connection {
 
         let state = Arc::new(Mutex::new(State::default()));
         let (closed_tx, closed) = watch::channel(None);
-        tokio::spawn(read_events(
-            reader,
-            child,
-            state.clone(),
-            closed_tx,
-            spawned.stderr_tail,
-        ));
-        Ok(Arc::new(Self {
-            info,
-            writer: tokio::sync::Mutex::new(FrameWriter::new(write)),
-            state,
-            closed,
-        }))
+        tokio::spawn(read_events(reader, child, state.clone(), closed_tx, spawned.stderr_tail));
+        Ok(Arc::new(Self { info, writer: tokio::sync::Mutex::new(FrameWriter::new(write)), state, closed }))
     }
 
     pub fn is_closed(&self) -> bool {
@@ -186,18 +155,10 @@ impl Connection {
             if let Some(reason) = &state.ended {
                 return Err(RequestError::WorkerGone(reason.clone()));
             }
-            let slot = JobSlot {
-                pid: None,
-                started: Some(started_tx),
-                exited: Some(exited_tx),
-            };
+            let slot = JobSlot { pid: None, started: Some(started_tx), exited: Some(exited_tx) };
             state.jobs.insert(job, slot);
         }
-        let request = Request::Run {
-            job,
-            command: command.to_string(),
-            args: args.to_vec(),
-        };
+        let request = Request::Run { job, command: command.to_string(), args: args.to_vec() };
         let sent = self.send(&request, &[stdout.as_fd(), stderr.as_fd()]).await;
         // Our copies must close now, or the pipes would never reach EOF.
         drop((stdout, stderr));
@@ -221,14 +182,7 @@ impl Connection {
     /// Signals the job's process group through the worker, which knows
     /// whether the job is still alive (so a recycled pid is never hit).
     pub async fn signal(&self, job: JobId, signal: Signal) -> Result<(), RequestError> {
-        self.send(
-            &Request::Signal {
-                job,
-                signal: signal as i32,
-            },
-            &[],
-        )
-        .await
+        self.send(&Request::Signal { job, signal: signal as i32 }, &[]).await
     }
 
     /// Asks the worker to exit once its running jobs have ended.
@@ -246,12 +200,7 @@ impl Connection {
     }
 
     async fn send(&self, request: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), RequestError> {
-        self.writer
-            .lock()
-            .await
-            .send(request, fds)
-            .await
-            .map_err(RequestError::Send)
+        self.writer.lock().await.send(request, fds).await.map_err(RequestError::Send)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

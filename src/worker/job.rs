@@ -131,15 +131,7 @@ impl Job {
         end: oneshot::Receiver<JobEnd>,
         control: Control,
     ) -> Self {
-        Self {
-            id,
-            pid,
-            stdout: outputs.0,
-            stderr: outputs.1,
-            end: Some(end),
-            ended: None,
-            control,
-        }
+        Self { id, pid, stdout: outputs.0, stderr: outputs.1, end: Some(end), ended: None, control }
     }
 
     /// Waits for the job to end. Safe to call again, and to cancel (e.g.
@@ -149,9 +141,7 @@ impl Job {
             return ended.clone();
         }
         let outcome = match self.end.as_mut() {
-            Some(end) => end
-                .await
-                .unwrap_or_else(|_| JobEnd::Lost("job tracking was dropped".into())),
+            Some(end) => end.await.unwrap_or_else(|_| JobEnd::Lost("job tracking was dropped".into())),
             None => JobEnd::Lost("job tracking was dropped".into()),
         };
         self.ended = Some(outcome.clone());

@@ -52,7 +52,12 @@ pub struct WorkerOptions {
     pub spawn_commands: BTreeSet<String>,
     /// Start a fresh worker after this many jobs (`None`: never).
     pub recycle_after_jobs: Option<u64>,
+    /// Start a fresh worker once the worker's own RSS exceeds this many
+    /// bytes (`None`: never). Checked every [`RSS_CHECK_INTERVAL`].
+    pub recycle_above_rss: Option<u64>,
 }
+
+pub const RSS_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What the worker said about itself in its hello.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +102,8 @@ pub struct Worker {
 }
 
 struct Shared {
-    opts: WorkerOptions,
+    /// Replaced on reload; a worker started after that uses the new options.
+    opts: Mutex<WorkerOptions>,
     /// The worker taking new jobs; `None` while it is being (re)started.
     current: watch::Sender<Option<Arc<Connection>>>,
     /// Why the last start failed, for jobs that find no worker.
@@ -134,7 +140,7 @@ impl Worker {
         );
         let (current, _) = watch::channel(Some(first.clone()));
         let shared = Arc::new(Shared {
-            opts,
+            opts: Mutex::new(opts),
             current,
             last_start_error: Mutex::new(None),
             next_job: AtomicU64::new(1),
@@ -155,35 +161,22 @@ impl Worker {
     /// Every management command of the project, as the worker loaded them.
     pub async fn discover(&self) -> Result<Vec<CommandInfo>, JobError> {
         let connection = self.connection().await?;
-        Ok(connection.discover(self.shared.opts.startup_timeout).await?)
+        Ok(connection.discover(self.shared.opts().startup_timeout).await?)
     }
 
     /// Starts `command` with `args` (never through a shell).
     pub async fn spawn_job(&self, command: &str, args: &[String], output: Output) -> Result<Job, JobError> {
         let id = self.shared.next_job.fetch_add(1, Ordering::Relaxed);
         let outputs = JobOutputs::new(output).map_err(JobError::Pipes)?;
-        let opts = &self.shared.opts;
+        let opts = self.shared.opts();
         if opts.isolation == Isolation::Spawn || opts.spawn_commands.contains(command) {
-            return subprocess::start(opts, id, command, args, outputs).map_err(JobError::Subprocess);
+            return subprocess::start(&opts, id, command, args, outputs).map_err(JobError::Subprocess);
         }
         let connection = self.connection().await?;
-        let JobOutputs {
-            stdout_write,
-            stderr_write,
-            stdout,
-            stderr,
-        } = outputs;
-        let (pid, end) = connection
-            .run(id, command, args, stdout_write, stderr_write)
-            .await?;
+        let JobOutputs { stdout_write, stderr_write, stdout, stderr } = outputs;
+        let (pid, end) = connection.run(id, command, args, stdout_write, stderr_write).await?;
         self.count_job_for_recycling();
-        Ok(Job::new(
-            id,
-            pid,
-            (stdout, stderr),
-            end,
-            Control::Worker(connection),
-        ))
+        Ok(Job::new(id, pid, (stdout, stderr), end, Control::Worker(connection)))
     }
 
     /// Starts a fresh worker for new jobs; the current one finishes its jobs
@@ -192,6 +185,14 @@ impl Worker {
     pub fn recycle(&self) {
         self.shared.current.send_replace(None);
         self.shared.recycle.notify_one();
+    }
+
+    /// Uses `opts` from now on and recycles the worker, so freshly deployed
+    /// code (and changed settings) are picked up; running jobs finish on the
+    /// old worker.
+    pub fn reconfigure(&self, opts: WorkerOptions) {
+        *self.shared.opts.lock().unwrap_or_else(|e| e.into_inner()) = opts;
+        self.recycle();
     }
 
     /// Stops the worker now; jobs still running on it are killed with it.
@@ -205,12 +206,7 @@ impl Worker {
 
     fn count_job_for_recycling(&self) {
         let done = self.shared.jobs_on_current.fetch_add(1, Ordering::Relaxed) + 1;
-        if self
-            .shared
-            .opts
-            .recycle_after_jobs
-            .is_some_and(|limit| done >= limit)
-        {
+        if self.shared.opts().recycle_after_jobs.is_some_and(|limit| done >= limit) {
             self.shared.jobs_on_current.store(0, Ordering::Relaxed);
             self.recycle();
         }
@@ -220,24 +216,23 @@ impl Worker {
     async fn connection(&self) -> Result<Arc<Connection>, JobError> {
         let mut current = self.shared.current.subscribe();
         let wait = current.wait_for(|c| c.as_ref().is_some_and(|c| !c.is_closed()));
-        let live = match tokio::time::timeout(self.shared.opts.startup_timeout, wait).await {
+        let live = match tokio::time::timeout(self.shared.opts().startup_timeout, wait).await {
             Ok(Ok(connection)) => connection.clone(),
             _ => None,
         };
         match live {
             Some(connection) => Ok(connection),
             None => {
-                let last = self
-                    .shared
-                    .last_start_error
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                Err(JobError::NoWorker(
-                    last.unwrap_or_else(|| "the worker is restarting".into()),
-                ))
+                let last = self.shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                Err(JobError::NoWorker(last.unwrap_or_else(|| "the worker is restarting".into())))
             }
         }
+    }
+}
+
+impl Shared {
+    fn opts(&self) -> WorkerOptions {
+        self.opts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -245,9 +240,22 @@ impl Worker {
 /// recycle, and stops on shutdown.
 async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>) {
     let mut crashes = 0usize;
+    let mut rss_check = tokio::time::interval(RSS_CHECK_INTERVAL);
     loop {
         let started = tokio::time::Instant::now();
+        let rss_limit = shared.opts().recycle_above_rss;
         tokio::select! {
+            _ = rss_check.tick(), if rss_limit.is_some() => {
+                let pid = connection.info.pid;
+                match (resident_bytes(pid), rss_limit) {
+                    (Some(rss), Some(limit)) if rss > limit => {
+                        tracing::info!(pid, rss, limit, "worker above its memory limit; recycling it");
+                        shared.current.send_replace(None);
+                        connection.retire().await;
+                    }
+                    _ => continue,
+                }
+            }
             reason = connection.closed() => {
                 // Clear it unless a recycle already did.
                 shared.current.send_if_modified(|current| {
@@ -280,13 +288,21 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
     }
 }
 
+/// A process's resident set size, from /proc.
+fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Starts a worker, waiting longer between attempts the more have failed.
 async fn start_with_backoff(shared: &Shared, failures: &mut usize) -> Arc<Connection> {
     loop {
         if *failures > 0 {
             tokio::time::sleep(RESTART_BACKOFF[(*failures - 1).min(RESTART_BACKOFF.len() - 1)]).await;
         }
-        match Connection::open(&shared.opts).await {
+        match Connection::open(&shared.opts()).await {
             Ok(connection) => {
                 *shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 tracing::info!(pid = connection.info.pid, "worker ready");

@@ -96,11 +96,7 @@ pub(super) async fn spawn(opts: &WorkerOptions) -> std::io::Result<Spawned> {
     let stderr_tail = StderrTail::default();
     tokio::spawn(forward_worker_output(log_read, stderr_tail.clone()));
     let socket = UnixStream::from_std(std::os::unix::net::UnixStream::from(ours))?;
-    Ok(Spawned {
-        child,
-        socket,
-        stderr_tail,
-    })
+    Ok(Spawned { child, socket, stderr_tail })
 }
 
 /// Runs in the forked child before exec: leaves the worker's socket end on

@@ -62,11 +62,5 @@ pub(super) fn start(
         };
         let _ = end_tx.send(end);
     });
-    Ok(Job::new(
-        id,
-        pid,
-        (outputs.stdout, outputs.stderr),
-        end_rx,
-        Control::Subprocess { exited },
-    ))
+    Ok(Job::new(id, pid, (outputs.stdout, outputs.stderr), end_rx, Control::Subprocess { exited }))
 }

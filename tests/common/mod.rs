@@ -39,9 +39,7 @@ pub struct TestDb {
 
 impl TestDb {
     pub fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().expect("temp dir"),
-        }
+        Self { dir: tempfile::tempdir().expect("temp dir") }
     }
 
     pub fn path(&self) -> PathBuf {
@@ -59,6 +57,7 @@ pub fn options(db: &TestDb) -> WorkerOptions {
         isolation: Isolation::Fork,
         spawn_commands: BTreeSet::new(),
         recycle_after_jobs: None,
+        recycle_above_rss: None,
     }
 }
 
@@ -84,11 +83,7 @@ pub async fn finish(mut job: Job) -> Finished {
     let stdout = tokio::spawn(read_all(job.stdout.take()));
     let stderr = tokio::spawn(read_all(job.stderr.take()));
     let end = job.wait().await;
-    Finished {
-        end,
-        stdout: stdout.await.unwrap(),
-        stderr: stderr.await.unwrap(),
-    }
+    Finished { end, stdout: stdout.await.unwrap(), stderr: stderr.await.unwrap() }
 }
 
 pub async fn read_all(pipe: Option<tokio::net::unix::pipe::Receiver>) -> Vec<u8> {
@@ -101,10 +96,7 @@ pub async fn read_all(pipe: Option<tokio::net::unix::pipe::Receiver>) -> Vec<u8>
 
 pub async fn run(worker: &Worker, command: &str, args: &[&str]) -> Finished {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let job = worker
-        .spawn_job(command, &args, Output::Capture)
-        .await
-        .expect("job starts");
+    let job = worker.spawn_job(command, &args, Output::Capture).await.expect("job starts");
     finish(job).await
 }
 
@@ -125,12 +117,7 @@ pub fn run_manage_py(db: &TestDb, command: &str, args: &[&str]) -> std::process:
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => false,
     }
 }

@@ -35,14 +35,9 @@ impl ControlPlane {
             .spawn()
             .expect("start dccontrol");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .expect("dccontrol announces its address")
-            .to_string();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url =
+            line.trim().strip_prefix("listening on ").expect("dccontrol announces its address").to_string();
         Self { child, url }
     }
 
@@ -78,15 +73,12 @@ impl ControlPlane {
     }
 
     pub async fn execution(&self, id: &str) -> Value {
-        self.call("GET", &format!("/api/operator/executions/{id}"), None)
-            .await
-            .1
+        self.call("GET", &format!("/api/operator/executions/{id}"), None).await.1
     }
 
     /// Polls until the execution reaches a final status.
     pub async fn wait_done(&self, id: &str, limit: Duration) -> Value {
-        self.wait_status(id, limit, |s| !matches!(s, "pending" | "running"))
-            .await
+        self.wait_status(id, limit, |s| !matches!(s, "pending" | "running")).await
     }
 
     pub async fn wait_status(&self, id: &str, limit: Duration, wanted: impl Fn(&str) -> bool) -> Value {
@@ -106,10 +98,7 @@ impl ControlPlane {
 
     pub async fn requests(&self) -> Vec<Value> {
         let (status, log) = self.call("GET", "/api/operator/requests", None).await;
-        log["requests"]
-            .as_array()
-            .cloned()
-            .unwrap_or_else(|| panic!("no request log: {status} {log}"))
+        log["requests"].as_array().cloned().unwrap_or_else(|| panic!("no request log: {status} {log}"))
     }
 
     pub async fn fault(&self, spec: Value) {
@@ -166,11 +155,7 @@ impl Supervisor {
     pub fn start(url: &str, policy: &str, extra: &str) -> Self {
         let db = TestDb::new();
         let dir = tempfile::tempdir().unwrap();
-        let runner = if extra.contains("[runner]") {
-            String::new()
-        } else {
-            FAST.to_string()
-        };
+        let runner = if extra.contains("[runner]") { String::new() } else { FAST.to_string() };
         let config = format!(
             "[server]\nurl = {url:?}\napi_key = {KEY:?}\nheartbeat_interval = 5\nrequest_timeout = 5\n\n\
              [django]\nproject_dir = {project:?}\nsettings_module = \"demo_project.settings\"\npython = {python:?}\n\

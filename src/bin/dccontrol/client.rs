@@ -25,24 +25,11 @@ pub enum ClientError {
     #[error("cannot reach the control plane at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("the control plane at {url} did not answer {method} {path} within {} s", CALL_TIMEOUT.as_secs())]
-    Timeout {
-        url: String,
-        method: Method,
-        path: String,
-    },
+    Timeout { url: String, method: Method, path: String },
     #[error("the control plane refused {method} {path}: {status}: {detail}")]
-    Refused {
-        method: Method,
-        path: String,
-        status: StatusCode,
-        detail: String,
-    },
+    Refused { method: Method, path: String, status: StatusCode, detail: String },
     #[error("unexpected answer to {method} {path}: {reason}")]
-    BadAnswer {
-        method: Method,
-        path: String,
-        reason: String,
-    },
+    BadAnswer { method: Method, path: String, reason: String },
 }
 
 /// A client of one control plane, with its key.
@@ -127,35 +114,23 @@ impl ControlClient {
         };
         let response = self.http.request(request).await.map_err(|e| unreachable(&e))?;
         let status = response.status();
-        let answer = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| unreachable(&e))?
-            .to_bytes();
+        let answer = response.into_body().collect().await.map_err(|e| unreachable(&e))?.to_bytes();
         Ok((status, answer))
     }
 }
 
 /// Checks the URL is plain HTTP to a loopback host, and keeps its origin.
 fn base_url(url: &str) -> Result<String, ClientError> {
-    let bad = |reason| ClientError::BadUrl {
-        url: url.to_string(),
-        reason,
-    };
+    let bad = |reason| ClientError::BadUrl { url: url.to_string(), reason };
     let uri: Uri = url.parse().map_err(|_| bad("expected http://127.0.0.1:PORT"))?;
     if uri.scheme_str() != Some("http") {
-        return Err(bad(
-            "dccontrol speaks plain http:// to a local control plane only",
-        ));
+        return Err(bad("dccontrol speaks plain http:// to a local control plane only"));
     }
     let authority = uri.authority().ok_or_else(|| bad("no host"))?;
     let host = authority.host().trim_start_matches('[').trim_end_matches(']');
     let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
     if !loopback {
-        return Err(bad(
-            "the host must be a loopback address (127.0.0.1, ::1, localhost)",
-        ));
+        return Err(bad("the host must be a loopback address (127.0.0.1, ::1, localhost)"));
     }
     if !matches!(uri.path(), "" | "/") {
         return Err(bad("give the server's origin only, without a path"));
@@ -185,11 +160,9 @@ fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
 /// The text of an error answer: its `detail` or `error` field, else the body.
 fn error_detail(body: &[u8]) -> String {
     let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-    let field = parsed.as_ref().and_then(|value| {
-        ["detail", "error"]
-            .iter()
-            .find_map(|key| value.get(key).and_then(|v| v.as_str()))
-    });
+    let field = parsed
+        .as_ref()
+        .and_then(|value| ["detail", "error"].iter().find_map(|key| value.get(key).and_then(|v| v.as_str())));
     match field {
         Some(text) => text.to_string(),
         None => String::from_utf8_lossy(body).trim().to_string(),
@@ -202,10 +175,7 @@ mod tests {
 
     #[test]
     fn only_plain_http_to_loopback_is_accepted() {
-        assert_eq!(
-            base_url("http://127.0.0.1:8765").unwrap(),
-            "http://127.0.0.1:8765"
-        );
+        assert_eq!(base_url("http://127.0.0.1:8765").unwrap(), "http://127.0.0.1:8765");
         assert_eq!(base_url("http://[::1]:8765/").unwrap(), "http://[::1]:8765");
         assert_eq!(base_url("http://localhost:1").unwrap(), "http://localhost:1");
         for bad in [
@@ -221,10 +191,7 @@ mod tests {
 
     #[test]
     fn error_text_prefers_the_detail_field() {
-        assert_eq!(
-            error_detail(br#"{"detail": "Invalid API key"}"#),
-            "Invalid API key"
-        );
+        assert_eq!(error_detail(br#"{"detail": "Invalid API key"}"#), "Invalid API key");
         assert_eq!(error_detail(br#"{"error": "quota"}"#), "quota");
         assert_eq!(error_detail(b"Bad Gateway\n"), "Bad Gateway");
     }

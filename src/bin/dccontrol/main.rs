@@ -25,11 +25,7 @@ use crate::operator::{OperatorError, RunOptions};
 const DEFAULT_API_KEY: &str = "dc_local_demo_key";
 
 #[derive(Parser)]
-#[command(
-    name = "dccontrol",
-    version,
-    about = "A local DjangoCommand control plane, for tests and demos"
-)]
+#[command(name = "dccontrol", version, about = "A local DjangoCommand control plane, for tests and demos")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -116,9 +112,9 @@ fn loopback_address(text: &str) -> Result<SocketAddr, String> {
             .parse::<u16>()
             .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
             .map_err(|e| format!("bad port {port:?}: {e}"))?,
-        None => text
-            .parse::<SocketAddr>()
-            .map_err(|e| format!("expected an address like 127.0.0.1:8765: {e}"))?,
+        None => {
+            text.parse::<SocketAddr>().map_err(|e| format!("expected an address like 127.0.0.1:8765: {e}"))?
+        }
     };
     if !address.ip().is_loopback() {
         return Err(format!(
@@ -192,10 +188,7 @@ mod tests {
     fn only_loopback_addresses_are_served() {
         assert!(loopback_address("127.0.0.1:0").is_ok());
         assert!(loopback_address("[::1]:8765").is_ok());
-        assert_eq!(
-            loopback_address("localhost:8765").unwrap(),
-            "127.0.0.1:8765".parse().unwrap()
-        );
+        assert_eq!(loopback_address("localhost:8765").unwrap(), "127.0.0.1:8765".parse().unwrap());
         assert!(loopback_address("0.0.0.0:8765").is_err());
         assert!(loopback_address("192.168.1.2:80").is_err());
         assert!(loopback_address("example.com:80").is_err());

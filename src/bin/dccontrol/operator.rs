@@ -104,11 +104,8 @@ impl ChunkPrinter {
 }
 
 fn write_chunk(chunk: &ChunkView) -> std::io::Result<()> {
-    let mut out: Box<dyn Write> = if chunk.is_stderr {
-        Box::new(std::io::stderr().lock())
-    } else {
-        Box::new(std::io::stdout().lock())
-    };
+    let mut out: Box<dyn Write> =
+        if chunk.is_stderr { Box::new(std::io::stderr().lock()) } else { Box::new(std::io::stdout().lock()) };
     for segment in &chunk.segments {
         out.write_all(segment.content.as_bytes())?;
     }
@@ -122,9 +119,7 @@ fn exit_status(exit_code: Option<i32>) -> u8 {
 
 /// `[success, exit code 0, 0.012 s]`
 fn status_line(summary: &ExecutionSummary) -> String {
-    let code = summary
-        .exit_code
-        .map_or_else(|| "no exit code".to_string(), |c| format!("exit code {c}"));
+    let code = summary.exit_code.map_or_else(|| "no exit code".to_string(), |c| format!("exit code {c}"));
     let duration = match (summary.started_at, summary.completed_at) {
         (Some(start), Some(end)) => format!(", {:.3} s", (end - start).max(0.0)),
         _ => String::new(),
@@ -148,18 +143,13 @@ pub async fn list(client: &ControlClient) -> Result<u8, OperatorError> {
         return Ok(0);
     }
     let now = unix_now();
-    println!(
-        "{:<36}  {:<9}  {:>4}  {:>6}  COMMAND",
-        "ID", "STATUS", "EXIT", "AGE"
-    );
+    println!("{:<36}  {:<9}  {:>4}  {:>6}  COMMAND", "ID", "STATUS", "EXIT", "AGE");
     for execution in &list.executions {
         println!(
             "{:<36}  {:<9}  {:>4}  {:>6}  {}",
             execution.id,
             execution.status.as_str(),
-            execution
-                .exit_code
-                .map_or_else(|| "-".to_string(), |c| c.to_string()),
+            execution.exit_code.map_or_else(|| "-".to_string(), |c| c.to_string()),
             age(now - execution.created_at),
             command_line(execution),
         );
@@ -172,10 +162,7 @@ pub async fn show(client: &ControlClient, id: &str, json: bool) -> Result<u8, Op
     let path = detail_path(&id);
     if json {
         let raw: serde_json::Value = client.get(&path).await?;
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&raw).expect("a JSON value serializes")
-        );
+        println!("{}", serde_json::to_string_pretty(&raw).expect("a JSON value serializes"));
         return Ok(0);
     }
     let detail: ExecutionDetail = client.get(&path).await?;
@@ -199,15 +186,8 @@ fn summary_text(detail: &ExecutionDetail) -> String {
     if let (Some(start), Some(end)) = (summary.started_at, summary.completed_at) {
         text.push_str(&format!(", ran {:.3} s", (end - start).max(0.0)));
     }
-    text.push_str(&format!(
-        "\nqueued     {} ago\n",
-        age(unix_now() - summary.created_at)
-    ));
-    let mode = if summary.use_metadata_only_mode {
-        ", metadata-only mode"
-    } else {
-        ""
-    };
+    text.push_str(&format!("\nqueued     {} ago\n", age(unix_now() - summary.created_at)));
+    let mode = if summary.use_metadata_only_mode { ", metadata-only mode" } else { "" };
     text.push_str(&format!("timeout    {} s{mode}\n", summary.timeout));
     if detail.cancel_requested {
         let how = if detail.force_kill { "kill" } else { "cancel" };
@@ -232,11 +212,7 @@ fn output_text(chunks: &[ChunkView]) -> String {
             at_line_start = true;
         }
         last_stream = Some(stream);
-        for line in chunk
-            .segments
-            .iter()
-            .flat_map(|s| s.content.split_inclusive('\n'))
-        {
+        for line in chunk.segments.iter().flat_map(|s| s.content.split_inclusive('\n')) {
             if at_line_start {
                 text.push_str(stream);
                 text.push_str("| ");
@@ -284,10 +260,7 @@ mod tests {
         ChunkView {
             chunk_number: number,
             is_stderr,
-            segments: vec![Segment {
-                timestamp: Some(1.0),
-                content: content.into(),
-            }],
+            segments: vec![Segment { timestamp: Some(1.0), content: content.into() }],
         }
     }
 
@@ -302,11 +275,7 @@ mod tests {
 
     #[test]
     fn output_marks_each_line_with_its_stream() {
-        let chunks = [
-            chunk(1, false, "one\npart"),
-            chunk(2, false, "ial\n"),
-            chunk(3, true, "warn"),
-        ];
+        let chunks = [chunk(1, false, "one\npart"), chunk(2, false, "ial\n"), chunk(3, true, "warn")];
         assert_eq!(
             output_text(&chunks),
             "output     3 chunk(s)\nstdout| one\nstdout| partial\nstderr| warn\n"
@@ -318,12 +287,7 @@ mod tests {
         let mut printer = ChunkPrinter::default();
         printer.print_new(&[chunk(2, false, "")], false).unwrap();
         assert!(printer.printed.is_empty());
-        printer
-            .print_new(
-                &[chunk(1, false, ""), chunk(2, false, ""), chunk(4, false, "")],
-                false,
-            )
-            .unwrap();
+        printer.print_new(&[chunk(1, false, ""), chunk(2, false, ""), chunk(4, false, "")], false).unwrap();
         assert_eq!(printer.printed, BTreeSet::from([1, 2]));
         printer.print_new(&[chunk(4, false, "")], true).unwrap();
         assert_eq!(printer.printed, BTreeSet::from([1, 2, 4]));

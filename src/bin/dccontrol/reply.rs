@@ -22,11 +22,7 @@ pub struct Reply {
 impl Reply {
     pub fn json(status: StatusCode, value: &impl Serialize) -> Self {
         let body = serde_json::to_vec(value).expect("answers are plain JSON data");
-        Self {
-            status,
-            body: body.into(),
-            retry_after: None,
-        }
+        Self { status, body: body.into(), retry_after: None }
     }
 
     pub fn ok() -> Self {
@@ -42,23 +38,15 @@ impl Reply {
     }
 
     pub fn raw(status: StatusCode, body: String) -> Self {
-        Self {
-            status,
-            body: body.into(),
-            retry_after: None,
-        }
+        Self { status, body: body.into(), retry_after: None }
     }
 
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let mut builder = Response::builder()
-            .status(self.status)
-            .header(CONTENT_TYPE, "application/json");
+        let mut builder = Response::builder().status(self.status).header(CONTENT_TYPE, "application/json");
         if let Some(seconds) = self.retry_after {
             builder = builder.header(RETRY_AFTER, seconds);
         }
-        builder
-            .body(Full::new(self.body))
-            .expect("status and headers are valid")
+        builder.body(Full::new(self.body)).expect("status and headers are valid")
     }
 }
 

@@ -119,24 +119,16 @@ pub fn operator(store: &mut Store, method: &Method, path: &str, body: &[u8], now
     let segments: Vec<&str> = inner.trim_end_matches('/').split('/').collect();
     let answer = match (method.as_str(), segments.as_slice()) {
         ("POST", ["executions"]) => parse_body(body).map(|request: NewExecution| queue(store, request, now)),
-        ("GET", ["executions"]) => Ok(Reply::json(
-            StatusCode::OK,
-            &ExecutionList {
-                executions: store.list(),
-            },
-        )),
+        ("GET", ["executions"]) => {
+            Ok(Reply::json(StatusCode::OK, &ExecutionList { executions: store.list() }))
+        }
         ("GET", ["executions", id]) => parse_id(id)
             .and_then(|id| Ok(store.detail(&id)?))
             .map(|detail| Reply::json(StatusCode::OK, &detail)),
         ("POST", ["executions", id, "cancel"]) => cancel(store, id, body),
         ("POST", ["runner-state"]) => set_runner_state(store, body),
         ("GET", ["state"]) => Ok(Reply::json(StatusCode::OK, &store.state())),
-        ("GET", ["requests"]) => Ok(Reply::json(
-            StatusCode::OK,
-            &RequestLog {
-                requests: store.requests(),
-            },
-        )),
+        ("GET", ["requests"]) => Ok(Reply::json(StatusCode::OK, &RequestLog { requests: store.requests() })),
         ("DELETE", ["requests"]) => {
             store.clear_requests();
             Ok(Reply::ok())
@@ -166,19 +158,11 @@ fn queue(store: &mut Store, request: NewExecution, now: f64) -> Reply {
 fn cancel(store: &mut Store, id: &str, body: &[u8]) -> Answer {
     let id = parse_id(id)?;
     // An empty body is a plain (not forced) cancel.
-    let request: CancelRequest = if body.is_empty() {
-        CancelRequest::default()
-    } else {
-        parse_body(body)?
-    };
+    let request: CancelRequest = if body.is_empty() { CancelRequest::default() } else { parse_body(body)? };
     let status = store.cancel(&id, request.force)?;
     Ok(Reply::json(
         StatusCode::OK,
-        &CancelAnswer {
-            ok: true,
-            cancel_requested: status.cancel_requested,
-            force_kill: status.force_kill,
-        },
+        &CancelAnswer { ok: true, cancel_requested: status.cancel_requested, force_kill: status.force_kill },
     ))
 }
 
@@ -187,10 +171,7 @@ fn set_runner_state(store: &mut Store, body: &[u8]) -> Answer {
     // The library type reads unknown states leniently (it is made for reading
     // servers' answers); an operator asking for one is a mistake.
     if request.state == RunnerState::Unknown {
-        return Err(Reply::error(
-            StatusCode::BAD_REQUEST,
-            "state must be \"active\" or \"suspended\"",
-        ));
+        return Err(Reply::error(StatusCode::BAD_REQUEST, "state must be \"active\" or \"suspended\""));
     }
     store.set_runner_state(request.state, request.reason);
     Ok(Reply::ok())
@@ -221,10 +202,7 @@ fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
 }
 
 fn method_not_allowed(method: &Method) -> Reply {
-    Reply::error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("Method \"{method}\" not allowed."),
-    )
+    Reply::error(StatusCode::METHOD_NOT_ALLOWED, format!("Method \"{method}\" not allowed."))
 }
 
 #[cfg(test)]
@@ -234,10 +212,7 @@ mod tests {
     #[test]
     fn runner_paths_are_parsed_strictly() {
         let id = "3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b";
-        assert_eq!(
-            RunnerRoute::parse("/api/runner/heartbeat/"),
-            Some(RunnerRoute::Heartbeat)
-        );
+        assert_eq!(RunnerRoute::parse("/api/runner/heartbeat/"), Some(RunnerRoute::Heartbeat));
         assert_eq!(
             RunnerRoute::parse(&format!("/api/runner/executions/{id}/cancel-status/")),
             Some(RunnerRoute::Execution(id, ExecutionAction::CancelStatus))
@@ -255,13 +230,7 @@ mod tests {
     #[test]
     fn a_non_uuid_id_is_a_bad_request_that_changes_nothing() {
         let mut store = Store::default();
-        let reply = runner(
-            &mut store,
-            &Method::POST,
-            "/api/runner/executions/not-a-uuid/start/",
-            b"",
-            0.0,
-        );
+        let reply = runner(&mut store, &Method::POST, "/api/runner/executions/not-a-uuid/start/", b"", 0.0);
         assert_eq!(reply.status, StatusCode::BAD_REQUEST);
         assert!(store.list().is_empty());
     }

@@ -52,18 +52,14 @@ impl App {
 
     fn is_authorized(&self, headers: &HeaderMap) -> bool {
         let expected = format!("Bearer {}", self.api_key);
-        headers
-            .get(AUTHORIZATION)
-            .is_some_and(|value| value.as_bytes() == expected.as_bytes())
+        headers.get(AUTHORIZATION).is_some_and(|value| value.as_bytes() == expected.as_bytes())
     }
 }
 
 /// Serves until SIGTERM or SIGINT. The first stdout line is the bound address,
 /// so a caller that asked for port 0 learns the real one.
 pub async fn serve(listen: SocketAddr, api_key: String) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr().context("cannot read the bound address")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -72,10 +68,7 @@ pub async fn serve(listen: SocketAddr, api_key: String) -> anyhow::Result<()> {
         "runner API on http://{local}{RUNNER_PREFIX}, operator API on http://{local}{OPERATOR_PREFIX}"
     );
 
-    let app = Arc::new(App {
-        api_key,
-        store: Mutex::new(Store::default()),
-    });
+    let app = Arc::new(App { api_key, store: Mutex::new(Store::default()) });
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -135,20 +128,17 @@ async fn read_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, Reply> 
         )
     };
     // Refuse an announced oversize body before reading any of it.
-    let announced = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let announced =
+        headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
         return Err(too_large());
     }
     match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<LengthLimitError>() => Err(too_large()),
-        Err(error) => Err(Reply::error(
-            StatusCode::BAD_REQUEST,
-            format!("cannot read the request body: {error}"),
-        )),
+        Err(error) => {
+            Err(Reply::error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {error}")))
+        }
     }
 }
 
@@ -157,13 +147,7 @@ fn operator_request(app: &App, parts: &Parts, body: Result<Bytes, Reply>) -> Rep
         return invalid_key();
     }
     match body {
-        Ok(body) => routes::operator(
-            &mut app.store(),
-            &parts.method,
-            parts.uri.path(),
-            &body,
-            unix_now(),
-        ),
+        Ok(body) => routes::operator(&mut app.store(), &parts.method, parts.uri.path(), &body, unix_now()),
         Err(refusal) => refusal,
     }
 }
@@ -257,12 +241,7 @@ fn log_entry(parts: &Parts, body: Option<&Bytes>, authorized: bool) -> LoggedReq
     let mut headers = std::collections::BTreeMap::new();
     for (name, value) in &parts.headers {
         let text = if *name == AUTHORIZATION {
-            (if authorized {
-                "Bearer <redacted>"
-            } else {
-                "<invalid>"
-            })
-            .to_string()
+            (if authorized { "Bearer <redacted>" } else { "<invalid>" }).to_string()
         } else {
             String::from_utf8_lossy(value.as_bytes()).into_owned()
         };
@@ -279,19 +258,13 @@ fn log_entry(parts: &Parts, body: Option<&Bytes>, authorized: bool) -> LoggedReq
         None => (serde_json::Value::Null, None),
         Some(bytes) => match serde_json::from_slice(bytes) {
             Ok(value) => (value, None),
-            Err(_) => (
-                serde_json::Value::Null,
-                Some(String::from_utf8_lossy(bytes).into_owned()),
-            ),
+            Err(_) => (serde_json::Value::Null, Some(String::from_utf8_lossy(bytes).into_owned())),
         },
     };
     LoggedRequest {
         seq: 0,
         method: parts.method.to_string(),
-        path: parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| parts.uri.path().to_string(), |pq| pq.to_string()),
+        path: parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_string(), |pq| pq.to_string()),
         headers,
         body,
         raw_body,

@@ -34,10 +34,7 @@ pub enum StoreError {
 
 /// Unix seconds, with sub-second precision.
 pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 #[derive(Default)]
@@ -170,11 +167,7 @@ impl Store {
         let synced_count = commands.len() as u64;
         self.commands = commands;
         self.commands_hash = Some(hash.clone());
-        SyncResponse {
-            ok: true,
-            synced_count,
-            commands_hash: Some(hash),
-        }
+        SyncResponse { ok: true, synced_count, commands_hash: Some(hash) }
     }
 
     /// Queued executions, oldest first, then the injected raw entries (handed
@@ -198,10 +191,10 @@ impl Store {
 
     pub fn output(&mut self, id: &ExecutionId, chunk: OutputRequest) -> Result<(), StoreError> {
         let execution = self.execution_mut(id)?;
-        execution.chunks.entry(chunk.chunk_number).or_insert(StoredChunk {
-            is_stderr: chunk.is_stderr,
-            segments: chunk.segments,
-        });
+        execution
+            .chunks
+            .entry(chunk.chunk_number)
+            .or_insert(StoredChunk { is_stderr: chunk.is_stderr, segments: chunk.segments });
         Ok(())
     }
 
@@ -226,9 +219,7 @@ impl Store {
     }
 
     fn queued(&self) -> impl Iterator<Item = &ExecutionRecord> {
-        self.executions
-            .iter()
-            .filter(|e| e.status == ExecutionStatus::Pending)
+        self.executions.iter().filter(|e| e.status == ExecutionStatus::Pending)
     }
 
     fn execution(&self, id: &ExecutionId) -> Result<&ExecutionRecord, StoreError> {
@@ -339,10 +330,7 @@ impl Store {
 
     /// The oldest fault matching `path`, using up one of its count.
     pub fn take_fault(&mut self, path: &str) -> Option<FaultSpec> {
-        let i = self
-            .faults
-            .iter()
-            .position(|f| path.starts_with(&f.spec.path_prefix))?;
+        let i = self.faults.iter().position(|f| path.starts_with(&f.spec.path_prefix))?;
         let fault = &mut self.faults[i];
         fault.remaining -= 1;
         let spec = fault.spec.clone();
@@ -378,10 +366,7 @@ mod tests {
     fn chunk(number: u64, content: &str) -> OutputRequest {
         OutputRequest {
             chunk_number: number,
-            segments: vec![Segment {
-                timestamp: None,
-                content: content.into(),
-            }],
+            segments: vec![Segment { timestamp: None, content: content.into() }],
             is_stderr: false,
         }
     }
@@ -397,21 +382,11 @@ mod tests {
         for (n, text) in [(2, "b"), (1, "a"), (2, "again")] {
             store.output(&id, chunk(n, text)).unwrap();
         }
-        let end = CompleteRequest {
-            exit_code: 0,
-            status: CompletionStatus::Success,
-        };
+        let end = CompleteRequest { exit_code: 0, status: CompletionStatus::Success };
         store.complete(&id, end, 3.0).unwrap();
-        assert!(matches!(
-            store.complete(&id, end, 3.0),
-            Err(StoreError::Conflict(_))
-        ));
+        assert!(matches!(store.complete(&id, end, 3.0), Err(StoreError::Conflict(_))));
         let detail = store.detail(&id).unwrap();
-        let contents: Vec<&str> = detail
-            .chunks
-            .iter()
-            .map(|c| c.segments[0].content.as_str())
-            .collect();
+        let contents: Vec<&str> = detail.chunks.iter().map(|c| c.segments[0].content.as_str()).collect();
         assert_eq!(contents, ["a", "b"]);
         assert_eq!(detail.summary.status, ExecutionStatus::Success);
     }

@@ -1,0 +1,84 @@
+//! What the process is asked from outside, turned into runner events:
+//! SIGTERM and SIGINT stop it (a second one stops it at once), SIGHUP
+//! reloads it, and so does a change of the optional touch file's
+//! modification time (deploy scripts `touch` it). A reload re-reads dc.toml;
+//! an invalid file is refused with the reason, and the runner goes on with
+//! the configuration it has.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_tokio::Signals;
+use tokio::sync::mpsc;
+
+use super::runner::Event;
+use crate::config::Config;
+
+const TOUCH_FILE_CHECK: Duration = Duration::from_secs(2);
+
+/// Starts listening; the returned channel carries the runner's events.
+pub fn listen(config_path: PathBuf, touch_file: Option<PathBuf>) -> std::io::Result<mpsc::Receiver<Event>> {
+    let (events, receiver) = mpsc::channel(8);
+    let signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    tokio::spawn(forward_signals(signals, config_path.clone(), events.clone()));
+    if let Some(touch_file) = touch_file {
+        tokio::spawn(watch_touch_file(touch_file, config_path, events));
+    }
+    Ok(receiver)
+}
+
+async fn forward_signals(mut signals: Signals, config_path: PathBuf, events: mpsc::Sender<Event>) {
+    while let Some(signal) = signals.next().await {
+        let event = match signal {
+            SIGHUP => {
+                tracing::info!("SIGHUP: reloading {}", config_path.display());
+                reload_event(&config_path)
+            }
+            other => {
+                tracing::info!(signal = other, "stop requested");
+                Some(Event::Shutdown)
+            }
+        };
+        if let Some(event) = event {
+            if events.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn watch_touch_file(path: PathBuf, config_path: PathBuf, events: mpsc::Sender<Event>) {
+    let mut seen = modified(&path);
+    let mut tick = tokio::time::interval(TOUCH_FILE_CHECK);
+    loop {
+        tick.tick().await;
+        let now = modified(&path);
+        if now != seen && now.is_some() {
+            seen = now;
+            tracing::info!("{} changed: reloading", path.display());
+            if let Some(event) = reload_event(&config_path) {
+                if events.send(event).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// A reload event for a valid configuration; `None` (logged) otherwise.
+fn reload_event(config_path: &Path) -> Option<Event> {
+    let loaded = Config::load(config_path).and_then(|config| Ok((config.runner_setup()?, config)));
+    match loaded {
+        Ok((setup, config)) => Some(Event::Reload(Box::new(setup), Box::new(config.worker_options()))),
+        Err(error) => {
+            tracing::error!("reload refused, still running with the previous configuration: {error}");
+            None
+        }
+    }
+}
