@@ -480,6 +480,11 @@ def read_logs(workdir: Path) -> str:
 # --- the report ------------------------------------------------------------
 
 
+def megabytes(kib: int) -> float:
+    """VmRSS counts KiB; the target is in MB (10^6 bytes)."""
+    return kib * 1024 / 1e6
+
+
 def mark(value: float, target: float, at_most: bool) -> str:
     met = value <= target if at_most else value >= target
     return "✅" if met else "❌"
@@ -492,12 +497,13 @@ def table(results: list[Result]) -> str:
         return f"{r.latency_ms(50):.1f} ms {mark(r.latency_ms(50), t['p50_ms'], True)}"
 
     def rss(r: Result) -> str:
-        mib = r.rss_kib / 1024
-        return f"{mib:.1f} MiB {mark(mib, t['rss_mb'], True)}"
+        mb = megabytes(r.rss_kib)
+        return f"{mb:.1f} MB {mark(mb, t['rss_mb'], True)}"
 
     def worker_rss(r: Result) -> str:
-        kib = r.worker_rss_kib
-        return "—" if kib is None else f"{kib / 1024:.1f} MiB"
+        return (
+            "—" if r.worker_rss_kib is None else f"{megabytes(r.worker_rss_kib):.1f} MB"
+        )
 
     def idle_cpu(r: Result) -> str:
         met = mark(r.idle_cpu_percent, t["idle_cpu"], True)

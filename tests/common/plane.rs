@@ -138,45 +138,91 @@ pub fn chunks(execution: &Value) -> Vec<Value> {
     execution["chunks"].as_array().cloned().unwrap_or_default()
 }
 
-/// A `dcsupervisor` process running the demo project against a control plane.
+/// A `dcsupervisor` process running a Django project against a control plane.
 pub struct Supervisor {
     child: Child,
     pub dir: tempfile::TempDir,
-    _db: TestDb,
+    pub project: PathBuf,
+    url: String,
+    db: TestDb,
+    env: Vec<(String, String)>,
 }
 
 /// Fast rhythms so tests do not wait on the defaults.
 const FAST: &str = "[runner]\npoll_interval = 0.1\noutput_flush_interval = 0.2\n";
-const DEMO_COMMANDS: &str = r#"add_allowed_commands = ["noop", "sleep", "noisy", "fail", "exit_with", "spin", "grandchild", "bad_utf8", "boom", "prompt"]"#;
+const DEMO_COMMANDS: &str = r#"add_allowed_commands = ["noop", "sleep", "noisy", "fail", "exit_with", "spin", "grandchild", "bad_utf8", "boom", "prompt", "hello"]"#;
 
 impl Supervisor {
     /// `policy` and `extra` are TOML appended to the [policy] section and
-    /// to the file (they may override the fast defaults' sections).
+    /// to the file (`extra` may replace the fast [runner] defaults).
     pub fn start(url: &str, policy: &str, extra: &str) -> Self {
-        let db = TestDb::new();
+        Self::start_with(url, policy, extra, demo_project(), &[])
+    }
+
+    pub fn start_with(url: &str, policy: &str, extra: &str, project: PathBuf, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut supervisor = Self {
+            child: Command::new("true").spawn().unwrap(),
+            dir,
+            project,
+            url: url.to_string(),
+            db: TestDb::new(),
+            env,
+        };
+        supervisor.write_config(policy, extra);
+        supervisor.restart();
+        supervisor
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("dc.toml")
+    }
+
+    /// Rewrites dc.toml (takes effect on the next start or reload).
+    pub fn write_config(&self, policy: &str, extra: &str) {
         let runner = if extra.contains("[runner]") { String::new() } else { FAST.to_string() };
         let config = format!(
             "[server]\nurl = {url:?}\napi_key = {KEY:?}\nheartbeat_interval = 5\nrequest_timeout = 5\n\n\
              [django]\nproject_dir = {project:?}\nsettings_module = \"demo_project.settings\"\npython = {python:?}\n\
              env = {{ DEMO_DB_PATH = {db:?} }}\n\n[policy]\n{DEMO_COMMANDS}\n{policy}\n\n{runner}\n{extra}\n",
-            project = demo_project().display().to_string(),
+            url = self.url,
+            project = self.project.display().to_string(),
             python = python().display().to_string(),
-            db = db.path().display().to_string(),
+            db = self.db.path().display().to_string(),
         );
-        super::write_file(&dir.path().join("dc.toml"), &config);
-        let log = std::fs::File::create(dir.path().join("supervisor.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_dcsupervisor"))
+        super::write_file(&self.config_path(), &config);
+    }
+
+    /// Starts the process (again), with the same directory and configuration.
+    pub fn restart(&mut self) {
+        // Reap the previous process (it has exited or been killed by now).
+        let _ = self.child.wait();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        self.child = Command::new(env!("CARGO_BIN_EXE_dcsupervisor"))
             .arg("--config")
-            .arg(dir.path().join("dc.toml"))
+            .arg(self.config_path())
             .arg("-v")
             .env_remove("DJANGOCOMMAND_API_KEY")
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("start dcsupervisor");
-        Self { child, dir, _db: db }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal);
+    }
+
+    /// Waits for a line containing `needle` in the log.
+    pub async fn wait_for_log(&self, needle: &str, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.log().contains(needle) {
+            assert!(tokio::time::Instant::now() < deadline, "no {needle:?} in the log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -195,10 +241,8 @@ impl Supervisor {
         self.child.id()
     }
 
-    /// SIGTERM, then the exit status (SIGKILL after `limit`).
-    pub async fn terminate(&mut self, limit: Duration) -> Option<i32> {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    /// Waits for the process to exit by itself; its exit code.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let deadline = tokio::time::Instant::now() + limit;
         while tokio::time::Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -206,8 +250,17 @@ impl Supervisor {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let _ = self.child.kill();
         None
+    }
+
+    /// SIGTERM, then the exit status (SIGKILL after `limit`).
+    pub async fn terminate(&mut self, limit: Duration) -> Option<i32> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let code = self.wait_exit(limit).await;
+        if code.is_none() {
+            let _ = self.child.kill();
+        }
+        code
     }
 }
 

@@ -1,0 +1,281 @@
+//! Production operation with real processes and real signals: graceful
+//! shutdown, reload on SIGHUP (broken config, changed policy, new code),
+//! recovery after SIGKILL, the instance lock, and systemd notifications.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use common::plane::{output, ControlPlane, Supervisor};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn status_and_code(execution: &Value) -> (String, i64) {
+    (
+        execution["status"].as_str().unwrap_or("").to_string(),
+        execution["exit_code"].as_i64().unwrap_or(i64::MIN),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_running_executions_finish_then_exits_zero() {
+    let plane = ControlPlane::start();
+    let mut runner = Supervisor::start(&plane.url, "", "");
+    let id = plane.queue("sleep", "2").await;
+    plane.wait_status(&id, LIMIT, |s| s == "running").await;
+    assert_eq!(runner.terminate(LIMIT).await, Some(0));
+    let done = plane.execution(&id).await;
+    assert_eq!(status_and_code(&done), ("success".into(), 0), "finished within the grace and delivered");
+    assert_eq!(output(&done, false), "sleeping 2\ndone\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_grace_period_executions_are_cancelled_and_reported() {
+    let plane = ControlPlane::start();
+    let extra = "[runner]\npoll_interval = 0.1\noutput_flush_interval = 0.2\nshutdown_grace = 1\n";
+    let mut runner = Supervisor::start(&plane.url, "", extra);
+    let id = plane.queue("sleep", "60").await;
+    plane.wait_status(&id, LIMIT, |s| s == "running").await;
+    assert_eq!(runner.terminate(LIMIT).await, Some(0));
+    assert_eq!(status_and_code(&plane.execution(&id).await), ("cancelled".into(), -15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_at_once() {
+    let plane = ControlPlane::start();
+    let mut runner = Supervisor::start(&plane.url, "", "");
+    let id = plane.queue("sleep", "60").await;
+    plane.wait_status(&id, LIMIT, |s| s == "running").await;
+    runner.signal(Signal::SIGTERM);
+    runner.wait_for_log("waiting for running executions", LIMIT).await;
+    runner.signal(Signal::SIGINT);
+    assert_eq!(runner.wait_exit(Duration::from_secs(20)).await, Some(0));
+    assert!(runner.log().contains("stopping at once"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_config_on_reload_keeps_the_old_one() {
+    let plane = ControlPlane::start();
+    let mut runner = Supervisor::start(&plane.url, "", "");
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
+    std::fs::write(runner.config_path(), "[server]\nheartbeat_interval = 1\n[policy]\nmode = \"anything\"\n")
+        .unwrap();
+    runner.signal(Signal::SIGHUP);
+    runner.wait_for_log("reload refused", LIMIT).await;
+    assert!(runner.is_running());
+    // The old policy is still in force: noop runs, shell is still refused.
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
+    assert_eq!(
+        status_and_code(&plane.wait_done(&plane.queue("shell", "").await, LIMIT).await),
+        ("failed".into(), -1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_allowlist_applies_on_reload_without_harming_running_executions() {
+    let plane = ControlPlane::start();
+    let runner = Supervisor::start(&plane.url, "", "");
+    let long = plane.queue("sleep", "3").await;
+    plane.wait_status(&long, LIMIT, |s| s == "running").await;
+    let before = plane.call("GET", "/api/operator/state", None).await.1;
+
+    // check becomes refused, dbshell... stays refused, diffsettings stays allowed.
+    runner.write_config("remove_allowed_commands = [\"check\"]", "");
+    runner.signal(Signal::SIGHUP);
+    runner.wait_for_log("reload applied", LIMIT).await;
+
+    let check = plane.wait_done(&plane.queue("check", "").await, LIMIT).await;
+    assert_eq!(status_and_code(&check), ("failed".into(), -1));
+    assert!(output(&check, true).contains("not in DJANGOCOMMAND_ALLOWED_COMMANDS allowlist"));
+    assert_eq!(status_and_code(&plane.wait_done(&long, LIMIT).await), ("success".into(), 0));
+
+    // The new list was synced: the hash changed and `check` is gone.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let state = plane.call("GET", "/api/operator/state", None).await.1;
+        let names: Vec<String> = state["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect();
+        if state["commands_hash"] != before["commands_hash"] && !names.contains(&"check".to_string()) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not resynced: {state}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A copy of the demo project whose code the test can change.
+fn project_copy() -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(format!("{}/.", common::demo_project().display()))
+        .arg(copy.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    copy
+}
+
+fn write_hello(project: &std::path::Path, version: &str) {
+    let code = format!(
+        "from django.core.management.base import BaseCommand\n\n\nclass Command(BaseCommand):\n    \
+         def handle(self, *args, **options):\n        self.stdout.write(\"hello {version}\")\n"
+    );
+    std::fs::write(project.join("demo/management/commands/hello.py"), code).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_deploy_sighup_runs_the_new_code() {
+    let project = project_copy();
+    write_hello(project.path(), "v1");
+    let plane = ControlPlane::start();
+    let runner = Supervisor::start_with(&plane.url, "", "", project.path().to_path_buf(), &[]);
+    let first = plane.wait_done(&plane.queue("hello", "").await, LIMIT).await;
+    assert_eq!(output(&first, false), "hello v1\n");
+
+    write_hello(project.path(), "v2");
+    // Without a reload the preloaded worker still has the old code.
+    let stale = plane.wait_done(&plane.queue("hello", "").await, LIMIT).await;
+    assert_eq!(output(&stale, false), "hello v1\n");
+    runner.signal(Signal::SIGHUP);
+    runner.wait_for_log("reload applied", LIMIT).await;
+    let fresh = plane.wait_done(&plane.queue("hello", "").await, LIMIT).await;
+    assert_eq!(output(&fresh, false), "hello v2\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn touching_the_reload_file_reloads() {
+    let project = project_copy();
+    write_hello(project.path(), "v1");
+    let plane = ControlPlane::start();
+    let extra =
+        "[runner]\npoll_interval = 0.1\noutput_flush_interval = 0.2\nreload_touch_file = \"deployed\"\n";
+    let runner = Supervisor::start_with(&plane.url, "", extra, project.path().to_path_buf(), &[]);
+    assert_eq!(output(&plane.wait_done(&plane.queue("hello", "").await, LIMIT).await, false), "hello v1\n");
+    write_hello(project.path(), "v2");
+    std::fs::write(runner.dir.path().join("deployed"), "now").unwrap();
+    runner.wait_for_log("reload applied", LIMIT).await;
+    assert_eq!(output(&plane.wait_done(&plane.queue("hello", "").await, LIMIT).await, false), "hello v2\n");
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let parent: Option<u32> =
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
+        if parent == Some(pid) {
+            children.push(child);
+        }
+    }
+    children
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_a_restart_reports_the_interrupted_execution_and_kills_its_orphan() {
+    let plane = ControlPlane::start();
+    let mut runner = Supervisor::start(&plane.url, "", "");
+    let id = plane.queue("grandchild", "").await;
+    plane.wait_status(&id, LIMIT, |s| s == "running").await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let job = loop {
+        let execution = plane.execution(&id).await;
+        if let Some(pid) = output(&execution, false).trim().strip_prefix("grandchild ") {
+            let grandchild: u32 = pid.parse().unwrap();
+            break (grandchild, common::alive(grandchild));
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (grandchild, _) = job;
+    // Freeze the supervisor, kill its worker, then kill it: nobody is left
+    // to clean up, as after a power cut of the supervisor alone.
+    runner.signal(Signal::SIGSTOP);
+    for worker in children_of(runner.pid()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker as i32), Signal::SIGKILL);
+    }
+    runner.signal(Signal::SIGKILL);
+    assert!(runner.wait_exit(Duration::from_secs(10)).await.is_none() || !runner.is_running());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(common::alive(grandchild), "the orphan survived the crash, as it would");
+
+    runner.restart();
+    let done = plane.wait_done(&id, LIMIT).await;
+    assert_eq!(status_and_code(&done), ("failed".into(), -1));
+    assert!(output(&done, true).contains("the runner restarted while this command was running"), "{done:#}");
+    assert!(
+        common::gone_within(grandchild, Duration::from_secs(10)).await,
+        "orphan killed after the restart"
+    );
+    // And the runner goes on working.
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_is_refused_with_the_running_pid() {
+    let plane = ControlPlane::start();
+    let runner = Supervisor::start(&plane.url, "", "");
+    runner.wait_for_log("commands synced", LIMIT).await;
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_dcsupervisor"))
+        .arg("--config")
+        .arg(runner.config_path())
+        .env_remove("DJANGOCOMMAND_API_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains(&format!("pid {}", runner.pid())) && stderr.contains("already running"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_reloading_and_stopping() {
+    let socket_dir = tempfile::tempdir().unwrap();
+    let socket_path = socket_dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let plane = ControlPlane::start();
+    let notify = socket_path.display().to_string();
+    let mut runner =
+        Supervisor::start_with(&plane.url, "", "", common::demo_project(), &[("NOTIFY_SOCKET", &notify)]);
+    let mut received = String::new();
+    let read_until = |received: &mut String, needle: &str| {
+        let mut buffer = [0u8; 4096];
+        while !received.contains(needle) {
+            let n = socket.recv(&mut buffer).expect("a notification");
+            received.push_str(&String::from_utf8_lossy(&buffer[..n]));
+            received.push('\n');
+        }
+    };
+    read_until(&mut received, "READY=1");
+    runner.signal(Signal::SIGHUP);
+    read_until(&mut received, "RELOADING=1");
+    assert!(received.contains("MONOTONIC_USEC="), "{received}");
+    read_until(&mut received, "READY=1\nSTATUS=reloaded");
+    runner.signal(Signal::SIGTERM);
+    read_until(&mut received, "STOPPING=1");
+    assert_eq!(runner.wait_exit(LIMIT).await, Some(0));
+
+    // The worker never inherits the notify socket.
+    let mut quiet =
+        Supervisor::start_with(&plane.url, "", "", common::demo_project(), &[("NOTIFY_SOCKET", &notify)]);
+    quiet.wait_for_log("authenticated with the control plane", LIMIT).await;
+    for worker in children_of(quiet.pid()) {
+        let environ = std::fs::read(format!("/proc/{worker}/environ")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&environ).contains("NOTIFY_SOCKET"),
+            "worker {worker} inherited NOTIFY_SOCKET"
+        );
+    }
+    let _ = quiet.terminate(LIMIT).await;
+}
