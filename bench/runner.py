@@ -10,8 +10,13 @@ drains them (4 at a time for both). Measured:
   the runner's `start` and `complete` requests)
 * the runner process's resident memory (VmRSS) right after the drain; for
   dcsupervisor its own process only, the Python worker is reported apart;
-* idle CPU: utime+stime from /proc/<pid>/stat across IDLE seconds with
-  nothing queued, as a percentage of one core.
+* idle CPU: utime+stime from /proc/<pid>/stat across `--idle` seconds (30)
+  with nothing queued, as a percentage of one core;
+* where the CPU goes during the drain, per execution: the command processes
+  (cutime+cstime of whoever reaps them), the runner, dcsupervisor's worker
+  and dccontrol. All share this machine's CPUs, so their sum bounds the
+  drain rate; a sampler thread takes the start-up share (Django set-up,
+  discovery) out.
 
 Prints a Markdown table and writes it into docs/benchmarks.md between
 `<!-- runner:start -->` and `<!-- runner:end -->`. Run it with
@@ -23,6 +28,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -176,11 +182,13 @@ def wait_for(predicate, limit: float, what: str, interval: float = 0.2):
 
 def demo_allowlist_additions() -> list[str]:
     """The demo's `[policy] add_allowed_commands` (dc.toml), for both runners."""
-    import tomllib
-
-    return tomllib.loads((DEMO_DIR / "dc.toml").read_text())["policy"][
-        "add_allowed_commands"
-    ]
+    text = (DEMO_DIR / "dc.toml").read_text()
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the list is simple enough for a regex
+        block = re.search(r"add_allowed_commands\s*=\s*\[(.*?)\]", text, re.DOTALL)
+        return re.findall(r'"([^"]+)"', block.group(1))
+    return tomllib.loads(text)["policy"]["add_allowed_commands"]
 
 
 def ensure_published_venv() -> None:

@@ -175,3 +175,37 @@ async fn a_killed_supervisor_takes_its_worker_and_jobs_with_it() {
         assert!(gone_within(pid, Duration::from_secs(10)).await, "{what} {pid} outlived the supervisor");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_once_report_what_a_deploy_broke() {
+    let plane = common::plane::ControlPlane::start();
+    let server = format!("[server]\nurl = {:?}\napi_key = {:?}\n", plane.url, common::plane::KEY);
+    let setup = Setup::new(&format!("{server}{DEMO_ALLOWED}"));
+    let out = setup.run(&["check"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("worker started: Python 3.") && stdout.contains("accepted the key"), "{stdout}");
+    assert_eq!(setup.run(&["once"]).status.code(), Some(0));
+
+    // A wrong key: check says so and fails, as does once.
+    let wrong = Setup::new(&format!("[server]\nurl = {:?}\napi_key = \"dc_wrong\"\n", plane.url));
+    let out = wrong.run(&["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("FAIL") && text(&out.stdout).contains("401"), "{}", text(&out.stdout));
+    let out = wrong.run(&["once"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("authentication failed"), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("dc_wrong"), "the key never appears");
+
+    // Plain HTTP to a host that is not allowed is refused before anything runs.
+    let remote = Setup::new("[server]\nurl = \"http://example.com\"\napi_key = \"dc_x\"\n");
+    let stderr = text(&remote.run(&["check"]).stderr);
+    assert!(stderr.contains("HTTPS is required") && stderr.contains("allow_http_hosts"), "{stderr}");
+    // A key without the dc_ prefix is a configuration error naming the field.
+    let badkey = Setup::new(&format!("[server]\nurl = {:?}\napi_key = \"sk_live\"\n", plane.url));
+    let stderr = text(&badkey.run(&["once"]).stderr);
+    assert!(
+        stderr.contains("server.api_key") && stderr.contains("dc_") && !stderr.contains("sk_live"),
+        "{stderr}"
+    );
+}

@@ -56,6 +56,10 @@ enum Command {
     Run,
     /// One heartbeat (and a command sync if the control plane asks), then exit.
     Once,
+    /// Check everything a deploy can break: the configuration, the worker,
+    /// the commands and the policy, and whether the control plane accepts
+    /// the key. Exits non-zero with the reason when anything is wrong.
+    Check,
     /// Run one management command locally through the worker and the policy,
     /// streaming its output; exits with the command's exit code.
     Exec {
@@ -98,7 +102,8 @@ fn main() -> ExitCode {
 
 fn init_logging(cli: &Cli) {
     // One-shot local commands keep the terminal for the command's own output.
-    let quiet_by_default = matches!(cli.command, Some(Command::Exec { .. } | Command::Commands { .. }));
+    let quiet_by_default =
+        matches!(cli.command, Some(Command::Exec { .. } | Command::Commands { .. } | Command::Check));
     let level = match (cli.verbose, cli.quiet) {
         (0, 0) if quiet_by_default => "warn",
         (0, 0) => "info",
@@ -121,6 +126,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run_runner(&cli.config, &config, false).await,
         Command::Once => run_runner(&cli.config, &config, true).await,
+        Command::Check => check(&cli.config, &config).await,
         Command::Exec { timeout, command, args } => exec(&config, &command, &args, timeout).await,
         Command::Commands { json } => list_commands(&config, json).await,
     }
@@ -151,6 +157,45 @@ async fn run_runner(config_path: &Path, config: &Config, once: bool) -> Result<E
     runner.run(events).await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+async fn check(config_path: &Path, config: &Config) -> Result<ExitCode> {
+    println!("ok   configuration {} is valid", config_path.display());
+    let setup = config.runner_setup().context("the control-plane settings are not usable")?;
+    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
+    if let Some(info) = worker.info() {
+        println!(
+            "ok   worker started: Python {}, Django {} (pid {})",
+            info.python_version, info.django_version, info.pid
+        );
+    }
+    let policy = config.policy();
+    let discovered = worker.discover().await.context("command discovery failed")?;
+    let synced = synced_commands(&discovered, &policy);
+    let names: Vec<&str> = synced.iter().map(|c| c.name.as_str()).collect();
+    println!(
+        "ok   {} commands discovered; the {:?} policy lets {} through: {}",
+        discovered.len(),
+        policy.mode,
+        synced.len(),
+        names.join(", ")
+    );
+    let runner = Runner::new(worker.clone(), setup, None).await.context("command discovery failed")?;
+    let heartbeat = runner.run_once().await;
+    worker.shutdown().await;
+    match heartbeat {
+        Ok(answer) => {
+            println!(
+                "ok   the control plane at {} accepted the key (commands in sync: {}, pending executions: {}, state: {:?})",
+                config.server.url, answer.commands_in_sync, answer.pending_executions, answer.runner_state
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            println!("FAIL the control plane at {}: {error}", config.server.url);
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u64>) -> Result<ExitCode> {

@@ -506,7 +506,10 @@ def test_heartbeat_body(both):
                 body,
             )
     # Each reports its own interpreter and Django.
-    probe = "import json, platform, django; print(json.dumps([platform.python_version(), django.get_version()]))"
+    probe = (
+        "import json, platform, django;"
+        "print(json.dumps([platform.python_version(), django.get_version()]))"
+    )
     for capture, python in ((published, PUBLISHED_PYTHON), (ours, project_python())):
         body = capture.to(HEARTBEAT)[0]["body"]
         assert [body["python_version"], body["django_version"]] == run_python(
@@ -748,8 +751,12 @@ def test_synced_list_order(both):
 
 
 def test_default_lists_differ_only_where_seed_readme_says():
+    """The published package's default lists against ours (SEED_README_ONLY_ALLOWED)."""
     ensure_published_venv()
-    probe = "import json, djangocommand as d; print(json.dumps([d.DEFAULT_ALLOWED_COMMANDS, d.DEFAULT_DISALLOWED_COMMANDS]))"
+    probe = (
+        "import json, djangocommand as d;"
+        "print(json.dumps([d.DEFAULT_ALLOWED_COMMANDS, d.DEFAULT_DISALLOWED_COMMANDS]))"
+    )
     their_allowed, their_disallowed = map(set, run_python(PUBLISHED_PYTHON, probe))
     ours = json.loads(DEFAULT_LISTS.read_text())
     assert set(ours["allowed"]) - their_allowed == SEED_README_ONLY_ALLOWED
@@ -777,8 +784,10 @@ def test_published_completes_a_flush_interval_after_start(both):
     published, ours = both
     for command in RUN_COMMANDS:
         for capture, at_least in ((published, True), (ours, False)):
-            requests = capture.for_execution(command)
-            took = requests[-1][1]["time"] - requests[0][1]["time"]
+            start, complete = (
+                capture.of_kind(command, k)[0] for k in ("start", "complete")
+            )
+            took = complete["time"] - start["time"]
             assert (took >= FLUSH_INTERVAL) == at_least, (capture.name, command, took)
 
 
