@@ -345,3 +345,36 @@ async fn a_long_outage_spills_output_to_disk_and_delivers_it_all() {
     assert_numbered_from_one(&done);
     assert!(!spill.exists(), "the spill file is removed once delivered");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_output_is_chunked_early_and_capped_head_and_tail() {
+    let plane = ControlPlane::start();
+    let extra = "[runner]\npoll_interval = 0.1\noutput_flush_interval = 5.0\nchunk_max_bytes = 1024\n";
+    let runner = Supervisor::start(&plane.url, "", extra);
+    // 30000 lines per stream (~260 KB each), written in well under the 5 s
+    // flush interval: only the size threshold can cut it into many chunks.
+    let id = plane.queue("noisy", "--lines 30000").await;
+    let done = plane.wait_done(&id, LIMIT).await;
+    let expected: String = (0..30000).map(|i| format!("out {i}\n")).collect();
+    assert_eq!(output(&done, false), expected);
+    let sizes: Vec<usize> = chunks(&done)
+        .iter()
+        .map(|c| c["segments"].as_array().unwrap().iter().map(|s| s["content"].as_str().unwrap().len()).sum())
+        .collect();
+    assert!(sizes.len() >= 8, "flushed early, not once per 5 s: {} chunks", sizes.len());
+    // A chunk holds at most the threshold plus one read of the pipe.
+    assert!(sizes.iter().all(|size| *size <= 1024 + 64 * 1024), "{sizes:?}");
+    assert!(!runner.log().contains(common::plane::KEY), "the API key never appears in the logs");
+
+    let capped_plane = ControlPlane::start();
+    let extra = "[runner]\npoll_interval = 0.1\noutput_cap_bytes = 2000\n";
+    let _capped = Supervisor::start(&capped_plane.url, "", extra);
+    let id = capped_plane.queue("noisy", "--lines 3000").await;
+    let done = capped_plane.wait_done(&id, LIMIT).await;
+    let (out, err) = (output(&done, false), output(&done, true));
+    assert!(out.starts_with("out 0\nout 1\n"), "the head is kept");
+    assert!(err.contains("bytes of output left out"), "a notice says what was cut");
+    assert!(out.ends_with("out 2999\n") || err.ends_with("err 2999\n"), "the tail is kept");
+    assert!(out.len() + err.len() < 4000, "the cap holds: {} bytes", out.len() + err.len());
+    assert_eq!(status_and_code(&done), ("success".into(), 0));
+}
