@@ -385,18 +385,23 @@ class Runner:
         return self.state.status()
 
     def run(self) -> None:
-        """Runs the supervisor until it stops (SIGTERM, SIGINT or SIGHUP to
-        this process is passed on to it); raises RunnerError if it fails."""
+        """Runs the supervisor until it stops; raises RunnerError if it fails.
+
+        SIGTERM, SIGINT and SIGHUP sent to this process are passed on, once
+        each, to the supervisor (stop, stop, reload). It runs in a session of
+        its own so that a terminal's Ctrl-C reaches it only through us: the
+        supervisor takes a second stop signal as "stop at once".
+        """
         self.write_config()
-        process = subprocess.Popen(
-            self.command("run"), env=self.environment(), cwd=self.project_dir
-        )
+        started: list[subprocess.Popen] = []
+        pending: list[int] = []
 
         def forward(signum, _frame):
-            # SIGHUP (terminal gone) means stop, which the supervisor spells SIGTERM.
-            sent = signal.SIGTERM if signum == signal.SIGHUP else signum
+            if not started:
+                pending.append(signum)  # arrived while the process was being created
+                return
             try:
-                process.send_signal(sent)
+                started[0].send_signal(signum)
             except ProcessLookupError:
                 pass
 
@@ -407,14 +412,25 @@ class Runner:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 previous[signum] = signal.signal(signum, forward)
         try:
-            returncode = process.wait()
+            process = subprocess.Popen(
+                self.command("run"),
+                env=self.environment(),
+                cwd=self.project_dir,
+                start_new_session=True,
+            )
+            started.append(process)
+            for signum in pending:
+                process.send_signal(signum)
+            try:
+                returncode = process.wait()
+            finally:
+                if process.poll() is None:
+                    # Leaving early (an exception in this thread): never orphan it.
+                    process.terminate()
+                    process.wait()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            if process.poll() is None:
-                # Leaving early (an exception in this thread): never orphan it.
-                process.terminate()
-                process.wait()
         if returncode != 0:
             raise RunnerError(f"{BINARY_NAME} exited with status {returncode}")
 

@@ -80,10 +80,11 @@ pub struct SyncResponse {
 }
 
 /// `/pending/`'s answer. Executions stay raw JSON here so that one malformed
-/// entry is refused on its own instead of failing the whole poll.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// entry is refused on its own instead of failing the whole poll, and so
+/// that entries beyond the free slots are never parsed.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct PendingResponse {
-    pub executions: Vec<serde_json::Value>,
+    pub executions: Vec<Box<serde_json::value::RawValue>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
@@ -234,6 +234,7 @@ impl Client {
                 ApiError::Request("the API key contains characters not allowed in a header".into())
             })?;
         authorization.set_sensitive(true);
+        let body = body.unwrap_or_default();
         Request::builder()
             .method(method.clone())
             .uri(uri)
@@ -242,7 +243,10 @@ impl Client {
             .header(USER_AGENT, &self.opts.user_agent)
             .header("X-Request-Timestamp", timestamp.to_string())
             .header("X-Request-Nonce", uuid::Uuid::new_v4().to_string())
-            .body(Full::new(body.unwrap_or_default()))
+            // Said even when 0: hyper omits it for an empty body, and some
+            // front ends answer a bodiless POST with 411 Length Required.
+            .header(CONTENT_LENGTH, body.len())
+            .body(Full::new(body))
             .map_err(|e| ApiError::Request(e.to_string()))
     }
 }

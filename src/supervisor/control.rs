@@ -78,6 +78,9 @@ fn reload_event(config_path: &Path) -> Option<Event> {
         Ok((setup, config)) => Some(Event::Reload(Box::new(setup), Box::new(config.worker_options()))),
         Err(error) => {
             tracing::error!("reload refused, still running with the previous configuration: {error}");
+            // Under Type=notify-reload, systemd waits for the reload to end.
+            super::systemd::reloading();
+            super::systemd::ready(&format!("reload refused: {error}"));
             None
         }
     }

@@ -358,7 +358,7 @@ impl Runner {
             }
         };
         for raw in pending.executions {
-            let execution: Execution = match serde_json::from_value(raw) {
+            let execution: Execution = match serde_json::from_str(raw.get()) {
                 Ok(execution) => execution,
                 Err(error) => {
                     tracing::warn!("ignoring an execution the control plane sent: {error}");

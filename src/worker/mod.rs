@@ -29,6 +29,20 @@ use crate::ipc::CommandInfo;
 use connection::Connection;
 use job::{Control, JobOutputs};
 
+/// Removes what belongs to the supervisor alone from a child's environment:
+/// systemd's notify socket (only the main process speaks for the service)
+/// and the supervisor's own configuration overrides. `DJANGOCOMMAND_API_KEY`
+/// stays: a project's settings may read it, and commands run with the
+/// project's settings anyway.
+fn scrub_environment(command: &mut tokio::process::Command) {
+    command.env_remove("NOTIFY_SOCKET");
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("DCSUPERVISOR_") {
+            command.env_remove(name);
+        }
+    }
+}
+
 /// How a job is isolated from the supervisor and from other jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -71,8 +71,6 @@ pub(super) async fn spawn(opts: &WorkerOptions) -> std::io::Result<Spawned> {
         .current_dir(&opts.project_dir)
         .env("DJANGOCOMMAND_WORKER_FD", WORKER_FD.to_string())
         .env("DJANGO_SETTINGS_MODULE", &opts.settings_module)
-        // systemd's notify socket belongs to the supervisor alone.
-        .env_remove("NOTIFY_SOCKET")
         .envs(&opts.env)
         .stdin(Stdio::piped())
         .stdout(Stdio::from(log_write.try_clone()?))
@@ -81,6 +79,7 @@ pub(super) async fn spawn(opts: &WorkerOptions) -> std::io::Result<Spawned> {
         // supervisor, which decides what happens to jobs.
         .process_group(0)
         .kill_on_drop(true);
+    super::scrub_environment(&mut command);
     let theirs_raw = theirs.as_raw_fd();
     // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
     unsafe {

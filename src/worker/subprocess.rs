@@ -32,12 +32,12 @@ pub(super) fn start(
             .current_dir(&opts.project_dir)
             .env("DJANGO_SETTINGS_MODULE", &opts.settings_module)
             .env("PYTHONUNBUFFERED", "1")
-            .env_remove("NOTIFY_SOCKET")
             .envs(&opts.env)
             .stdin(Stdio::null())
             .stdout(Stdio::from(outputs.stdout_write))
             .stderr(Stdio::from(outputs.stderr_write))
             .process_group(0);
+        super::scrub_environment(&mut process);
         process.spawn()?
         // `process` drops here, closing our copies of the write ends.
     };

@@ -552,6 +552,19 @@ def test_environment_carries_the_key_and_drops_settings_owned_overrides(monkeypa
     assert "DCSUPERVISOR_RUNNER__STATE_DIR" not in env
 
 
+def test_state_dir_defaults_to_the_project_and_follows_the_setting(tmp_path):
+    from types import SimpleNamespace
+
+    state_dir_for = runner_module.state_dir_for
+    assert (
+        state_dir_for(SimpleNamespace(), tmp_path).path == tmp_path / ".djangocommand"
+    )
+    relative = SimpleNamespace(DJANGOCOMMAND_STATE_DIR="var/runner")
+    assert state_dir_for(relative, tmp_path).path == tmp_path / "var" / "runner"
+    absolute = SimpleNamespace(DJANGOCOMMAND_STATE_DIR=tmp_path / "elsewhere")
+    assert state_dir_for(absolute, Path("/srv")).path == tmp_path / "elsewhere"
+
+
 def test_verbosity_maps_to_supervisor_flags():
     assert [runner_module.verbosity_flags(v) for v in range(4)] == [
         ["-qq"],

@@ -176,6 +176,8 @@ impl Store {
         let mut executions: Vec<serde_json::Value> =
             self.queued().map(ExecutionRecord::pending_entry).collect();
         executions.append(&mut self.injected_pending);
+        let executions =
+            executions.iter().filter_map(|entry| serde_json::value::to_raw_value(entry).ok()).collect();
         PendingResponse { executions }
     }
 
