@@ -17,7 +17,7 @@ use crate::supervisor::client::{ApiKey, Client, ClientOptions};
 use crate::supervisor::commands::BoundArgs;
 use crate::supervisor::execution::ExecutionSettings;
 use crate::supervisor::policy::{self, ConfiguredIn, Mode, Policy};
-use crate::supervisor::runner::{RunnerOptions, RunnerSetup};
+use crate::supervisor::runner::{CommandLimit, RunnerOptions, RunnerSetup, WhenBusy};
 use crate::worker::{Isolation, WorkerOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +110,24 @@ pub struct PolicyConfig {
     pub configured_in: ConfiguredIn,
     /// Commands restricted to listed argument sets.
     pub bound_args: Vec<BoundArgsConfig>,
+    /// Limits on how many executions of a command run at once.
+    pub concurrency: Vec<ConcurrencyConfig>,
+}
+
+/// `[[policy.concurrency]]`: e.g. one `migrate` at a time.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyConfig {
+    pub command: String,
+    /// 1 makes the command exclusive.
+    pub max_running: usize,
+    /// "wait" (stay queued on the server) or "refuse".
+    #[serde(default = "wait")]
+    pub when_busy: WhenBusy,
+}
+
+fn wait() -> WhenBusy {
+    WhenBusy::Wait
 }
 
 /// One permitted argument set of a command (`[[policy.bound_args]]`).
@@ -365,6 +383,15 @@ impl Config {
             delivery_deadline: Duration::from_secs(30),
             state_dir: self.runner.state_dir.clone(),
             outbox_memory_bytes: self.runner.outbox_memory_bytes,
+            command_limits: self
+                .policy
+                .concurrency
+                .iter()
+                .map(|rule| {
+                    let limit = CommandLimit { max_running: rule.max_running, when_busy: rule.when_busy };
+                    (rule.command.clone(), limit)
+                })
+                .collect(),
         }
     }
 }

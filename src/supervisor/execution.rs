@@ -190,7 +190,7 @@ fn refusal(settings: &ExecutionSettings, execution: &Execution) -> Result<Vec<St
 }
 
 /// The rejection flow: start, one stderr chunk saying why, complete as failed.
-async fn reject(ctx: &ExecutionContext, execution: &Execution, message: String) {
+pub async fn reject(ctx: &ExecutionContext, execution: &Execution, message: String) {
     let id = &execution.id;
     tracing::warn!(execution = %id, command = execution.command, "rejected by the runner's policy: {}", message.lines().nth(1).unwrap_or(""));
     if let Err(error) = ctx.client.start(id).await {

@@ -13,7 +13,7 @@
 //! loops read the current one at each turn, while a running execution keeps
 //! the settings it started with.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,44 @@ pub struct RunnerOptions {
     pub state_dir: std::path::PathBuf,
     /// Bytes of undelivered output kept in memory per execution before spilling.
     pub outbox_memory_bytes: usize,
+    /// Per-command limits on executions running at once (e.g. one `migrate`).
+    pub command_limits: BTreeMap<String, CommandLimit>,
+}
+
+/// At most `max_running` executions of a command at once on this runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandLimit {
+    pub max_running: usize,
+    pub when_busy: WhenBusy,
+}
+
+/// What happens to an execution that would break its command's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenBusy {
+    /// Left queued on the server; taken once one of the running ones ends.
+    Wait,
+    /// Refused at once through the rejection flow, with the rule in its output.
+    Refuse,
+}
+
+/// The limit `command` has reached, if any.
+fn busy(
+    running: &HashMap<ExecutionId, String>,
+    limits: &BTreeMap<String, CommandLimit>,
+    command: &str,
+) -> Option<(usize, WhenBusy)> {
+    let limit = limits.get(command)?;
+    let same = running.values().filter(|running| running.as_str() == command).count();
+    (same >= limit.max_running).then_some((limit.max_running, limit.when_busy))
+}
+
+fn busy_refusal(command: &str, limit: usize) -> String {
+    format!(
+        "Command '{command}' rejected by runner security policy.\n\
+         Reason: at most {limit} '{command}' may run at a time on this runner, and that many are running\n\n\
+         Run it again once they have finished, or change the rule in [[policy.concurrency]] in dc.toml.\n"
+    )
 }
 
 /// Everything the runner is built from; a reload brings a new one.
@@ -93,7 +131,8 @@ pub struct Runner {
     discovered: Mutex<Vec<CommandInfo>>,
     journal: Option<Journal>,
     suspended: watch::Sender<bool>,
-    running: Mutex<HashSet<ExecutionId>>,
+    /// Executions taken by this runner, with their command.
+    running: Mutex<HashMap<ExecutionId, String>>,
     poll_now: Notify,
     heartbeat_now: Notify,
     abort: watch::Sender<bool>,
@@ -117,7 +156,7 @@ impl Runner {
             discovered: Mutex::new(discovered),
             journal,
             suspended: watch::channel(false).0,
-            running: Mutex::new(HashSet::new()),
+            running: Mutex::new(HashMap::new()),
             poll_now: Notify::new(),
             heartbeat_now: Notify::new(),
             abort: watch::channel(false).0,
@@ -365,21 +404,30 @@ impl Runner {
                     continue;
                 }
             };
-            {
+            let refusal = {
                 let mut running = self.lock_running();
-                if running.contains(&execution.id) {
+                if running.contains_key(&execution.id) {
                     continue; // already running here
                 }
                 if running.len() >= live.opts.max_concurrent {
                     break; // full: leave it (and the rest) queued on the server
                 }
-                running.insert(execution.id.clone());
-            }
+                let refusal = match busy(&running, &live.opts.command_limits, &execution.command) {
+                    Some((_, WhenBusy::Wait)) => continue, // stays queued until one ends
+                    Some((limit, WhenBusy::Refuse)) => Some(busy_refusal(&execution.command, limit)),
+                    None => None,
+                };
+                running.insert(execution.id.clone(), execution.command.clone());
+                refusal
+            };
             let runner = self.clone();
             let ctx = self.execution_context(&live);
             self.lock_tasks().spawn(async move {
                 let id = execution.id.clone();
-                execution::run(ctx, execution).await;
+                match refusal {
+                    Some(message) => execution::reject(&ctx, &execution, message).await,
+                    None => execution::run(ctx, execution).await,
+                }
                 runner.lock_running().remove(&id);
                 runner.poll_now.notify_one();
             });
@@ -412,7 +460,7 @@ impl Runner {
         self.discovered.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashSet<ExecutionId>> {
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<ExecutionId, String>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -1,0 +1,74 @@
+//! Safety rules the runner enforces whatever the control plane asks
+//! (issue 6): so far, per-command concurrency limits and non-interactive
+//! commands.
+
+mod common;
+
+use std::time::Duration;
+
+use common::plane::{output, ControlPlane, Supervisor};
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn status_and_code(execution: &Value) -> (String, i64) {
+    (
+        execution["status"].as_str().unwrap_or("").to_string(),
+        execution["exit_code"].as_i64().unwrap_or(i64::MIN),
+    )
+}
+
+fn time(execution: &Value, field: &str) -> f64 {
+    execution[field].as_f64().unwrap_or_else(|| panic!("no {field}: {execution}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_migrates_queued_together_run_one_after_the_other() {
+    let plane = ControlPlane::start();
+    let rule = "[[policy.concurrency]]\ncommand = \"migrate\"\nmax_running = 1\n";
+    let _runner = Supervisor::start(&plane.url, "", rule);
+    let first = plane.queue("migrate", "--verbosity 0").await;
+    let second = plane.queue("migrate", "--verbosity 0").await;
+    let (first, second) = (plane.wait_done(&first, LIMIT).await, plane.wait_done(&second, LIMIT).await);
+    assert_eq!(status_and_code(&first), ("success".into(), 0));
+    assert_eq!(status_and_code(&second), ("success".into(), 0));
+    let (earlier, later) = if time(&first, "started_at") <= time(&second, "started_at") {
+        (&first, &second)
+    } else {
+        (&second, &first)
+    };
+    assert!(
+        time(later, "started_at") >= time(earlier, "completed_at"),
+        "they overlapped: {earlier:#} {later:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_command_can_be_refused_instead() {
+    let plane = ControlPlane::start();
+    let rule = "[[policy.concurrency]]\ncommand = \"sleep\"\nmax_running = 1\nwhen_busy = \"refuse\"\n";
+    let _runner = Supervisor::start(&plane.url, "", rule);
+    let first = plane.queue("sleep", "2").await;
+    plane.wait_status(&first, LIMIT, |s| s == "running").await;
+    let second = plane.wait_done(&plane.queue("sleep", "1").await, LIMIT).await;
+    assert_eq!(status_and_code(&second), ("failed".into(), -1));
+    assert!(
+        output(&second, true).contains("at most 1 'sleep' may run at a time"),
+        "{}",
+        output(&second, true)
+    );
+    assert_eq!(status_and_code(&plane.wait_done(&first, LIMIT).await), ("success".into(), 0));
+    // Other commands are not held back by the rule.
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_prompts_fails_fast_instead_of_hanging() {
+    let plane = ControlPlane::start();
+    let _runner = Supervisor::start(&plane.url, "", "");
+    let prompt = plane.wait_done(&plane.queue("prompt", "").await, LIMIT).await;
+    assert_eq!(status_and_code(&prompt), ("failed".into(), 1));
+    assert!(output(&prompt, true).contains("EOFError"), "{}", output(&prompt, true));
+    let seconds = time(&prompt, "completed_at") - time(&prompt, "started_at");
+    assert!(seconds < 30.0, "it did not wait for the 300 s timeout ({seconds} s)");
+}
