@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -17,6 +18,7 @@ use crate::supervisor::client::{ApiKey, Client, ClientOptions};
 use crate::supervisor::commands::BoundArgs;
 use crate::supervisor::execution::ExecutionSettings;
 use crate::supervisor::policy::{self, ConfiguredIn, Mode, Policy};
+use crate::supervisor::redact::Redactor;
 use crate::supervisor::runner::{CommandLimit, RunnerOptions, RunnerSetup, WhenBusy};
 use crate::worker::{Isolation, WorkerOptions};
 
@@ -44,7 +46,23 @@ pub struct Config {
     pub worker: WorkerConfig,
     #[serde(default)]
     pub runner: RunnerConfig,
+    #[serde(default)]
+    pub redaction: RedactionConfig,
 }
+
+/// `[redaction]`: values masked as `[REDACTED]` before output leaves the host.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedactionConfig {
+    /// Secret values, literally.
+    pub values: Vec<String>,
+    /// Names of environment variables (the supervisor's, or `django.env`)
+    /// whose values are secrets.
+    pub from_env: Vec<String>,
+}
+
+/// Shorter values would mask ordinary words in the output.
+const MIN_SECRET_LEN: usize = 6;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -327,6 +345,24 @@ impl Config {
         })
     }
 
+    /// Every secret to mask: the listed values and the named variables' values.
+    pub fn redactor(&self) -> Option<Arc<Redactor>> {
+        let mut secrets = self.redaction.values.clone();
+        for name in &self.redaction.from_env {
+            let value = self.django.env.get(name).cloned().or_else(|| std::env::var(name).ok());
+            match value {
+                Some(value) if value.len() >= MIN_SECRET_LEN => secrets.push(value),
+                Some(_) => {
+                    tracing::warn!(variable = %name, "not masking a value shorter than {MIN_SECRET_LEN} characters")
+                }
+                None => {
+                    tracing::warn!(variable = %name, "redaction.from_env names a variable that is not set")
+                }
+            }
+        }
+        Redactor::new(secrets).map(Arc::new)
+    }
+
     pub fn execution_settings(&self) -> ExecutionSettings {
         let mut bound_args: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
         for bound in &self.policy.bound_args {
@@ -343,6 +379,7 @@ impl Config {
             flush_interval: Duration::from_secs_f64(self.runner.output_flush_interval),
             chunk_max_bytes: self.runner.chunk_max_bytes,
             output_cap: (self.runner.output_cap_bytes > 0).then_some(self.runner.output_cap_bytes),
+            redactor: self.redactor(),
         }
     }
 

@@ -72,3 +72,38 @@ async fn a_command_that_prompts_fails_fast_instead_of_hanging() {
     let seconds = time(&prompt, "completed_at") - time(&prompt, "started_at");
     assert!(seconds < 30.0, "it did not wait for the 300 s timeout ({seconds} s)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_masked_across_chunks_streams_and_line_breaks() {
+    let plane = ControlPlane::start();
+    let redaction = "[redaction]\nvalues = [\"abcdef123-secret\", \"line-one-xyz\\nline-two-xyz\"]\nfrom_env = [\"DEMO_TOKEN\"]\n";
+    let runner = Supervisor::start_with(
+        &plane.url,
+        "",
+        redaction,
+        common::demo_project(),
+        &[("DEMO_TOKEN", "env-token-0987")],
+    );
+    // Halves 0.5 s apart with chunks every 0.2 s: they would land in different chunks.
+    let args = "--delay 0.5 'a first line that goes out at once\\ntoken=abcdef' '123-secret\\n'";
+    let split = plane.wait_done(&plane.queue("say", args).await, LIMIT).await;
+    assert_eq!(output(&split, false), "a first line that goes out at once\ntoken=[REDACTED]\n");
+    assert!(common::plane::chunks(&split).len() >= 2, "the output did span chunks: {split:#}");
+
+    let stderr =
+        plane.wait_done(&plane.queue("say", "--stderr 'err: abcdef123-secret\\n'").await, LIMIT).await;
+    assert_eq!(output(&stderr, true), "err: [REDACTED]\n");
+
+    let lines = plane
+        .wait_done(&plane.queue("say", "--delay 0.3 'line-one-xyz\\n' 'line-two-xyz\\n'").await, LIMIT)
+        .await;
+    assert_eq!(output(&lines, false), "[REDACTED]\n");
+
+    let env = plane.wait_done(&plane.queue("say", "'from env: env-token-0987\\n'").await, LIMIT).await;
+    assert_eq!(output(&env, false), "from env: [REDACTED]\n");
+
+    for execution in [&split, &stderr, &lines, &env] {
+        assert_eq!(status_and_code(execution), ("success".into(), 0));
+    }
+    assert!(!runner.log().contains("abcdef123-secret") && !runner.log().contains("env-token-0987"));
+}

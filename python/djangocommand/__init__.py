@@ -11,6 +11,8 @@ Everything here can be imported from ``settings.py``: Django is only touched
 when a function is called.
 """
 
+from importlib import metadata as _metadata
+
 from .constants import (
     DEFAULT_ALLOWED_COMMANDS,
     DEFAULT_DISALLOWED_COMMANDS,
@@ -26,7 +28,11 @@ from .security import (
     is_using_blocklist,
 )
 
-__version__ = "0.1.0"
+try:
+    # The wheel's version is Cargo.toml's (pyproject.toml: dynamic), so ask it.
+    __version__ = _metadata.version("djangocommand")
+except _metadata.PackageNotFoundError:  # imported from a source tree
+    __version__ = "0+unknown"
 
 __all__ = [
     "DEFAULT_ALLOWED_COMMANDS",

@@ -18,6 +18,7 @@ use super::delivery::{AuthGate, AuthState, Message, Outbox, SpillOptions};
 use super::journal::{kill_leftover, process_start_time, Entry, Journal};
 use super::output::{OutputCap, StreamBuffer};
 use super::policy::Policy;
+use super::redact::Redactor;
 use crate::ipc::ExitStatus;
 use crate::worker::{Job, JobEnd, Output, Worker};
 
@@ -40,6 +41,8 @@ pub struct ExecutionSettings {
     pub flush_interval: Duration,
     pub chunk_max_bytes: usize,
     pub output_cap: Option<usize>,
+    /// Masks configured secrets in the output (None: nothing to mask).
+    pub redactor: Option<Arc<Redactor>>,
 }
 
 /// What an execution needs from the runner around it.
@@ -86,7 +89,7 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
         journal.record(&entry);
     }
     let metadata_only = execution.use_metadata_only_mode || settings.metadata_only.contains(&command);
-    tracing::info!(execution = %id, command, args = %execution.args, metadata_only, "execution started");
+    tracing::info!(execution = %id, command, args = %mask(&settings, &execution.args), metadata_only, "execution started");
     let outbox = Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill);
     let mut chunks = ChunkWriter::new(&outbox, settings.output_cap, journal.map(|j| (j, entry.clone())));
     if metadata_only {
@@ -156,6 +159,14 @@ fn read_spilled(path: &std::path::Path) -> Vec<Message> {
     text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect()
 }
 
+/// Text for the log with the configured secrets masked.
+fn mask(settings: &ExecutionSettings, text: &str) -> String {
+    match &settings.redactor {
+        Some(redactor) => redactor.take_safe(&mut text.to_string(), true),
+        None => text.to_string(),
+    }
+}
+
 /// `Ok(arguments)` if this runner may run the execution, else the text
 /// explaining the refusal.
 fn refusal(settings: &ExecutionSettings, execution: &Execution) -> Result<Vec<String>, String> {
@@ -216,7 +227,8 @@ async fn supervise(
     let settings = &ctx.settings;
     let mut stdout = job.stdout.take();
     let mut stderr = job.stderr.take();
-    let (mut out_buf, mut err_buf) = (StreamBuffer::default(), StreamBuffer::default());
+    let (mut out_buf, mut err_buf) =
+        (StreamBuffer::new(settings.redactor.clone()), StreamBuffer::new(settings.redactor.clone()));
     let (mut out_read, mut err_read) = (vec![0u8; READ_BUFFER], vec![0u8; READ_BUFFER]);
     let mut flush = tokio::time::interval(settings.flush_interval);
     flush.reset();

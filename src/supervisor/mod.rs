@@ -11,6 +11,7 @@ pub mod execution;
 pub mod journal;
 pub mod output;
 pub mod policy;
+pub mod redact;
 pub mod runner;
 pub mod state;
 pub mod systemd;

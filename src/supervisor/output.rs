@@ -12,12 +12,18 @@
 //! line saying how much was left out in between.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use super::api::Segment;
+use super::redact::Redactor;
 
 /// One stream's text not yet sent.
 #[derive(Debug, Default)]
 pub struct StreamBuffer {
+    /// Masks secrets before the text becomes segments.
+    redactor: Option<Arc<Redactor>>,
+    /// Text the redactor holds back: it may be the start of a secret.
+    held: String,
     /// The start of a UTF-8 sequence whose remaining bytes have not arrived.
     incomplete: Vec<u8>,
     segments: Vec<Segment>,
@@ -27,6 +33,10 @@ pub struct StreamBuffer {
 }
 
 impl StreamBuffer {
+    pub fn new(redactor: Option<Arc<Redactor>>) -> Self {
+        Self { redactor, ..Self::default() }
+    }
+
     /// Adds bytes read at `now` (unix seconds).
     pub fn push(&mut self, data: &[u8], now: f64) {
         let mut bytes = std::mem::take(&mut self.incomplete);
@@ -35,15 +45,15 @@ impl StreamBuffer {
         loop {
             match std::str::from_utf8(rest) {
                 Ok(text) => {
-                    self.push_text(text, now);
+                    self.accept(text, now);
                     break;
                 }
                 Err(error) => {
                     let (valid, after) = rest.split_at(error.valid_up_to());
-                    self.push_text(std::str::from_utf8(valid).expect("checked by valid_up_to"), now);
+                    self.accept(std::str::from_utf8(valid).expect("checked by valid_up_to"), now);
                     match error.error_len() {
                         Some(bad) => {
-                            self.push_text("\u{FFFD}", now);
+                            self.accept("\u{FFFD}", now);
                             rest = &after[bad..];
                         }
                         None => {
@@ -61,7 +71,23 @@ impl StreamBuffer {
     pub fn finish(&mut self, now: f64) {
         if !self.incomplete.is_empty() {
             self.incomplete.clear();
-            self.push_text("\u{FFFD}", now);
+            self.accept("\u{FFFD}", now);
+        }
+        if let Some(redactor) = self.redactor.clone() {
+            let rest = redactor.take_safe(&mut self.held, true);
+            self.push_text(&rest, now);
+        }
+    }
+
+    /// Decoded text, through the redactor when there is one.
+    fn accept(&mut self, text: &str, now: f64) {
+        match self.redactor.clone() {
+            None => self.push_text(text, now),
+            Some(redactor) => {
+                self.held.push_str(text);
+                let safe = redactor.take_safe(&mut self.held, false);
+                self.push_text(&safe, now);
+            }
         }
     }
 

@@ -842,6 +842,51 @@ DJANGOCOMMAND_ALLOWED_COMMANDS = DEFAULT_ALLOWED_COMMANDS + ("noop",)
 """
 
 
+# In the installed venv: the commands the supervisor itself would sync under
+# a variant's settings, next to those is_command_allowed() lets through.
+SUPERVISOR_AGREES = """\
+import json, subprocess
+import django
+
+django.setup()
+from django.core.management import get_commands
+from djangocommand import Runner, is_command_allowed
+
+runner = Runner.from_settings()
+runner.write_config()
+listing = subprocess.run(
+    [runner.binary, "--config", str(runner.state.config_path), "commands", "--json"],
+    env=runner.environment(), capture_output=True, text=True, check=True,
+)
+print(json.dumps({
+    "supervisor": sorted(c["name"] for c in json.loads(listing.stdout)["commands"]),
+    "python": sorted(name for name in get_commands() if is_command_allowed(name)[0]),
+}))
+"""
+
+
+def check_supervisor_agrees(venv_python, project: Path, env: dict) -> None:
+    """Every vector's settings, applied to the demo project's real commands:
+    the supervisor syncs exactly what is_command_allowed() allows."""
+    for index, case in enumerate(VECTORS["cases"]):
+        module = f"agree_settings_{index}"
+        (project / f"{module}.py").write_text(
+            "from e2e_settings import *  # noqa: F403\n"
+            f"DJANGOCOMMAND_STATE_DIR = 'state-{index}'\n"
+            # The variant's own policy, not e2e_settings' allowlist.
+            "del DJANGOCOMMAND_ALLOWED_COMMANDS\n" + case["django_settings"]
+        )
+        result = run(
+            [venv_python, "-c", SUPERVISOR_AGREES],
+            project,
+            {**env, "DJANGO_SETTINGS_MODULE": module},
+        )
+        assert result.returncode == 0, f"{case['name']}:\n{result.stderr}"
+        report = json.loads(result.stdout)
+        assert report["supervisor"] == report["python"], case["name"]
+        assert "djangocommand" not in report["supervisor"]
+
+
 def process_tree(pid: int) -> list[int]:
     """pid and its descendants, from /proc."""
     children: dict[int, list[int]] = {}
@@ -879,6 +924,19 @@ def test_installed_wheel_end_to_end(installed_venv, tmp_path):
     # Only the runner ships; dccontrol is a development tool.
     assert binary.is_file() and os.access(binary, os.X_OK)
     assert not (installed_venv / "bin" / "dccontrol").exists()
+    # One version for both, Cargo.toml's.
+    cargo_version = re.search(
+        r'^version = "(.+)"', (ROOT / "Cargo.toml").read_text(), re.MULTILINE
+    )[1]
+    version = run(
+        [venv_python, "-c", "import djangocommand; print(djangocommand.__version__)"],
+        tmp_path,
+        child_env(False),
+    )
+    assert version.stdout.strip() == cargo_version, version.stderr
+    assert (
+        cargo_version in run([binary, "--version"], tmp_path, child_env(False)).stdout
+    )
 
     # The seed's snippets against the installed package, not the source tree.
     for index, case in enumerate(VECTORS["cases"]):
@@ -907,6 +965,7 @@ def test_installed_wheel_end_to_end(installed_venv, tmp_path):
         DEMO_DB_PATH=str(tmp_path / "demo.sqlite3"),
     )
     try:
+        check_supervisor_agrees(venv_python, project, env)
         assert status_of(project, env, venv_python)["status"] == "stopped"
         pid = started_pid(manage(venv_python, project, "start", "-d", env=env))
         status = status_of(project, env, venv_python)
