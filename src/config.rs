@@ -20,6 +20,7 @@ use crate::supervisor::execution::ExecutionSettings;
 use crate::supervisor::policy::{self, ConfiguredIn, Mode, Policy};
 use crate::supervisor::redact::Redactor;
 use crate::supervisor::runner::{CommandLimit, RunnerOptions, RunnerSetup, WhenBusy};
+use crate::supervisor::signing::{self, Signing};
 use crate::worker::{Isolation, WorkerOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +131,36 @@ pub struct PolicyConfig {
     pub bound_args: Vec<BoundArgsConfig>,
     /// Limits on how many executions of a command run at once.
     pub concurrency: Vec<ConcurrencyConfig>,
+    /// `[policy.signing]`: run only executions signed by this key.
+    pub signing: Option<SigningConfig>,
+}
+
+/// `[policy.signing]`: the control plane's pinned Ed25519 public key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    /// Base64 of the 32-byte public key.
+    pub public_key: String,
+    /// Seconds an execution stays valid after its issue time.
+    #[serde(default = "default_max_age")]
+    pub max_age: u64,
+}
+
+fn default_max_age() -> u64 {
+    signing::DEFAULT_MAX_AGE
+}
+
+impl SigningConfig {
+    pub fn verifying_key(&self) -> Result<ed25519_dalek::VerifyingKey, ConfigError> {
+        signing::parse_public_key(&self.public_key).map_err(|error| {
+            invalid(
+                "policy.signing.public_key",
+                format!("{:?} ({error})", self.public_key),
+                "set it to the base64 of the control plane's 32-byte Ed25519 public key \
+                 (`dccontrol keygen` prints one for the local control plane)",
+            )
+        })
+    }
 }
 
 /// `[[policy.concurrency]]`: e.g. one `migrate` at a time.
@@ -305,6 +336,12 @@ impl Config {
         if self.runner.max_concurrent == 0 {
             return Err(invalid("runner.max_concurrent", 0, "allow at least 1 execution at a time"));
         }
+        if let Some(signing) = &self.policy.signing {
+            signing.verifying_key()?;
+            if signing.max_age == 0 {
+                return Err(invalid("policy.signing.max_age", 0, "allow at least 1 second (300 is usual)"));
+            }
+        }
         self.server.validate_intervals()
     }
 
@@ -363,14 +400,14 @@ impl Config {
         Redactor::new(secrets).map(Arc::new)
     }
 
-    pub fn execution_settings(&self) -> ExecutionSettings {
+    pub fn execution_settings(&self) -> Result<ExecutionSettings, ConfigError> {
         let mut bound_args: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
         for bound in &self.policy.bound_args {
             // Validated at load: the split succeeds.
             let args = shlex::split(&bound.args).unwrap_or_default();
             bound_args.entry(bound.command.clone()).or_default().push(args);
         }
-        ExecutionSettings {
+        Ok(ExecutionSettings {
             policy: self.policy(),
             metadata_only: self.policy.metadata_only(),
             bound_args,
@@ -380,7 +417,17 @@ impl Config {
             chunk_max_bytes: self.runner.chunk_max_bytes,
             output_cap: (self.runner.output_cap_bytes > 0).then_some(self.runner.output_cap_bytes),
             redactor: self.redactor(),
-        }
+            signing: self.signing()?,
+        })
+    }
+
+    /// The checks of `[policy.signing]`, if it is set.
+    pub fn signing(&self) -> Result<Option<Arc<Signing>>, ConfigError> {
+        let Some(signing) = &self.policy.signing else {
+            return Ok(None);
+        };
+        let key = signing.verifying_key()?;
+        Ok(Some(Arc::new(Signing::new(key, signing.max_age, &self.runner.state_dir))))
     }
 
     /// The labelled argument sets synced for bound commands.
@@ -404,7 +451,7 @@ impl Config {
         })?;
         Ok(RunnerSetup {
             client,
-            settings: self.execution_settings(),
+            settings: self.execution_settings()?,
             opts: self.runner_options(),
             bound_args_labels: self.bound_args_labels(),
         })

@@ -69,8 +69,14 @@ class RunnerError(RuntimeError):
 
 
 def find_binary() -> str:
-    """The dcsupervisor executable: next to the interpreter (where the wheel
-    installs it), else on PATH, else $DCSUPERVISOR_BIN."""
+    """The dcsupervisor executable: $DCSUPERVISOR_BIN when set (an explicit
+    choice wins), else next to the interpreter (where the wheel installs it),
+    else on PATH."""
+    from_env = os.environ.get(BINARY_ENV)
+    if from_env:
+        if _is_executable(Path(from_env)):
+            return from_env
+        raise RunnerError(f"{BINARY_ENV}={from_env} is not an executable file")
     if sys.executable:
         # Not resolved: a venv's bin/python is often a symlink to the base
         # interpreter, and the binary is in the venv's bin/.
@@ -80,11 +86,6 @@ def find_binary() -> str:
     on_path = shutil.which(BINARY_NAME)
     if on_path:
         return on_path
-    from_env = os.environ.get(BINARY_ENV)
-    if from_env:
-        if _is_executable(Path(from_env)):
-            return from_env
-        raise RunnerError(f"{BINARY_ENV}={from_env} is not an executable file")
     raise RunnerError(
         f"cannot find the {BINARY_NAME} executable: not next to {sys.executable}, "
         f"not on PATH, and {BINARY_ENV} is not set. It is installed with the "

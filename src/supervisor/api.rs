@@ -97,6 +97,13 @@ pub struct Execution {
     pub timeout: u64,
     #[serde(default)]
     pub use_metadata_only_mode: bool,
+    /// Unix seconds when the control plane issued it (signed executions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<i64>,
+    /// Base64 Ed25519 signature over the canonical message (see
+    /// `supervisor::signing`); checked when `[policy.signing]` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 pub const DEFAULT_EXECUTION_TIMEOUT: u64 = 300;

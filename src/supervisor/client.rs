@@ -235,7 +235,13 @@ impl Client {
             })?;
         authorization.set_sensitive(true);
         let body = body.unwrap_or_default();
-        Request::builder()
+        let mut request = Request::builder();
+        if method == Method::POST {
+            // Said even when 0: hyper omits it for an empty body, and some
+            // front ends answer a bodiless POST with 411 Length Required.
+            request = request.header(CONTENT_LENGTH, body.len());
+        }
+        request
             .method(method.clone())
             .uri(uri)
             .header(AUTHORIZATION, authorization)
@@ -243,9 +249,6 @@ impl Client {
             .header(USER_AGENT, &self.opts.user_agent)
             .header("X-Request-Timestamp", timestamp.to_string())
             .header("X-Request-Nonce", uuid::Uuid::new_v4().to_string())
-            // Said even when 0: hyper omits it for an empty body, and some
-            // front ends answer a bodiless POST with 411 Length Required.
-            .header(CONTENT_LENGTH, body.len())
             .body(Full::new(body))
             .map_err(|e| ApiError::Request(e.to_string()))
     }

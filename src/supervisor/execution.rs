@@ -19,6 +19,7 @@ use super::journal::{kill_leftover, process_start_time, Entry, Journal};
 use super::output::{OutputCap, StreamBuffer};
 use super::policy::Policy;
 use super::redact::Redactor;
+use super::signing::Signing;
 use crate::ipc::ExitStatus;
 use crate::worker::{Job, JobEnd, Output, Worker};
 
@@ -43,6 +44,8 @@ pub struct ExecutionSettings {
     pub output_cap: Option<usize>,
     /// Masks configured secrets in the output (None: nothing to mask).
     pub redactor: Option<Arc<Redactor>>,
+    /// `[policy.signing]`: only signed executions run (None: any).
+    pub signing: Option<Arc<Signing>>,
 }
 
 /// What an execution needs from the runner around it.
@@ -79,6 +82,9 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
     if let Err(error) = ctx.client.start(&id).await {
         ctx.gate.observe(&error);
         // Not started: it stays queued on the server for a later poll.
+        if let Some(signing) = &settings.signing {
+            signing.forget(&id);
+        }
         tracing::warn!(execution = %id, command, "could not start the execution: {error}");
         return;
     }
@@ -173,6 +179,11 @@ fn refusal(settings: &ExecutionSettings, execution: &Execution) -> Result<Vec<St
     let command = &execution.command;
     if let Err(refusal) = settings.policy.check(command) {
         return Err(settings.policy.refusal_message(command, &refusal));
+    }
+    if let Some(signing) = &settings.signing {
+        if let Err(refusal) = signing.accept(execution, unix_now() as i64) {
+            return Err(signing.refusal_message(command, &refusal));
+        }
     }
     let Some(args) = shlex::split(&execution.args) else {
         return Err(format!(

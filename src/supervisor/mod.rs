@@ -13,5 +13,6 @@ pub mod output;
 pub mod policy;
 pub mod redact;
 pub mod runner;
+pub mod signing;
 pub mod state;
 pub mod systemd;

@@ -1,0 +1,440 @@
+//! Signed executions (`[policy.signing]`, opt-in). With a pinned Ed25519
+//! public key, an execution runs only if it carries a signature that key
+//! made over its canonical message (id, command, args, timeout, metadata-only
+//! flag and issue time), was issued within the window, and its id was never
+//! accepted before. Accepted ids are kept in the state directory
+//! ([`SEEN_FILE`]) for as long as they could still pass the window, so a
+//! replay is refused after a restart too. docs/protocol.md ("Signed
+//! executions") describes the format for control planes.
+//!
+//! The signing side ([`sign`]) is here too: `dccontrol` signs with it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use super::api::{Execution, ExecutionId};
+
+/// Seconds an issue time may lie ahead of this host's clock (clock skew).
+pub const MAX_CLOCK_SKEW: i64 = 60;
+/// Default of `policy.signing.max_age`, in seconds.
+pub const DEFAULT_MAX_AGE: u64 = 300;
+/// The accepted ids, one JSON object a line, in the state directory.
+pub const SEEN_FILE: &str = "signing-seen.jsonl";
+
+/// The signed fields, declared in sorted order: serialized compactly, this
+/// is the canonical message (`{"args":…,"command":…,"id":…,"issued_at":…,
+/// "timeout":…,"use_metadata_only_mode":…}`).
+#[derive(Serialize)]
+struct SignedFields<'a> {
+    args: &'a str,
+    command: &'a str,
+    id: &'a str,
+    issued_at: i64,
+    timeout: u64,
+    use_metadata_only_mode: bool,
+}
+
+/// The bytes a signature covers: the execution's fields as the runner read
+/// them (defaults applied) and the issue time, as canonical JSON in UTF-8.
+pub fn message(execution: &Execution, issued_at: i64) -> Vec<u8> {
+    let fields = SignedFields {
+        args: &execution.args,
+        command: &execution.command,
+        id: execution.id.as_str(),
+        issued_at,
+        timeout: execution.timeout,
+        use_metadata_only_mode: execution.use_metadata_only_mode,
+    };
+    serde_json::to_vec(&fields).expect("strings, integers and booleans always serialize")
+}
+
+/// The base64 signature of `execution` issued at `issued_at` (what a control
+/// plane puts in the `signature` field).
+pub fn sign(key: &SigningKey, execution: &Execution, issued_at: i64) -> String {
+    BASE64.encode(key.sign(&message(execution, issued_at)).to_bytes())
+}
+
+/// Why a key could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("not base64")]
+    NotBase64,
+    #[error("decodes to {0} bytes instead of 32")]
+    WrongLength(usize),
+    #[error("not a valid Ed25519 public key (not a point of the curve)")]
+    NotAPoint,
+    #[error("a weak Ed25519 public key (of small order), which any signature could match")]
+    Weak,
+}
+
+/// A public key from its base64 text (32 bytes, a usable curve point).
+pub fn parse_public_key(text: &str) -> Result<VerifyingKey, KeyError> {
+    let key = VerifyingKey::from_bytes(&decode_32(text)?).map_err(|_| KeyError::NotAPoint)?;
+    if key.is_weak() {
+        return Err(KeyError::Weak);
+    }
+    Ok(key)
+}
+
+/// A signing key from the base64 text of its 32-byte secret seed.
+pub fn parse_secret_seed(text: &str) -> Result<SigningKey, KeyError> {
+    Ok(SigningKey::from_bytes(&decode_32(text)?))
+}
+
+pub fn encode_public_key(key: &VerifyingKey) -> String {
+    BASE64.encode(key.to_bytes())
+}
+
+pub fn encode_secret_seed(key: &SigningKey) -> String {
+    BASE64.encode(key.to_bytes())
+}
+
+fn decode_32(text: &str) -> Result<[u8; 32], KeyError> {
+    let bytes = BASE64.decode(text.trim()).map_err(|_| KeyError::NotBase64)?;
+    let length = bytes.len();
+    bytes.try_into().map_err(|_| KeyError::WrongLength(length))
+}
+
+/// Why a signed execution was refused; the text names the check that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureRefusal {
+    #[error("signature missing (this runner only runs signed executions)")]
+    Missing,
+    #[error("signed, but the issue time (issued_at) is missing")]
+    NoIssueTime,
+    #[error("signature does not verify: not the base64 of a 64-byte Ed25519 signature")]
+    Malformed,
+    #[error("signature does not verify against the public key pinned in policy.signing.public_key")]
+    Invalid,
+    #[error("issued {age} s ago, outside the {max_age} s window")]
+    Expired { age: i64, max_age: i64 },
+    #[error("issued {ahead} s in the future, beyond the {MAX_CLOCK_SKEW} s allowed clock skew")]
+    FromTheFuture { ahead: i64 },
+    #[error("already seen (replay): an execution with this id was accepted before")]
+    Replay,
+    #[error("its id could not be recorded against replays: {0}")]
+    Unrecorded(String),
+}
+
+/// The checks of `[policy.signing]`.
+#[derive(Debug)]
+pub struct Signing {
+    key: VerifyingKey,
+    max_age: i64,
+    seen: Arc<SeenIds>,
+}
+
+impl Signing {
+    /// `state_dir` holds the accepted ids (read on first use).
+    pub fn new(key: VerifyingKey, max_age: u64, state_dir: &Path) -> Self {
+        Self {
+            key,
+            max_age: max_age.min(i64::MAX as u64) as i64,
+            seen: SeenIds::for_file(&state_dir.join(SEEN_FILE)),
+        }
+    }
+
+    /// Accepts the execution, recording its id, or says which check failed.
+    /// `now` is unix seconds.
+    pub fn accept(&self, execution: &Execution, now: i64) -> Result<(), SignatureRefusal> {
+        let signature = execution.signature.as_deref().ok_or(SignatureRefusal::Missing)?;
+        let issued_at = execution.issued_at.ok_or(SignatureRefusal::NoIssueTime)?;
+        let signature = BASE64
+            .decode(signature.trim())
+            .ok()
+            .and_then(|bytes| Signature::from_slice(&bytes).ok())
+            .ok_or(SignatureRefusal::Malformed)?;
+        self.key
+            .verify_strict(&message(execution, issued_at), &signature)
+            .map_err(|_| SignatureRefusal::Invalid)?;
+        if issued_at < now.saturating_sub(self.max_age) {
+            return Err(SignatureRefusal::Expired {
+                age: now.saturating_sub(issued_at),
+                max_age: self.max_age,
+            });
+        }
+        if issued_at > now.saturating_add(MAX_CLOCK_SKEW) {
+            return Err(SignatureRefusal::FromTheFuture { ahead: issued_at.saturating_sub(now) });
+        }
+        self.seen.claim(&execution.id, issued_at, now - self.max_age)
+    }
+
+    /// Forgets an accepted id: the execution could not be started, so the
+    /// control plane still has it queued and will hand it out again.
+    pub fn forget(&self, id: &ExecutionId) {
+        self.seen.forget(id);
+    }
+
+    /// The refusal as the execution's stderr says it.
+    pub fn refusal_message(&self, command: &str, refusal: &SignatureRefusal) -> String {
+        format!(
+            "Command '{command}' rejected by runner security policy.\nReason: {refusal}\n\n\
+             This runner only runs executions signed by the control plane's key pinned in \
+             [policy.signing] of dc.toml, issued at most {} s earlier, and each one once.\n",
+            self.max_age
+        )
+    }
+}
+
+/// One line of [`SEEN_FILE`].
+#[derive(Serialize, Deserialize)]
+struct SeenLine {
+    id: String,
+    issued_at: i64,
+}
+
+/// The accepted ids (lowercased) and their issue times, in memory and in a
+/// file. One per file and process, so a reload (which builds new settings)
+/// keeps the ids accepted before it.
+#[derive(Debug)]
+struct SeenIds {
+    path: PathBuf,
+    /// `None` until the first use loads the file.
+    state: Mutex<Option<SeenState>>,
+}
+
+#[derive(Debug, Default)]
+struct SeenState {
+    ids: HashMap<String, i64>,
+    /// Lines in the file: rewritten without the old ones when it doubles.
+    lines: usize,
+}
+
+impl SeenIds {
+    fn for_file(path: &Path) -> Arc<SeenIds> {
+        static OPEN: Mutex<BTreeMap<PathBuf, Arc<SeenIds>>> = Mutex::new(BTreeMap::new());
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = open
+            .entry(path.to_path_buf())
+            .or_insert_with(|| Arc::new(SeenIds { path: path.to_path_buf(), state: Mutex::new(None) }));
+        Arc::clone(seen)
+    }
+
+    /// Records `id` unless it was seen; ids issued before `oldest` can no
+    /// longer pass the window and are forgotten.
+    fn claim(&self, id: &ExecutionId, issued_at: i64, oldest: i64) -> Result<(), SignatureRefusal> {
+        let unrecorded =
+            |error: std::io::Error| SignatureRefusal::Unrecorded(format!("{}: {error}", self.path.display()));
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = match &mut *guard {
+            Some(state) => state,
+            None => guard.insert(self.load(oldest).map_err(unrecorded)?),
+        };
+        let key = id.as_str().to_ascii_lowercase();
+        if state.ids.contains_key(&key) {
+            return Err(SignatureRefusal::Replay);
+        }
+        state.ids.retain(|_, issued| *issued >= oldest);
+        let line = SeenLine { id: key.clone(), issued_at };
+        self.append(&line).map_err(unrecorded)?;
+        state.ids.insert(key, issued_at);
+        state.lines += 1;
+        if state.lines > 2 * state.ids.len() + 64 {
+            match self.rewrite(&state.ids) {
+                Ok(()) => state.lines = state.ids.len(),
+                Err(error) => tracing::warn!("cannot prune {}: {error}", self.path.display()),
+            }
+        }
+        Ok(())
+    }
+
+    fn forget(&self, id: &ExecutionId) {
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(state) = &mut *guard {
+            if state.ids.remove(&id.as_str().to_ascii_lowercase()).is_some() {
+                match self.rewrite(&state.ids) {
+                    Ok(()) => state.lines = state.ids.len(),
+                    Err(error) => tracing::warn!("cannot rewrite {}: {error}", self.path.display()),
+                }
+            }
+        }
+    }
+
+    /// The ids of the file still inside the window; the file is rewritten
+    /// with only those.
+    fn load(&self, oldest: i64) -> std::io::Result<SeenState> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(error) => return Err(error),
+        };
+        let ids: HashMap<String, i64> = text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<SeenLine>(line).ok())
+            .filter(|line| line.issued_at >= oldest)
+            .map(|line| (line.id.to_ascii_lowercase(), line.issued_at))
+            .collect();
+        self.rewrite(&ids)?;
+        Ok(SeenState { lines: ids.len(), ids })
+    }
+
+    fn append(&self, line: &SeenLine) -> std::io::Result<()> {
+        let mut text = serde_json::to_string(line).map_err(std::io::Error::other)?;
+        text.push('\n');
+        // One write of a short line: a crash leaves it whole or absent.
+        OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path)?.write_all(text.as_bytes())
+    }
+
+    /// Replaces the file (through a temporary one and a rename).
+    fn rewrite(&self, ids: &HashMap<String, i64>) -> std::io::Result<()> {
+        let mut text = String::new();
+        for (id, issued_at) in ids {
+            let line = SeenLine { id: id.clone(), issued_at: *issued_at };
+            text.push_str(&serde_json::to_string(&line).map_err(std::io::Error::other)?);
+            text.push('\n');
+        }
+        let temporary = self.path.with_extension("jsonl.tmp");
+        let mut file =
+            OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&temporary)?;
+        file.write_all(text.as_bytes())?;
+        std::fs::rename(&temporary, &self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b";
+    const NOW: i64 = 1_750_000_000;
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[7u8; 32])
+    }
+
+    fn execution(args: &str) -> Execution {
+        serde_json::from_value(serde_json::json!({"id": ID, "command": "migrate", "args": args})).unwrap()
+    }
+
+    fn signed(args: &str, issued_at: i64) -> Execution {
+        let mut execution = execution(args);
+        execution.issued_at = Some(issued_at);
+        execution.signature = Some(sign(&key(), &execution, issued_at));
+        execution
+    }
+
+    fn signing(dir: &Path) -> Signing {
+        Signing::new(key().verifying_key(), 300, dir)
+    }
+
+    #[test]
+    fn the_canonical_message_is_sorted_compact_json() {
+        let message = message(&execution(""), 1_700_000_000);
+        assert_eq!(
+            String::from_utf8(message).unwrap(),
+            r#"{"args":"","command":"migrate","id":"3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b","issued_at":1700000000,"timeout":300,"use_metadata_only_mode":false}"#
+        );
+    }
+
+    #[test]
+    fn the_canonical_message_escapes_like_pythons_json_dumps_without_ensure_ascii() {
+        // json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        // of these args gives exactly this text (checked with Python 3).
+        let args = "--name 'é \"q\" \\ /'\n\t\u{1}\u{7f}\u{2028}";
+        let mut execution = execution(args);
+        execution.timeout = 60;
+        execution.use_metadata_only_mode = true;
+        let expected =
+            "{\"args\":\"--name 'é \\\"q\\\" \\\\ /'\\n\\t\\u0001\u{7f}\u{2028}\",\"command\":\"migrate\",\
+                        \"id\":\"3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b\",\"issued_at\":-5,\"timeout\":60,\
+                        \"use_metadata_only_mode\":true}";
+        assert_eq!(String::from_utf8(message(&execution, -5)).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_signature_covers_every_signed_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = signed("--plan", NOW);
+        let tampered: [fn(&mut Execution); 6] = [
+            |e| e.args.push_str(" --fake"),
+            |e| e.command = "flush".into(),
+            |e| e.id = ExecutionId::parse(&ID.to_ascii_uppercase()).unwrap(),
+            |e| e.timeout += 1,
+            |e| e.use_metadata_only_mode = true,
+            |e| e.issued_at = Some(NOW + 1),
+        ];
+        for change in tampered {
+            let mut execution = good.clone();
+            change(&mut execution);
+            assert_eq!(signing(dir.path()).accept(&execution, NOW), Err(SignatureRefusal::Invalid));
+        }
+        let mut unsigned = good.clone();
+        unsigned.signature = None;
+        assert_eq!(signing(dir.path()).accept(&unsigned, NOW), Err(SignatureRefusal::Missing));
+        let mut garbled = good.clone();
+        garbled.signature = Some("not base64!".into());
+        assert_eq!(signing(dir.path()).accept(&garbled, NOW), Err(SignatureRefusal::Malformed));
+        let other = Signing::new(SigningKey::from_bytes(&[8u8; 32]).verifying_key(), 300, dir.path());
+        assert_eq!(other.accept(&good, NOW), Err(SignatureRefusal::Invalid));
+        assert_eq!(signing(dir.path()).accept(&good, NOW), Ok(()));
+    }
+
+    #[test]
+    fn the_issue_time_must_be_in_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let signing = signing(dir.path());
+        assert_eq!(
+            signing.accept(&signed("", NOW - 412), NOW),
+            Err(SignatureRefusal::Expired { age: 412, max_age: 300 })
+        );
+        assert_eq!(
+            signing.accept(&signed("", NOW - 412), NOW).unwrap_err().to_string(),
+            "issued 412 s ago, outside the 300 s window"
+        );
+        assert_eq!(
+            signing.accept(&signed("", NOW + 61), NOW),
+            Err(SignatureRefusal::FromTheFuture { ahead: 61 })
+        );
+        assert_eq!(signing.accept(&signed("", NOW + 60), NOW), Ok(()));
+    }
+
+    #[test]
+    fn an_id_is_accepted_once_even_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let execution = signed("", NOW);
+        assert_eq!(signing(dir.path()).accept(&execution, NOW), Ok(()));
+        assert_eq!(signing(dir.path()).accept(&execution, NOW + 1), Err(SignatureRefusal::Replay));
+        // A new process: what the file says.
+        let fresh = SeenIds { path: dir.path().join(SEEN_FILE), state: Mutex::new(None) };
+        assert_eq!(fresh.claim(&execution.id, NOW, NOW - 300), Err(SignatureRefusal::Replay));
+        // Once outside the window it is forgotten (the window refuses it anyway).
+        let later = SeenIds { path: dir.path().join(SEEN_FILE), state: Mutex::new(None) };
+        assert_eq!(later.claim(&execution.id, NOW, NOW + 1), Ok(()));
+        // An execution that could not be started may come back.
+        let signing = signing(dir.path());
+        let other = signed("--other", NOW);
+        let other =
+            Execution { id: ExecutionId::parse("00000000-0000-4000-8000-000000000000").unwrap(), ..other };
+        let other = Execution { signature: Some(sign(&key(), &other, NOW)), ..other };
+        assert_eq!(signing.accept(&other, NOW), Ok(()));
+        signing.forget(&other.id);
+        assert_eq!(signing.accept(&other, NOW), Ok(()));
+    }
+
+    #[test]
+    fn keys_are_checked() {
+        let public = encode_public_key(&key().verifying_key());
+        assert_eq!(parse_public_key(&public), Ok(key().verifying_key()));
+        assert_eq!(parse_public_key("%%%"), Err(KeyError::NotBase64));
+        assert_eq!(parse_public_key(&BASE64.encode([1u8; 31])), Err(KeyError::WrongLength(31)));
+        // The identity point has small order.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert_eq!(parse_public_key(&BASE64.encode(identity)), Err(KeyError::Weak));
+        // y = 2 is not on the curve.
+        let mut off_curve = [0u8; 32];
+        off_curve[0] = 2;
+        assert_eq!(parse_public_key(&BASE64.encode(off_curve)), Err(KeyError::NotAPoint));
+        let seed = encode_secret_seed(&key());
+        assert_eq!(parse_secret_seed(&format!("{seed}\n")).unwrap().to_bytes(), key().to_bytes());
+    }
+}
