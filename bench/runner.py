@@ -25,30 +25,40 @@ Prints a Markdown table and writes it into docs/benchmarks.md between
 
 import argparse
 import contextlib
-import json
 import os
 import platform
-import re
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_DIR = ROOT / "examples" / "demo"
-DCCONTROL = ROOT / "target" / "release" / "dccontrol"
-DCSUPERVISOR = ROOT / "target" / "release" / "dcsupervisor"
+# The set-up shared with the conformance test (tests/python/harness.py): both
+# must start dccontrol and the two runners the same way.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "python"))
+from harness import (
+    PUBLISHED_VENV,
+    PUBLISHED_VERSION,
+    ROOT,
+    ControlPlane,
+    demo_config,
+    has_published_runner,
+    install_published_runner,
+    read_logs,
+    start_published_runner,
+    start_supervisor,
+    stop_process,
+    target_binary,
+    wait_for,
+)
+
+DCCONTROL = target_binary("dccontrol", "release")
+DCSUPERVISOR = target_binary("dcsupervisor", "release")
 PROJECT_PYTHON = ROOT / ".venv" / "bin" / "python"
-PUBLISHED_VENV = ROOT / "target" / "published-runner-venv"
-PUBLISHED_PYTHON = PUBLISHED_VENV / "bin" / "python"
-PUBLISHED_VERSION = "0.1.0"
 DOC = ROOT / "docs" / "benchmarks.md"
 START_MARK = "<!-- runner:start -->"
 END_MARK = "<!-- runner:end -->"
@@ -56,7 +66,7 @@ END_MARK = "<!-- runner:end -->"
 API_KEY = "dc_benchmark_key"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STARTUP_LIMIT = 120  # seconds for the first heartbeat
-STOP_GRACE = 10  # seconds between SIGTERM and SIGKILL
+REQUEST_TIMEOUT = 30  # seconds for one call to dccontrol's operator API
 
 # What the project aims for (README / task); the table marks each figure.
 TARGETS = {
@@ -68,38 +78,6 @@ TARGETS = {
 
 
 # --- processes -------------------------------------------------------------
-
-
-def start_process(argv, log_path: Path, **kwargs) -> subprocess.Popen:
-    """Starts `argv` in its own session, so stopping it takes its children too."""
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=kwargs.pop("stdout", log),
-            stderr=log,
-            start_new_session=True,
-            **kwargs,
-        )
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group, then SIGKILL to what is left of it."""
-    if process.poll() is None:
-        signal_group(process, signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            pass
-    signal_group(process, signal.SIGKILL)
-    process.wait()
-
-
-def signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def children(pid: int) -> list[int]:
@@ -126,158 +104,43 @@ def cpu_seconds(pid: int, reaped_children: bool = False) -> float:
     return (int(fields[first]) + int(fields[first + 1])) / CLOCK_TICKS
 
 
-# --- the control plane -----------------------------------------------------
-
-
-class ControlPlane:
-    """A `dccontrol serve` on a free loopback port, and its operator API."""
-
-    def __init__(self, workdir: Path):
-        self.process = start_process(
-            [str(DCCONTROL), "serve", "--listen", "127.0.0.1:0", "--api-key", API_KEY],
-            workdir / "dccontrol.log",
-            stdout=subprocess.PIPE,
-        )
-        line = self.process.stdout.readline().decode()
-        if not line.startswith("listening on "):
-            self.close()
-            raise RuntimeError(f"dccontrol did not announce its address: {line!r}")
-        self.url = line.removeprefix("listening on ").strip()
-
-    def close(self) -> None:
-        stop_process(self.process)
-        self.process.stdout.close()
-
-    def call(self, method: str, path: str, body=None):
-        request = urllib.request.Request(
-            self.url + path,
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={
-                "Authorization": f"Bearer {API_KEY}",
-                "Content-Type": "application/json",
-            },
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read() or b"null")
-
-    def executions(self) -> list[dict]:
-        return self.call("GET", "/api/operator/executions")["executions"]
-
-    def requests(self) -> list[dict]:
-        return self.call("GET", "/api/operator/requests")["requests"]
-
-
-def wait_for(predicate, limit: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + limit
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {limit} s waiting for {what}")
-        time.sleep(interval)
-    return value
-
-
 # --- the runners -----------------------------------------------------------
-
-
-def demo_allowlist_additions() -> list[str]:
-    """The demo's `[policy] add_allowed_commands` (dc.toml), for both runners."""
-    text = (DEMO_DIR / "dc.toml").read_text()
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10: the list is simple enough for a regex
-        block = re.search(r"add_allowed_commands\s*=\s*\[(.*?)\]", text, re.DOTALL)
-        return re.findall(r'"([^"]+)"', block.group(1))
-    return tomllib.loads(text)["policy"]["add_allowed_commands"]
 
 
 def ensure_published_venv() -> None:
     """target/published-runner-venv with Django and the published runner, made once."""
-    probe = "import django, djangocommand; print(djangocommand.__version__)"
-    if PUBLISHED_PYTHON.exists():
-        found = subprocess.run(
-            [str(PUBLISHED_PYTHON), "-c", probe],
-            check=False,
-            capture_output=True,
-            text=True,
-        )
-        if found.stdout.strip() == PUBLISHED_VERSION:
-            return
+    if has_published_runner():
+        return
     print(f"creating {PUBLISHED_VENV}", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "venv", str(PUBLISHED_VENV)], check=True)
-    pip = [
-        str(PUBLISHED_PYTHON),
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-    ]
-    subprocess.run(
-        pip + ["django", f"djangocommand-runner=={PUBLISHED_VERSION}"], check=True
-    )
+    install_published_runner()
 
 
 def start_published(url: str, workdir: Path) -> subprocess.Popen:
     """`manage.py djangocommand start`; its own process is the one measured."""
-    additions = tuple(demo_allowlist_additions())
-    (workdir / "bench_settings.py").write_text(
-        "# Written by bench/runner.py: the demo settings plus the published runner.\n"
-        "from demo_project.settings import *  # noqa: F403\n"
-        "from djangocommand import DEFAULT_ALLOWED_COMMANDS\n\n"
-        'INSTALLED_APPS = INSTALLED_APPS + ["djangocommand"]  # noqa: F405\n'
-        "DEBUG = False  # no autoreloader: one runner process\n"
-        f"DJANGOCOMMAND_API_KEY = {API_KEY!r}\n"
-        f"DJANGOCOMMAND_SERVER_URL = {url!r}\n"
-        f"DJANGOCOMMAND_ALLOWED_COMMANDS = DEFAULT_ALLOWED_COMMANDS + {additions!r}\n"
+    return start_published_runner(
+        url,
+        workdir,
+        api_key=API_KEY,
+        settings_module="bench_settings",
+        written_by="bench/runner.py",
     )
-    env = dict(
-        os.environ, PYTHONPATH=str(workdir), DEMO_DB_PATH=str(workdir / "db.sqlite3")
-    )
-    env["TMPDIR"] = str(workdir)  # its PID file goes there: no clash with other runs
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    # Django's own options go before the subcommand: `start` refuses them.
-    argv = [
-        str(PUBLISHED_PYTHON),
-        "manage.py",
-        "djangocommand",
-        "--settings",
-        "bench_settings",
-        "start",
-    ]
-    return start_process(argv, workdir / "runner.log", cwd=DEMO_DIR, env=env)
 
 
 def start_dcsupervisor(url: str, workdir: Path) -> subprocess.Popen:
     """dcsupervisor with the demo allowlist and the defaults the task fixes."""
-    config = f"""\
-[server]
-url = {json.dumps(url)}
-api_key = {json.dumps(API_KEY)}
-
-[django]
-project_dir = {json.dumps(str(DEMO_DIR))}
-settings_module = "demo_project.settings"
-python = {json.dumps(str(PROJECT_PYTHON))}
-env = {{ DEMO_DB_PATH = {json.dumps(str(workdir / "db.sqlite3"))} }}
-
-[policy]
-add_allowed_commands = {json.dumps(demo_allowlist_additions())}
-
-[runner]
-# The defaults, written out: the published runner's rhythm and concurrency.
-poll_interval = 2.0
-max_concurrent = 4
-"""
-    (workdir / "dc.toml").write_text(config)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DCSUPERVISOR_", "DJANGOCOMMAND_"))
-    }
-    env["NO_COLOR"] = "1"
-    argv = [str(DCSUPERVISOR), "--config", str(workdir / "dc.toml")]
-    return start_process(argv, workdir / "runner.log", env=env)
+    config = demo_config(
+        url,
+        workdir,
+        api_key=API_KEY,
+        python=PROJECT_PYTHON,
+        tail=(
+            "\n[runner]\n"
+            "# The defaults, written out: the published runner's rhythm and concurrency.\n"
+            "poll_interval = 2.0\n"
+            "max_concurrent = 4\n"
+        ),
+    )
+    return start_supervisor(DCSUPERVISOR, workdir, config)
 
 
 @dataclass(frozen=True)
@@ -395,13 +258,16 @@ class Result:
 
 def bench(runner: Runner, count: int, idle: float, workdir: Path) -> Result:
     """Queues `count` noops, starts the runner, measures the drain and the idle."""
-    plane = ControlPlane(workdir)
+    plane = ControlPlane(
+        workdir / "dccontrol.log",
+        dccontrol=DCCONTROL,
+        api_key=API_KEY,
+        timeout=REQUEST_TIMEOUT,
+    )
     process = sampler = None
     try:
         for _ in range(count):
-            plane.call(
-                "POST", "/api/operator/executions", {"command": "noop", "args": ""}
-            )
+            plane.queue("noop", "")
         print(f"{runner.name}: {count} executions queued; starting it", file=sys.stderr)
         process = runner.start(plane.url, workdir)
         sampler = CpuSampler(
@@ -430,7 +296,8 @@ def bench(runner: Runner, count: int, idle: float, workdir: Path) -> Result:
         return result
     except BaseException:
         print(
-            f"{runner.name}: failed; its logs:\n{read_logs(workdir)}", file=sys.stderr
+            f"{runner.name}: failed; its logs:\n{read_logs(workdir, tail=5000)}",
+            file=sys.stderr,
         )
         raise
     finally:
@@ -476,13 +343,6 @@ def refused_requests(requests: list[dict]) -> list[str]:
         f"{n} `{kind}` requests answered {status}"
         for (kind, status), n in sorted(refused.items())
     ]
-
-
-def read_logs(workdir: Path) -> str:
-    return "".join(
-        f"== {p.name}\n{p.read_text(errors='replace')[-5000:]}"
-        for p in sorted(workdir.glob("*.log"))
-    )
 
 
 # --- the report ------------------------------------------------------------

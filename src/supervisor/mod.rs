@@ -1,6 +1,16 @@
-//! The supervisor's decisions, independent of how work reaches it: which
-//! commands may run ([`policy`]) and what is synced to the control plane
-//! ([`commands`]).
+//! Everything between the control plane and the worker.
+//!
+//! * Talking to the control plane: [`api`] (the wire messages), [`client`]
+//!   (HTTP, TLS, retries), [`delivery`] (output and completions, in order,
+//!   until acknowledged), [`runner`] (heartbeat, sync, polling, slots,
+//!   reload and shutdown).
+//! * One execution: [`execution`] (start to completion), [`output`] (bytes to
+//!   timestamped segments and chunks), [`redact`] (secrets masked).
+//! * What may run: [`policy`], [`commands`] (what is synced, the hash),
+//!   [`signing`] (signed executions, opt-in).
+//! * The process: [`control`] (signals and the reload file), [`state`] (the
+//!   state directory and instance lock), [`journal`] (executions in flight,
+//!   for crash recovery), [`systemd`] (notify protocol).
 
 pub mod api;
 pub mod client;

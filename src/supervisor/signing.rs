@@ -165,7 +165,7 @@ impl Signing {
         if issued_at > now.saturating_add(MAX_CLOCK_SKEW) {
             return Err(SignatureRefusal::FromTheFuture { ahead: issued_at.saturating_sub(now) });
         }
-        self.seen.claim(&execution.id, issued_at, now - self.max_age)
+        self.seen.claim(&execution.id, issued_at, now.saturating_sub(self.max_age))
     }
 
     /// Forgets an accepted id: the execution could not be started, so the

@@ -28,8 +28,19 @@ impl ControlPlane {
     }
 
     pub fn start_on(listen: &str) -> Self {
+        Self::start_with_args(&["--listen", listen])
+    }
+
+    /// A control plane that signs the executions it hands out with the key
+    /// in `key_file` (see `dccontrol keygen`).
+    pub fn start_signed(key_file: &std::path::Path) -> Self {
+        Self::start_with_args(&["--listen", "127.0.0.1:0", "--signing-key", key_file.to_str().unwrap()])
+    }
+
+    fn start_with_args(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dccontrol"))
-            .args(["serve", "--listen", listen, "--api-key", KEY])
+            .args(["serve", "--api-key", KEY])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

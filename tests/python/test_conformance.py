@@ -20,23 +20,31 @@ import itertools
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from harness import (
+    PUBLISHED_PYTHON,
+    PUBLISHED_VENV,
+    PUBLISHED_VERSION,
+    ROOT,
+    ControlPlane,
+    demo_config,
+    has_published_runner,
+    install_published_runner,
+    read_logs,
+    start_published_runner,
+    start_supervisor,
+    stop_process,
+    target_binary,
+    wait_for,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO_DIR = ROOT / "examples" / "demo"
-DCCONTROL = ROOT / "target" / "debug" / "dccontrol"
-DCSUPERVISOR = ROOT / "target" / "debug" / "dcsupervisor"
-PUBLISHED_VENV = ROOT / "target" / "published-runner-venv"
-PUBLISHED_PYTHON = PUBLISHED_VENV / "bin" / "python"
-PUBLISHED_VERSION = "0.1.0"
+DCCONTROL = target_binary("dccontrol")
+DCSUPERVISOR = target_binary("dcsupervisor")
 DEFAULT_LISTS = ROOT / "python" / "djangocommand" / "default_commands.json"
 
 API_KEY = "dc_conformance_test_key"
@@ -52,7 +60,7 @@ RUN_COMMANDS = ("noop", "noisy", "fail")  # the ones the policy lets run
 # django.setup() per command, and CI machines are slow.
 STARTUP_LIMIT = 60
 EXECUTIONS_LIMIT = 90
-STOP_GRACE = 10
+REQUEST_TIMEOUT = 10  # one call to dccontrol's operator API
 # Both runners' protocol rhythms (PROTOCOL.md).
 FLUSH_INTERVAL = 1.5
 POLL_INTERVAL = 2.0
@@ -73,102 +81,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# --- processes -------------------------------------------------------------
-
-
-def start_process(argv, log_path: Path, **kwargs) -> subprocess.Popen:
-    """Starts `argv` in its own session, so stopping it takes its children too."""
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=kwargs.pop("stdout", log),
-            stderr=log,
-            start_new_session=True,
-            **kwargs,
-        )
-
-
-def stop_process(process: subprocess.Popen, grace: float = STOP_GRACE) -> bool:
-    """SIGTERM to the process group, SIGKILL after `grace` s; True if it exited by itself."""
-    exited = process.poll() is not None
-    if not exited:
-        signal_group(process, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace)
-            exited = True
-        except subprocess.TimeoutExpired:
-            pass
-    # Whatever is left of the group (a command the runner started) goes too.
-    signal_group(process, signal.SIGKILL)
-    process.wait()
-    return exited
-
-
-def signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-# --- the control plane -----------------------------------------------------
-
-
-class ControlPlane:
-    """A `dccontrol serve` on a free loopback port, and its operator API."""
-
-    def __init__(self, workdir: Path):
-        self.process = start_process(
-            [str(DCCONTROL), "serve", "--listen", "127.0.0.1:0", "--api-key", API_KEY],
-            workdir / "dccontrol.log",
-            stdout=subprocess.PIPE,
-        )
-        line = self.process.stdout.readline().decode()
-        if not line.startswith("listening on "):
-            self.close()
-            raise RuntimeError(f"dccontrol did not announce its address: {line!r}")
-        self.url = line.removeprefix("listening on ").strip()
-
-    def close(self) -> None:
-        stop_process(self.process)
-        self.process.stdout.close()
-
-    def call(self, method: str, path: str, body=None):
-        request = urllib.request.Request(
-            self.url + path,
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={
-                "Authorization": f"Bearer {API_KEY}",
-                "Content-Type": "application/json",
-            },
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read() or b"null")
-
-    def queue(self, command: str, args: str) -> str:
-        return self.call(
-            "POST", "/api/operator/executions", {"command": command, "args": args}
-        )["id"]
-
-    def execution(self, execution_id: str) -> dict:
-        return self.call("GET", f"/api/operator/executions/{execution_id}")
-
-    def requests(self) -> list[dict]:
-        return self.call("GET", "/api/operator/requests")["requests"]
-
-
-def wait_for(predicate, limit: float, what: str, interval: float = 0.1):
-    """Polls `predicate` until it returns something truthy; fails after `limit` s."""
-    deadline = time.monotonic() + limit
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit} s waiting for {what}")
-        time.sleep(interval)
+# --- the scenario ----------------------------------------------------------
 
 
 def synced(plane: ControlPlane) -> bool:
@@ -178,9 +91,8 @@ def synced(plane: ControlPlane) -> bool:
 
 
 def all_finished(plane: ControlPlane, ids: dict[str, str]) -> dict[str, dict] | None:
-    details = {command: plane.execution(i) for command, i in ids.items()}
-    done = all(d["status"] not in ("pending", "running") for d in details.values())
-    return details if done else None
+    ended = {command: plane.ended(i) for command, i in ids.items()}
+    return ended if all(ended.values()) else None
 
 
 @dataclass
@@ -214,7 +126,12 @@ class Capture:
 
 def run_scenario(name: str, workdir: Path, start_runner) -> Capture:
     """The scenario, with `start_runner(url, workdir)` starting the runner under test."""
-    plane = ControlPlane(workdir)
+    plane = ControlPlane(
+        workdir / "dccontrol.log",
+        dccontrol=DCCONTROL,
+        api_key=API_KEY,
+        timeout=REQUEST_TIMEOUT,
+    )
     runner = None
     try:
         runner = start_runner(plane.url, workdir)
@@ -243,25 +160,7 @@ def run_scenario(name: str, workdir: Path, start_runner) -> Capture:
         plane.close()
 
 
-def read_logs(workdir: Path) -> str:
-    return "".join(
-        f"== {path.name}\n{path.read_text(errors='replace')}"
-        for path in sorted(workdir.glob("*.log"))
-    )
-
-
 # --- the two runners -------------------------------------------------------
-
-
-def demo_allowlist_additions() -> list[str]:
-    """The demo's `[policy] add_allowed_commands`, given to both runners."""
-    text = (DEMO_DIR / "dc.toml").read_text()
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10: the list is simple enough for a regex
-        block = re.search(r"add_allowed_commands\s*=\s*\[(.*?)\]", text, re.DOTALL)
-        return re.findall(r'"([^"]+)"', block.group(1))
-    return tomllib.loads(text)["policy"]["add_allowed_commands"]
 
 
 def project_python() -> Path:
@@ -275,23 +174,7 @@ def ensure_published_venv() -> None:
     if has_published_runner():
         return
     try:
-        subprocess.run(
-            [sys.executable, "-m", "venv", str(PUBLISHED_VENV)],
-            check=True,
-            capture_output=True,
-        )
-        pip = [
-            str(PUBLISHED_PYTHON),
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ]
-        packages = ["django", f"djangocommand-runner=={PUBLISHED_VERSION}"]
-        subprocess.run(
-            pip + packages, check=True, capture_output=True, text=True, timeout=600
-        )
+        install_published_runner(capture_output=True, text=True, timeout=600)
     except subprocess.CalledProcessError as error:
         pytest.skip(
             f"cannot install djangocommand-runner=={PUBLISHED_VERSION} (offline?): {error.stderr[-500:]}"
@@ -301,83 +184,33 @@ def ensure_published_venv() -> None:
     )
 
 
-def has_published_runner() -> bool:
-    if not PUBLISHED_PYTHON.exists():
-        return False
-    probe = "import django, djangocommand; print(djangocommand.__version__)"
-    result = subprocess.run(
-        [str(PUBLISHED_PYTHON), "-c", probe],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    return result.returncode == 0 and result.stdout.strip() == PUBLISHED_VERSION
-
-
 def start_published(url: str, workdir: Path) -> subprocess.Popen:
     """`manage.py djangocommand start` with a settings module written for this run."""
     ensure_published_venv()
-    additions = tuple(demo_allowlist_additions())
-    (workdir / "conformance_settings.py").write_text(
-        "# Written by tests/python/test_conformance.py: the demo settings plus the runner.\n"
-        "from demo_project.settings import *  # noqa: F403\n"
-        "from djangocommand import DEFAULT_ALLOWED_COMMANDS\n\n"
-        'INSTALLED_APPS = INSTALLED_APPS + ["djangocommand"]  # noqa: F405\n'
-        "DEBUG = False  # no autoreloader: one runner process\n"
-        f"DJANGOCOMMAND_API_KEY = {API_KEY!r}\n"
-        f"DJANGOCOMMAND_SERVER_URL = {url!r}\n"
-        "DJANGOCOMMAND_HEARTBEAT_INTERVAL = 5\n"
-        f"DJANGOCOMMAND_ALLOWED_COMMANDS = DEFAULT_ALLOWED_COMMANDS + {additions!r}\n"
+    return start_published_runner(
+        url,
+        workdir,
+        api_key=API_KEY,
+        settings_module="conformance_settings",
+        written_by="tests/python/test_conformance.py",
+        extra_settings="DJANGOCOMMAND_HEARTBEAT_INTERVAL = 5\n",
     )
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(workdir),
-        DEMO_DB_PATH=str(workdir / "db.sqlite3"),
-        # Its PID file lives in the temp dir, keyed by BASE_DIR: a private
-        # temp dir keeps parallel runs (and stale PID files) apart.
-        TMPDIR=str(workdir),
-    )
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    # Django's own options go before the subcommand: `start` refuses them.
-    argv = [
-        str(PUBLISHED_PYTHON),
-        "manage.py",
-        "djangocommand",
-        "--settings",
-        "conformance_settings",
-        "start",
-    ]
-    return start_process(argv, workdir / "runner.log", cwd=DEMO_DIR, env=env)
 
 
 def start_dcsupervisor(url: str, workdir: Path) -> subprocess.Popen:
     """dcsupervisor with the demo allowlist and the published wording for refusals."""
-    config = f"""\
-[server]
-url = {json.dumps(url)}
-api_key = {json.dumps(API_KEY)}
-heartbeat_interval = 5
-
-[django]
-project_dir = {json.dumps(str(DEMO_DIR))}
-settings_module = "demo_project.settings"
-python = {json.dumps(str(project_python()))}
-env = {{ DEMO_DB_PATH = {json.dumps(str(workdir / "db.sqlite3"))} }}
-
-[policy]
-add_allowed_commands = {json.dumps(demo_allowlist_additions())}
-# Refusals then name the Django settings, as the published runner's do.
-configured_in = "django-settings"
-"""
-    (workdir / "dc.toml").write_text(config)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DCSUPERVISOR_", "DJANGOCOMMAND_"))
-    }
-    env["NO_COLOR"] = "1"
-    argv = [str(DCSUPERVISOR), "--config", str(workdir / "dc.toml"), "-v"]
-    return start_process(argv, workdir / "runner.log", env=env)
+    config = demo_config(
+        url,
+        workdir,
+        api_key=API_KEY,
+        python=project_python(),
+        server_extra="heartbeat_interval = 5\n",
+        tail=(
+            "# Refusals then name the Django settings, as the published runner's do.\n"
+            'configured_in = "django-settings"\n'
+        ),
+    )
+    return start_supervisor(DCSUPERVISOR, workdir, config, "-v")
 
 
 @pytest.fixture(scope="module")

@@ -28,21 +28,18 @@ import signal
 import stat
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from harness import DEMO_DIR, ROOT, ControlPlane, target_binary, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_SRC = ROOT / "python"
 DEFAULTS = json.loads(
     (PACKAGE_SRC / "djangocommand" / "default_commands.json").read_text()
 )
 VECTORS = json.loads((ROOT / "tests" / "policy_vectors.json").read_text())
 SEED_README = ROOT.parent / "shared" / "SEED-README.md"
-DEMO_DIR = ROOT / "examples" / "demo"
-DCCONTROL = ROOT / "target" / "debug" / "dccontrol"
+DCCONTROL = target_binary("dccontrol")
 TEST_PYTHON = os.environ.get("DCSUPERVISOR_TEST_PYTHON") or sys.executable
 API_KEY = "dc_local_demo_key"
 TIMEOUT = 60  # seconds for one step; generous for a loaded CI machine
@@ -273,17 +270,6 @@ def seed_python_blocks() -> list[str]:
     if not SEED_README.exists():
         pytest.skip(f"{SEED_README} not present (it sits beside the repository)")
     return re.findall(r"```python\n(.*?)```", SEED_README.read_text(), flags=re.DOTALL)
-
-
-def wait_for(predicate, limit: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + limit
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit}s waiting for {what}")
-        time.sleep(interval)
 
 
 # --- defaults and imports --------------------------------------------------------
@@ -775,56 +761,15 @@ def installed_venv(tmp_path_factory) -> Path:
     return venv
 
 
-class ControlPlane:
-    """`dccontrol serve` on a free loopback port."""
-
-    def __init__(self, log: Path):
-        if not DCCONTROL.exists():
-            build = run(
-                ["cargo", "build", "--bin", "dccontrol"], ROOT, child_env(False), 900
-            )
-            assert build.returncode == 0, build.stderr[-5000:]
-        self.process = subprocess.Popen(
-            [DCCONTROL, "serve", "--listen", "127.0.0.1:0", "--api-key", API_KEY],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log.open("ab"),
-            start_new_session=True,
+def start_control_plane(log: Path) -> ControlPlane:
+    """`dccontrol serve` on a free loopback port, built first if missing: the
+    fast layers need no Rust build, so a plain pytest run may not have one."""
+    if not DCCONTROL.exists():
+        build = run(
+            ["cargo", "build", "--bin", "dccontrol"], ROOT, child_env(False), 900
         )
-        line = self.process.stdout.readline().decode()
-        assert line.startswith("listening on "), line
-        self.url = line.removeprefix("listening on ").strip()
-
-    def close(self):
-        self.process.terminate()
-        self.process.wait(timeout=TIMEOUT)
-        self.process.stdout.close()
-
-    def call(self, method: str, path: str, body: dict | None = None) -> dict:
-        request = urllib.request.Request(
-            self.url + path,
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={
-                "Authorization": f"Bearer {API_KEY}",
-                "Content-Type": "application/json",
-            },
-        )
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            return json.loads(response.read())
-
-    def finished(self, command: str) -> dict:
-        execution_id = self.call(
-            "POST", "/api/operator/executions", {"command": command}
-        )["id"]
-
-        def done():
-            execution = self.call("GET", f"/api/operator/executions/{execution_id}")
-            return (
-                execution if execution["status"] not in ("pending", "running") else None
-            )
-
-        return wait_for(done, TIMEOUT, f"{command} to finish", interval=0.2)
+        assert build.returncode == 0, build.stderr[-5000:]
+    return ControlPlane(log, dccontrol=DCCONTROL, api_key=API_KEY, timeout=TIMEOUT)
 
 
 E2E_SETTINGS = f"""\
@@ -957,7 +902,7 @@ def test_installed_wheel_end_to_end(installed_venv, tmp_path):
     )
     (project / "e2e_settings.py").write_text(E2E_SETTINGS)
     state = project / ".djangocommand"
-    plane = ControlPlane(tmp_path / "dccontrol.log")
+    plane = start_control_plane(tmp_path / "dccontrol.log")
     env = child_env(
         False,
         DJANGO_SETTINGS_MODULE="e2e_settings",

@@ -5,26 +5,15 @@ both sides agree on every message. The worker is loaded from its path, as the
 supervisor ships it as a lone script; the codec needs no Django.
 """
 
-import importlib.util
 import json
 import struct
-from pathlib import Path
 
 import pytest
+from harness import ROOT, load_worker
 
-ROOT = Path(__file__).resolve().parents[2]
-WORKER_PATH = ROOT / "python" / "djangocommand" / "_worker.py"
 VECTORS_PATH = ROOT / "tests" / "ipc_vectors.json"
 
-
-def _load_worker():
-    spec = importlib.util.spec_from_file_location("dcsupervisor_worker", WORKER_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_worker()
+worker = load_worker()
 
 
 def _shared_vectors():

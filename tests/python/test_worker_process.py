@@ -4,7 +4,6 @@ The test plays the supervisor: it starts ``python -`` with the worker source
 on stdin and its end of a socketpair as fd 3, then speaks the protocol.
 """
 
-import importlib.util
 import os
 import socket
 import struct
@@ -14,26 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import DEMO_DIR, WORKER_PATH, load_worker
 
 django = pytest.importorskip("django")
 
-ROOT = Path(__file__).resolve().parents[2]
-WORKER_PATH = ROOT / "python" / "djangocommand" / "_worker.py"
-DEMO_DIR = ROOT / "examples" / "demo"
 TIMEOUT = 20  # seconds; generous for a loaded CI machine
 
 if not (DEMO_DIR / "manage.py").exists():
     pytest.skip(f"demo project {DEMO_DIR} not present", allow_module_level=True)
 
 
-def _load_worker():
-    spec = importlib.util.spec_from_file_location("dcsupervisor_worker", WORKER_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-codec = _load_worker()
+codec = load_worker()
 
 _EXEC_WITH_FD3 = """
 import os, sys

@@ -3,8 +3,9 @@
 //! `dccontrol serve` answers the runner API on a loopback address the way the
 //! hosted service does (same paths, bodies, authentication and replay
 //! checks), with state in memory, plus an operator API to queue commands,
-//! read their output and inject faults. The other subcommands are clients of
-//! that operator API. Nothing leaves the machine.
+//! read their output and inject faults; with `--signing-key` it signs the
+//! executions it hands out (`keygen` makes a key). The other subcommands are
+//! clients of that operator API. Nothing leaves the machine.
 
 mod client;
 mod operator;
@@ -15,9 +16,13 @@ mod store;
 mod wire;
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use dcsupervisor::supervisor::signing;
+use ed25519_dalek::SigningKey;
 
 use crate::client::ControlClient;
 use crate::operator::{OperatorError, RunOptions};
@@ -44,6 +49,13 @@ enum Command {
     List(ServerArgs),
     /// Show one execution and its output.
     Show(ShowArgs),
+    /// Write a new Ed25519 signing key (its base64 secret seed, mode 0600) to
+    /// PATH and print its public key, for `serve --signing-key` and the
+    /// runner's `[policy.signing] public_key`.
+    Keygen {
+        /// The file to create (an existing one is not replaced).
+        path: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -55,6 +67,10 @@ struct ServeArgs {
     /// The key runners and operators must present as `Authorization: Bearer <key>`.
     #[arg(long, env = "DJANGOCOMMAND_API_KEY", default_value = DEFAULT_API_KEY, hide_env_values = true)]
     api_key: String,
+    /// Sign every execution handed out with the key in this file (the base64
+    /// of a 32-byte secret seed, as `dccontrol keygen` writes it).
+    #[arg(long, env = "DCCONTROL_SIGNING_KEY")]
+    signing_key: Option<PathBuf>,
 }
 
 /// Where the control plane is, for the client subcommands.
@@ -130,6 +146,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Keygen { path } => keygen(&path),
         client_command => operate(client_command).await.map_err(anyhow::Error::from),
     };
     match outcome {
@@ -151,14 +168,51 @@ async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         )
         .init();
     anyhow::ensure!(!args.api_key.is_empty(), "the API key must not be empty");
-    server::serve(args.listen, args.api_key).await?;
+    let signing_key = args.signing_key.as_deref().map(read_signing_key).transpose()?;
+    if let Some(key) = &signing_key {
+        let public = signing::encode_public_key(&key.verifying_key());
+        tracing::info!("signing executions; the runner pins [policy.signing] public_key = {public:?}");
+    }
+    server::serve(args.listen, args.api_key, signing_key).await?;
+    Ok(0)
+}
+
+fn read_signing_key(path: &Path) -> anyhow::Result<SigningKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the signing key {}", path.display()))?;
+    signing::parse_secret_seed(&text).with_context(|| {
+        format!(
+            "{} is not a signing key (the base64 of a 32-byte seed; `dccontrol keygen` writes one)",
+            path.display()
+        )
+    })
+}
+
+/// A fresh key from the kernel's random source, written only if `path` is new.
+fn keygen(path: &Path) -> anyhow::Result<u8> {
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut seed))
+        .context("cannot read /dev/urandom")?;
+    let key = SigningKey::from_bytes(&seed);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(file, "{}", signing::encode_secret_seed(&key))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("{}", signing::encode_public_key(&key.verifying_key()));
     Ok(0)
 }
 
 /// The client subcommands: each talks to the operator API.
 async fn operate(command: Command) -> Result<u8, OperatorError> {
     match command {
-        Command::Serve(_) => Ok(0), // handled by `main`
+        Command::Serve(_) | Command::Keygen { .. } => Ok(0), // handled by `main`
         Command::Run(args) => {
             let client = connect(&args.server)?;
             let options = RunOptions {

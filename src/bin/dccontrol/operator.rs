@@ -50,6 +50,8 @@ pub async fn run(client: &ControlClient, options: RunOptions) -> Result<u8, Oper
         args,
         timeout: options.timeout,
         use_metadata_only_mode: options.metadata_only,
+        id: None,
+        pending_overrides: None,
     };
     let created: Created = client.post("/api/operator/executions", &request).await?;
     if !options.follow {

@@ -118,13 +118,18 @@ pub fn operator(store: &mut Store, method: &Method, path: &str, body: &[u8], now
     // Forgiving about a trailing slash: people type these by hand.
     let segments: Vec<&str> = inner.trim_end_matches('/').split('/').collect();
     let answer = match (method.as_str(), segments.as_slice()) {
-        ("POST", ["executions"]) => parse_body(body).map(|request: NewExecution| queue(store, request, now)),
+        ("POST", ["executions"]) => {
+            parse_body(body).and_then(|request: NewExecution| queue(store, request, now))
+        }
         ("GET", ["executions"]) => {
             Ok(Reply::json(StatusCode::OK, &ExecutionList { executions: store.list() }))
         }
         ("GET", ["executions", id]) => parse_id(id)
             .and_then(|id| Ok(store.detail(&id)?))
             .map(|detail| Reply::json(StatusCode::OK, &detail)),
+        ("GET", ["executions", id, "signed"]) => parse_id(id)
+            .and_then(|id| Ok(store.pending_entry(&id)?))
+            .map(|entry| Reply::json(StatusCode::OK, &entry)),
         ("POST", ["executions", id, "cancel"]) => cancel(store, id, body),
         ("POST", ["runner-state"]) => set_runner_state(store, body),
         ("GET", ["state"]) => Ok(Reply::json(StatusCode::OK, &store.state())),
@@ -147,12 +152,12 @@ pub fn operator(store: &mut Store, method: &Method, path: &str, body: &[u8], now
     answer.unwrap_or_else(|refusal| refusal)
 }
 
-fn queue(store: &mut Store, request: NewExecution, now: f64) -> Reply {
+fn queue(store: &mut Store, request: NewExecution, now: f64) -> Answer {
     if request.command.trim().is_empty() {
-        return Reply::error(StatusCode::BAD_REQUEST, "command must not be empty");
+        return Err(Reply::error(StatusCode::BAD_REQUEST, "command must not be empty"));
     }
-    let id = store.queue(request, now);
-    Reply::json(StatusCode::CREATED, &Created { id })
+    let id = store.queue(request, now)?;
+    Ok(Reply::json(StatusCode::CREATED, &Created { id }))
 }
 
 fn cancel(store: &mut Store, id: &str, body: &[u8]) -> Answer {

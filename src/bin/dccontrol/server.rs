@@ -58,7 +58,12 @@ impl App {
 
 /// Serves until SIGTERM or SIGINT. The first stdout line is the bound address,
 /// so a caller that asked for port 0 learns the real one.
-pub async fn serve(listen: SocketAddr, api_key: String) -> anyhow::Result<()> {
+/// With `signing_key`, every execution `/pending/` hands out is signed.
+pub async fn serve(
+    listen: SocketAddr,
+    api_key: String,
+    signing_key: Option<ed25519_dalek::SigningKey>,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr().context("cannot read the bound address")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -68,7 +73,7 @@ pub async fn serve(listen: SocketAddr, api_key: String) -> anyhow::Result<()> {
         "runner API on http://{local}{RUNNER_PREFIX}, operator API on http://{local}{OPERATOR_PREFIX}"
     );
 
-    let app = Arc::new(App { api_key, store: Mutex::new(Store::default()) });
+    let app = Arc::new(App { api_key, store: Mutex::new(Store::new(signing_key)) });
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {

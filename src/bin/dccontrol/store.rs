@@ -1,7 +1,8 @@
 //! The control plane's state, in memory only: the executions and their
 //! output, what the runner last reported, the synced commands, the operator's
 //! runner-state setting, and the test hooks (seen nonces, request log,
-//! faults, injected `/pending/` entries).
+//! faults, injected `/pending/` entries), and the key that signs the
+//! executions handed out, if `serve` was given one.
 //!
 //! Every method is synchronous and quick: the server keeps the store behind
 //! one mutex and never holds it across an `await`.
@@ -10,11 +11,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dcsupervisor::supervisor::api::{
-    CancelStatus, CompleteRequest, ExecutionId, HeartbeatRequest, HeartbeatResponse, OutputRequest,
-    PendingResponse, RunnerState, Segment, SyncResponse,
+    CancelStatus, CompleteRequest, Execution, ExecutionId, HeartbeatRequest, HeartbeatResponse,
+    OutputRequest, PendingResponse, RunnerState, Segment, SyncResponse,
 };
 use dcsupervisor::supervisor::commands::{commands_hash, SyncedCommand};
-use serde_json::json;
+use dcsupervisor::supervisor::signing;
+use ed25519_dalek::SigningKey;
 
 use crate::wire::{
     ChunkView, ExecutionDetail, ExecutionStatus, ExecutionSummary, FaultSpec, LoggedRequest, NewExecution,
@@ -58,6 +60,8 @@ pub struct Store {
     next_seq: u64,
     faults: Vec<ActiveFault>,
     injected_pending: Vec<serde_json::Value>,
+    /// Signs every execution `/pending/` hands out (`serve --signing-key`).
+    signing_key: Option<SigningKey>,
 }
 
 struct ExecutionRecord {
@@ -118,15 +122,33 @@ impl ExecutionRecord {
         }
     }
 
-    /// The execution as `/pending/` lists it.
-    fn pending_entry(&self) -> serde_json::Value {
-        json!({
-            "id": self.id,
-            "command": self.request.command,
-            "args": self.request.args,
-            "timeout": self.request.timeout,
-            "use_metadata_only_mode": self.request.use_metadata_only_mode,
-        })
+    /// The execution as `/pending/` lists it: signed with `key` (issued at
+    /// its creation time), then the test's overrides applied.
+    fn pending_entry(&self, key: Option<&SigningKey>) -> serde_json::Value {
+        let mut execution = Execution {
+            id: self.id.clone(),
+            command: self.request.command.clone(),
+            args: self.request.args.clone(),
+            timeout: self.request.timeout,
+            use_metadata_only_mode: self.request.use_metadata_only_mode,
+            issued_at: None,
+            signature: None,
+        };
+        if let Some(key) = key {
+            let issued_at = self.created_at as i64;
+            execution.signature = Some(signing::sign(key, &execution, issued_at));
+            execution.issued_at = Some(issued_at);
+        }
+        let mut entry = serde_json::to_value(&execution).expect("an execution serializes");
+        if let (Some(fields), Some(overrides)) = (entry.as_object_mut(), &self.request.pending_overrides) {
+            for (name, value) in overrides {
+                match value {
+                    serde_json::Value::Null => fields.remove(name),
+                    value => fields.insert(name.clone(), value.clone()),
+                };
+            }
+        }
+        entry
     }
 
     fn conflict(&self, action: &str) -> StoreError {
@@ -173,8 +195,8 @@ impl Store {
     /// Queued executions, oldest first, then the injected raw entries (handed
     /// out once).
     pub fn pending(&mut self) -> PendingResponse {
-        let mut executions: Vec<serde_json::Value> =
-            self.queued().map(ExecutionRecord::pending_entry).collect();
+        let key = self.signing_key.as_ref();
+        let mut executions: Vec<serde_json::Value> = self.queued().map(|e| e.pending_entry(key)).collect();
         executions.append(&mut self.injected_pending);
         let executions =
             executions.iter().filter_map(|entry| serde_json::value::to_raw_value(entry).ok()).collect();
@@ -241,10 +263,20 @@ impl Store {
 
 // The operator API.
 impl Store {
-    pub fn queue(&mut self, request: NewExecution, now: f64) -> ExecutionId {
-        let id = ExecutionId::parse(&uuid::Uuid::new_v4().to_string())
-            .expect("a v4 UUID is in the hyphenated form");
-        self.index.insert(id.as_str().to_string(), self.executions.len());
+    pub fn new(signing_key: Option<SigningKey>) -> Self {
+        Self { signing_key, ..Self::default() }
+    }
+
+    pub fn queue(&mut self, request: NewExecution, now: f64) -> Result<ExecutionId, StoreError> {
+        let id = match &request.id {
+            Some(id) if self.execution(id).is_ok() => {
+                return Err(StoreError::Conflict(format!("execution {id} already exists")))
+            }
+            Some(id) => id.clone(),
+            None => ExecutionId::parse(&uuid::Uuid::new_v4().to_string())
+                .expect("a v4 UUID is in the hyphenated form"),
+        };
+        self.index.insert(id.as_str().to_ascii_lowercase(), self.executions.len());
         self.executions.push(ExecutionRecord {
             id: id.clone(),
             request,
@@ -256,7 +288,13 @@ impl Store {
             chunks: BTreeMap::new(),
             cancel: CancelStatus::default(),
         });
-        id
+        Ok(id)
+    }
+
+    /// The entry `/pending/` hands out for this execution, exactly (signed
+    /// if `serve` signs): a test can inject it again as a replay.
+    pub fn pending_entry(&self, id: &ExecutionId) -> Result<serde_json::Value, StoreError> {
+        Ok(self.execution(id)?.pending_entry(self.signing_key.as_ref()))
     }
 
     pub fn list(&self) -> Vec<ExecutionSummary> {
@@ -350,19 +388,23 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use dcsupervisor::supervisor::api::CompletionStatus;
+    use serde_json::json;
 
     use super::*;
 
+    fn request() -> NewExecution {
+        NewExecution {
+            command: "noop".into(),
+            args: String::new(),
+            timeout: 300,
+            use_metadata_only_mode: false,
+            id: None,
+            pending_overrides: None,
+        }
+    }
+
     fn queue(store: &mut Store) -> ExecutionId {
-        store.queue(
-            NewExecution {
-                command: "noop".into(),
-                args: String::new(),
-                timeout: 300,
-                use_metadata_only_mode: false,
-            },
-            1.0,
-        )
+        store.queue(request(), 1.0).unwrap()
     }
 
     fn chunk(number: u64, content: &str) -> OutputRequest {
@@ -424,5 +466,38 @@ mod tests {
         store.inject_pending(vec![json!({"id": "../x"})]);
         assert_eq!(store.pending().executions.len(), 1);
         assert!(store.pending().executions.is_empty());
+    }
+
+    #[test]
+    fn a_signing_store_signs_what_pending_hands_out() {
+        let key = SigningKey::from_bytes(&[3u8; 32]);
+        let mut store = Store::new(Some(key.clone()));
+        let id = queue(&mut store);
+        let entry: serde_json::Value = serde_json::from_str(store.pending().executions[0].get()).unwrap();
+        assert_eq!(entry, store.pending_entry(&id).unwrap());
+        assert_eq!(entry["issued_at"], 1);
+        let execution: Execution = serde_json::from_value(entry).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let checks = signing::Signing::new(key.verifying_key(), 300, dir.path());
+        assert_eq!(checks.accept(&execution, 2), Ok(()));
+
+        // A chosen id, and fields replaced after signing.
+        let chosen = ExecutionId::parse("3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b").unwrap();
+        let overrides = json!({"args": "--evil", "signature": null});
+        let request = NewExecution {
+            id: Some(chosen.clone()),
+            pending_overrides: overrides.as_object().cloned(),
+            ..request()
+        };
+        assert_eq!(store.queue(request.clone(), 1.0).unwrap(), chosen);
+        assert!(matches!(store.queue(request, 1.0), Err(StoreError::Conflict(_))));
+        let entry = store.pending_entry(&chosen).unwrap();
+        assert_eq!((entry["args"].as_str(), entry.get("signature")), (Some("--evil"), None));
+
+        // Without a key, entries are as before.
+        let mut plain = Store::default();
+        let id = queue(&mut plain);
+        let entry = plain.pending_entry(&id).unwrap();
+        assert_eq!(entry.as_object().unwrap().len(), 5, "{entry}");
     }
 }

@@ -25,6 +25,15 @@ pub struct NewExecution {
     pub timeout: u64,
     #[serde(default)]
     pub use_metadata_only_mode: bool,
+    /// The id to give it (a test that signs the entry itself needs it
+    /// beforehand); a new UUID v4 when absent. Taken ids are refused (409).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<ExecutionId>,
+    /// Fields replaced in the entry `/pending/` hands out, after signing
+    /// (`null` removes one): how a test plays a tampering or forging control
+    /// plane while the execution still exists here to be started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_overrides: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 fn default_timeout() -> u64 {
