@@ -40,24 +40,11 @@ from pathlib import Path
 # The set-up shared with the conformance test (tests/python/harness.py): both
 # must start dccontrol and the two runners the same way.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "python"))
-from harness import (
-    PUBLISHED_VENV,
-    PUBLISHED_VERSION,
-    ROOT,
-    ControlPlane,
-    demo_config,
-    has_published_runner,
-    install_published_runner,
-    read_logs,
-    start_published_runner,
-    start_supervisor,
-    stop_process,
-    target_binary,
-    wait_for,
-)
+import harness
 
-DCCONTROL = target_binary("dccontrol", "release")
-DCSUPERVISOR = target_binary("dcsupervisor", "release")
+ROOT = harness.ROOT
+DCCONTROL = harness.target_binary("dccontrol", "release")
+DCSUPERVISOR = harness.target_binary("dcsupervisor", "release")
 PROJECT_PYTHON = ROOT / ".venv" / "bin" / "python"
 DOC = ROOT / "docs" / "benchmarks.md"
 START_MARK = "<!-- runner:start -->"
@@ -109,15 +96,15 @@ def cpu_seconds(pid: int, reaped_children: bool = False) -> float:
 
 def ensure_published_venv() -> None:
     """target/published-runner-venv with Django and the published runner, made once."""
-    if has_published_runner():
+    if harness.has_published_runner():
         return
-    print(f"creating {PUBLISHED_VENV}", file=sys.stderr)
-    install_published_runner()
+    print(f"creating {harness.PUBLISHED_VENV}", file=sys.stderr)
+    harness.install_published_runner()
 
 
 def start_published(url: str, workdir: Path) -> subprocess.Popen:
     """`manage.py djangocommand start`; its own process is the one measured."""
-    return start_published_runner(
+    return harness.start_published_runner(
         url,
         workdir,
         api_key=API_KEY,
@@ -128,7 +115,7 @@ def start_published(url: str, workdir: Path) -> subprocess.Popen:
 
 def start_dcsupervisor(url: str, workdir: Path) -> subprocess.Popen:
     """dcsupervisor with the demo allowlist and the defaults the task fixes."""
-    config = demo_config(
+    config = harness.demo_config(
         url,
         workdir,
         api_key=API_KEY,
@@ -140,7 +127,7 @@ def start_dcsupervisor(url: str, workdir: Path) -> subprocess.Popen:
             "max_concurrent = 4\n"
         ),
     )
-    return start_supervisor(DCSUPERVISOR, workdir, config)
+    return harness.start_supervisor(DCSUPERVISOR, workdir, config)
 
 
 @dataclass(frozen=True)
@@ -151,7 +138,11 @@ class Runner:
 
 
 RUNNERS = (
-    Runner(f"published runner {PUBLISHED_VERSION}", start_published, has_worker=False),
+    Runner(
+        f"published runner {harness.PUBLISHED_VERSION}",
+        start_published,
+        has_worker=False,
+    ),
     Runner("dcsupervisor", start_dcsupervisor, has_worker=True),
 )
 
@@ -258,11 +249,8 @@ class Result:
 
 def bench(runner: Runner, count: int, idle: float, workdir: Path) -> Result:
     """Queues `count` noops, starts the runner, measures the drain and the idle."""
-    plane = ControlPlane(
-        workdir / "dccontrol.log",
-        dccontrol=DCCONTROL,
-        api_key=API_KEY,
-        timeout=REQUEST_TIMEOUT,
+    plane = harness.ControlPlane(
+        workdir, dccontrol=DCCONTROL, api_key=API_KEY, timeout=REQUEST_TIMEOUT
     )
     process = sampler = None
     try:
@@ -277,7 +265,7 @@ def bench(runner: Runner, count: int, idle: float, workdir: Path) -> Result:
         )
         sampler.start()
         limit = STARTUP_LIMIT + count * 5  # the published runner needs ~2 s per 4
-        executions = wait_for(
+        executions = harness.wait_for(
             lambda: drained(plane, process), limit, "the queue to drain", 0.5
         )
         at_end = read_cpu(process.pid, worker_pid(runner, process), plane.process.pid)
@@ -296,7 +284,7 @@ def bench(runner: Runner, count: int, idle: float, workdir: Path) -> Result:
         return result
     except BaseException:
         print(
-            f"{runner.name}: failed; its logs:\n{read_logs(workdir, tail=5000)}",
+            f"{runner.name}: failed; its logs:\n{harness.read_logs(workdir, tail=5000)}",
             file=sys.stderr,
         )
         raise
@@ -304,7 +292,7 @@ def bench(runner: Runner, count: int, idle: float, workdir: Path) -> Result:
         if sampler is not None:
             sampler.stop()
         if process is not None:
-            stop_process(process)
+            harness.stop_process(process)
         plane.close()
 
 
@@ -315,7 +303,7 @@ def worker_pid(runner: Runner, process: subprocess.Popen) -> int | None:
     return found[0] if found else None
 
 
-def drained(plane: ControlPlane, runner: subprocess.Popen) -> list[dict] | None:
+def drained(plane: harness.ControlPlane, runner: subprocess.Popen) -> list[dict] | None:
     if runner.poll() is not None:
         raise RuntimeError(f"the runner exited with status {runner.returncode}")
     executions = plane.executions()

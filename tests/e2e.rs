@@ -6,17 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::plane::{chunks, output, ControlPlane, Supervisor};
+use common::plane::{chunks, output, status_and_code, ControlPlane, Supervisor, LIMIT};
 use serde_json::{json, Value};
-
-const LIMIT: Duration = Duration::from_secs(60);
-
-fn status_and_code(execution: &Value) -> (String, i64) {
-    (
-        execution["status"].as_str().unwrap_or("").to_string(),
-        execution["exit_code"].as_i64().unwrap_or(i64::MIN),
-    )
-}
 
 fn assert_numbered_from_one(execution: &Value) {
     let numbers: Vec<u64> = chunks(execution).iter().map(|c| c["chunk_number"].as_u64().unwrap()).collect();

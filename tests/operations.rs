@@ -7,18 +7,8 @@ mod common;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use common::plane::{output, ControlPlane, Supervisor};
+use common::plane::{output, status_and_code, ControlPlane, Supervisor, LIMIT};
 use nix::sys::signal::Signal;
-use serde_json::Value;
-
-const LIMIT: Duration = Duration::from_secs(60);
-
-fn status_and_code(execution: &Value) -> (String, i64) {
-    (
-        execution["status"].as_str().unwrap_or("").to_string(),
-        execution["exit_code"].as_i64().unwrap_or(i64::MIN),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_running_executions_finish_then_exits_zero() {

@@ -4,19 +4,8 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::plane::{output, ControlPlane, Supervisor};
+use common::plane::{output, status_and_code, ControlPlane, Supervisor, LIMIT};
 use serde_json::Value;
-
-const LIMIT: Duration = Duration::from_secs(60);
-
-fn status_and_code(execution: &Value) -> (String, i64) {
-    (
-        execution["status"].as_str().unwrap_or("").to_string(),
-        execution["exit_code"].as_i64().unwrap_or(i64::MIN),
-    )
-}
 
 fn time(execution: &Value, field: &str) -> f64 {
     execution[field].as_f64().unwrap_or_else(|| panic!("no {field}: {execution}"))

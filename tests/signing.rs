@@ -12,18 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use common::plane::{chunks, output, ControlPlane, Supervisor};
+use common::plane::{chunks, output, status_and_code, ControlPlane, Supervisor, LIMIT};
 use ed25519_dalek::{Signer as _, SigningKey};
 use serde_json::{json, Value};
-
-const LIMIT: Duration = Duration::from_secs(60);
-
-fn status_and_code(execution: &Value) -> (String, i64) {
-    (
-        execution["status"].as_str().unwrap_or("").to_string(),
-        execution["exit_code"].as_i64().unwrap_or(i64::MIN),
-    )
-}
 
 fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64

@@ -17,6 +17,17 @@ use super::{demo_project, python, TestDb};
 
 pub const KEY: &str = "dc_e2e_test_key";
 
+/// How long an end-to-end step may take before the test gives up.
+pub const LIMIT: Duration = Duration::from_secs(60);
+
+/// An execution's final status and exit code, as the control plane recorded them.
+pub fn status_and_code(execution: &Value) -> (String, i64) {
+    (
+        execution["status"].as_str().unwrap_or("").to_string(),
+        execution["exit_code"].as_i64().unwrap_or(i64::MIN),
+    )
+}
+
 pub struct ControlPlane {
     child: Child,
     pub url: String,

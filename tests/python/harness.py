@@ -114,18 +114,19 @@ def read_logs(workdir: Path, tail: int | None = None) -> str:
 
 
 class ControlPlane:
-    """A `dccontrol serve` on a free loopback port, and its operator API."""
+    """A `dccontrol serve` on a free loopback port, and its operator API.
 
-    def __init__(
-        self, log_path: Path, *, dccontrol: Path, api_key: str, timeout: float
-    ):
+    It logs to workdir/dccontrol.log, next to the runner's log, so that
+    read_logs(workdir) shows both when something fails."""
+
+    def __init__(self, workdir: Path, *, dccontrol: Path, api_key: str, timeout: float):
         self.api_key = api_key
         self.timeout = timeout  # seconds for one request (and for `finished`)
         # Port 0: the kernel picks a free port, so parallel runs never clash;
         # dccontrol prints the address it got as its first line.
         self.process = start_process(
             [str(dccontrol), "serve", "--listen", "127.0.0.1:0", "--api-key", api_key],
-            log_path,
+            workdir / "dccontrol.log",
             stdout=subprocess.PIPE,
         )
         line = self.process.stdout.readline().decode()

@@ -127,10 +127,7 @@ class Capture:
 def run_scenario(name: str, workdir: Path, start_runner) -> Capture:
     """The scenario, with `start_runner(url, workdir)` starting the runner under test."""
     plane = ControlPlane(
-        workdir / "dccontrol.log",
-        dccontrol=DCCONTROL,
-        api_key=API_KEY,
-        timeout=REQUEST_TIMEOUT,
+        workdir, dccontrol=DCCONTROL, api_key=API_KEY, timeout=REQUEST_TIMEOUT
     )
     runner = None
     try:

@@ -761,15 +761,16 @@ def installed_venv(tmp_path_factory) -> Path:
     return venv
 
 
-def start_control_plane(log: Path) -> ControlPlane:
-    """`dccontrol serve` on a free loopback port, built first if missing: the
-    fast layers need no Rust build, so a plain pytest run may not have one."""
+def start_control_plane(workdir: Path) -> ControlPlane:
+    """`dccontrol serve` on a free loopback port, logging to
+    workdir/dccontrol.log; built first if missing: the fast layers need no
+    Rust build, so a plain pytest run may not have one."""
     if not DCCONTROL.exists():
         build = run(
             ["cargo", "build", "--bin", "dccontrol"], ROOT, child_env(False), 900
         )
         assert build.returncode == 0, build.stderr[-5000:]
-    return ControlPlane(log, dccontrol=DCCONTROL, api_key=API_KEY, timeout=TIMEOUT)
+    return ControlPlane(workdir, dccontrol=DCCONTROL, api_key=API_KEY, timeout=TIMEOUT)
 
 
 E2E_SETTINGS = f"""\
@@ -902,7 +903,7 @@ def test_installed_wheel_end_to_end(installed_venv, tmp_path):
     )
     (project / "e2e_settings.py").write_text(E2E_SETTINGS)
     state = project / ".djangocommand"
-    plane = start_control_plane(tmp_path / "dccontrol.log")
+    plane = start_control_plane(tmp_path)
     env = child_env(
         False,
         DJANGO_SETTINGS_MODULE="e2e_settings",
