@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::ipc::JobLimits;
 use crate::supervisor::client::{ApiKey, Client, ClientOptions};
 use crate::supervisor::commands::BoundArgs;
-use crate::supervisor::execution::ExecutionSettings;
+use crate::supervisor::execution::{CommandLimits, ExecutionSettings};
 use crate::supervisor::policy::{self, ConfiguredIn, Mode, Policy};
 use crate::supervisor::redact::Redactor;
 use crate::supervisor::runner::{CommandLimit, RunnerOptions, RunnerSetup, WhenBusy};
@@ -49,6 +50,39 @@ pub struct Config {
     pub runner: RunnerConfig,
     #[serde(default)]
     pub redaction: RedactionConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: resource limits of every job, with per-command overrides
+/// (`[limits.commands.<name>]`). 0 means no limit.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    #[serde(flatten)]
+    pub all: LimitValues,
+    pub commands: BTreeMap<String, LimitValues>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitValues {
+    /// CPU seconds before SIGXCPU (RLIMIT_CPU).
+    pub cpu_seconds: Option<u64>,
+    /// Virtual memory in MiB, the preloaded interpreter included (RLIMIT_AS).
+    pub memory_mb: Option<u64>,
+    /// Lower priority: 0 (none) to 19.
+    pub nice: Option<i32>,
+}
+
+impl LimitValues {
+    fn over(self, base: JobLimits) -> JobLimits {
+        JobLimits {
+            cpu_seconds: self.cpu_seconds.unwrap_or(base.cpu_seconds),
+            address_space_bytes: self.memory_mb.map_or(base.address_space_bytes, |mb| mb * 1024 * 1024),
+            nice: self.nice.unwrap_or(base.nice),
+        }
+    }
 }
 
 /// `[redaction]`: values masked as `[REDACTED]` before output leaves the host.
@@ -382,6 +416,14 @@ impl Config {
         })
     }
 
+    /// The limits of every job and of each named command.
+    pub fn job_limits(&self) -> CommandLimits {
+        let all = self.limits.all.over(JobLimits::default());
+        let commands =
+            self.limits.commands.iter().map(|(name, values)| (name.clone(), values.over(all))).collect();
+        CommandLimits { all, commands }
+    }
+
     /// Every secret to mask: the listed values and the named variables' values.
     pub fn redactor(&self) -> Option<Arc<Redactor>> {
         let mut secrets = self.redaction.values.clone();
@@ -417,6 +459,7 @@ impl Config {
             chunk_max_bytes: self.runner.chunk_max_bytes,
             output_cap: (self.runner.output_cap_bytes > 0).then_some(self.runner.output_cap_bytes),
             redactor: self.redactor(),
+            limits: self.job_limits(),
             signing: self.signing()?,
         })
     }

@@ -8,7 +8,8 @@
 use std::collections::BTreeSet;
 
 use dcsupervisor::ipc::{
-    decode_payload, encode_payload, CommandInfo, Event, ExitStatus, LogLevel, Request, PROTOCOL_VERSION,
+    decode_payload, encode_payload, CommandInfo, Event, ExitStatus, JobLimits, LogLevel, Request,
+    PROTOCOL_VERSION,
 };
 use serde_json::{json, Value};
 
@@ -29,9 +30,18 @@ fn cases() -> Vec<(&'static str, Message)> {
                 job: 7,
                 command: "migrate".into(),
                 args: vec!["--plan".into(), "app label with spaces".into()],
+                limits: JobLimits { cpu_seconds: 60, address_space_bytes: 1 << 30, nice: 10 },
             }),
         ),
-        ("run_no_args", R(Request::Run { job: u64::MAX, command: "noop".into(), args: vec![] })),
+        (
+            "run_no_args",
+            R(Request::Run {
+                job: u64::MAX,
+                command: "noop".into(),
+                args: vec![],
+                limits: JobLimits::default(),
+            }),
+        ),
         ("signal_term", R(Request::Signal { job: 1, signal: 15 })),
         ("shutdown", R(Request::Shutdown)),
         (

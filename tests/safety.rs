@@ -96,3 +96,24 @@ async fn secrets_are_masked_across_chunks_streams_and_line_breaks() {
     }
     assert!(!runner.log().contains("abcdef123-secret") && !runner.log().contains("env-token-0987"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_limits_end_runaway_jobs_and_say_which_limit() {
+    let plane = ControlPlane::start();
+    let limits = "[limits]\ncpu_seconds = 1\nnice = 5\n[limits.commands.hog]\nmemory_mb = 1024\n";
+    let _runner = Supervisor::start_with(&plane.url, "", limits, common::demo_project(), &[]);
+    let spin = plane.wait_done(&plane.queue("spin", "").await, LIMIT).await;
+    assert_eq!(status_and_code(&spin), ("failed".into(), -24), "SIGXCPU: {spin:#}");
+    assert!(output(&spin, true).contains("reached its CPU time limit (1 s)"), "{}", output(&spin, true));
+
+    // A job allocating without bound gets a MemoryError, not the box's memory.
+    let hog = plane.wait_done(&plane.queue("hog", "").await, LIMIT).await;
+    assert_eq!(status_and_code(&hog), ("failed".into(), 1));
+    let stderr = output(&hog, true);
+    assert!(
+        stderr.contains("MemoryError") && stderr.contains("reached its memory limit (1024 MiB)"),
+        "{stderr}"
+    );
+    // Commands within their limits are unaffected.
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
+}

@@ -36,7 +36,7 @@ import sys
 import threading
 import traceback
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME_LEN = 16 * 1024 * 1024
 WORKER_FD_ENV = "DJANGOCOMMAND_WORKER_FD"
 
@@ -59,7 +59,15 @@ SCHEMA = {
         "enum",
         (
             ("Discover", None),
-            ("Run", (("job", "u64"), ("command", "String"), ("args", "Vec<String>"))),
+            (
+                "Run",
+                (
+                    ("job", "u64"),
+                    ("command", "String"),
+                    ("args", "Vec<String>"),
+                    ("limits", "JobLimits"),
+                ),
+            ),
             ("Signal", (("job", "u64"), ("signal", "i32"))),
             ("Shutdown", None),
         ),
@@ -83,6 +91,10 @@ SCHEMA = {
             ("JobExited", (("job", "u64"), ("status", "ExitStatus"))),
             ("Log", (("level", "LogLevel"), ("message", "String"))),
         ),
+    ),
+    "JobLimits": (
+        "struct",
+        (("cpu_seconds", "u64"), ("address_space_bytes", "u64"), ("nice", "i32")),
     ),
     "CommandInfo": (
         "struct",
@@ -348,13 +360,19 @@ _RETIRED_STREAMS: list = []
 
 
 def _job_main(
-    worker_fds: list[int], stdout_fd: int, stderr_fd: int, command: str, args: list[str]
+    worker_fds: list[int],
+    stdout_fd: int,
+    stderr_fd: int,
+    command: str,
+    args: list[str],
+    limits: dict | None = None,
 ):
     status = 70  # EX_SOFTWARE, should anything below fail to set a status
     try:
         _become_job_process(worker_fds, stdout_fd, stderr_fd)
+        _apply_limits(limits or {})
         sys.argv = ["manage.py", command, *args]
-        status = _execute(sys.argv)
+        status = _execute(sys.argv, limits or {})
     except KeyboardInterrupt:
         # A SIGINT sent before the command started: die of it as asked.
         _die_by_sigint()
@@ -363,6 +381,25 @@ def _job_main(
             traceback.print_exc()
     finally:
         os._exit(status)
+
+
+# Seconds between RLIMIT_CPU's SIGXCPU (soft) and its SIGKILL (hard).
+_CPU_HARD_MARGIN = 5
+
+
+def _apply_limits(limits: dict) -> None:
+    """The job's resource limits, set in the child before the command runs."""
+    import resource
+
+    cpu = limits.get("cpu_seconds", 0)
+    if cpu:
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + _CPU_HARD_MARGIN))
+    address_space = limits.get("address_space_bytes", 0)
+    if address_space:
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    nice = limits.get("nice", 0)
+    if nice > 0:
+        os.nice(nice)
 
 
 def _become_job_process(worker_fds: list[int], stdout_fd: int, stderr_fd: int) -> None:
@@ -435,7 +472,7 @@ def _text_writer(fd: int, name: str, errors: str) -> io.TextIOWrapper:
     )
 
 
-def _execute(argv: list[str]) -> int:
+def _execute(argv: list[str], limits: dict | None = None) -> int:
     """Runs the command and finishes like the interpreter: the exit status."""
     from django.core.management import execute_from_command_line
 
@@ -450,6 +487,11 @@ def _execute(argv: list[str]) -> int:
         interrupted, status = True, 128 + signal.SIGINT
     except BaseException as exc:  # noqa: BLE001 - what the interpreter does at top level
         _print_exception(exc)
+        if isinstance(exc, MemoryError) and (limits or {}).get("address_space_bytes"):
+            mib = limits["address_space_bytes"] // (1024 * 1024)
+            sys.stderr.write(
+                f"[dcsupervisor] the command reached its memory limit ({mib} MiB)\n"
+            )
         status = 1
     status = _finalize(status)
     if interrupted:
@@ -622,8 +664,10 @@ class Worker:
                 self._discover()
             case "Shutdown":
                 self.shutting_down = True
-            case {"Run": {"job": job, "command": command, "args": args}}:
-                self._run(job, command, args)
+            case {
+                "Run": {"job": job, "command": command, "args": args, "limits": limits}
+            }:
+                self._run(job, command, args, limits)
             case {"Signal": {"job": job, "signal": signum}}:
                 self._signal(job, signum)
 
@@ -686,7 +730,7 @@ class Worker:
 
     # --- Run -------------------------------------------------------------
 
-    def _run(self, job: int, command: str, args: list[str]) -> None:
+    def _run(self, job: int, command: str, args: list[str], limits: dict) -> None:
         fds = [self.fds.popleft() for _ in range(min(2, len(self.fds)))]
         error = None
         if len(fds) < 2:
@@ -697,7 +741,7 @@ class Worker:
             error = f"job {job} is already running"
         if error is None:
             try:
-                pid = self._fork(job, command, args, fds)
+                pid = self._fork(job, command, args, fds, limits)
             except OSError as exc:
                 error = f"fork failed: {exc}"
         # The child has its copies; ours would keep the pipes open past its death.
@@ -709,7 +753,9 @@ class Worker:
         self.pids[pid] = job
         self.send("JobStarted", job=job, pid=pid)
 
-    def _fork(self, job: int, command: str, args: list[str], fds: list[int]) -> int:
+    def _fork(
+        self, job: int, command: str, args: list[str], fds: list[int], limits: dict
+    ) -> int:
         from django.db import connections
 
         connections.close_all()
@@ -730,7 +776,12 @@ class Worker:
             if pid == 0:
                 try:
                     _job_main(
-                        self._fds_to_close_in_child(), fds[0], fds[1], command, args
+                        self._fds_to_close_in_child(),
+                        fds[0],
+                        fds[1],
+                        command,
+                        args,
+                        limits,
                     )
                 finally:
                     os._exit(70)

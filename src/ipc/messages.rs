@@ -13,7 +13,7 @@ use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 
 /// Sent by the worker in its first frame; the supervisor refuses any other.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Identifies a job within one supervisor process (never reused).
 pub type JobId = u64;
@@ -26,7 +26,7 @@ pub enum Request {
     /// Fork a child that runs `manage.py <command> <args...>`. The frame
     /// carries two file descriptors (SCM_RIGHTS): the child's stdout and
     /// stderr, in that order.
-    Run { job: JobId, command: String, args: Vec<String> },
+    Run { job: JobId, command: String, args: Vec<String>, limits: JobLimits },
     /// Send `signal` to the job's process group (ignored if the job ended).
     Signal { job: JobId, signal: i32 },
     /// Take no new jobs; exit once the running ones have ended. (Closing
@@ -52,6 +52,17 @@ pub enum Event {
     JobExited { job: JobId, status: ExitStatus },
     /// Something the operator should see in the supervisor's log.
     Log { level: LogLevel, message: String },
+}
+
+/// Resource limits the job's process starts with (0: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct JobLimits {
+    /// RLIMIT_CPU: SIGXCPU at this many seconds of CPU time (SIGKILL 5 s later).
+    pub cpu_seconds: u64,
+    /// RLIMIT_AS: total virtual memory, the preloaded interpreter included.
+    pub address_space_bytes: u64,
+    /// Added to the job's niceness (lower priority), 0 to 19.
+    pub nice: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]

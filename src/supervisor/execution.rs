@@ -20,7 +20,7 @@ use super::output::{OutputCap, StreamBuffer};
 use super::policy::Policy;
 use super::redact::Redactor;
 use super::signing::Signing;
-use crate::ipc::ExitStatus;
+use crate::ipc::{ExitStatus, JobLimits};
 use crate::worker::{Job, JobEnd, Output, Worker};
 
 /// What metadata-only executions send instead of their output.
@@ -44,8 +44,23 @@ pub struct ExecutionSettings {
     pub output_cap: Option<usize>,
     /// Masks configured secrets in the output (None: nothing to mask).
     pub redactor: Option<Arc<Redactor>>,
+    /// Resource limits of the jobs.
+    pub limits: CommandLimits,
     /// `[policy.signing]`: only signed executions run (None: any).
     pub signing: Option<Arc<Signing>>,
+}
+
+/// Resource limits for every job, and per command.
+#[derive(Debug, Clone, Default)]
+pub struct CommandLimits {
+    pub all: JobLimits,
+    pub commands: BTreeMap<String, JobLimits>,
+}
+
+impl CommandLimits {
+    pub fn of(&self, command: &str) -> JobLimits {
+        self.commands.get(command).copied().unwrap_or(self.all)
+    }
 }
 
 /// What an execution needs from the runner around it.
@@ -103,12 +118,13 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
         chunks.send_as_is(true, vec![segment_now(METADATA_ONLY_NOTICE)]).await;
     }
     let output = if metadata_only { Output::Discard } else { Output::Capture };
-    let completion = match ctx.worker.spawn_job(&command, &args, output).await {
+    let limits = settings.limits.of(&command);
+    let completion = match ctx.worker.spawn_limited(&command, &args, output, limits).await {
         Ok(job) => {
             entry.pid = Some(job.pid);
             entry.pid_start_time = process_start_time(job.pid);
             chunks.remember_job(&entry);
-            supervise(&ctx, job, Duration::from_secs(execution.timeout), &mut chunks).await
+            supervise(&ctx, job, Duration::from_secs(execution.timeout), limits, &mut chunks).await
         }
         Err(error) => {
             let line = format!("[dcsupervisor] the command could not be started: {error}\n");
@@ -233,6 +249,7 @@ async fn supervise(
     ctx: &ExecutionContext,
     mut job: Job,
     timeout: Duration,
+    limits: JobLimits,
     chunks: &mut ChunkWriter<'_>,
 ) -> CompleteRequest {
     let settings = &ctx.settings;
@@ -316,11 +333,28 @@ async fn supervise(
         Some(end) => end,
         None => job.wait().await,
     };
-    if let JobEnd::Lost(reason) = &end {
-        let line = format!("[dcsupervisor] the worker running this command died: {reason}\n");
+    // A job the runner stopped was not killed by its limits.
+    let limits = if stop.is_some() { JobLimits::default() } else { limits };
+    if let Some(line) = explain_end(&end, limits) {
         chunks.send_as_is(true, vec![segment_now(&line)]).await;
     }
     completion(stop, &end)
+}
+
+/// A line for the output when the way the job ended needs explaining.
+fn explain_end(end: &JobEnd, limits: JobLimits) -> Option<String> {
+    match end {
+        JobEnd::Lost(reason) => {
+            Some(format!("[dcsupervisor] the worker running this command died: {reason}\n"))
+        }
+        JobEnd::Exited(ExitStatus::Signal { signal }) if limits.cpu_seconds > 0 => {
+            let hit = *signal == Signal::SIGXCPU as i32 || *signal == Signal::SIGKILL as i32;
+            hit.then(|| {
+                format!("[dcsupervisor] the command reached its CPU time limit ({} s)\n", limits.cpu_seconds)
+            })
+        }
+        JobEnd::Exited(_) => None,
+    }
 }
 
 fn completion(stop: Option<StopReason>, end: &JobEnd) -> CompleteRequest {

@@ -21,7 +21,8 @@ use tokio::sync::{oneshot, watch};
 use super::process::{self, StderrTail};
 use super::{JobEnd, StartError, WorkerInfo, WorkerOptions};
 use crate::ipc::{
-    CommandInfo, Event, FrameError, FrameReader, FrameWriter, JobId, LogLevel, Request, PROTOCOL_VERSION,
+    CommandInfo, Event, FrameError, FrameReader, FrameWriter, JobId, JobLimits, LogLevel, Request,
+    PROTOCOL_VERSION,
 };
 
 /// How long a worker has to answer a `Run` with `JobStarted`.
@@ -145,6 +146,7 @@ impl Connection {
         job: JobId,
         command: &str,
         args: &[String],
+        limits: JobLimits,
         stdout: OwnedFd,
         stderr: OwnedFd,
     ) -> Result<(u32, oneshot::Receiver<JobEnd>), RequestError> {
@@ -158,7 +160,7 @@ impl Connection {
             let slot = JobSlot { pid: None, started: Some(started_tx), exited: Some(exited_tx) };
             state.jobs.insert(job, slot);
         }
-        let request = Request::Run { job, command: command.to_string(), args: args.to_vec() };
+        let request = Request::Run { job, command: command.to_string(), args: args.to_vec(), limits };
         let sent = self.send(&request, &[stdout.as_fd(), stderr.as_fd()]).await;
         // Our copies must close now, or the pipes would never reach EOF.
         drop((stdout, stderr));

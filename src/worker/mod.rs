@@ -25,7 +25,7 @@ pub use connection::RequestError;
 pub use job::{Job, JobEnd, Output, Stop};
 pub use process::WORKER_SOURCE;
 
-use crate::ipc::CommandInfo;
+use crate::ipc::{CommandInfo, JobLimits};
 use connection::Connection;
 use job::{Control, JobOutputs};
 
@@ -180,15 +180,27 @@ impl Worker {
 
     /// Starts `command` with `args` (never through a shell).
     pub async fn spawn_job(&self, command: &str, args: &[String], output: Output) -> Result<Job, JobError> {
+        self.spawn_limited(command, args, output, JobLimits::default()).await
+    }
+
+    /// [`Worker::spawn_job`] with resource limits on the job's process.
+    pub async fn spawn_limited(
+        &self,
+        command: &str,
+        args: &[String],
+        output: Output,
+        limits: JobLimits,
+    ) -> Result<Job, JobError> {
         let id = self.shared.next_job.fetch_add(1, Ordering::Relaxed);
         let outputs = JobOutputs::new(output).map_err(JobError::Pipes)?;
         let opts = self.shared.opts();
         if opts.isolation == Isolation::Spawn || opts.spawn_commands.contains(command) {
-            return subprocess::start(&opts, id, command, args, outputs).map_err(JobError::Subprocess);
+            return subprocess::start(&opts, id, command, args, outputs, limits)
+                .map_err(JobError::Subprocess);
         }
         let connection = self.connection().await?;
         let JobOutputs { stdout_write, stderr_write, stdout, stderr } = outputs;
-        let (pid, end) = connection.run(id, command, args, stdout_write, stderr_write).await?;
+        let (pid, end) = connection.run(id, command, args, limits, stdout_write, stderr_write).await?;
         self.count_job_for_recycling();
         Ok(Job::new(id, pid, (stdout, stderr), end, Control::Worker(connection)))
     }

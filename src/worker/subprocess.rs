@@ -14,7 +14,26 @@ use tokio::sync::oneshot;
 
 use super::job::{Control, Job, JobOutputs};
 use super::{JobEnd, WorkerOptions};
-use crate::ipc::{ExitStatus, JobId};
+use crate::ipc::{ExitStatus, JobId, JobLimits};
+
+/// Seconds between RLIMIT_CPU's SIGXCPU (soft) and its SIGKILL (hard), as the worker does.
+const CPU_HARD_MARGIN: u64 = 5;
+
+/// Runs in the forked child before exec.
+fn apply_limits(limits: JobLimits) -> std::io::Result<()> {
+    use nix::sys::resource::{setrlimit, Resource};
+    if limits.cpu_seconds > 0 {
+        setrlimit(Resource::RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + CPU_HARD_MARGIN)?;
+    }
+    if limits.address_space_bytes > 0 {
+        setrlimit(Resource::RLIMIT_AS, limits.address_space_bytes, limits.address_space_bytes)?;
+    }
+    if limits.nice > 0 {
+        // SAFETY: nice(2) only changes this (child) process's priority.
+        unsafe { nix::libc::nice(limits.nice) };
+    }
+    Ok(())
+}
 
 pub(super) fn start(
     opts: &WorkerOptions,
@@ -22,6 +41,7 @@ pub(super) fn start(
     command: &str,
     args: &[String],
     outputs: JobOutputs,
+    limits: JobLimits,
 ) -> std::io::Result<Job> {
     let mut child = {
         let mut process = tokio::process::Command::new(&opts.python);
@@ -38,6 +58,10 @@ pub(super) fn start(
             .stderr(Stdio::from(outputs.stderr_write))
             .process_group(0);
         super::scrub_environment(&mut process);
+        // SAFETY: setrlimit and nice are async-signal-safe.
+        unsafe {
+            process.pre_exec(move || apply_limits(limits));
+        }
         process.spawn()?
         // `process` drops here, closing our copies of the write ends.
     };

@@ -47,10 +47,18 @@ HAND_VECTORS = [
     ),
     (
         "Request",
-        {"Run": {"job": 1, "command": "x", "args": ["é"]}},
+        {
+            "Run": {
+                "job": 1,
+                "command": "x",
+                "args": ["é"],
+                "limits": {"cpu_seconds": 2, "address_space_bytes": 0, "nice": -1},
+            }
+        },
         (
             "01000000 0100000000000000 0100000000000000 78"
             " 0100000000000000 0200000000000000 c3a9"
+            " 0200000000000000 0000000000000000 ffffffff"
         ),
     ),
     ("Event", {"Commands": {"commands": []}}, "02000000 0000000000000000"),
@@ -74,12 +82,16 @@ def test_hand_vector(type_name, value, fields):
     assert worker.decode(type_name, payload) == value
 
 
+NO_LIMITS = {"cpu_seconds": 0, "address_space_bytes": 0, "nice": 0}
+
+
 def _run_payload(command: bytes) -> bytes:
     """A Run request with no args whose command is the raw bytes given."""
     return (
         struct.pack("<IQQ", 1, 5, len(command))
         + command
         + struct.pack("<Q", 0)  # no args
+        + struct.pack("<QQi", 0, 0, 0)  # no limits
     )
 
 
@@ -130,8 +142,18 @@ def test_decode_rejects_oversized_payload():
 def test_encode_rejects_values_that_do_not_fit_the_schema():
     bad_values = [
         {"Run": {"job": 1, "command": "x"}},  # missing field
-        {"Run": {"job": 1, "command": "x", "args": [], "extra": 1}},
-        {"Run": {"job": -1, "command": "x", "args": []}},  # u64 is unsigned
+        {
+            "Run": {
+                "job": 1,
+                "command": "x",
+                "args": [],
+                "limits": NO_LIMITS,
+                "extra": 1,
+            }
+        },
+        {
+            "Run": {"job": -1, "command": "x", "args": [], "limits": NO_LIMITS}
+        },  # unsigned
         {"Signal": {"job": 1, "signal": 2**31}},  # beyond i32
         {"Signal": {"job": True, "signal": 2}},  # bool is not an integer here
         {"Discover": {}},  # unit variant in struct shape

@@ -22,6 +22,8 @@ TIMEOUT = 20  # seconds; generous for a loaded CI machine
 if not (DEMO_DIR / "manage.py").exists():
     pytest.skip(f"demo project {DEMO_DIR} not present", allow_module_level=True)
 
+NO_LIMITS = {"cpu_seconds": 0, "address_space_bytes": 0, "nice": 0}
+
 
 codec = load_worker()
 
@@ -97,7 +99,14 @@ class Supervisor:
         """Runs a job to completion: (its exit status, stdout, stderr)."""
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        request = {"Run": {"job": job, "command": command, "args": list(args)}}
+        request = {
+            "Run": {
+                "job": job,
+                "command": command,
+                "args": list(args),
+                "limits": NO_LIMITS,
+            }
+        }
         self.send(request, fds=[out_w, err_w])
         os.close(out_w)
         os.close(err_w)
@@ -199,7 +208,9 @@ def _start_grandchild_job(supervisor, job: int):
     """Starts the `grandchild` command: (job pid, its stdout, grandchild pid)."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
-    run = {"Run": {"job": job, "command": "grandchild", "args": []}}
+    run = {
+        "Run": {"job": job, "command": "grandchild", "args": [], "limits": NO_LIMITS}
+    }
     supervisor.send(run, fds=[out_w, err_w])
     for fd in (out_w, err_w, err_r):
         os.close(fd)
@@ -232,11 +243,13 @@ def test_leftovers_of_a_dead_job_are_killed(supervisor):
 def test_shutdown_waits_for_running_jobs_and_refuses_new_ones(supervisor):
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
-    sleep = {"Run": {"job": 1, "command": "sleep", "args": ["0.5"]}}
+    sleep = {
+        "Run": {"job": 1, "command": "sleep", "args": ["0.5"], "limits": NO_LIMITS}
+    }
     supervisor.send(sleep, fds=[out_w, err_w])
     assert "JobStarted" in supervisor.event()
     supervisor.send("Shutdown")
-    late = {"Run": {"job": 2, "command": "noop", "args": []}}
+    late = {"Run": {"job": 2, "command": "noop", "args": [], "limits": NO_LIMITS}}
     supervisor.send(late, fds=[out_w, err_w])
     assert supervisor.event() == {
         "JobFailed": {"job": 2, "error": "worker is shutting down"}
@@ -252,7 +265,9 @@ def test_shutdown_waits_for_running_jobs_and_refuses_new_ones(supervisor):
 
 
 def test_run_without_descriptors_fails_the_job_only(supervisor):
-    supervisor.send({"Run": {"job": 1, "command": "noop", "args": []}})
+    supervisor.send(
+        {"Run": {"job": 1, "command": "noop", "args": [], "limits": NO_LIMITS}}
+    )
     failed = supervisor.event()["JobFailed"]
     assert failed["job"] == 1 and "2 descriptors" in failed["error"]
     assert supervisor.run(2, "noop")[0] == {"Code": {"code": 0}}
