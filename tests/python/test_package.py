@@ -587,11 +587,8 @@ while True:
 
 @pytest.fixture
 def fake_site(tmp_path):
-    """A project whose runner binary is the stand-in (via DCSUPERVISOR_BIN)."""
-    if (Path(TEST_PYTHON).parent / "dcsupervisor").exists():
-        pytest.skip(
-            "a real dcsupervisor sits next to the test interpreter and would be used"
-        )
+    """A project whose runner binary is the stand-in (DCSUPERVISOR_BIN wins
+    over a real dcsupervisor next to the interpreter)."""
     fake = tmp_path / "fake-dcsupervisor"
     fake.write_text(FAKE_SUPERVISOR.format(python=TEST_PYTHON))
     fake.chmod(0o755)
