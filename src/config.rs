@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::ipc::JobLimits;
+use crate::supervisor::arguments::{AllowedOption, ArgumentRules};
 use crate::supervisor::client::{ApiKey, Client, ClientOptions};
 use crate::supervisor::commands::BoundArgs;
 use crate::supervisor::execution::{CommandLimits, ExecutionSettings};
@@ -165,6 +166,8 @@ pub struct PolicyConfig {
     pub bound_args: Vec<BoundArgsConfig>,
     /// Limits on how many executions of a command run at once.
     pub concurrency: Vec<ConcurrencyConfig>,
+    /// Options and positionals a command may or may not be given.
+    pub arguments: Vec<ArgumentsConfig>,
     /// `[policy.signing]`: run only executions signed by this key.
     pub signing: Option<SigningConfig>,
 }
@@ -211,6 +214,61 @@ pub struct ConcurrencyConfig {
 
 fn wait() -> WhenBusy {
     WhenBusy::Wait
+}
+
+/// `[[policy.arguments]]`: the argument rules of one command, checked
+/// against the arguments as the command's own parser reads them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArgumentsConfig {
+    pub command: String,
+    /// Destinations (`database`) or option strings (`--database`) always refused.
+    #[serde(default)]
+    pub refuse_options: Vec<String>,
+    /// Positional lists refused, element by element (`"*"`: any one value),
+    /// e.g. `[["*", "zero"]]` for `migrate <app> zero`.
+    #[serde(default)]
+    pub refuse_positionals: Vec<Vec<String>>,
+    /// When set, the only options allowed: name → regex each value must
+    /// match in full ("" for any value).
+    #[serde(default)]
+    pub allow_options: Option<BTreeMap<String, String>>,
+}
+
+impl ArgumentsConfig {
+    pub fn rules(&self) -> Result<ArgumentRules, ConfigError> {
+        let bad_name =
+            |name: &String| name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '=');
+        let names = self.refuse_options.iter().chain(self.allow_options.iter().flat_map(|map| map.keys()));
+        if let Some(name) = names.into_iter().find(|name| bad_name(name)) {
+            return Err(invalid(
+                "policy.arguments",
+                format!("{name:?} (command {:?})", self.command),
+                "name an option by its destination (\"database\") or an option string (\"--database\")",
+            ));
+        }
+        let allow_options = match &self.allow_options {
+            None => None,
+            Some(map) => Some(
+                map.iter()
+                    .map(|(name, pattern)| {
+                        AllowedOption::new(name, pattern).map_err(|error| {
+                            invalid(
+                                "policy.arguments.allow_options",
+                                format!("{pattern:?} for {name:?} of {:?}", self.command),
+                                format!("not a regular expression: {error}"),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        Ok(ArgumentRules {
+            refuse_options: self.refuse_options.clone(),
+            refuse_positionals: self.refuse_positionals.clone(),
+            allow_options,
+        })
+    }
 }
 
 /// One permitted argument set of a command (`[[policy.bound_args]]`).
@@ -370,6 +428,7 @@ impl Config {
         if self.runner.max_concurrent == 0 {
             return Err(invalid("runner.max_concurrent", 0, "allow at least 1 execution at a time"));
         }
+        self.argument_rules()?;
         if let Some(signing) = &self.policy.signing {
             signing.verifying_key()?;
             if signing.max_age == 0 {
@@ -461,7 +520,23 @@ impl Config {
             redactor: self.redactor(),
             limits: self.job_limits(),
             signing: self.signing()?,
+            argument_rules: self.argument_rules()?,
         })
+    }
+
+    /// `[[policy.arguments]]` by command (one entry per command).
+    pub fn argument_rules(&self) -> Result<BTreeMap<String, ArgumentRules>, ConfigError> {
+        let mut rules = BTreeMap::new();
+        for entry in &self.policy.arguments {
+            if rules.insert(entry.command.clone(), entry.rules()?).is_some() {
+                return Err(invalid(
+                    "policy.arguments",
+                    format!("{:?}", entry.command),
+                    "give each command one [[policy.arguments]] entry",
+                ));
+            }
+        }
+        Ok(rules)
     }
 
     /// The checks of `[policy.signing]`, if it is set.

@@ -8,8 +8,8 @@
 use std::collections::BTreeSet;
 
 use dcsupervisor::ipc::{
-    decode_payload, encode_payload, CommandInfo, Event, ExitStatus, JobLimits, LogLevel, Request,
-    PROTOCOL_VERSION,
+    decode_payload, encode_payload, CommandInfo, Event, ExitStatus, GivenArg, JobLimits, LogLevel,
+    ParseOutcome, Request, PROTOCOL_VERSION,
 };
 use serde_json::{json, Value};
 
@@ -44,6 +44,18 @@ fn cases() -> Vec<(&'static str, Message)> {
         ),
         ("signal_term", R(Request::Signal { job: 1, signal: 15 })),
         ("shutdown", R(Request::Shutdown)),
+        (
+            "parse_args",
+            R(Request::ParseArgs {
+                request: 3,
+                command: "migrate".into(),
+                args: vec!["--datab=other".into(), "demo".into(), "zero".into()],
+            }),
+        ),
+        (
+            "parse_args_none",
+            R(Request::ParseArgs { request: u64::MAX, command: "noop".into(), args: vec![] }),
+        ),
         (
             "hello",
             E(Event::Hello {
@@ -87,6 +99,36 @@ fn cases() -> Vec<(&'static str, Message)> {
         ("log_info", E(Event::Log { level: LogLevel::Info, message: "i".into() })),
         ("log_warning", E(Event::Log { level: LogLevel::Warning, message: "threads alive at fork".into() })),
         ("log_error", E(Event::Log { level: LogLevel::Error, message: "e".into() })),
+        (
+            "parsed_args",
+            E(Event::ParsedArgs {
+                request: 3,
+                result: ParseOutcome::Parsed {
+                    given: vec![
+                        GivenArg {
+                            dest: "database".into(),
+                            flags: vec!["--database".into()],
+                            values: vec!["other".into()],
+                        },
+                        GivenArg { dest: "plan".into(), flags: vec!["--plan".into()], values: vec![] },
+                        GivenArg { dest: "app_label".into(), flags: vec![], values: vec!["demo".into()] },
+                    ],
+                },
+            }),
+        ),
+        (
+            "parsed_args_none",
+            E(Event::ParsedArgs { request: 4, result: ParseOutcome::Parsed { given: vec![] } }),
+        ),
+        (
+            "parsed_args_refused",
+            E(Event::ParsedArgs {
+                request: 5,
+                result: ParseOutcome::Refused {
+                    message: "Error: argument --lines: invalid int value: 'x'".into(),
+                },
+            }),
+        ),
     ]
 }
 
@@ -157,6 +199,7 @@ fn vectors_file_is_up_to_date_and_covers_every_variant() {
         "Run",
         "Signal",
         "Shutdown",
+        "ParseArgs",
         "Hello",
         "StartupFailed",
         "Commands",
@@ -164,6 +207,7 @@ fn vectors_file_is_up_to_date_and_covers_every_variant() {
         "JobFailed",
         "JobExited",
         "Log",
+        "ParsedArgs",
     ];
     for variant in all {
         assert!(variants.contains(variant), "no vector for {variant}");

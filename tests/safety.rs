@@ -1,6 +1,6 @@
 //! Safety rules the runner enforces whatever the control plane asks
-//! (issue 6): so far, per-command concurrency limits and non-interactive
-//! commands.
+//! (issue 6): per-command concurrency limits, non-interactive commands,
+//! secret redaction, resource limits and argument rules.
 
 mod common;
 
@@ -115,5 +115,81 @@ async fn resource_limits_end_runaway_jobs_and_say_which_limit() {
         "{stderr}"
     );
     // Commands within their limits are unaffected.
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
+}
+
+const ARGUMENT_RULES: &str = r#"
+[[policy.arguments]]
+command = "migrate"
+refuse_options = ["database"]
+refuse_positionals = [["*", "zero"]]
+
+[[policy.arguments]]
+command = "noisy"
+allow_options = { lines = "^[0-9]{1,3}$" }
+"#;
+
+/// Queues `command args` and waits for it to be refused: its stderr.
+async fn refused(plane: &ControlPlane, command: &str, args: &str) -> String {
+    let execution = plane.wait_done(&plane.queue(command, args).await, LIMIT).await;
+    assert_eq!(status_and_code(&execution), ("failed".into(), -1), "{execution:#}");
+    assert_eq!(output(&execution, false), "", "a refused command never runs: {execution:#}");
+    let stderr = output(&execution, true);
+    assert!(
+        stderr.starts_with(&format!("Command '{command}' rejected by runner security policy.")),
+        "{stderr}"
+    );
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argument_rules_refuse_options_and_positionals_even_abbreviated() {
+    let plane = ControlPlane::start();
+    let _runner = Supervisor::start(&plane.url, ARGUMENT_RULES, "");
+    let stderr = refused(&plane, "migrate", "--datab=default").await;
+    assert!(
+        stderr.contains(
+            "Reason: option --database (given as --datab) is refused for 'migrate' by [[policy.arguments]]"
+        ),
+        "{stderr}"
+    );
+    assert!(refused(&plane, "migrate", "--database default").await.contains("option --database is refused"));
+    // A database the project lacks: the command's own parser refuses it first.
+    let stderr = refused(&plane, "migrate", "--datab=other").await;
+    assert!(stderr.contains("--database") && stderr.contains("invalid choice: 'other'"), "{stderr}");
+
+    let stderr = refused(&plane, "migrate", "demo zero").await;
+    assert!(
+        stderr.contains(r#"positional arguments ["demo", "zero"] match the pattern ["*", "zero"]"#),
+        "{stderr}"
+    );
+    // What the rules leave alone runs.
+    let fine = plane.wait_done(&plane.queue("migrate", "--verbosity 0").await, LIMIT).await;
+    assert_eq!(status_and_code(&fine), ("success".into(), 0), "{fine:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_options_lets_only_listed_options_with_matching_values_through() {
+    let plane = ControlPlane::start();
+    let _runner = Supervisor::start(&plane.url, ARGUMENT_RULES, "");
+    let five = plane.wait_done(&plane.queue("noisy", "--lines 5").await, LIMIT).await;
+    assert_eq!(status_and_code(&five), ("success".into(), 0), "{five:#}");
+    assert_eq!(output(&five, false), "out 0\nout 1\nout 2\nout 3\nout 4\n");
+
+    let stderr = refused(&plane, "noisy", "--lines 5000").await;
+    assert!(stderr.contains(r#"value "5000" of option --lines does not match "^[0-9]{1,3}$""#), "{stderr}");
+    let stderr = refused(&plane, "noisy", "--lines 5 --flush").await;
+    assert!(stderr.contains("option --flush is not in the allow_options of 'noisy'"), "{stderr}");
+    let stderr = refused(&plane, "noisy", "--lin 5 --fl").await;
+    assert!(stderr.contains("option --flush (given as --fl) is not in the allow_options"), "{stderr}");
+    // Not parsable at all: argparse's own message.
+    let stderr = refused(&plane, "noisy", "--lines x").await;
+    assert!(
+        stderr.contains(
+            "the command's parser refused the arguments: Error: argument --lines: invalid int value: 'x'"
+        ),
+        "{stderr}"
+    );
+    // Commands without rules are not asked about.
     assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
 }

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use dcsupervisor::ipc::ExitStatus;
+use dcsupervisor::ipc::{ExitStatus, GivenArg, ParseOutcome};
 use dcsupervisor::worker::{Isolation, JobEnd, Output, StartError, Stop, Worker};
 use tokio::io::AsyncBufReadExt;
 
@@ -350,4 +350,35 @@ async fn garbage_from_the_worker_is_a_protocol_error_not_a_panic() {
             _ => assert!(text.contains("no hello from me") && text.contains("exit status: 3"), "{text}"),
         }
     }
+}
+
+#[tokio::test]
+async fn parse_args_resolves_abbreviations_as_the_commands_parser_does() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    let args = |list: &[&str]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    // Several requests in flight at once: each answer reaches its caller.
+    let (migrate, lines, bad_lines) =
+        (args(&["--datab=default", "--pl"]), args(&["--lines", "5"]), args(&["--lines", "x"]));
+    let (abbreviated, plain, bad) = tokio::join!(
+        worker.parse_args("migrate", &migrate),
+        worker.parse_args("noisy", &lines),
+        worker.parse_args("noisy", &bad_lines),
+    );
+    let given = |dest: &str, flags: &[&str], values: &[&str]| GivenArg {
+        dest: dest.into(),
+        flags: args(flags),
+        values: args(values),
+    };
+    assert_eq!(
+        abbreviated.unwrap(),
+        ParseOutcome::Parsed {
+            given: vec![given("database", &["--database"], &["default"]), given("plan", &["--plan"], &[])]
+        }
+    );
+    assert_eq!(plain.unwrap(), ParseOutcome::Parsed { given: vec![given("lines", &["--lines"], &["5"])] });
+    assert_eq!(
+        bad.unwrap(),
+        ParseOutcome::Refused { message: "Error: argument --lines: invalid int value: 'x'".into() }
+    );
 }

@@ -36,7 +36,7 @@ import sys
 import threading
 import traceback
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_FRAME_LEN = 16 * 1024 * 1024
 WORKER_FD_ENV = "DJANGOCOMMAND_WORKER_FD"
 
@@ -70,6 +70,10 @@ SCHEMA = {
             ),
             ("Signal", (("job", "u64"), ("signal", "i32"))),
             ("Shutdown", None),
+            (
+                "ParseArgs",
+                (("request", "u64"), ("command", "String"), ("args", "Vec<String>")),
+            ),
         ),
     ),
     "Event": (
@@ -90,7 +94,19 @@ SCHEMA = {
             ("JobFailed", (("job", "u64"), ("error", "String"))),
             ("JobExited", (("job", "u64"), ("status", "ExitStatus"))),
             ("Log", (("level", "LogLevel"), ("message", "String"))),
+            ("ParsedArgs", (("request", "u64"), ("result", "ParseOutcome"))),
         ),
+    ),
+    "ParseOutcome": (
+        "enum",
+        (
+            ("Parsed", (("given", "Vec<GivenArg>"),)),
+            ("Refused", (("message", "String"),)),
+        ),
+    ),
+    "GivenArg": (
+        "struct",
+        (("dest", "String"), ("flags", "Vec<String>"), ("values", "Vec<String>")),
     ),
     "JobLimits": (
         "struct",
@@ -549,6 +565,117 @@ def _die_by_sigint() -> None:
 
 
 # ---------------------------------------------------------------------------
+# ParseArgs: a command's arguments as the command's own parser reads them, so
+# the supervisor's argument rules see what the job would see (an abbreviated
+# `--datab=x` is `--database`). Nothing runs, prints or exits.
+# ---------------------------------------------------------------------------
+
+# The default of an optional positional (nargs="?"), so that "absent" can be
+# told from "given the default". Not a str: argparse would convert one.
+_NOT_GIVEN = object()
+_RECORDING_CLASSES: dict[type, type] = {}
+
+
+def parse_command_args(name: str, args: list[str]) -> dict:
+    """A ``ParseOutcome``: every argument ``args`` actually gives ``name``.
+
+    The parser is built exactly as for a job
+    (``create_parser("manage.py", name)``); a command not called from the
+    command line makes Django's parser raise ``CommandError`` instead of
+    printing usage and exiting, which gives the message to report.
+    """
+    from django.core.management import BaseCommand, get_commands, load_command_class
+    from django.core.management.base import CommandError
+
+    given: list[dict] = []
+    captured = io.StringIO()
+    try:
+        app = get_commands().get(name)
+        if app is None:
+            return _refused(f"Unknown command: {name!r}")
+        command = app if isinstance(app, BaseCommand) else load_command_class(app, name)
+        parser = command.create_parser("manage.py", name)
+        _record_given(parser, given)
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            parser.parse_args(list(args))
+    except CommandError as exc:
+        return _refused(str(exc))
+    except SystemExit as exc:
+        text = captured.getvalue().strip()
+        return _refused(text or f"the parser of {name!r} exited with status {exc.code}")
+    except Exception as exc:  # noqa: BLE001 - a project's parser may raise anything
+        return _refused(
+            "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        )
+    return {"Parsed": {"given": given}}
+
+
+def _refused(message: str) -> dict:
+    return {"Refused": {"message": _clip(message)}}
+
+
+def _record_given(parser: argparse.ArgumentParser, given: list) -> None:
+    """Makes every action of ``parser`` (and its subparsers) append to ``given``
+    when the command line invokes it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in {id(p): p for p in action.choices.values()}.values():
+                _record_given(subparser, given)
+        if not action.option_strings and action.nargs == argparse.OPTIONAL:
+            action.default = _NOT_GIVEN
+        action._dcsupervisor_given = given
+        action.__class__ = _recording_class(type(action))
+
+
+def _recording_class(cls: type) -> type:
+    recording = _RECORDING_CLASSES.get(cls)
+    if recording is None:
+        # Help and version would print and exit: they are only recorded.
+        silent = issubclass(cls, (argparse._HelpAction, argparse._VersionAction))
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            arg = _given_arg(self, values)
+            if arg is not None:
+                self._dcsupervisor_given.append(arg)
+            if not silent:
+                cls.__call__(self, parser, namespace, values, option_string)
+
+        recording = type(cls.__name__, (cls,), {"__call__": __call__})
+        _RECORDING_CLASSES[cls] = recording
+    return recording
+
+
+def _given_arg(action: argparse.Action, values: object) -> dict | None:
+    """A ``GivenArg``, or None for a positional left out (argparse still
+    invokes it, with its default)."""
+    if values is _NOT_GIVEN:
+        return None
+    if not action.option_strings and (
+        values is action.default or (isinstance(values, list) and not values)
+    ):
+        return None
+    if isinstance(action, argparse._SubParsersAction):
+        values = values[:1]  # the rest is the subparser's, recorded by it
+    dest = action.dest
+    if dest == argparse.SUPPRESS:
+        longest = max(action.option_strings, key=len, default="subcommand")
+        dest = longest.lstrip("-").replace("-", "_")
+    return {
+        "dest": dest,
+        "flags": list(action.option_strings),
+        "values": _strings(values),
+    }
+
+
+def _strings(values: object) -> list[str]:
+    if values is None:
+        return []
+    if isinstance(values, (list, tuple)):
+        return [text for value in values for text in _strings(value)]
+    return [str(values)]
+
+
+# ---------------------------------------------------------------------------
 # The worker.
 # ---------------------------------------------------------------------------
 
@@ -670,6 +797,9 @@ class Worker:
                 self._run(job, command, args, limits)
             case {"Signal": {"job": job, "signal": signum}}:
                 self._signal(job, signum)
+            case {"ParseArgs": {"request": request, "command": command, "args": args}}:
+                result = parse_command_args(command, args)
+                self.send("ParsedArgs", request=request, result=result)
 
     # --- Discover --------------------------------------------------------
 

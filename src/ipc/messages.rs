@@ -13,7 +13,7 @@ use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 
 /// Sent by the worker in its first frame; the supervisor refuses any other.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Identifies a job within one supervisor process (never reused).
 pub type JobId = u64;
@@ -32,6 +32,10 @@ pub enum Request {
     /// Take no new jobs; exit once the running ones have ended. (Closing
     /// the socket instead makes the worker kill its jobs and exit at once.)
     Shutdown,
+    /// Parse `args` with `command`'s own parser (as a job would) and report
+    /// the arguments actually given; answered by [`Event::ParsedArgs`] with
+    /// the same `request`. Nothing runs.
+    ParseArgs { request: u64, command: String, args: Vec<String> },
 }
 
 /// Worker → supervisor.
@@ -52,6 +56,31 @@ pub enum Event {
     JobExited { job: JobId, status: ExitStatus },
     /// Something the operator should see in the supervisor's log.
     Log { level: LogLevel, message: String },
+    /// Answer to [`Request::ParseArgs`].
+    ParsedArgs { request: u64, result: ParseOutcome },
+}
+
+/// How a command's parser read a list of arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub enum ParseOutcome {
+    /// Every argument the list actually gave (defaults left out), in
+    /// command-line order; a repeated option once per occurrence.
+    Parsed { given: Vec<GivenArg> },
+    /// The parser refused the list (or the command could not be loaded);
+    /// `message` is its error text.
+    Refused { message: String },
+}
+
+/// One argument as the command's parser resolved it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct GivenArg {
+    /// The argparse destination, e.g. `database` (for `--database`, `--datab`).
+    pub dest: String,
+    /// The action's option strings, e.g. `["--database"]`; empty for a positional.
+    pub flags: Vec<String>,
+    /// `str()` of the parsed value(s), lists flattened; empty for a flag
+    /// without a value (`store_true`).
+    pub values: Vec<String>,
 }
 
 /// Resource limits the job's process starts with (0: no limit).

@@ -13,6 +13,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::watch;
 
 use super::api::{CompleteRequest, CompletionStatus, Execution, OutputRequest, Segment};
+use super::arguments::{self, ArgumentRules};
 use super::client::Client;
 use super::delivery::{AuthGate, AuthState, Message, Outbox, SpillOptions};
 use super::journal::{kill_leftover, process_start_time, Entry, Journal};
@@ -20,7 +21,7 @@ use super::output::{OutputCap, StreamBuffer};
 use super::policy::Policy;
 use super::redact::Redactor;
 use super::signing::Signing;
-use crate::ipc::{ExitStatus, JobLimits};
+use crate::ipc::{ExitStatus, JobLimits, ParseOutcome};
 use crate::worker::{Job, JobEnd, Output, Worker};
 
 /// What metadata-only executions send instead of their output.
@@ -48,6 +49,8 @@ pub struct ExecutionSettings {
     pub limits: CommandLimits,
     /// `[policy.signing]`: only signed executions run (None: any).
     pub signing: Option<Arc<Signing>>,
+    /// `[[policy.arguments]]` by command.
+    pub argument_rules: BTreeMap<String, ArgumentRules>,
 }
 
 /// Resource limits for every job, and per command.
@@ -94,6 +97,11 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
         Err(message) => return reject(&ctx, &execution, message).await,
         Ok(args) => args,
     };
+    if let Some(rules) = settings.argument_rules.get(&command) {
+        if let Err(message) = check_arguments(&ctx.worker, &command, &args, rules).await {
+            return reject(&ctx, &execution, message).await;
+        }
+    }
     if let Err(error) = ctx.client.start(&id).await {
         ctx.gate.observe(&error);
         // Not started: it stays queued on the server for a later poll.
@@ -225,6 +233,28 @@ fn refusal(settings: &ExecutionSettings, execution: &Execution) -> Result<Vec<St
         }
     }
     Ok(args)
+}
+
+/// `[[policy.arguments]]`: the worker reads `args` with the command's own
+/// parser (so abbreviations resolve as they would in the job), then the
+/// rules judge what it read. `Err` is the rejection text.
+async fn check_arguments(
+    worker: &Worker,
+    command: &str,
+    args: &[String],
+    rules: &ArgumentRules,
+) -> Result<(), String> {
+    let reason = match worker.parse_args(command, args).await {
+        Ok(ParseOutcome::Parsed { given }) => match rules.check(args, &given) {
+            Ok(()) => return Ok(()),
+            Err(violation) => violation.reason(command),
+        },
+        Ok(ParseOutcome::Refused { message }) => {
+            format!("the command's parser refused the arguments: {}", message.trim_end())
+        }
+        Err(error) => format!("the arguments could not be checked against [[policy.arguments]]: {error}"),
+    };
+    Err(arguments::refusal_message(command, &reason))
 }
 
 /// The rejection flow: start, one stderr chunk saying why, complete as failed.

@@ -7,12 +7,13 @@
 //! * One execution: [`execution`] (start to completion), [`output`] (bytes to
 //!   timestamped segments and chunks), [`redact`] (secrets masked).
 //! * What may run: [`policy`], [`commands`] (what is synced, the hash),
-//!   [`signing`] (signed executions, opt-in).
+//!   [`arguments`] (argument rules), [`signing`] (signed executions, opt-in).
 //! * The process: [`control`] (signals and the reload file), [`state`] (the
 //!   state directory and instance lock), [`journal`] (executions in flight,
 //!   for crash recovery), [`systemd`] (notify protocol).
 
 pub mod api;
+pub mod arguments;
 pub mod client;
 pub mod commands;
 pub mod control;

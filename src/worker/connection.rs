@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,8 +22,8 @@ use tokio::sync::{oneshot, watch};
 use super::process::{self, StderrTail};
 use super::{JobEnd, StartError, WorkerInfo, WorkerOptions};
 use crate::ipc::{
-    CommandInfo, Event, FrameError, FrameReader, FrameWriter, JobId, JobLimits, LogLevel, Request,
-    PROTOCOL_VERSION,
+    CommandInfo, Event, FrameError, FrameReader, FrameWriter, JobId, JobLimits, LogLevel, ParseOutcome,
+    Request, PROTOCOL_VERSION,
 };
 
 /// How long a worker has to answer a `Run` with `JobStarted`.
@@ -46,12 +47,16 @@ pub(super) struct Connection {
     state: Arc<Mutex<State>>,
     /// `Some(reason)` once the conversation is over.
     closed: watch::Receiver<Option<String>>,
+    /// Ids of `ParseArgs` requests, so answers reach the right caller.
+    next_request: AtomicU64,
 }
 
 #[derive(Default)]
 struct State {
     jobs: HashMap<JobId, JobSlot>,
     discovery: Option<oneshot::Sender<Vec<CommandInfo>>>,
+    /// `ParseArgs` requests waiting for their answer, by request id.
+    parses: HashMap<u64, oneshot::Sender<ParseOutcome>>,
     ended: Option<String>,
 }
 
@@ -100,7 +105,13 @@ impl Connection {
         let state = Arc::new(Mutex::new(State::default()));
         let (closed_tx, closed) = watch::channel(None);
         tokio::spawn(read_events(reader, child, state.clone(), closed_tx, spawned.stderr_tail));
-        Ok(Arc::new(Self { info, writer: tokio::sync::Mutex::new(FrameWriter::new(write)), state, closed }))
+        Ok(Arc::new(Self {
+            info,
+            writer: tokio::sync::Mutex::new(FrameWriter::new(write)),
+            state,
+            closed,
+            next_request: AtomicU64::new(1),
+        }))
     }
 
     pub fn is_closed(&self) -> bool {
@@ -135,6 +146,37 @@ impl Connection {
             Ok(Ok(commands)) => Ok(commands),
             Ok(Err(_)) => Err(RequestError::WorkerGone(self.closed().await)),
             Err(_) => Err(RequestError::NoAnswer(timeout)),
+        }
+    }
+
+    /// Asks the worker how `command`'s own parser reads `args` (nothing runs).
+    pub async fn parse_args(
+        &self,
+        command: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<ParseOutcome, RequestError> {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = self.lock();
+            if let Some(reason) = &state.ended {
+                return Err(RequestError::WorkerGone(reason.clone()));
+            }
+            state.parses.insert(request, tx);
+        }
+        let message = Request::ParseArgs { request, command: command.to_string(), args: args.to_vec() };
+        if let Err(err) = self.send(&message, &[]).await {
+            self.lock().parses.remove(&request);
+            return Err(err);
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(_)) => Err(RequestError::WorkerGone(self.closed().await)),
+            Err(_) => {
+                self.lock().parses.remove(&request);
+                Err(RequestError::NoAnswer(timeout))
+            }
         }
     }
 
@@ -281,6 +323,11 @@ fn route(event: Event, state: &Mutex<State>) {
                 let _ = waiting.send(commands);
             }
         }
+        Event::ParsedArgs { request, result } => {
+            if let Some(waiting) = state.parses.remove(&request) {
+                let _ = waiting.send(result);
+            }
+        }
         Event::Log { level, message } => log_from_worker(level, &message),
         Event::Hello { .. } | Event::StartupFailed { .. } => {
             tracing::warn!("worker sent a second hello; ignored");
@@ -302,6 +349,7 @@ fn end_all_jobs(state: &Mutex<State>, reason: &str) {
     let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
     state.ended = Some(reason.to_string());
     state.discovery = None;
+    state.parses.clear();
     for (job, mut slot) in state.jobs.drain() {
         if let Some(pid) = slot.pid {
             // The job led its own process group; without the worker nobody

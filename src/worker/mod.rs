@@ -25,7 +25,7 @@ pub use connection::RequestError;
 pub use job::{Job, JobEnd, Output, Stop};
 pub use process::WORKER_SOURCE;
 
-use crate::ipc::{CommandInfo, JobLimits};
+use crate::ipc::{CommandInfo, JobLimits, ParseOutcome};
 use connection::Connection;
 use job::{Control, JobOutputs};
 
@@ -176,6 +176,14 @@ impl Worker {
     pub async fn discover(&self) -> Result<Vec<CommandInfo>, JobError> {
         let connection = self.connection().await?;
         Ok(connection.discover(self.shared.opts().startup_timeout).await?)
+    }
+
+    /// How `command`'s own parser reads `args`, asked of the worker (which
+    /// builds the parser exactly as a job would); nothing runs. Used by the
+    /// argument rules, so abbreviations resolve as the command would.
+    pub async fn parse_args(&self, command: &str, args: &[String]) -> Result<ParseOutcome, JobError> {
+        let connection = self.connection().await?;
+        Ok(connection.parse_args(command, args, self.shared.opts().startup_timeout).await?)
     }
 
     /// Starts `command` with `args` (never through a shell).

@@ -72,6 +72,30 @@ HAND_VECTORS = [
         {"Log": {"level": "Error", "message": ""}},
         "06000000 03000000 0000000000000000",
     ),
+    (
+        "Request",
+        {"ParseArgs": {"request": 2, "command": "m", "args": ["-x"]}},
+        (
+            "04000000 0200000000000000 0100000000000000 6d 0100000000000000"
+            " 0200000000000000 2d78"
+        ),
+    ),
+    (
+        "Event",
+        {
+            "ParsedArgs": {
+                "request": 2,
+                "result": {
+                    "Parsed": {"given": [{"dest": "x", "flags": [], "values": ["1"]}]}
+                },
+            }
+        },
+        (
+            "07000000 0200000000000000 00000000 0100000000000000"
+            " 0100000000000000 78 0000000000000000 0100000000000000"
+            " 0100000000000000 31"
+        ),
+    ),
 ]
 
 
@@ -108,10 +132,10 @@ def test_decode_rejects_trailing_byte():
 
 
 def test_decode_rejects_unknown_variant_index():
-    with pytest.raises(worker.ProtocolError, match="variant index 4"):
-        worker.decode("Request", struct.pack("<I", 4))
-    with pytest.raises(worker.ProtocolError, match="variant index 7"):
-        worker.decode("Event", struct.pack("<I", 7))
+    with pytest.raises(worker.ProtocolError, match="variant index 5"):
+        worker.decode("Request", struct.pack("<I", 5))
+    with pytest.raises(worker.ProtocolError, match="variant index 8"):
+        worker.decode("Event", struct.pack("<I", 8))
     exited_with_status_2 = struct.pack("<IQIi", 5, 1, 2, 0)
     with pytest.raises(worker.ProtocolError, match="ExitStatus"):
         worker.decode("Event", exited_with_status_2)
@@ -207,7 +231,7 @@ def test_schema_mirrors_every_message_variant():
         if kind == "enum"
     }
     assert variants == {
-        "Request": ["Discover", "Run", "Signal", "Shutdown"],
+        "Request": ["Discover", "Run", "Signal", "Shutdown", "ParseArgs"],
         "Event": [
             "Hello",
             "StartupFailed",
@@ -216,7 +240,9 @@ def test_schema_mirrors_every_message_variant():
             "JobFailed",
             "JobExited",
             "Log",
+            "ParsedArgs",
         ],
+        "ParseOutcome": ["Parsed", "Refused"],
         "ExitStatus": ["Code", "Signal"],
         "LogLevel": ["Debug", "Info", "Warning", "Error"],
     }

@@ -273,6 +273,48 @@ def test_run_without_descriptors_fails_the_job_only(supervisor):
     assert supervisor.run(2, "noop")[0] == {"Code": {"code": 0}}
 
 
+def _parse(supervisor, request: int, command: str, *args: str) -> dict:
+    supervisor.send(
+        {"ParseArgs": {"request": request, "command": command, "args": list(args)}}
+    )
+    answer = supervisor.event()["ParsedArgs"]
+    assert answer["request"] == request
+    return answer["result"]
+
+
+def test_parse_args_reports_what_the_commands_parser_read(supervisor):
+    # Abbreviations resolve as in the job; defaults are not reported.
+    assert _parse(supervisor, 1, "migrate", "--datab=default", "demo", "zero") == {
+        "Parsed": {
+            "given": [
+                {"dest": "database", "flags": ["--database"], "values": ["default"]},
+                {"dest": "app_label", "flags": [], "values": ["demo"]},
+                {"dest": "migration_name", "flags": [], "values": ["zero"]},
+            ]
+        }
+    }
+    assert _parse(supervisor, 2, "noisy") == {"Parsed": {"given": []}}
+    # Help and version are reported, not printed: nothing exits.
+    assert _parse(supervisor, 3, "noisy", "-v2", "--flush", "--help") == {
+        "Parsed": {
+            "given": [
+                {"dest": "verbosity", "flags": ["-v", "--verbosity"], "values": ["2"]},
+                {"dest": "flush", "flags": ["--flush"], "values": []},
+                {"dest": "help", "flags": ["-h", "--help"], "values": []},
+            ]
+        }
+    }
+    refusals = {
+        ("noisy", "--lines", "x"): "Error: argument --lines: invalid int value: 'x'",
+        ("noisy", "--bogus"): "Error: unrecognized arguments: --bogus",
+        ("no_such_command",): "Unknown command: 'no_such_command'",
+    }
+    for request, (argv, message) in enumerate(refusals.items(), start=4):
+        assert _parse(supervisor, request, *argv) == {"Refused": {"message": message}}
+    # The worker is unharmed and still runs jobs.
+    assert supervisor.run(9, "noop") == ({"Code": {"code": 0}}, b"", b"")
+
+
 def test_startup_failure_is_reported_with_the_traceback(tmp_path):
     sup = Supervisor(tmp_path, settings="demo_project.settings_broken")
     failed = sup.event()["StartupFailed"]
