@@ -274,9 +274,11 @@ impl Shared {
 /// recycle, and stops on shutdown.
 async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>) {
     let mut crashes = 0usize;
+    // When the current worker came up (not when this loop last turned: the
+    // memory check turns it every few seconds).
+    let mut started = tokio::time::Instant::now();
     let mut rss_check = tokio::time::interval(RSS_CHECK_INTERVAL);
     loop {
-        let started = tokio::time::Instant::now();
         let rss_limit = shared.opts().recycle_above_rss;
         tokio::select! {
             _ = rss_check.tick(), if rss_limit.is_some() => {
@@ -314,6 +316,7 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
             _ = shared.shutdown.notified() => return,
         }
         connection = start_with_backoff(&shared, &mut crashes).await;
+        started = tokio::time::Instant::now();
         if shared.stopping.load(Ordering::Acquire) {
             connection.close().await;
             return;
