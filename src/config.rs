@@ -20,7 +20,7 @@ use crate::supervisor::client::{ApiKey, Client, ClientOptions};
 use crate::supervisor::commands::BoundArgs;
 use crate::supervisor::execution::{CommandLimits, ExecutionSettings};
 use crate::supervisor::policy::{self, ConfiguredIn, Mode, Policy};
-use crate::supervisor::redact::Redactor;
+use crate::supervisor::redact::{Redactor, MIN_SECRET_LEN};
 use crate::supervisor::runner::{CommandLimit, RunnerOptions, RunnerSetup, WhenBusy};
 use crate::supervisor::signing::{self, Signing};
 use crate::worker::{Isolation, WorkerOptions};
@@ -95,10 +95,11 @@ pub struct RedactionConfig {
     /// Names of environment variables (the supervisor's, or `django.env`)
     /// whose values are secrets.
     pub from_env: Vec<String>,
+    /// Django settings whose values are secrets, as dotted paths with `*`
+    /// for every key (`SECRET_KEY`, `DATABASES.*.PASSWORD`); the worker
+    /// reports their values at start and on each reload.
+    pub from_django_settings: Vec<String>,
 }
-
-/// Shorter values would mask ordinary words in the output.
-const MIN_SECRET_LEN: usize = 6;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -485,6 +486,12 @@ impl Config {
 
     /// Every secret to mask: the listed values and the named variables' values.
     pub fn redactor(&self) -> Option<Arc<Redactor>> {
+        Redactor::new(self.secrets()).map(Arc::new)
+    }
+
+    /// The secrets known without asking the worker: the listed values and
+    /// the named environment variables' values.
+    pub fn secrets(&self) -> Vec<String> {
         let mut secrets = self.redaction.values.clone();
         for name in &self.redaction.from_env {
             let value = self.django.env.get(name).cloned().or_else(|| std::env::var(name).ok());
@@ -498,7 +505,7 @@ impl Config {
                 }
             }
         }
-        Redactor::new(secrets).map(Arc::new)
+        secrets
     }
 
     pub fn execution_settings(&self) -> Result<ExecutionSettings, ConfigError> {
@@ -518,6 +525,8 @@ impl Config {
             chunk_max_bytes: self.runner.chunk_max_bytes,
             output_cap: (self.runner.output_cap_bytes > 0).then_some(self.runner.output_cap_bytes),
             redactor: self.redactor(),
+            secrets: self.secrets(),
+            secret_settings: self.redaction.from_django_settings.clone(),
             limits: self.job_limits(),
             signing: self.signing()?,
             argument_rules: self.argument_rules()?,

@@ -57,6 +57,14 @@ fn cases() -> Vec<(&'static str, Message)> {
             R(Request::ParseArgs { request: u64::MAX, command: "noop".into(), args: vec![] }),
         ),
         (
+            "read_settings",
+            R(Request::ReadSettings {
+                request: 4,
+                names: vec!["SECRET_KEY".into(), "DATABASES.*.PASSWORD".into()],
+            }),
+        ),
+        ("setting_values", E(Event::SettingValues { request: 4, values: vec!["s3cr3t-✓".into()] })),
+        (
             "hello",
             E(Event::Hello {
                 protocol: PROTOCOL_VERSION,
@@ -208,6 +216,8 @@ fn vectors_file_is_up_to_date_and_covers_every_variant() {
         "JobExited",
         "Log",
         "ParsedArgs",
+        "ReadSettings",
+        "SettingValues",
     ];
     for variant in all {
         assert!(variants.contains(variant), "no vector for {variant}");

@@ -193,3 +193,17 @@ async fn allow_options_lets_only_listed_options_with_matching_values_through() {
     // Commands without rules are not asked about.
     assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_from_django_settings_are_masked() {
+    let plane = ControlPlane::start();
+    let redaction = "[redaction]\nfrom_django_settings = [\"SECRET_KEY\", \"DATABASES.*.NAME\"]\n";
+    let _runner = Supervisor::start(&plane.url, "", redaction);
+    // diffsettings prints every setting that differs from Django's defaults.
+    let diff = plane.wait_done(&plane.queue("diffsettings", "").await, LIMIT).await;
+    assert_eq!(status_and_code(&diff), ("success".into(), 0));
+    let out = output(&diff, false);
+    assert!(out.contains("SECRET_KEY = '[REDACTED]'"), "{out}");
+    assert!(!out.contains("django-insecure-demo-only"), "{out}");
+    assert!(!out.contains("db.sqlite3"), "the database path (a DATABASES.*.NAME) is masked too: {out}");
+}

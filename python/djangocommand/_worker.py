@@ -36,7 +36,7 @@ import sys
 import threading
 import traceback
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_FRAME_LEN = 16 * 1024 * 1024
 WORKER_FD_ENV = "DJANGOCOMMAND_WORKER_FD"
 
@@ -74,6 +74,7 @@ SCHEMA = {
                 "ParseArgs",
                 (("request", "u64"), ("command", "String"), ("args", "Vec<String>")),
             ),
+            ("ReadSettings", (("request", "u64"), ("names", "Vec<String>"))),
         ),
     ),
     "Event": (
@@ -95,6 +96,7 @@ SCHEMA = {
             ("JobExited", (("job", "u64"), ("status", "ExitStatus"))),
             ("Log", (("level", "LogLevel"), ("message", "String"))),
             ("ParsedArgs", (("request", "u64"), ("result", "ParseOutcome"))),
+            ("SettingValues", (("request", "u64"), ("values", "Vec<String>"))),
         ),
     ),
     "ParseOutcome": (
@@ -576,6 +578,31 @@ _NOT_GIVEN = object()
 _RECORDING_CLASSES: dict[type, type] = {}
 
 
+def setting_values(names: list[str]) -> list[str]:
+    """The non-empty string (or number) values at the named dotted paths of
+    Django's settings; ``*`` matches every key of a dict or item of a list."""
+    from django.conf import settings
+
+    values: list[str] = []
+    for name in names:
+        head, *rest = name.split(".")
+        found = [getattr(settings, head, None)]
+        for part in rest:
+            found = [child for node in found for child in _children(node, part)]
+        values.extend(str(v) for v in found if isinstance(v, (str, int)) and str(v))
+    return values
+
+
+def _children(node: object, part: str) -> list:
+    if isinstance(node, dict):
+        return (
+            list(node.values()) if part == "*" else [node[part]] if part in node else []
+        )
+    if isinstance(node, (list, tuple)) and part == "*":
+        return list(node)
+    return []
+
+
 def parse_command_args(name: str, args: list[str]) -> dict:
     """A ``ParseOutcome``: every argument ``args`` actually gives ``name``.
 
@@ -800,6 +827,10 @@ class Worker:
             case {"ParseArgs": {"request": request, "command": command, "args": args}}:
                 result = parse_command_args(command, args)
                 self.send("ParsedArgs", request=request, result=result)
+            case {"ReadSettings": {"request": request, "names": names}}:
+                self.send(
+                    "SettingValues", request=request, values=setting_values(names)
+                )
 
     # --- Discover --------------------------------------------------------
 

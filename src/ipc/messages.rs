@@ -13,7 +13,7 @@ use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 
 /// Sent by the worker in its first frame; the supervisor refuses any other.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Identifies a job within one supervisor process (never reused).
 pub type JobId = u64;
@@ -36,6 +36,10 @@ pub enum Request {
     /// the arguments actually given; answered by [`Event::ParsedArgs`] with
     /// the same `request`. Nothing runs.
     ParseArgs { request: u64, command: String, args: Vec<String> },
+    /// The values of named Django settings, to mask in the output. A name is
+    /// a dotted path where `*` matches every key (`DATABASES.*.PASSWORD`);
+    /// answered by [`Event::SettingValues`].
+    ReadSettings { request: u64, names: Vec<String> },
 }
 
 /// Worker → supervisor.
@@ -58,6 +62,8 @@ pub enum Event {
     Log { level: LogLevel, message: String },
     /// Answer to [`Request::ParseArgs`].
     ParsedArgs { request: u64, result: ParseOutcome },
+    /// Answer to [`Request::ReadSettings`]: the non-empty string values found.
+    SettingValues { request: u64, values: Vec<String> },
 }
 
 /// How a command's parser read a list of arguments.

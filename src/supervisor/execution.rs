@@ -45,6 +45,10 @@ pub struct ExecutionSettings {
     pub output_cap: Option<usize>,
     /// Masks configured secrets in the output (None: nothing to mask).
     pub redactor: Option<Arc<Redactor>>,
+    /// The secrets the redactor was built from (config values and variables)…
+    pub secrets: Vec<String>,
+    /// …and the Django settings whose values the worker adds to them.
+    pub secret_settings: Vec<String>,
     /// Resource limits of the jobs.
     pub limits: CommandLimits,
     /// `[policy.signing]`: only signed executions run (None: any).

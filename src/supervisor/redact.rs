@@ -12,6 +12,9 @@ use aho_corasick::{AhoCorasick, MatchKind};
 /// What every secret is replaced with.
 pub const MASK: &str = "[REDACTED]";
 
+/// Shorter values would mask ordinary words in the output.
+pub const MIN_SECRET_LEN: usize = 6;
+
 pub struct Redactor {
     matcher: AhoCorasick,
     longest: usize,

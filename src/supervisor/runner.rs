@@ -26,6 +26,7 @@ use super::commands::{commands_hash, synced_commands, BoundArgs, SyncedCommand};
 use super::delivery::{AuthGate, AuthState, SpillOptions};
 use super::execution::{self, ExecutionContext, ExecutionSettings};
 use super::journal::Journal;
+use super::redact::{Redactor, MIN_SECRET_LEN};
 use super::systemd;
 use crate::ipc::CommandInfo;
 use crate::worker::{JobError, Worker, WorkerOptions};
@@ -148,6 +149,8 @@ impl Runner {
         journal: Option<Journal>,
     ) -> Result<Arc<Self>, JobError> {
         let discovered = worker.discover().await?;
+        let mut setup = setup;
+        add_setting_secrets(&worker, &mut setup.settings).await;
         let live = Live::new(setup, &discovered);
         Ok(Arc::new(Self {
             worker,
@@ -245,6 +248,8 @@ impl Runner {
                 self.lock_discovered().clone()
             }
         };
+        let mut setup = setup;
+        add_setting_secrets(&self.worker, &mut setup.settings).await;
         let live = Live::new(setup, &discovered);
         let changed = *live.lock_hash() != *self.live().lock_hash();
         *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
@@ -495,6 +500,23 @@ impl Live {
 
     fn lock_hash(&self) -> std::sync::MutexGuard<'_, String> {
         self.hash.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Adds the values of the configured Django settings to the secrets masked
+/// in the output. Unreadable settings are logged, never a reason not to run.
+async fn add_setting_secrets(worker: &Worker, settings: &mut ExecutionSettings) {
+    if settings.secret_settings.is_empty() {
+        return;
+    }
+    match worker.read_settings(&settings.secret_settings).await {
+        Ok(values) => {
+            let usable: Vec<String> = values.into_iter().filter(|v| v.len() >= MIN_SECRET_LEN).collect();
+            tracing::info!(values = usable.len(), "masking the values of the named Django settings");
+            let secrets = settings.secrets.iter().cloned().chain(usable);
+            settings.redactor = Redactor::new(secrets).map(Arc::new);
+        }
+        Err(error) => tracing::error!("cannot read the Django settings to mask: {error}"),
     }
 }
 

@@ -57,6 +57,8 @@ struct State {
     discovery: Option<oneshot::Sender<Vec<CommandInfo>>>,
     /// `ParseArgs` requests waiting for their answer, by request id.
     parses: HashMap<u64, oneshot::Sender<ParseOutcome>>,
+    /// `ReadSettings` requests waiting for their answer, by request id.
+    setting_reads: HashMap<u64, oneshot::Sender<Vec<String>>>,
     ended: Option<String>,
 }
 
@@ -175,6 +177,35 @@ impl Connection {
             Ok(Err(_)) => Err(RequestError::WorkerGone(self.closed().await)),
             Err(_) => {
                 self.lock().parses.remove(&request);
+                Err(RequestError::NoAnswer(timeout))
+            }
+        }
+    }
+
+    /// The values of the named Django settings in the worker.
+    pub async fn read_settings(
+        &self,
+        names: &[String],
+        timeout: Duration,
+    ) -> Result<Vec<String>, RequestError> {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = self.lock();
+            if let Some(reason) = &state.ended {
+                return Err(RequestError::WorkerGone(reason.clone()));
+            }
+            state.setting_reads.insert(request, tx);
+        }
+        if let Err(err) = self.send(&Request::ReadSettings { request, names: names.to_vec() }, &[]).await {
+            self.lock().setting_reads.remove(&request);
+            return Err(err);
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(values)) => Ok(values),
+            Ok(Err(_)) => Err(RequestError::WorkerGone(self.closed().await)),
+            Err(_) => {
+                self.lock().setting_reads.remove(&request);
                 Err(RequestError::NoAnswer(timeout))
             }
         }
@@ -328,6 +359,11 @@ fn route(event: Event, state: &Mutex<State>) {
                 let _ = waiting.send(result);
             }
         }
+        Event::SettingValues { request, values } => {
+            if let Some(waiting) = state.setting_reads.remove(&request) {
+                let _ = waiting.send(values);
+            }
+        }
         Event::Log { level, message } => log_from_worker(level, &message),
         Event::Hello { .. } | Event::StartupFailed { .. } => {
             tracing::warn!("worker sent a second hello; ignored");
@@ -350,6 +386,7 @@ fn end_all_jobs(state: &Mutex<State>, reason: &str) {
     state.ended = Some(reason.to_string());
     state.discovery = None;
     state.parses.clear();
+    state.setting_reads.clear();
     for (job, mut slot) in state.jobs.drain() {
         if let Some(pid) = slot.pid {
             // The job led its own process group; without the worker nobody

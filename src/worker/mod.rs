@@ -186,6 +186,13 @@ impl Worker {
         Ok(connection.parse_args(command, args, self.shared.opts().startup_timeout).await?)
     }
 
+    /// The values of the named Django settings (dotted paths, `*` for every
+    /// key), as the worker's settings have them; used to mask secrets.
+    pub async fn read_settings(&self, names: &[String]) -> Result<Vec<String>, JobError> {
+        let connection = self.connection().await?;
+        Ok(connection.read_settings(names, self.shared.opts().startup_timeout).await?)
+    }
+
     /// Starts `command` with `args` (never through a shell).
     pub async fn spawn_job(&self, command: &str, args: &[String], output: Output) -> Result<Job, JobError> {
         self.spawn_limited(command, args, output, JobLimits::default()).await

@@ -132,10 +132,10 @@ def test_decode_rejects_trailing_byte():
 
 
 def test_decode_rejects_unknown_variant_index():
-    with pytest.raises(worker.ProtocolError, match="variant index 5"):
-        worker.decode("Request", struct.pack("<I", 5))
-    with pytest.raises(worker.ProtocolError, match="variant index 8"):
-        worker.decode("Event", struct.pack("<I", 8))
+    with pytest.raises(worker.ProtocolError, match="variant index 6"):
+        worker.decode("Request", struct.pack("<I", 6))
+    with pytest.raises(worker.ProtocolError, match="variant index 9"):
+        worker.decode("Event", struct.pack("<I", 9))
     exited_with_status_2 = struct.pack("<IQIi", 5, 1, 2, 0)
     with pytest.raises(worker.ProtocolError, match="ExitStatus"):
         worker.decode("Event", exited_with_status_2)
@@ -231,7 +231,14 @@ def test_schema_mirrors_every_message_variant():
         if kind == "enum"
     }
     assert variants == {
-        "Request": ["Discover", "Run", "Signal", "Shutdown", "ParseArgs"],
+        "Request": [
+            "Discover",
+            "Run",
+            "Signal",
+            "Shutdown",
+            "ParseArgs",
+            "ReadSettings",
+        ],
         "Event": [
             "Hello",
             "StartupFailed",
@@ -241,6 +248,7 @@ def test_schema_mirrors_every_message_variant():
             "JobExited",
             "Log",
             "ParsedArgs",
+            "SettingValues",
         ],
         "ParseOutcome": ["Parsed", "Refused"],
         "ExitStatus": ["Code", "Signal"],
