@@ -158,28 +158,9 @@ impl Connection {
         args: &[String],
         timeout: Duration,
     ) -> Result<ParseOutcome, RequestError> {
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut state = self.lock();
-            if let Some(reason) = &state.ended {
-                return Err(RequestError::WorkerGone(reason.clone()));
-            }
-            state.parses.insert(request, tx);
-        }
-        let message = Request::ParseArgs { request, command: command.to_string(), args: args.to_vec() };
-        if let Err(err) = self.send(&message, &[]).await {
-            self.lock().parses.remove(&request);
-            return Err(err);
-        }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(_)) => Err(RequestError::WorkerGone(self.closed().await)),
-            Err(_) => {
-                self.lock().parses.remove(&request);
-                Err(RequestError::NoAnswer(timeout))
-            }
-        }
+        let make =
+            |request| Request::ParseArgs { request, command: command.to_string(), args: args.to_vec() };
+        self.ask(make, |state| &mut state.parses, timeout).await
     }
 
     /// The values of the named Django settings in the worker.
@@ -188,6 +169,18 @@ impl Connection {
         names: &[String],
         timeout: Duration,
     ) -> Result<Vec<String>, RequestError> {
+        let make = |request| Request::ReadSettings { request, names: names.to_vec() };
+        self.ask(make, |state| &mut state.setting_reads, timeout).await
+    }
+
+    /// Sends a request carrying a fresh request id and waits for the answer
+    /// the reader routes back through `waiting` (the map for that kind).
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(u64) -> Request,
+        waiting: fn(&mut State) -> &mut HashMap<u64, oneshot::Sender<T>>,
+        timeout: Duration,
+    ) -> Result<T, RequestError> {
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -195,17 +188,17 @@ impl Connection {
             if let Some(reason) = &state.ended {
                 return Err(RequestError::WorkerGone(reason.clone()));
             }
-            state.setting_reads.insert(request, tx);
+            waiting(&mut state).insert(request, tx);
         }
-        if let Err(err) = self.send(&Request::ReadSettings { request, names: names.to_vec() }, &[]).await {
-            self.lock().setting_reads.remove(&request);
+        if let Err(err) = self.send(&make(request), &[]).await {
+            waiting(&mut self.lock()).remove(&request);
             return Err(err);
         }
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(values)) => Ok(values),
+            Ok(Ok(answer)) => Ok(answer),
             Ok(Err(_)) => Err(RequestError::WorkerGone(self.closed().await)),
             Err(_) => {
-                self.lock().setting_reads.remove(&request);
+                waiting(&mut self.lock()).remove(&request);
                 Err(RequestError::NoAnswer(timeout))
             }
         }
