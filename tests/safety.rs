@@ -100,7 +100,9 @@ async fn secrets_are_masked_across_chunks_streams_and_line_breaks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resource_limits_end_runaway_jobs_and_say_which_limit() {
     let plane = ControlPlane::start();
-    let limits = "[limits]\ncpu_seconds = 1\nnice = 5\n[limits.commands.hog]\nmemory_mb = 1024\n";
+    // hog gets no CPU limit: zeroing gigabytes under load could reach 1 s first.
+    let limits =
+        "[limits]\ncpu_seconds = 1\nnice = 5\n[limits.commands.hog]\nmemory_mb = 1024\ncpu_seconds = 0\n";
     let _runner = Supervisor::start_with(&plane.url, "", limits, common::demo_project(), &[]);
     let spin = plane.wait_done(&plane.queue("spin", "").await, LIMIT).await;
     assert_eq!(status_and_code(&spin), ("failed".into(), -24), "SIGXCPU: {spin:#}");
