@@ -328,9 +328,13 @@ pub struct RunnerConfig {
     pub state_dir: PathBuf,
     /// Reload when this file's modification time changes (deploy scripts `touch` it).
     pub reload_touch_file: Option<PathBuf>,
-    /// Undelivered output kept in memory per execution before it goes to
-    /// a file in the state directory (while the control plane is unreachable).
+    /// Output kept in memory per execution while it cannot go to its log
+    /// (disk full, caps reached); beyond it, the middle is dropped.
     pub outbox_memory_bytes: usize,
+    /// Bytes one execution's output log may take on disk.
+    pub spool_max_bytes: u64,
+    /// Bytes all output logs together may take in the state directory.
+    pub state_dir_max_bytes: u64,
 }
 
 impl Default for RunnerConfig {
@@ -345,6 +349,8 @@ impl Default for RunnerConfig {
             state_dir: PathBuf::from(".dcsupervisor"),
             reload_touch_file: None,
             outbox_memory_bytes: 4 * 1024 * 1024,
+            spool_max_bytes: 256 * 1024 * 1024,
+            state_dir_max_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -594,6 +600,8 @@ impl Config {
             delivery_deadline: Duration::from_secs(30),
             state_dir: self.runner.state_dir.clone(),
             outbox_memory_bytes: self.runner.outbox_memory_bytes,
+            spool_max_bytes: self.runner.spool_max_bytes,
+            state_dir_max_bytes: self.runner.state_dir_max_bytes,
             command_limits: self
                 .policy
                 .concurrency

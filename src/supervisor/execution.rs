@@ -12,12 +12,13 @@ use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::watch;
 
-use super::api::{CompleteRequest, CompletionStatus, Execution, OutputRequest, Segment};
+use super::api::{CompleteRequest, CompletionStatus, Execution};
 use super::arguments::{self, ArgumentRules};
 use super::client::Client;
-use super::delivery::{AuthGate, AuthState, Message, Outbox, SpillOptions};
+use super::delivery::{AuthGate, AuthState};
 use super::journal::{kill_leftover, process_start_time, Entry, Journal};
-use super::output::{OutputCap, StreamBuffer};
+use super::outbox::{Outbox, Recovered, SpoolOptions};
+use super::replay::Shaping;
 use super::policy::Policy;
 use super::redact::Redactor;
 use super::signing::Signing;
@@ -57,6 +58,17 @@ pub struct ExecutionSettings {
     pub argument_rules: BTreeMap<String, ArgumentRules>,
 }
 
+impl ExecutionSettings {
+    /// How the output becomes chunks.
+    pub fn shaping(&self) -> Shaping {
+        Shaping {
+            chunk_max_bytes: self.chunk_max_bytes,
+            output_cap: self.output_cap,
+            redactor: self.redactor.clone(),
+        }
+    }
+}
+
 /// Resource limits for every job, and per command.
 #[derive(Debug, Clone, Default)]
 pub struct CommandLimits {
@@ -79,8 +91,8 @@ pub struct ExecutionContext {
     pub settings: Arc<ExecutionSettings>,
     /// Turns true when running executions must be cancelled (shutdown).
     pub abort: watch::Receiver<bool>,
-    /// Where undelivered output beyond the memory limit waits.
-    pub spill: SpillOptions,
+    /// Where each execution's output log goes.
+    pub spill: SpoolOptions,
     /// Records executions in flight (absent for one-off runs).
     pub journal: Option<Journal>,
 }
@@ -116,18 +128,17 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
         return;
     }
     let mut entry =
-        Entry { id: id.clone(), command: command.clone(), pid: None, pid_start_time: None, next_chunk: 1 };
+        Entry { id: id.clone(), command: command.clone(), pid: None, pid_start_time: None };
     let journal = ctx.journal.as_ref();
     if let Some(journal) = journal {
         journal.record(&entry);
     }
     let metadata_only = execution.use_metadata_only_mode || settings.metadata_only.contains(&command);
     tracing::info!(execution = %id, command, args = %mask(&settings, &execution.args), metadata_only, "execution started");
-    let outbox = Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill);
-    let mut chunks = ChunkWriter::new(&outbox, settings.output_cap, journal.map(|j| (j, entry.clone())));
+    let outbox = Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill, settings.shaping());
     if metadata_only {
-        chunks.send_as_is(false, vec![segment_now(METADATA_ONLY_NOTICE)]).await;
-        chunks.send_as_is(true, vec![segment_now(METADATA_ONLY_NOTICE)]).await;
+        outbox.note(false, METADATA_ONLY_NOTICE);
+        outbox.note(true, METADATA_ONLY_NOTICE);
     }
     let output = if metadata_only { Output::Discard } else { Output::Capture };
     let limits = settings.limits.of(&command);
@@ -135,18 +146,17 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
         Ok(job) => {
             entry.pid = Some(job.pid);
             entry.pid_start_time = process_start_time(job.pid);
-            chunks.remember_job(&entry);
-            supervise(&ctx, job, Duration::from_secs(execution.timeout), limits, &mut chunks).await
+            if let Some(journal) = journal {
+                journal.record(&entry);
+            }
+            supervise(&ctx, job, Duration::from_secs(execution.timeout), limits, &outbox).await
         }
         Err(error) => {
-            let line = format!("[dcsupervisor] the command could not be started: {error}\n");
-            chunks.send_as_is(true, vec![segment_now(&line)]).await;
+            outbox.note(true, &format!("[dcsupervisor] the command could not be started: {error}\n"));
             CompleteRequest { exit_code: -1, status: CompletionStatus::Failed }
         }
     };
-    chunks.finish().await;
-    outbox.push(Message::Complete(completion)).await;
-    outbox.flush_and_close().await;
+    outbox.finish(completion).await;
     if let Some(journal) = journal {
         journal.remove(&id);
     }
@@ -160,37 +170,37 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
     );
 }
 
+/// What a restarted runner says about a command it lost track of.
+pub const RESTART_NOTICE: &str =
+    "[dcsupervisor] the runner stopped while this command was running; its outcome is unknown\n";
+
 /// Finishes an execution a previous run of the supervisor left in the
-/// journal: kills what is left of its job, delivers the output that had been
-/// spilled to disk, and reports it failed with a line saying why.
-pub async fn recover(client: Client, gate: AuthGate, journal: Journal, spill: SpillOptions, entry: Entry) {
+/// journal: kills what is left of its job, then delivers from its output
+/// log what the control plane had not acknowledged, ending with the real
+/// completion if the log holds it, else a notice and `failed`.
+pub async fn recover(
+    client: Client,
+    gate: AuthGate,
+    journal: Journal,
+    spill: SpoolOptions,
+    shaping: Shaping,
+    entry: Entry,
+) {
     let id = entry.id.clone();
     if kill_leftover(&entry) {
         tracing::warn!(execution = %id, pid = entry.pid, "killed the leftover processes of an execution from before the restart");
     }
-    let spilled = read_spilled(&spill.dir.join(format!("{id}.jsonl")));
-    tracing::warn!(execution = %id, command = entry.command, spilled = spilled.len(), "reporting an execution interrupted by a runner restart");
-    let outbox = Outbox::new(client, gate, id.clone(), &spill);
-    for message in spilled {
-        outbox.push(message).await;
+    tracing::warn!(execution = %id, command = entry.command, "finishing an execution interrupted by a runner restart");
+    match Outbox::recover(client.clone(), gate.clone(), id.clone(), &spill, shaping.clone(), RESTART_NOTICE) {
+        Recovered::Delivering(outbox) => outbox.delivered().await,
+        Recovered::AlreadyDelivered => {}
+        Recovered::NoLog => {
+            let outbox = Outbox::new(client, gate, id.clone(), &spill, shaping);
+            outbox.note(true, RESTART_NOTICE);
+            outbox.finish(CompleteRequest { exit_code: -1, status: CompletionStatus::Failed }).await;
+        }
     }
-    let line = "[dcsupervisor] the runner restarted while this command was running; its outcome is unknown\n";
-    let chunk =
-        OutputRequest { chunk_number: entry.next_chunk, segments: vec![segment_now(line)], is_stderr: true };
-    outbox.push(Message::Output(chunk)).await;
-    outbox.push(Message::Complete(CompleteRequest { exit_code: -1, status: CompletionStatus::Failed })).await;
-    outbox.flush_and_close().await;
     journal.remove(&id);
-}
-
-/// Messages a previous run spilled (some may have been delivered already:
-/// the server de-duplicates chunks by number and refuses a second completion).
-fn read_spilled(path: &std::path::Path) -> Vec<Message> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
-    };
-    let _ = std::fs::remove_file(path);
-    text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect()
 }
 
 /// Text for the log with the configured secrets masked.
@@ -270,11 +280,9 @@ pub async fn reject(ctx: &ExecutionContext, execution: &Execution, message: Stri
         tracing::warn!(execution = %id, "could not start the rejected execution: {error}");
         return;
     }
-    let outbox = Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill);
-    let chunk = OutputRequest { chunk_number: 1, segments: vec![segment_now(&message)], is_stderr: true };
-    outbox.push(Message::Output(chunk)).await;
-    outbox.push(Message::Complete(CompleteRequest { exit_code: -1, status: CompletionStatus::Failed })).await;
-    outbox.flush_and_close().await;
+    let outbox = Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill, ctx.settings.shaping());
+    outbox.note(true, &message);
+    outbox.finish(CompleteRequest { exit_code: -1, status: CompletionStatus::Failed }).await;
 }
 
 /// Runs the job to its end, streaming its output, honouring cancel requests,
@@ -284,13 +292,11 @@ async fn supervise(
     mut job: Job,
     timeout: Duration,
     limits: JobLimits,
-    chunks: &mut ChunkWriter<'_>,
+    outbox: &Outbox,
 ) -> CompleteRequest {
     let settings = &ctx.settings;
     let mut stdout = job.stdout.take();
     let mut stderr = job.stderr.take();
-    let (mut out_buf, mut err_buf) =
-        (StreamBuffer::new(settings.redactor.clone()), StreamBuffer::new(settings.redactor.clone()));
     let (mut out_read, mut err_read) = (vec![0u8; READ_BUFFER], vec![0u8; READ_BUFFER]);
     let mut flush = tokio::time::interval(settings.flush_interval);
     flush.reset();
@@ -309,22 +315,17 @@ async fn supervise(
         tokio::select! {
             read = read_some(&mut stdout, &mut out_read) => {
                 match read {
-                    Some(bytes) => out_buf.push(&out_read[..bytes], unix_now()),
-                    None => { stdout = None; out_buf.finish(unix_now()); }
+                    Some(bytes) => outbox.read(false, &out_read[..bytes]),
+                    None => { stdout = None; outbox.eof(false); }
                 }
-                if out_buf.len() >= settings.chunk_max_bytes { chunks.flush(false, &mut out_buf).await; }
             }
             read = read_some(&mut stderr, &mut err_read) => {
                 match read {
-                    Some(bytes) => err_buf.push(&err_read[..bytes], unix_now()),
-                    None => { stderr = None; err_buf.finish(unix_now()); }
+                    Some(bytes) => outbox.read(true, &err_read[..bytes]),
+                    None => { stderr = None; outbox.eof(true); }
                 }
-                if err_buf.len() >= settings.chunk_max_bytes { chunks.flush(true, &mut err_buf).await; }
             }
-            _ = flush.tick() => {
-                chunks.flush(false, &mut out_buf).await;
-                chunks.flush(true, &mut err_buf).await;
-            }
+            _ = flush.tick() => outbox.flush(),
             ended = job.wait(), if end.is_none() => {
                 end = Some(ended);
                 drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
@@ -340,7 +341,7 @@ async fn supervise(
                 kill_at = Some(tokio::time::Instant::now() + settings.cancel_grace);
             }
             _ = cancel_poll.tick(), if end.is_none() && stop.is_none() && ctx.gate.get() == AuthState::Valid => {
-                if let Some(force) = cancel_requested(ctx, &chunks.outbox_id()).await {
+                if let Some(force) = cancel_requested(ctx, outbox.id()).await {
                     stop = Some(StopReason::Cancelled);
                     if force {
                         job.signal(Signal::SIGKILL).await;
@@ -361,8 +362,7 @@ async fn supervise(
             }
         }
     }
-    chunks.flush(false, &mut out_buf).await;
-    chunks.flush(true, &mut err_buf).await;
+    outbox.flush();
     let end = match end {
         Some(end) => end,
         None => job.wait().await,
@@ -370,7 +370,7 @@ async fn supervise(
     // A job the runner stopped was not killed by its limits.
     let limits = if stop.is_some() { JobLimits::default() } else { limits };
     if let Some(line) = explain_end(&end, limits) {
-        chunks.send_as_is(true, vec![segment_now(&line)]).await;
+        outbox.note(true, &line);
     }
     completion(stop, &end)
 }
@@ -440,71 +440,6 @@ async fn read_some(pipe: &mut Option<pipe::Receiver>, buffer: &mut [u8]) -> Opti
         },
         None => std::future::pending().await,
     }
-}
-
-/// Numbers chunks across both streams and applies the output cap.
-struct ChunkWriter<'a> {
-    outbox: &'a Outbox,
-    next_number: u64,
-    cap: Option<OutputCap>,
-    /// Kept up to date so a restart knows the next free chunk number.
-    journal: Option<(&'a Journal, Entry)>,
-}
-
-impl<'a> ChunkWriter<'a> {
-    fn new(outbox: &'a Outbox, cap: Option<usize>, journal: Option<(&'a Journal, Entry)>) -> Self {
-        Self { outbox, next_number: 1, cap: cap.map(OutputCap::new), journal }
-    }
-
-    fn remember_job(&mut self, entry: &Entry) {
-        if let Some((journal, recorded)) = &mut self.journal {
-            recorded.pid = entry.pid;
-            recorded.pid_start_time = entry.pid_start_time;
-            journal.record(recorded);
-        }
-    }
-
-    fn outbox_id(&self) -> super::api::ExecutionId {
-        self.outbox.id().clone()
-    }
-
-    async fn flush(&mut self, is_stderr: bool, buffer: &mut StreamBuffer) {
-        if buffer.is_empty() {
-            return;
-        }
-        let segments = buffer.take();
-        let segments = match &mut self.cap {
-            Some(cap) => cap.admit(is_stderr, segments),
-            None => segments,
-        };
-        self.send_as_is(is_stderr, segments).await;
-    }
-
-    async fn send_as_is(&mut self, is_stderr: bool, segments: Vec<Segment>) {
-        if segments.is_empty() {
-            return;
-        }
-        let chunk = OutputRequest { chunk_number: self.next_number, segments, is_stderr };
-        self.next_number += 1;
-        if let Some((journal, recorded)) = &mut self.journal {
-            recorded.next_chunk = self.next_number;
-            journal.record(recorded);
-        }
-        self.outbox.push(Message::Output(chunk)).await;
-    }
-
-    /// Sends what the cap held back for the end.
-    async fn finish(&mut self) {
-        if let Some(mut cap) = self.cap.take() {
-            for (is_stderr, segments) in cap.finish(unix_now()) {
-                self.send_as_is(is_stderr, segments).await;
-            }
-        }
-    }
-}
-
-fn segment_now(text: &str) -> Segment {
-    Segment { timestamp: Some(unix_now()), content: text.to_string() }
 }
 
 fn unix_now() -> f64 {

@@ -1,9 +1,8 @@
 //! The journal of executions in flight, in the state directory. An entry is
 //! written when an execution starts and removed once its completion has been
 //! delivered. A supervisor that was killed (even with SIGKILL) finds the
-//! entries at its next start: it kills what is left of those jobs, delivers
-//! the output that had been spilled to disk, and reports each one failed with
-//! a line saying the runner restarted.
+//! entries at its next start: it kills what is left of those jobs and
+//! delivers the rest of each one's output log (see `outbox`).
 
 use std::fs;
 use std::io::Write;
@@ -23,8 +22,6 @@ pub struct Entry {
     /// The pid's start time (clock ticks since boot, from /proc), so a
     /// recycled pid is never mistaken for the job.
     pub pid_start_time: Option<u64>,
-    /// The number the next output chunk would have had.
-    pub next_chunk: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -121,7 +118,6 @@ mod tests {
             command: "migrate".into(),
             pid: Some(std::process::id()),
             pid_start_time: process_start_time(std::process::id()),
-            next_chunk: 4,
         };
         journal.record(&entry);
         assert_eq!(journal.entries(), vec![entry]);

@@ -6,6 +6,9 @@
 //!   reload and shutdown).
 //! * One execution: [`execution`] (start to completion), [`output`] (bytes to
 //!   timestamped segments and chunks), [`redact`] (secrets masked).
+//! * Nothing lost: [`outbox`] (each execution's output log, followed by its
+//!   delivery task), [`wal`] (the log's framed, checksummed records),
+//!   [`replay`] (records to chunks, the same every time).
 //! * What may run: [`policy`], [`commands`] (what is synced, the hash),
 //!   [`arguments`] (argument rules), [`signing`] (signed executions, opt-in).
 //! * The process: [`control`] (signals and the reload file), [`state`] (the
@@ -20,10 +23,13 @@ pub mod control;
 pub mod delivery;
 pub mod execution;
 pub mod journal;
+pub mod outbox;
 pub mod output;
 pub mod policy;
 pub mod redact;
+pub mod replay;
 pub mod runner;
 pub mod signing;
 pub mod state;
 pub mod systemd;
+pub mod wal;

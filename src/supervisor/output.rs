@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use super::api::Segment;
 use super::redact::Redactor;
+use super::wal::Carry;
 
 /// One stream's text not yet sent.
 #[derive(Debug, Default)]
@@ -110,6 +111,66 @@ impl StreamBuffer {
         segments
     }
 
+    /// At most `max` bytes of what is waiting (at least one character, so
+    /// any `max` makes progress): a line cut here continues, without a
+    /// timestamp, in the next take.
+    pub fn take_up_to(&mut self, max: usize) -> Vec<Segment> {
+        if self.bytes <= max {
+            return self.take();
+        }
+        let mut taken = Vec::new();
+        let mut room = max;
+        while let Some(first) = self.segments.first_mut() {
+            if first.content.len() <= room {
+                room -= first.content.len();
+                self.bytes -= first.content.len();
+                taken.push(self.segments.remove(0));
+                continue;
+            }
+            let mut cut = room;
+            while !first.content.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            if cut == 0 && taken.is_empty() {
+                cut = first.content.chars().next().map_or(0, char::len_utf8);
+            }
+            if cut > 0 {
+                let rest = first.content.split_off(cut);
+                let head = std::mem::replace(first, Segment { timestamp: None, content: rest });
+                self.bytes -= head.content.len();
+                taken.push(head);
+            }
+            break;
+        }
+        taken
+    }
+
+    /// Adds segments already decoded (the output cap's tail).
+    pub fn extend(&mut self, segments: Vec<Segment>) {
+        self.bytes += segments.iter().map(|s| s.content.len()).sum::<usize>();
+        self.segments.extend(segments);
+    }
+
+    /// What the decoder carries over once everything waiting was taken.
+    pub fn carry(&self) -> Carry {
+        Carry {
+            continues_line: self.continues_line,
+            incomplete: self.incomplete.clone(),
+            held: self.held.clone(),
+        }
+    }
+
+    /// A buffer that goes on from `carry`.
+    pub fn resume(redactor: Option<Arc<Redactor>>, carry: Carry) -> Self {
+        Self {
+            redactor,
+            held: carry.held,
+            incomplete: carry.incomplete,
+            continues_line: carry.continues_line,
+            ..Self::default()
+        }
+    }
+
     fn push_text(&mut self, text: &str, now: f64) {
         for piece in text.split_inclusive('\n') {
             self.bytes += piece.len();
@@ -145,6 +206,20 @@ impl OutputCap {
             tail_bytes: 0,
             omitted: 0,
         }
+    }
+
+    /// A cap that already let `sent` bytes through (going on from a checkpoint).
+    pub fn resume(limit: usize, sent: usize) -> Self {
+        Self { sent, ..Self::new(limit) }
+    }
+
+    pub fn sent(&self) -> usize {
+        self.sent
+    }
+
+    /// Nothing held back for the end.
+    pub fn holds_nothing(&self) -> bool {
+        self.tail.is_empty() && self.omitted == 0
     }
 
     /// Returns the part of `segments` that may be sent now; the rest is held
@@ -228,6 +303,20 @@ mod tests {
         buffer.finish(1.0);
         let text: String = buffer.take().into_iter().map(|s| s.content).collect();
         assert_eq!(text, "bad \u{FFFD}\u{FFFD} bytes\nafter\n\u{FFFD}");
+    }
+
+    #[test]
+    fn take_up_to_is_a_real_maximum_and_never_splits_a_character() {
+        let mut buffer = StreamBuffer::default();
+        buffer.push("ab✓✓\nxyz\n".as_bytes(), 1.0);
+        let first = buffer.take_up_to(4);
+        assert_eq!(contents(&first), [("ab", true)], "✓ is 3 bytes: it waits");
+        let second = buffer.take_up_to(4);
+        assert_eq!(contents(&second), [("✓", false)]);
+        let rest = buffer.take_up_to(100);
+        assert_eq!(contents(&rest), [("✓\n", false), ("xyz\n", true)]);
+        buffer.push("✓".as_bytes(), 2.0);
+        assert_eq!(buffer.take_up_to(1)[0].content, "✓", "one character at least");
     }
 
     #[test]

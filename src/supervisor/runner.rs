@@ -23,9 +23,10 @@ use tokio::task::JoinSet;
 use super::api::{Execution, ExecutionId, HeartbeatRequest, HeartbeatResponse, RunnerState, SyncRequest};
 use super::client::{ApiError, Client};
 use super::commands::{commands_hash, synced_commands, BoundArgs, SyncedCommand};
-use super::delivery::{AuthGate, AuthState, SpillOptions};
+use super::delivery::{AuthGate, AuthState};
 use super::execution::{self, ExecutionContext, ExecutionSettings};
 use super::journal::Journal;
+use super::outbox::{SpoolOptions, SpoolUsage, LOG_EXTENSION};
 use super::redact::{Redactor, MIN_SECRET_LEN};
 use super::systemd;
 use crate::ipc::CommandInfo;
@@ -57,8 +58,11 @@ pub struct RunnerOptions {
     pub delivery_deadline: Duration,
     /// The state directory (already created, private).
     pub state_dir: std::path::PathBuf,
-    /// Bytes of undelivered output kept in memory per execution before spilling.
+    /// Output kept in memory per execution while it cannot go to its log.
     pub outbox_memory_bytes: usize,
+    /// Caps of one execution's output log and of all of them.
+    pub spool_max_bytes: u64,
+    pub state_dir_max_bytes: u64,
     /// Per-command limits on executions running at once (e.g. one `migrate`).
     pub command_limits: BTreeMap<String, CommandLimit>,
 }
@@ -131,6 +135,8 @@ pub struct Runner {
     /// The last successful discovery, reused if a reload's worker cannot start.
     discovered: Mutex<Vec<CommandInfo>>,
     journal: Option<Journal>,
+    /// What the output logs take, against `state_dir_max_bytes`.
+    spool_usage: Arc<SpoolUsage>,
     suspended: watch::Sender<bool>,
     /// Executions taken by this runner, with their command.
     running: Mutex<HashMap<ExecutionId, String>>,
@@ -151,8 +157,10 @@ impl Runner {
         let discovered = worker.discover().await?;
         let mut setup = setup;
         add_setting_secrets(&worker, &mut setup.settings).await;
+        let spool_usage = Arc::new(SpoolUsage::scan(&spool_dir(&setup.opts), setup.opts.state_dir_max_bytes));
         let live = Live::new(setup, &discovered);
         Ok(Arc::new(Self {
+            spool_usage,
             worker,
             gate: AuthGate::default(),
             live: RwLock::new(Arc::new(live)),
@@ -264,14 +272,40 @@ impl Runner {
     /// Reports executions a previous run left unfinished.
     fn recover_journal(&self) {
         let Some(journal) = &self.journal else { return };
-        for entry in journal.entries() {
-            let live = self.live();
-            let spill = SpillOptions {
-                dir: live.opts.state_dir.join("spill"),
-                memory_limit: live.opts.outbox_memory_bytes,
-            };
+        let live = self.live();
+        let entries = journal.entries();
+        self.remove_orphan_logs(&live, &entries);
+        for entry in entries {
+            let spool = self.spool_options(&live);
             let (client, gate, journal) = (live.client.clone(), self.gate.clone(), journal.clone());
-            self.lock_tasks().spawn(execution::recover(client, gate, journal, spill, entry));
+            let shaping = live.settings.shaping();
+            self.lock_tasks().spawn(execution::recover(client, gate, journal, spool, shaping, entry));
+        }
+    }
+
+    /// A log without a journal entry belongs to an execution whose
+    /// completion was delivered (the entry goes last): nothing to recover.
+    fn remove_orphan_logs(&self, live: &Live, entries: &[super::journal::Entry]) {
+        let dir = spool_dir(&live.opts);
+        let Ok(listing) = std::fs::read_dir(&dir) else { return };
+        for file in listing.flatten() {
+            let path = file.path();
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+            let known = entries.iter().any(|entry| entry.id.as_str() == stem);
+            if !known && path.extension().is_some_and(|e| e == LOG_EXTENSION) {
+                tracing::info!("removing the output log {} (its execution was completed)", path.display());
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        self.spool_usage.recount(&dir);
+    }
+
+    fn spool_options(&self, live: &Live) -> SpoolOptions {
+        SpoolOptions {
+            dir: spool_dir(&live.opts),
+            memory_limit: live.opts.outbox_memory_bytes,
+            max_bytes: live.opts.spool_max_bytes,
+            usage: self.spool_usage.clone(),
         }
     }
 
@@ -449,10 +483,7 @@ impl Runner {
             gate: self.gate.clone(),
             settings: live.settings.clone(),
             abort: self.abort.subscribe(),
-            spill: SpillOptions {
-                dir: live.opts.state_dir.join("spill"),
-                memory_limit: live.opts.outbox_memory_bytes,
-            },
+            spill: self.spool_options(live),
             journal: self.journal.clone(),
         }
     }
@@ -476,12 +507,9 @@ impl Runner {
 
 impl Live {
     fn new(setup: RunnerSetup, discovered: &[CommandInfo]) -> Self {
-        let spill_dir = setup.opts.state_dir.join("spill");
-        if let Err(error) = std::fs::create_dir_all(&spill_dir) {
-            tracing::error!(
-                "cannot create {}: {error}; undelivered output will stay in memory",
-                spill_dir.display()
-            );
+        let spool_dir = spool_dir(&setup.opts);
+        if let Err(error) = std::fs::create_dir_all(&spool_dir) {
+            tracing::error!("cannot create {}: {error}; output will be held in memory", spool_dir.display());
         }
         let mut synced = synced_commands(discovered, &setup.settings.policy);
         for command in &mut synced {
@@ -518,6 +546,11 @@ async fn add_setting_secrets(worker: &Worker, settings: &mut ExecutionSettings) 
         }
         Err(error) => tracing::error!("cannot read the Django settings to mask: {error}"),
     }
+}
+
+/// Where the executions' output logs are.
+fn spool_dir(opts: &RunnerOptions) -> std::path::PathBuf {
+    opts.state_dir.join("outbox")
 }
 
 async fn join_all(tasks: &mut JoinSet<()>) {
