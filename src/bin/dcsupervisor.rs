@@ -137,6 +137,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 
 async fn run_runner(config_path: &Path, config: &Config, once: bool) -> Result<ExitCode> {
     let state_dir = state::prepare(&config.runner.state_dir)?;
+    control::survive_file_size_limit().context("cannot handle SIGXFSZ")?;
     // `once` may run beside a running supervisor; only one may run executions.
     let _lock = if once { None } else { Some(state::InstanceLock::acquire(&state_dir)?) };
     let setup = config.runner_setup()?;

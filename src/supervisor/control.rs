@@ -18,6 +18,15 @@ use crate::config::Config;
 
 const TOUCH_FILE_CHECK: Duration = Duration::from_secs(2);
 
+/// Past a file-size limit (RLIMIT_FSIZE) the kernel sends SIGXFSZ, whose
+/// default kills the process: with a handler the write fails with EFBIG
+/// instead, which the output log survives like a full disk. A handler, not
+/// SIG_IGN, so processes the runner execs get the default back.
+pub fn survive_file_size_limit() -> std::io::Result<()> {
+    let hit = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGXFSZ, hit).map(drop)
+}
+
 /// Starts listening; the returned channel carries the runner's events.
 pub fn listen(config_path: PathBuf, touch_file: Option<PathBuf>) -> std::io::Result<mpsc::Receiver<Event>> {
     let (events, receiver) = mpsc::channel(8);

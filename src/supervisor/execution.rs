@@ -18,9 +18,9 @@ use super::client::Client;
 use super::delivery::{AuthGate, AuthState};
 use super::journal::{kill_leftover, process_start_time, Entry, Journal};
 use super::outbox::{Outbox, Recovered, SpoolOptions};
-use super::replay::Shaping;
 use super::policy::Policy;
 use super::redact::Redactor;
+use super::replay::Shaping;
 use super::signing::Signing;
 use crate::ipc::{ExitStatus, JobLimits, ParseOutcome};
 use crate::worker::{Job, JobEnd, Output, Worker};
@@ -127,15 +127,15 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
         tracing::warn!(execution = %id, command, "could not start the execution: {error}");
         return;
     }
-    let mut entry =
-        Entry { id: id.clone(), command: command.clone(), pid: None, pid_start_time: None };
+    let mut entry = Entry { id: id.clone(), command: command.clone(), pid: None, pid_start_time: None };
     let journal = ctx.journal.as_ref();
     if let Some(journal) = journal {
         journal.record(&entry);
     }
     let metadata_only = execution.use_metadata_only_mode || settings.metadata_only.contains(&command);
     tracing::info!(execution = %id, command, args = %mask(&settings, &execution.args), metadata_only, "execution started");
-    let outbox = Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill, settings.shaping());
+    let outbox =
+        Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill, settings.shaping());
     if metadata_only {
         outbox.note(false, METADATA_ONLY_NOTICE);
         outbox.note(true, METADATA_ONLY_NOTICE);
@@ -172,7 +172,7 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
 
 /// What a restarted runner says about a command it lost track of.
 pub const RESTART_NOTICE: &str =
-    "[dcsupervisor] the runner stopped while this command was running; its outcome is unknown\n";
+    "[dcsupervisor] the runner restarted while this command was running; its outcome is unknown\n";
 
 /// Finishes an execution a previous run of the supervisor left in the
 /// journal: kills what is left of its job, then delivers from its output
@@ -280,7 +280,8 @@ pub async fn reject(ctx: &ExecutionContext, execution: &Execution, message: Stri
         tracing::warn!(execution = %id, "could not start the rejected execution: {error}");
         return;
     }
-    let outbox = Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill, ctx.settings.shaping());
+    let outbox =
+        Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill, ctx.settings.shaping());
     outbox.note(true, &message);
     outbox.finish(CompleteRequest { exit_code: -1, status: CompletionStatus::Failed }).await;
 }

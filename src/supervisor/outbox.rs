@@ -97,7 +97,9 @@ impl SpoolUsage {
     }
 
     fn release(&self, bytes: u64) {
-        let _ = self.bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| Some(used.saturating_sub(bytes)));
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| Some(used.saturating_sub(bytes)));
     }
 
     fn writes_failing(&self, error: &std::io::Error) {
@@ -105,7 +107,9 @@ impl SpoolUsage {
             tracing::error!(
                 "cannot write output logs in the state directory: {error}; output is held in memory, in order, until there is room"
             );
-            systemd::status(&format!("DEGRADED: cannot write to the state directory ({error}); output held in memory"));
+            systemd::status(&format!(
+                "DEGRADED: cannot write to the state directory ({error}); output held in memory"
+            ));
         }
     }
 
@@ -171,7 +175,13 @@ pub struct Outbox {
 
 impl Outbox {
     /// A fresh log for an execution that starts now.
-    pub fn new(client: Client, gate: AuthGate, id: ExecutionId, spool: &SpoolOptions, shaping: Shaping) -> Self {
+    pub fn new(
+        client: Client,
+        gate: AuthGate,
+        id: ExecutionId,
+        spool: &SpoolOptions,
+        shaping: Shaping,
+    ) -> Self {
         let path = spool.log_path(&id);
         let file = create_log(&path);
         let holding = if file.is_ok() { Holding::No } else { Holding::DiskError };
@@ -224,7 +234,13 @@ impl Outbox {
             let completion = CompleteRequest { exit_code: -1, status: CompletionStatus::Failed };
             shared.append(Record::meta(Meta::End { completion, at }));
         }
-        Recovered::Delivering(Self::start(client, gate, shared, shaping, Resume { acked_through: scan.acked_through }))
+        Recovered::Delivering(Self::start(
+            client,
+            gate,
+            shared,
+            shaping,
+            Resume { acked_through: scan.acked_through },
+        ))
     }
 
     fn start(client: Client, gate: AuthGate, shared: Shared, shaping: Shaping, resume: Resume) -> Self {
@@ -322,7 +338,10 @@ impl Shared {
         if log.held.is_empty() {
             return;
         }
-        if log.holding != Holding::No && !now && log.last_attempt.is_some_and(|at| at.elapsed() < RETRY_WRITE_EVERY) {
+        if log.holding != Holding::No
+            && !now
+            && log.last_attempt.is_some_and(|at| at.elapsed() < RETRY_WRITE_EVERY)
+        {
             return;
         }
         log.last_attempt = Some(Instant::now());

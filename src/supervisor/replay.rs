@@ -60,7 +60,9 @@ impl Pipeline {
         match record {
             Record::Read { stderr, at, bytes } => {
                 self.buffer(stderr).push(&bytes, at);
-                while !self.buffer(stderr).is_empty() && self.buffer(stderr).len() >= self.shaping.chunk_max_bytes {
+                while !self.buffer(stderr).is_empty()
+                    && self.buffer(stderr).len() >= self.shaping.chunk_max_bytes
+                {
                     self.cut(stderr, &mut out);
                 }
             }
@@ -89,7 +91,9 @@ impl Pipeline {
     /// Nothing waiting in a buffer or held by the cap: a checkpoint here
     /// captures the whole state.
     pub fn is_clean(&self) -> bool {
-        self.stdout.is_empty() && self.stderr.is_empty() && self.cap.as_ref().is_none_or(OutputCap::holds_nothing)
+        self.stdout.is_empty()
+            && self.stderr.is_empty()
+            && self.cap.as_ref().is_none_or(OutputCap::holds_nothing)
     }
 
     pub fn checkpoint(&self) -> Checkpoint {
@@ -130,7 +134,11 @@ impl Pipeline {
         if segments.is_empty() {
             return;
         }
-        out.push(Message::Output(OutputRequest { chunk_number: self.next_chunk, segments, is_stderr: stderr }));
+        out.push(Message::Output(OutputRequest {
+            chunk_number: self.next_chunk,
+            segments,
+            is_stderr: stderr,
+        }));
         self.next_chunk += 1;
     }
 
@@ -179,7 +187,9 @@ mod tests {
         messages
             .iter()
             .filter_map(|m| match m {
-                Message::Output(chunk) => Some(chunk.segments.iter().map(|s| s.content.as_str()).collect::<String>()),
+                Message::Output(chunk) => {
+                    Some(chunk.segments.iter().map(|s| s.content.as_str()).collect::<String>())
+                }
                 Message::Complete(_) => None,
             })
             .collect()
@@ -207,7 +217,8 @@ mod tests {
         assert_eq!(text(&sent), "one\ncaf");
         assert!(first.is_clean());
         let mut second = Pipeline::resume(Shaping::default(), &first.checkpoint());
-        let rest = [read(false, b"\xa9\n"), end()].into_iter().flat_map(|r| second.apply(r)).collect::<Vec<_>>();
+        let rest =
+            [read(false, b"\xa9\n"), end()].into_iter().flat_map(|r| second.apply(r)).collect::<Vec<_>>();
         assert_eq!(text(&rest), "\u{e9}\n");
         let Message::Output(chunk) = &rest[0] else { panic!() };
         assert_eq!(chunk.segments[0].timestamp, None, "the line began in chunk 2");
