@@ -3,11 +3,12 @@
 //!
 //! Every execution has an [`Outbox`]: a bounded queue drained by one task
 //! that sends each message until the server acknowledges it, retrying with
-//! backoff through timeouts, 5xx answers and outages of any length, and
+//! [`Backoff`] through timeouts, 5xx, 3xx and cut answers and outages of any
+//! length, and
 //! waiting while authentication is failing (nothing is sent until a
 //! heartbeat succeeds again). A retried chunk keeps its number, so the
 //! server de-duplicates. Only a definitive refusal (a 4xx other than
-//! 401/403/429) drops a message, with an error in the log. Beyond a memory
+//! 401/403/408/425/429) drops a message, with an error in the log. Beyond a memory
 //! limit, waiting messages go to a file in the state directory, so a long
 //! outage neither blocks the command nor grows the supervisor's memory.
 
@@ -21,10 +22,13 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use super::api::{CompleteRequest, ExecutionId, OutputRequest};
 use super::client::{ApiError, Client};
+use crate::backoff::Backoff;
 
+const FIRST_REDELIVERY_DELAY: Duration = Duration::from_secs(1);
 const MAX_REDELIVERY_DELAY: Duration = Duration::from_secs(30);
 
 /// Whether the control plane currently accepts our key.
@@ -104,7 +108,7 @@ impl Outbox {
     pub fn new(client: Client, gate: AuthGate, id: ExecutionId, spill: &SpillOptions) -> Self {
         let spill_path = spill.dir.join(format!("{id}.jsonl"));
         let queue = Arc::new(Queue::new(spill.memory_limit, spill_path));
-        let task = tokio::spawn(deliver_in_order(client, gate, id.clone(), queue.clone()));
+        let task = tokio::spawn(deliver_in_order(client, gate, id.clone(), queue.clone()).in_current_span());
         Self { id, queue, task }
     }
 
@@ -114,7 +118,15 @@ impl Outbox {
 
     /// Queues a message; never waits (beyond the memory limit, it goes to disk).
     pub async fn push(&self, message: Message) {
+        self.queue.unacknowledged.send_modify(|count| *count += 1);
         self.queue.push(message);
+    }
+
+    /// How many queued messages the control plane has not acknowledged (or
+    /// refused) yet, as it changes: the output pump waits for 0 to flush
+    /// early (see `supervise::pump`).
+    pub fn unacknowledged(&self) -> watch::Receiver<usize> {
+        self.queue.unacknowledged.subscribe()
     }
 
     /// Waits until everything queued has been delivered (or refused).
@@ -137,6 +149,7 @@ pub struct SpillOptions {
 /// go there too until it is drained, so the order never changes.
 struct Queue {
     state: Mutex<QueueState>,
+    unacknowledged: watch::Sender<usize>,
     ready: Notify,
     memory_limit: usize,
     spill_path: PathBuf,
@@ -158,7 +171,8 @@ struct Spill {
 
 impl Queue {
     fn new(memory_limit: usize, spill_path: PathBuf) -> Self {
-        Self { state: Mutex::default(), ready: Notify::new(), memory_limit, spill_path }
+        let unacknowledged = watch::channel(0).0;
+        Self { state: Mutex::default(), unacknowledged, ready: Notify::new(), memory_limit, spill_path }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
@@ -261,11 +275,14 @@ impl Queue {
 async fn deliver_in_order(client: Client, gate: AuthGate, id: ExecutionId, queue: Arc<Queue>) {
     while let Some(message) = queue.pop().await {
         deliver(&client, &gate, &id, &message).await;
+        queue.unacknowledged.send_modify(|count| *count = count.saturating_sub(1));
     }
 }
 
+/// Sends one message until it is acknowledged or definitively refused.
+/// The client makes one attempt per call; the waits are here, and only here.
 async fn deliver(client: &Client, gate: &AuthGate, id: &ExecutionId, message: &Message) {
-    let mut delay = Duration::from_secs(1);
+    let mut backoff = Backoff::exponential(FIRST_REDELIVERY_DELAY, MAX_REDELIVERY_DELAY);
     loop {
         gate.wait_valid().await;
         let result = match message {
@@ -280,13 +297,16 @@ async fn deliver(client: &Client, gate: &AuthGate, id: &ExecutionId, message: &M
         if error.is_auth() {
             continue; // wait for the gate to reopen
         }
-        if !error.is_retryable() {
-            tracing::error!(execution = %id, "the control plane refused {}: {error}; not retrying", describe(message));
+        if error.is_refusal() {
+            tracing::error!(
+                "the control plane refused {}: {error}; dropped, not retrying",
+                describe(message)
+            );
             return;
         }
-        tracing::warn!(execution = %id, "could not deliver {} ({error}); retrying in {delay:?}", describe(message));
+        let delay = backoff.next_delay(error.retry_after());
+        tracing::warn!("could not deliver {} ({error}); retrying in {delay:?}", describe(message));
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(MAX_REDELIVERY_DELAY);
     }
 }
 

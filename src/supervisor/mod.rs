@@ -4,7 +4,8 @@
 //!   (HTTP, TLS, retries), [`delivery`] (output and completions, in order,
 //!   until acknowledged), [`runner`] (heartbeat, sync, polling, slots,
 //!   reload and shutdown).
-//! * One execution: [`execution`] (start to completion), [`output`] (bytes to
+//! * One execution: [`execution`] (start to completion), [`supervise`] (while
+//!   its job runs: output pump, cancel poller, stopper), [`output`] (bytes to
 //!   timestamped segments and chunks), [`redact`] (secrets masked).
 //! * What may run: [`policy`], [`commands`] (what is synced, the hash),
 //!   [`arguments`] (argument rules), [`signing`] (signed executions, opt-in).
@@ -26,4 +27,5 @@ pub mod redact;
 pub mod runner;
 pub mod signing;
 pub mod state;
+pub mod supervise;
 pub mod systemd;
