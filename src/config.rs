@@ -476,7 +476,6 @@ impl Config {
             base_url: server.base_url,
             api_key: server.api_key,
             request_timeout: Duration::from_secs(self.server.request_timeout),
-            max_retries: self.server.max_retries,
             ca_file: self.server.ca_file.clone(),
             user_agent: format!("dcsupervisor/{}", env!("CARGO_PKG_VERSION")),
         })
@@ -527,6 +526,7 @@ impl Config {
             bound_args,
             cancel_grace: self.cancel_grace(),
             cancel_poll_interval: Duration::from_secs(2),
+            start_retries: self.server.max_retries,
             flush_interval: Duration::from_secs_f64(self.runner.output_flush_interval),
             chunk_max_bytes: self.runner.chunk_max_bytes,
             output_cap: (self.runner.output_cap_bytes > 0).then_some(self.runner.output_cap_bytes),

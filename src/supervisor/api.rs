@@ -152,10 +152,51 @@ pub struct CancelStatus {
 
 /// An execution id: a UUID in its 8-4-4-4-12 hyphenated form (any case),
 /// checked before it is ever put into a URL path. The text is kept as the
-/// server sent it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// server sent it (paths use it as is), but ids compare, hash and sort in
+/// their canonical lowercase form: UUIDs are case-insensitive, and the same
+/// execution handed out in two spellings must never run twice.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ExecutionId(String);
+
+impl ExecutionId {
+    /// The lowercase form every comparison uses.
+    pub fn canonical(&self) -> String {
+        self.0.to_ascii_lowercase()
+    }
+
+    fn canonical_bytes(&self) -> impl Iterator<Item = u8> + '_ {
+        self.0.bytes().map(|b| b.to_ascii_lowercase())
+    }
+}
+
+impl PartialEq for ExecutionId {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.eq_ignore_ascii_case(&other.0)
+    }
+}
+
+impl Eq for ExecutionId {}
+
+impl std::hash::Hash for ExecutionId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        for byte in self.canonical_bytes() {
+            state.write_u8(byte);
+        }
+    }
+}
+
+impl Ord for ExecutionId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.canonical_bytes().cmp(other.canonical_bytes())
+    }
+}
+
+impl PartialOrd for ExecutionId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("execution id {0:?} is not a UUID (8-4-4-4-12 hex digits)")]
@@ -218,6 +259,18 @@ mod tests {
         }
         let execution: Result<Execution, _> = serde_json::from_str(r#"{"id": "../x", "command": "noop"}"#);
         assert!(execution.is_err());
+    }
+
+    #[test]
+    fn ids_compare_in_canonical_form() {
+        use std::collections::HashSet;
+        let lower = ExecutionId::parse("3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b").unwrap();
+        let upper = ExecutionId::parse("3F2B8C1E-0A4D-4E5F-9B6A-7C8D9E0F1A2B").unwrap();
+        assert_eq!(lower, upper);
+        assert_eq!(lower.cmp(&upper), std::cmp::Ordering::Equal);
+        assert_eq!(HashSet::from([lower.clone(), upper.clone()]).len(), 1);
+        assert_eq!(upper.as_str(), "3F2B8C1E-0A4D-4E5F-9B6A-7C8D9E0F1A2B", "the text is kept as sent");
+        assert_eq!(upper.canonical(), lower.as_str());
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The HTTP client for the control plane's runner API: TLS (rustls with the
 //! ring provider named explicitly, system roots plus an optional extra CA),
 //! the authentication and replay-protection headers, timeouts, a cap on
-//! response size, and retries with exponential backoff.
+//! response size, and the classification of every answer.
 //!
-//! Every attempt is built afresh, so a retry carries a new timestamp and a
-//! new nonce (a strict replay check refuses a reused one). The API key lives
+//! Each call is ONE attempt: the caller decides whether and when to try again
+//! (with [`crate::backoff::Backoff`]), from what [`ApiError`] says about the
+//! failure. Every attempt is built afresh, so a retry carries a new
+//! timestamp and a new nonce (a strict replay check refuses a reused one).
+//! Redirects are never followed. The API key lives
 //! in [`ApiKey`], whose `Debug` and `Display` never show it, and it is never
 //! part of an error.
 
@@ -13,7 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use http::header::{
+    HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT,
+};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
@@ -29,8 +34,6 @@ use super::api::{self, CancelStatus, ExecutionId};
 pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 /// Idle connections are closed before a typical load balancer (60 s) would.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// A `Retry-After` above this is capped: the runner must keep its rhythm.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// The project's API key. Never printed.
 #[derive(Clone)]
@@ -54,41 +57,73 @@ pub struct ClientOptions {
     pub base_url: String,
     pub api_key: ApiKey,
     pub request_timeout: Duration,
-    pub max_retries: u32,
     /// PEM file of extra trusted CAs (self-hosted control planes).
     pub ca_file: Option<PathBuf>,
     pub user_agent: String,
 }
 
+/// Why a call did not succeed; [`ApiError::is_retryable`] is the one place
+/// that decides what is worth another attempt.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("authentication failed (HTTP {status}): {detail}")]
     Auth { status: u16, detail: String },
+    /// Any other answer that is not a 2xx; a 3xx is a redirect, never followed.
     #[error("the control plane answered HTTP {status}: {detail}")]
     Status { status: u16, detail: String, retry_after: Option<Duration> },
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error("cannot reach the control plane: {0}")]
     Connect(String),
+    /// The answer's body was cut short (or was too large to read).
+    #[error("the answer could not be read: {0}")]
+    BodyRead(String),
+    /// A 2xx whose body does not parse, on a call that needs its body (a
+    /// proxy's HTML page, a truncated document): retried like a 5xx.
     #[error("unusable answer from the control plane: {0}")]
     BadResponse(String),
+    /// The request could not even be built (never retried).
     #[error("invalid request: {0}")]
     Request(String),
 }
 
 impl ApiError {
-    /// Whether another attempt may succeed (PROTOCOL.md's retry rule).
+    /// Whether another attempt may succeed: every 5xx, 408, 425, 429 and 3xx
+    /// answer (a redirect is never followed, and never a reason to drop),
+    /// timeouts, connection and body-read errors, unusable 2xx bodies.
+    /// What remains is definitive: 401/403 (authentication, handled by
+    /// pausing everything), other 4xx, and requests we could not build.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ApiError::Status { status, .. } => matches!(status, 429 | 500 | 502 | 503 | 504),
-            ApiError::Timeout(_) | ApiError::Connect(_) => true,
-            ApiError::Auth { .. } | ApiError::BadResponse(_) | ApiError::Request(_) => false,
+            ApiError::Status { status, .. } => is_retryable_status(*status),
+            ApiError::Timeout(_)
+            | ApiError::Connect(_)
+            | ApiError::BodyRead(_)
+            | ApiError::BadResponse(_) => true,
+            ApiError::Auth { .. } | ApiError::Request(_) => false,
         }
+    }
+
+    /// A definitive refusal of this request: not retried, not an auth problem.
+    pub fn is_refusal(&self) -> bool {
+        !self.is_retryable() && !self.is_auth()
     }
 
     pub fn is_auth(&self) -> bool {
         matches!(self, ApiError::Auth { .. })
     }
+
+    /// How long the server asked us to wait (`Retry-After`), if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+fn is_retryable_status(status: u16) -> bool {
+    matches!(status, 300..=399 | 408 | 425 | 429 | 500..=599)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,56 +172,49 @@ impl Client {
         self.call::<(), _>(Method::GET, api::PENDING_PATH, None).await
     }
 
+    /// Any 2xx counts: what `start`, `output` and `complete` answer is not
+    /// needed, so a body a proxy mangled does not undo a delivery.
     pub async fn start(&self, id: &ExecutionId) -> Result<(), ApiError> {
-        self.call::<(), serde_json::Value>(Method::POST, &api::start_path(id), None).await.map(drop)
+        self.send::<()>(Method::POST, &api::start_path(id), None).await.map(drop)
     }
 
     pub async fn output(&self, id: &ExecutionId, body: &api::OutputRequest) -> Result<(), ApiError> {
-        self.call::<_, serde_json::Value>(Method::POST, &api::output_path(id), Some(body)).await.map(drop)
+        self.send(Method::POST, &api::output_path(id), Some(body)).await.map(drop)
     }
 
     pub async fn complete(&self, id: &ExecutionId, body: &api::CompleteRequest) -> Result<(), ApiError> {
-        self.call::<_, serde_json::Value>(Method::POST, &api::complete_path(id), Some(body)).await.map(drop)
+        self.send(Method::POST, &api::complete_path(id), Some(body)).await.map(drop)
     }
 
     pub async fn cancel_status(&self, id: &ExecutionId) -> Result<CancelStatus, ApiError> {
         self.call::<(), _>(Method::GET, &api::cancel_status_path(id), None).await
     }
 
-    /// One API call with PROTOCOL.md's retries: up to `max_retries` more
-    /// attempts after a retryable failure, waiting 1 s, 2 s, 4 s... or what
-    /// the server's `Retry-After` asks (capped).
+    /// One attempt whose 2xx answer must parse as `T`.
     async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ApiError> {
+        let answer = self.send(method, path, body).await?;
+        serde_json::from_slice(&answer).map_err(|e| ApiError::BadResponse(format!("{path}: {e}")))
+    }
+
+    /// One attempt; the 2xx answer's body as it came.
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Bytes, ApiError> {
         let body = match body {
             Some(body) => {
                 Some(Bytes::from(serde_json::to_vec(body).map_err(|e| ApiError::Request(e.to_string()))?))
             }
             None => None,
         };
-        let mut attempt = 0;
-        loop {
-            match self.attempt(&method, path, body.clone()).await {
-                Ok(answer) => {
-                    return serde_json::from_slice(&answer)
-                        .map_err(|e| ApiError::BadResponse(format!("{path}: {e}")))
-                }
-                Err(err) if err.is_retryable() && attempt < self.opts.max_retries => {
-                    let delay = match &err {
-                        ApiError::Status { retry_after: Some(wait), .. } => (*wait).min(MAX_RETRY_AFTER),
-                        _ => Duration::from_secs(1 << attempt.min(6)),
-                    };
-                    attempt += 1;
-                    tracing::debug!(%method, path, attempt, ?delay, "retrying after: {err}");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(err) => return Err(err),
-            }
-        }
+        self.attempt(&method, path, body).await
     }
 
     /// One HTTP exchange; the timeout covers sending and reading the body.
@@ -198,19 +226,24 @@ impl Client {
                 self.http.request(request).await.map_err(|e| ApiError::Connect(error_chain(&e)))?;
             let status = response.status();
             let retry_after = retry_after(response.headers().get(RETRY_AFTER));
+            let location =
+                response.headers().get(LOCATION).map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
             let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
-                .map_err(|e| ApiError::BadResponse(format!("reading the answer: {e}")))?
+                .map_err(|e| ApiError::BodyRead(error_chain(e.as_ref())))?
                 .to_bytes();
-            Ok::<_, ApiError>((status, retry_after, bytes))
+            Ok::<_, ApiError>((status, retry_after, location, bytes))
         };
-        let (status, retry_after, bytes) =
+        let (status, retry_after, location, bytes) =
             tokio::time::timeout(timeout, exchange).await.map_err(|_| ApiError::Timeout(timeout))??;
         if status.is_success() {
             return Ok(bytes);
         }
-        let detail = error_detail(&bytes);
+        let detail = match location {
+            Some(location) if status.is_redirection() => format!("a redirect to {location:?}, not followed"),
+            _ => error_detail(&bytes),
+        };
         Err(match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 ApiError::Auth { status: status.as_u16(), detail }
@@ -341,10 +374,24 @@ mod tests {
     }
 
     #[test]
-    fn retryable_statuses() {
+    fn every_5xx_3xx_and_transient_4xx_is_retried_other_4xx_are_definitive() {
         let status = |status| ApiError::Status { status, detail: String::new(), retry_after: None };
-        assert!(status(503).is_retryable() && status(429).is_retryable());
-        assert!(!status(404).is_retryable() && !status(400).is_retryable());
-        assert!(!ApiError::Auth { status: 401, detail: String::new() }.is_retryable());
+        for retried in [500, 502, 503, 504, 520, 524, 599, 301, 302, 307, 308, 408, 425, 429] {
+            assert!(status(retried).is_retryable(), "{retried}");
+        }
+        for refused in [400, 404, 405, 409, 410, 413, 422] {
+            assert!(status(refused).is_refusal(), "{refused}");
+        }
+        let auth = ApiError::Auth { status: 401, detail: String::new() };
+        assert!(!auth.is_retryable() && !auth.is_refusal());
+        for transient in [
+            ApiError::Timeout(Duration::from_secs(1)),
+            ApiError::Connect("reset".into()),
+            ApiError::BodyRead("cut".into()),
+            ApiError::BadResponse("<html>".into()),
+        ] {
+            assert!(transient.is_retryable(), "{transient}");
+        }
+        assert!(ApiError::Request("bad key".into()).is_refusal());
     }
 }

@@ -3,11 +3,12 @@
 //!
 //! Every execution has an [`super::outbox::Outbox`] whose task sends each
 //! message ([`deliver`]) until the server acknowledges it, retrying with
-//! backoff through timeouts, 5xx answers and outages of any length, and
+//! [`Backoff`] through timeouts, 5xx, 3xx and cut answers and outages of any
+//! length, and
 //! waiting while authentication is failing (nothing is sent until a
 //! heartbeat succeeds again). A retried chunk keeps its number, so the
 //! server de-duplicates. Only a definitive refusal (a 4xx other than
-//! 401/403/429) drops a message, with an error in the log.
+//! 401/403/408/425/429) drops a message, with an error in the log.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,9 @@ use tokio::sync::watch;
 
 use super::api::{CompleteRequest, ExecutionId, OutputRequest};
 use super::client::{ApiError, Client};
+use crate::backoff::Backoff;
 
+const FIRST_REDELIVERY_DELAY: Duration = Duration::from_secs(1);
 const MAX_REDELIVERY_DELAY: Duration = Duration::from_secs(30);
 
 /// Whether the control plane currently accepts our key.
@@ -74,9 +77,10 @@ pub enum Message {
     Complete(CompleteRequest),
 }
 
-/// Sends one message until the control plane acknowledges or definitively refuses it.
+/// Sends one message until it is acknowledged or definitively refused.
+/// The client makes one attempt per call; the waits are here, and only here.
 pub(super) async fn deliver(client: &Client, gate: &AuthGate, id: &ExecutionId, message: &Message) {
-    let mut delay = Duration::from_secs(1);
+    let mut backoff = Backoff::exponential(FIRST_REDELIVERY_DELAY, MAX_REDELIVERY_DELAY);
     loop {
         gate.wait_valid().await;
         let result = match message {
@@ -91,13 +95,16 @@ pub(super) async fn deliver(client: &Client, gate: &AuthGate, id: &ExecutionId, 
         if error.is_auth() {
             continue; // wait for the gate to reopen
         }
-        if !error.is_retryable() {
-            tracing::error!(execution = %id, "the control plane refused {}: {error}; not retrying", describe(message));
+        if error.is_refusal() {
+            tracing::error!(
+                "the control plane refused {}: {error}; dropped, not retrying",
+                describe(message)
+            );
             return;
         }
-        tracing::warn!(execution = %id, "could not deliver {} ({error}); retrying in {delay:?}", describe(message));
+        let delay = backoff.next_delay(error.retry_after());
+        tracing::warn!("could not deliver {} ({error}); retrying in {delay:?}", describe(message));
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(MAX_REDELIVERY_DELAY);
     }
 }
 

@@ -7,30 +7,25 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nix::sys::signal::Signal;
-use tokio::io::AsyncReadExt;
-use tokio::net::unix::pipe;
 use tokio::sync::watch;
 
 use super::api::{CompleteRequest, CompletionStatus, Execution};
 use super::arguments::{self, ArgumentRules};
 use super::client::Client;
-use super::delivery::{AuthGate, AuthState};
+use super::delivery::AuthGate;
 use super::journal::{kill_leftover, process_start_time, Entry, Journal};
 use super::outbox::{Outbox, Recovered, SpoolOptions};
 use super::policy::Policy;
 use super::redact::Redactor;
 use super::replay::Shaping;
 use super::signing::Signing;
-use crate::ipc::{ExitStatus, JobLimits, ParseOutcome};
-use crate::worker::{Job, JobEnd, Output, Worker};
+use super::supervise::supervise;
+use crate::backoff::Backoff;
+use crate::ipc::{JobLimits, ParseOutcome};
+use crate::worker::{Output, Worker};
 
 /// What metadata-only executions send instead of their output.
 pub const METADATA_ONLY_NOTICE: &str = "(metadata-only mode, no output captured)\n";
-/// Output still arriving this long after the command ended is abandoned (a
-/// process that escaped the job's process group may hold the pipes).
-const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(5);
-const READ_BUFFER: usize = 64 * 1024;
 
 /// How executions are run; fixed for the runner's lifetime (or a reload).
 #[derive(Debug, Clone)]
@@ -41,6 +36,9 @@ pub struct ExecutionSettings {
     pub bound_args: BTreeMap<String, Vec<Vec<String>>>,
     pub cancel_grace: Duration,
     pub cancel_poll_interval: Duration,
+    /// Retries of a `start` that failed transiently (5xx, timeout…) before
+    /// the execution is left to a later poll (`server.max_retries`).
+    pub start_retries: u32,
     pub flush_interval: Duration,
     pub chunk_max_bytes: usize,
     pub output_cap: Option<usize>,
@@ -91,20 +89,28 @@ pub struct ExecutionContext {
     pub settings: Arc<ExecutionSettings>,
     /// Turns true when running executions must be cancelled (shutdown).
     pub abort: watch::Receiver<bool>,
-    /// Where each execution's output log goes.
+    /// Where undelivered output beyond the memory limit waits.
     pub spill: SpoolOptions,
     /// Records executions in flight (absent for one-off runs).
     pub journal: Option<Journal>,
 }
 
-/// Why the runner stopped a job before it ended on its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StopReason {
-    Cancelled,
-    TimedOut,
+/// How far an execution got; the runner paces its polling on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Started and reported (run, or refused by our policy).
+    Ran,
+    /// The control plane refused `start` (typically 409: another runner
+    /// took it, or it was cancelled): do not ask again soon.
+    StartRefused,
+    /// `start` kept failing (outage, authentication): it stays queued on the
+    /// server for a later poll.
+    StartFailed,
 }
 
-pub async fn run(ctx: ExecutionContext, execution: Execution) {
+/// Runs one execution. The caller wraps it in a span carrying the
+/// execution's id and command, so the log lines here do not repeat them.
+pub async fn run(ctx: ExecutionContext, execution: Execution) -> Outcome {
     let started_at = Instant::now();
     let id = execution.id.clone();
     let command = execution.command.clone();
@@ -118,14 +124,13 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
             return reject(&ctx, &execution, message).await;
         }
     }
-    if let Err(error) = ctx.client.start(&id).await {
-        ctx.gate.observe(&error);
-        // Not started: it stays queued on the server for a later poll.
+    let started = start(&ctx, &execution).await;
+    if started != Outcome::Ran {
+        // Not started: the control plane will hand it out again.
         if let Some(signing) = &settings.signing {
             signing.forget(&id);
         }
-        tracing::warn!(execution = %id, command, "could not start the execution: {error}");
-        return;
+        return started;
     }
     let mut entry = Entry { id: id.clone(), command: command.clone(), pid: None, pid_start_time: None };
     let journal = ctx.journal.as_ref();
@@ -133,7 +138,7 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
         journal.record(&entry);
     }
     let metadata_only = execution.use_metadata_only_mode || settings.metadata_only.contains(&command);
-    tracing::info!(execution = %id, command, args = %mask(&settings, &execution.args), metadata_only, "execution started");
+    tracing::info!(args = %mask(&settings, &execution.args), metadata_only, "execution started");
     let outbox =
         Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill, settings.shaping());
     if metadata_only {
@@ -161,13 +166,37 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
         journal.remove(&id);
     }
     tracing::info!(
-        execution = %id,
-        command,
         status = ?completion.status,
         exit_code = completion.exit_code,
         duration_ms = started_at.elapsed().as_millis() as u64,
         "execution finished"
     );
+    Outcome::Ran
+}
+
+/// `start`, retried with backoff through transient failures (up to
+/// `start_retries` times). A refusal, or an authentication failure, is not
+/// retried: the execution stays queued on the server.
+async fn start(ctx: &ExecutionContext, execution: &Execution) -> Outcome {
+    let mut backoff = Backoff::exponential(Duration::from_secs(1), Duration::from_secs(10));
+    loop {
+        let error = match ctx.client.start(&execution.id).await {
+            Ok(()) => return Outcome::Ran,
+            Err(error) => error,
+        };
+        ctx.gate.observe(&error);
+        if error.is_refusal() {
+            tracing::warn!("the control plane refused to start it: {error}");
+            return Outcome::StartRefused;
+        }
+        if !error.is_retryable() || backoff.failures() >= ctx.settings.start_retries {
+            tracing::warn!("could not start it: {error}; leaving it queued");
+            return Outcome::StartFailed;
+        }
+        let delay = backoff.next_delay(error.retry_after());
+        tracing::debug!("could not start it ({error}); retrying in {delay:?}");
+        tokio::time::sleep(delay).await;
+    }
 }
 
 /// What a restarted runner says about a command it lost track of.
@@ -188,9 +217,12 @@ pub async fn recover(
 ) {
     let id = entry.id.clone();
     if kill_leftover(&entry) {
-        tracing::warn!(execution = %id, pid = entry.pid, "killed the leftover processes of an execution from before the restart");
+        tracing::warn!(
+            pid = entry.pid,
+            "killed the leftover processes of an execution from before the restart"
+        );
     }
-    tracing::warn!(execution = %id, command = entry.command, "finishing an execution interrupted by a runner restart");
+    tracing::warn!("finishing an execution interrupted by a runner restart");
     match Outbox::recover(client.clone(), gate.clone(), id.clone(), &spill, shaping.clone(), RESTART_NOTICE) {
         Recovered::Delivering(outbox) => outbox.delivered().await,
         Recovered::AlreadyDelivered => {}
@@ -272,205 +304,24 @@ async fn check_arguments(
 }
 
 /// The rejection flow: start, one stderr chunk saying why, complete as failed.
-pub async fn reject(ctx: &ExecutionContext, execution: &Execution, message: String) {
-    let id = &execution.id;
-    tracing::warn!(execution = %id, command = execution.command, "rejected by the runner's policy: {}", message.lines().nth(1).unwrap_or(""));
-    if let Err(error) = ctx.client.start(id).await {
-        ctx.gate.observe(&error);
-        tracing::warn!(execution = %id, "could not start the rejected execution: {error}");
-        return;
+pub async fn reject(ctx: &ExecutionContext, execution: &Execution, message: String) -> Outcome {
+    tracing::warn!("rejected by the runner's policy: {}", message.lines().nth(1).unwrap_or(""));
+    let started = start(ctx, execution).await;
+    if started != Outcome::Ran {
+        return started;
     }
-    let outbox =
-        Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill, ctx.settings.shaping());
+    let outbox = Outbox::new(
+        ctx.client.clone(),
+        ctx.gate.clone(),
+        execution.id.clone(),
+        &ctx.spill,
+        ctx.settings.shaping(),
+    );
     outbox.note(true, &message);
     outbox.finish(CompleteRequest { exit_code: -1, status: CompletionStatus::Failed }).await;
-}
-
-/// Runs the job to its end, streaming its output, honouring cancel requests,
-/// the timeout and shutdown.
-async fn supervise(
-    ctx: &ExecutionContext,
-    mut job: Job,
-    timeout: Duration,
-    limits: JobLimits,
-    outbox: &Outbox,
-) -> CompleteRequest {
-    let settings = &ctx.settings;
-    let mut stdout = job.stdout.take();
-    let mut stderr = job.stderr.take();
-    let (mut out_read, mut err_read) = (vec![0u8; READ_BUFFER], vec![0u8; READ_BUFFER]);
-    let mut flush = tokio::time::interval(settings.flush_interval);
-    flush.reset();
-    let mut cancel_poll = tokio::time::interval(settings.cancel_poll_interval);
-    cancel_poll.reset();
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(deadline);
-    let mut abort = ctx.abort.clone();
-
-    let mut stop: Option<StopReason> = None;
-    let mut kill_at: Option<tokio::time::Instant> = None;
-    let mut end: Option<JobEnd> = None;
-    let mut drain_until: Option<tokio::time::Instant> = None;
-
-    while end.is_none() || stdout.is_some() || stderr.is_some() {
-        tokio::select! {
-            read = read_some(&mut stdout, &mut out_read) => {
-                match read {
-                    Some(bytes) => outbox.read(false, &out_read[..bytes]),
-                    None => { stdout = None; outbox.eof(false); }
-                }
-            }
-            read = read_some(&mut stderr, &mut err_read) => {
-                match read {
-                    Some(bytes) => outbox.read(true, &err_read[..bytes]),
-                    None => { stderr = None; outbox.eof(true); }
-                }
-            }
-            _ = flush.tick() => outbox.flush(),
-            ended = job.wait(), if end.is_none() => {
-                end = Some(ended);
-                drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
-            }
-            _ = tokio::time::sleep_until(drain_until.unwrap_or_else(tokio::time::Instant::now)), if drain_until.is_some() => {
-                tracing::warn!(job = job.id, "output still open {DRAIN_AFTER_EXIT:?} after the command ended; stopped reading");
-                break;
-            }
-            _ = &mut deadline, if end.is_none() && stop != Some(StopReason::TimedOut) => {
-                tracing::info!(job = job.id, "timed out after {timeout:?}; stopping it");
-                stop = Some(StopReason::TimedOut);
-                job.signal(Signal::SIGTERM).await;
-                kill_at = Some(tokio::time::Instant::now() + settings.cancel_grace);
-            }
-            _ = cancel_poll.tick(), if end.is_none() && stop.is_none() && ctx.gate.get() == AuthState::Valid => {
-                if let Some(force) = cancel_requested(ctx, outbox.id()).await {
-                    stop = Some(StopReason::Cancelled);
-                    if force {
-                        job.signal(Signal::SIGKILL).await;
-                    } else {
-                        job.signal(Signal::SIGTERM).await;
-                        kill_at = Some(tokio::time::Instant::now() + settings.cancel_grace);
-                    }
-                }
-            }
-            _ = wait_for_abort(&mut abort), if end.is_none() && stop.is_none() => {
-                stop = Some(StopReason::Cancelled);
-                job.signal(Signal::SIGTERM).await;
-                kill_at = Some(tokio::time::Instant::now() + settings.cancel_grace);
-            }
-            _ = tokio::time::sleep_until(kill_at.unwrap_or_else(tokio::time::Instant::now)), if kill_at.is_some() && end.is_none() => {
-                kill_at = None;
-                job.signal(Signal::SIGKILL).await;
-            }
-        }
-    }
-    outbox.flush();
-    let end = match end {
-        Some(end) => end,
-        None => job.wait().await,
-    };
-    // A job the runner stopped was not killed by its limits.
-    let limits = if stop.is_some() { JobLimits::default() } else { limits };
-    if let Some(line) = explain_end(&end, limits) {
-        outbox.note(true, &line);
-    }
-    completion(stop, &end)
-}
-
-/// A line for the output when the way the job ended needs explaining.
-fn explain_end(end: &JobEnd, limits: JobLimits) -> Option<String> {
-    match end {
-        JobEnd::Lost(reason) => {
-            Some(format!("[dcsupervisor] the worker running this command died: {reason}\n"))
-        }
-        JobEnd::Exited(ExitStatus::Signal { signal }) if limits.cpu_seconds > 0 => {
-            let hit = *signal == Signal::SIGXCPU as i32 || *signal == Signal::SIGKILL as i32;
-            hit.then(|| {
-                format!("[dcsupervisor] the command reached its CPU time limit ({} s)\n", limits.cpu_seconds)
-            })
-        }
-        JobEnd::Exited(_) => None,
-    }
-}
-
-fn completion(stop: Option<StopReason>, end: &JobEnd) -> CompleteRequest {
-    // Like Python's subprocess: a signal death is the negative signal number.
-    let exit_code = match end {
-        JobEnd::Exited(ExitStatus::Code { code }) => *code,
-        JobEnd::Exited(ExitStatus::Signal { signal }) => -signal,
-        JobEnd::Lost(_) => -1,
-    };
-    let status = match (stop, exit_code) {
-        (Some(StopReason::TimedOut), _) => {
-            return CompleteRequest { exit_code: -1, status: CompletionStatus::TimedOut }
-        }
-        (Some(StopReason::Cancelled), _) => CompletionStatus::Cancelled,
-        (None, 0) => CompletionStatus::Success,
-        (None, _) => CompletionStatus::Failed,
-    };
-    CompleteRequest { exit_code, status }
-}
-
-async fn wait_for_abort(abort: &mut watch::Receiver<bool>) {
-    // The guard wait_for returns must not live across the branch's awaits.
-    let _ = abort.wait_for(|aborting| *aborting).await.map(|_| ());
-}
-
-/// `Some(force)` when the control plane asks to cancel.
-async fn cancel_requested(ctx: &ExecutionContext, id: &super::api::ExecutionId) -> Option<bool> {
-    match ctx.client.cancel_status(id).await {
-        Ok(status) if status.cancel_requested => {
-            tracing::info!(execution = %id, force = status.force_kill, "cancel requested");
-            Some(status.force_kill)
-        }
-        Ok(_) => None,
-        Err(error) => {
-            ctx.gate.observe(&error);
-            tracing::debug!(execution = %id, "cancel-status check failed: {error}");
-            None
-        }
-    }
-}
-
-/// Reads from a pipe that may already be closed (then waits forever, so the
-/// `select!` branch simply never fires). `None` at EOF or on error.
-async fn read_some(pipe: &mut Option<pipe::Receiver>, buffer: &mut [u8]) -> Option<usize> {
-    match pipe {
-        Some(pipe) => match pipe.read(buffer).await {
-            Ok(0) | Err(_) => None,
-            Ok(bytes) => Some(bytes),
-        },
-        None => std::future::pending().await,
-    }
+    Outcome::Ran
 }
 
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn statuses_and_exit_codes() {
-        let exited = |code| JobEnd::Exited(ExitStatus::Code { code });
-        let killed = |signal| JobEnd::Exited(ExitStatus::Signal { signal });
-        assert_eq!(
-            completion(None, &exited(0)),
-            CompleteRequest { exit_code: 0, status: CompletionStatus::Success }
-        );
-        assert_eq!(
-            completion(None, &exited(3)),
-            CompleteRequest { exit_code: 3, status: CompletionStatus::Failed }
-        );
-        assert_eq!(completion(None, &killed(11)).exit_code, -11);
-        assert_eq!(
-            completion(Some(StopReason::Cancelled), &killed(15)),
-            CompleteRequest { exit_code: -15, status: CompletionStatus::Cancelled }
-        );
-        assert_eq!(
-            completion(Some(StopReason::TimedOut), &killed(9)),
-            CompleteRequest { exit_code: -1, status: CompletionStatus::TimedOut }
-        );
-    }
 }

@@ -4,7 +4,8 @@
 //!   (HTTP, TLS, retries), [`delivery`] (output and completions, in order,
 //!   until acknowledged), [`runner`] (heartbeat, sync, polling, slots,
 //!   reload and shutdown).
-//! * One execution: [`execution`] (start to completion), [`output`] (bytes to
+//! * One execution: [`execution`] (start to completion), [`supervise`] (while
+//!   its job runs: output pump, cancel poller, stopper), [`output`] (bytes to
 //!   timestamped segments and chunks), [`redact`] (secrets masked).
 //! * Nothing lost: [`outbox`] (each execution's output log, followed by its
 //!   delivery task), [`wal`] (the log's framed, checksummed records),
@@ -31,5 +32,6 @@ pub mod replay;
 pub mod runner;
 pub mod signing;
 pub mod state;
+pub mod supervise;
 pub mod systemd;
 pub mod wal;

@@ -26,8 +26,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use super::api::{CompleteRequest, CompletionStatus, ExecutionId};
 use super::client::Client;
@@ -155,6 +156,8 @@ struct Shared {
     opts: SpoolOptions,
     log: Mutex<Log>,
     appended: Notify,
+    /// Flushes whose chunks are not delivered yet (the adaptive flush waits for 0).
+    unacknowledged: watch::Sender<usize>,
 }
 
 /// What [`Outbox::recover`] found.
@@ -245,7 +248,7 @@ impl Outbox {
 
     fn start(client: Client, gate: AuthGate, shared: Shared, shaping: Shaping, resume: Resume) -> Self {
         let shared = Arc::new(shared);
-        let task = tokio::spawn(follow(shared.clone(), client, gate, shaping, resume));
+        let task = tokio::spawn(follow(shared.clone(), client, gate, shaping, resume).in_current_span());
         Self { shared, task }
     }
 
@@ -265,11 +268,18 @@ impl Outbox {
     /// Sends what both streams have buffered (the periodic flush); the log
     /// goes to the device at most once a second.
     pub fn flush(&self) {
+        self.shared.unacknowledged.send_modify(|count| *count += 1);
         self.shared.append(Record::meta(Meta::Flush { stderr: None }));
         let due = self.shared.lock().last_sync.is_none_or(|at| at.elapsed() >= SYNC_EVERY);
         if due {
             self.shared.sync();
         }
+    }
+
+    /// How many flushes have chunks the control plane has not acknowledged
+    /// yet, as it changes.
+    pub fn unacknowledged(&self) -> watch::Receiver<usize> {
+        self.shared.unacknowledged.subscribe()
     }
 
     /// A line of the runner's own, as a chunk of its own.
@@ -315,7 +325,8 @@ impl Log {
 
 impl Shared {
     fn new(id: ExecutionId, path: PathBuf, opts: &SpoolOptions, log: Log) -> Self {
-        Self { id, path, opts: opts.clone(), log: Mutex::new(log), appended: Notify::new() }
+        let unacknowledged = watch::channel(0).0;
+        Self { id, path, opts: opts.clone(), log: Mutex::new(log), appended: Notify::new(), unacknowledged }
     }
 
     fn lock(&self) -> MutexGuard<'_, Log> {
@@ -520,6 +531,7 @@ async fn follow(shared: Arc<Shared>, client: Client, gate: AuthGate, shaping: Sh
         };
         index += 1;
         shared.mark_consumed(index);
+        let flushed = matches!(record, Record::Meta(Meta::Flush { .. }));
         if let Record::Meta(Meta::Checkpoint(checkpoint)) = &record {
             pipeline = Pipeline::resume(shaping.clone(), checkpoint);
             acked_through = acked_through.max(checkpoint.next_chunk.saturating_sub(1));
@@ -539,6 +551,9 @@ async fn follow(shared: Arc<Shared>, client: Client, gate: AuthGate, shaping: Sh
                     return;
                 }
             }
+        }
+        if flushed {
+            shared.unacknowledged.send_modify(|count| *count = count.saturating_sub(1));
         }
         index = compact(&shared, &pipeline, &mut cursor, index);
     }

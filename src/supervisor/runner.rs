@@ -4,31 +4,37 @@
 //! the commands hash, syncs the command list when the server says it is out
 //! of sync, follows suspension, and walks the authentication backoff
 //! schedule after a 401/403. The poll loop fetches pending executions while
-//! authenticated and active, but only when a slot is free, so executions
-//! this runner cannot take stay queued on the server; it polls at once when
-//! a slot frees up or a heartbeat reports pending work. Each execution runs
-//! in its own task ([`execution::run`]).
+//! authenticated and active, and only when a slot is free; it polls at once
+//! when a slot frees up or a heartbeat reports pending work. What a poll
+//! hands out beyond the free slots (or what a per-command limit holds back)
+//! is kept in a backlog and started when a slot frees, never dropped: a
+//! control plane may offer an execution only once. A refused `start` (another
+//! runner won the race) backs off both that execution and the polling.
+//! Every wait between retries is a [`Backoff`]. Each execution runs in its
+//! own task ([`execution::run`]) inside a span carrying its id and command.
 //!
 //! Everything a reload may change lives in [`Live`], swapped as a whole:
 //! loops read the current one at each turn, while a running execution keeps
 //! the settings it started with.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 use super::api::{Execution, ExecutionId, HeartbeatRequest, HeartbeatResponse, RunnerState, SyncRequest};
 use super::client::{ApiError, Client};
 use super::commands::{commands_hash, synced_commands, BoundArgs, SyncedCommand};
 use super::delivery::{AuthGate, AuthState};
-use super::execution::{self, ExecutionContext, ExecutionSettings};
+use super::execution::{self, ExecutionContext, ExecutionSettings, Outcome};
 use super::journal::Journal;
 use super::outbox::{SpoolOptions, SpoolUsage, LOG_EXTENSION};
 use super::redact::{Redactor, MIN_SECRET_LEN};
 use super::systemd;
+use crate::backoff::Backoff;
 use crate::ipc::CommandInfo;
 use crate::worker::{JobError, Worker, WorkerOptions};
 
@@ -44,6 +50,13 @@ const AUTH_BACKOFF: [Duration; 7] = [
 ];
 /// While authentication is failing, its state is logged at most this often.
 const AUTH_LOG_EVERY: Duration = Duration::from_secs(300);
+/// Longest pause of the polling after failed polls or refused starts.
+const MAX_POLL_BACKOFF: Duration = Duration::from_secs(60);
+/// Longest an execution whose `start` was refused is left alone.
+const MAX_REFUSED_BACKOFF: Duration = Duration::from_secs(300);
+/// Executions kept waiting for a slot beyond this are left to the server
+/// (a bound on memory, far above any sane queue of one runner).
+const MAX_BACKLOG: usize = 1000;
 
 #[derive(Debug, Clone)]
 pub struct RunnerOptions {
@@ -140,6 +153,11 @@ pub struct Runner {
     suspended: watch::Sender<bool>,
     /// Executions taken by this runner, with their command.
     running: Mutex<HashMap<ExecutionId, String>>,
+    /// Offered by the control plane, not started yet (no free slot, or a
+    /// per-command limit), oldest first.
+    backlog: Mutex<VecDeque<Execution>>,
+    /// Paces polling and starting after failures and refusals.
+    pacing: Mutex<Pacing>,
     poll_now: Notify,
     heartbeat_now: Notify,
     abort: watch::Sender<bool>,
@@ -168,6 +186,8 @@ impl Runner {
             journal,
             suspended: watch::channel(false).0,
             running: Mutex::new(HashMap::new()),
+            backlog: Mutex::new(VecDeque::new()),
+            pacing: Mutex::new(Pacing::new()),
             poll_now: Notify::new(),
             heartbeat_now: Notify::new(),
             abort: watch::channel(false).0,
@@ -279,7 +299,9 @@ impl Runner {
             let spool = self.spool_options(&live);
             let (client, gate, journal) = (live.client.clone(), self.gate.clone(), journal.clone());
             let shaping = live.settings.shaping();
-            self.lock_tasks().spawn(execution::recover(client, gate, journal, spool, shaping, entry));
+            let span = execution_span(&entry.id, &entry.command);
+            let recovery = execution::recover(client, gate, journal, spool, shaping, entry);
+            self.lock_tasks().spawn(recovery.instrument(span));
         }
     }
 
@@ -310,10 +332,11 @@ impl Runner {
     }
 
     async fn heartbeat_loop(self: Arc<Self>) {
-        let mut failures = 0usize;
+        let mut auth_backoff = Backoff::schedule(&AUTH_BACKOFF);
         let mut last_auth_log: Option<Instant> = None;
         let mut auth = self.gate.subscribe();
         let mut announced = false;
+        let mut failures = Backoff::exponential(Duration::from_secs(1), self.live().opts.heartbeat_interval);
         loop {
             let interval = self.live().opts.heartbeat_interval;
             let result = self.heartbeat().await;
@@ -328,12 +351,12 @@ impl Runner {
             }
             let wait = match result {
                 Ok(_) => {
-                    failures = 0;
+                    auth_backoff.reset();
+                    failures.reset();
                     interval
                 }
                 Err(error) if error.is_auth() => {
-                    let wait = AUTH_BACKOFF[failures.min(AUTH_BACKOFF.len() - 1)];
-                    failures += 1;
+                    let wait = auth_backoff.next_delay(None);
                     if last_auth_log.is_none_or(|at| at.elapsed() >= AUTH_LOG_EVERY) {
                         tracing::warn!("not authenticated ({error}); next heartbeat in {wait:?}");
                         last_auth_log = Some(Instant::now());
@@ -341,8 +364,10 @@ impl Runner {
                     wait
                 }
                 Err(error) => {
-                    tracing::warn!("heartbeat failed: {error}");
-                    interval
+                    // Soon, then less and less often, never later than the interval.
+                    let wait = failures.next_delay(error.retry_after()).min(interval);
+                    tracing::warn!("heartbeat failed: {error}; next one in {wait:?}");
+                    wait
                 }
             };
             let valid_now = self.gate.get() == AuthState::Valid;
@@ -411,11 +436,20 @@ impl Runner {
         loop {
             let _ = auth.wait_for(|state| *state == AuthState::Valid).await;
             let _ = suspended.wait_for(|suspended| !suspended).await;
-            if self.free_slots() > 0 {
-                self.poll().await;
+            let paused_until = self.lock_pacing().paused_until;
+            if let Some(until) = paused_until {
+                tokio::time::sleep_until(until).await;
+            }
+            self.start_from_backlog();
+            let mut wait = self.live().opts.poll_interval;
+            if self.free_slots() > self.lock_backlog().len() {
+                if let Err(delay) = self.poll().await {
+                    wait = delay;
+                }
+                self.start_from_backlog();
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.live().opts.poll_interval) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = self.poll_now.notified() => {}
             }
         }
@@ -425,55 +459,118 @@ impl Runner {
         self.live().opts.max_concurrent.saturating_sub(self.lock_running().len())
     }
 
-    async fn poll(self: &Arc<Self>) {
+    /// Fetches pending executions into the backlog. `Err(wait)`: the poll
+    /// failed; try again after `wait`.
+    async fn poll(&self) -> Result<(), Duration> {
         let live = self.live();
         let pending = match live.client.pending().await {
-            Ok(pending) => pending,
+            Ok(pending) => {
+                self.lock_pacing().polls.reset();
+                pending
+            }
             Err(error) => {
                 self.gate.observe(&error);
-                tracing::warn!("polling for executions failed: {error}");
-                return;
+                let wait = self.lock_pacing().polls.next_delay(error.retry_after());
+                tracing::warn!("polling for executions failed: {error}; next poll in {wait:?}");
+                return Err(wait);
             }
         };
+        let mut offered = Vec::new();
         for raw in pending.executions {
-            let execution: Execution = match serde_json::from_str(raw.get()) {
-                Ok(execution) => execution,
-                Err(error) => {
-                    tracing::warn!("ignoring an execution the control plane sent: {error}");
-                    continue;
-                }
-            };
-            let refusal = {
-                let mut running = self.lock_running();
-                if running.contains_key(&execution.id) {
-                    continue; // already running here
-                }
-                if running.len() >= live.opts.max_concurrent {
-                    break; // full: leave it (and the rest) queued on the server
-                }
-                let refusal = match busy(&running, &live.opts.command_limits, &execution.command) {
-                    Some((_, WhenBusy::Wait)) => continue, // stays queued until one ends
-                    Some((limit, WhenBusy::Refuse)) => Some(busy_refusal(&execution.command, limit)),
-                    None => None,
-                };
-                running.insert(execution.id.clone(), execution.command.clone());
-                refusal
-            };
-            let runner = self.clone();
-            let ctx = self.execution_context(&live);
-            self.lock_tasks().spawn(async move {
-                let id = execution.id.clone();
-                match refusal {
-                    Some(message) => execution::reject(&ctx, &execution, message).await,
-                    None => execution::run(ctx, execution).await,
-                }
-                runner.lock_running().remove(&id);
-                runner.poll_now.notify_one();
-            });
+            match serde_json::from_str::<Execution>(raw.get()) {
+                Ok(execution) => offered.push(execution),
+                Err(error) => tracing::warn!("ignoring an execution the control plane sent: {error}"),
+            }
         }
-        // Reap finished tasks so the set does not grow.
+        self.add_to_backlog(offered);
+        Ok(())
+    }
+
+    /// Keeps what was offered and is neither running, waiting already, nor
+    /// refused recently (ids compared in canonical form).
+    fn add_to_backlog(&self, offered: Vec<Execution>) {
+        let running = self.lock_running();
+        let mut backlog = self.lock_backlog();
+        let mut pacing = self.lock_pacing();
+        let now = tokio::time::Instant::now();
+        pacing.forget_old_refusals(now);
+        for execution in offered {
+            let known = running.contains_key(&execution.id) || backlog.iter().any(|e| e.id == execution.id);
+            if known || pacing.is_refused(&execution.id, now) {
+                continue;
+            }
+            if backlog.len() >= MAX_BACKLOG {
+                tracing::warn!(
+                    "{MAX_BACKLOG} executions already wait for a slot; leaving the rest queued on the server"
+                );
+                break;
+            }
+            backlog.push_back(execution);
+        }
+    }
+
+    /// Starts waiting executions, oldest first, while slots are free; those a
+    /// per-command limit holds back keep their place.
+    fn start_from_backlog(self: &Arc<Self>) {
+        let live = self.live();
+        loop {
+            let (execution, refusal) = {
+                let mut running = self.lock_running();
+                let mut backlog = self.lock_backlog();
+                if running.len() >= live.opts.max_concurrent {
+                    return;
+                }
+                let mut chosen = None;
+                for (index, execution) in backlog.iter().enumerate() {
+                    match busy(&running, &live.opts.command_limits, &execution.command) {
+                        Some((_, WhenBusy::Wait)) => continue, // keeps its place until one ends
+                        Some((limit, WhenBusy::Refuse)) => {
+                            chosen = Some((index, Some(busy_refusal(&execution.command, limit))))
+                        }
+                        None => chosen = Some((index, None)),
+                    }
+                    break;
+                }
+                let Some((index, refusal)) = chosen else { return };
+                let Some(execution) = backlog.remove(index) else { return };
+                running.insert(execution.id.clone(), execution.command.clone());
+                (execution, refusal)
+            };
+            self.spawn_execution(&live, execution, refusal);
+        }
+    }
+
+    fn spawn_execution(self: &Arc<Self>, live: &Live, execution: Execution, refusal: Option<String>) {
+        let runner = self.clone();
+        let ctx = self.execution_context(live);
+        let span = execution_span(&execution.id, &execution.command);
+        let task = async move {
+            let id = execution.id.clone();
+            let outcome = match refusal {
+                Some(message) => execution::reject(&ctx, &execution, message).await,
+                None => execution::run(ctx, execution).await,
+            };
+            runner.lock_running().remove(&id);
+            runner.after_execution(&id, &outcome);
+        };
         let mut tasks = self.lock_tasks();
+        tasks.spawn(task.instrument(span));
+        // Reap finished tasks so the set does not grow.
         while tasks.try_join_next().is_some() {}
+    }
+
+    /// A slot is free again: poll at once, unless the control plane refused
+    /// the start (then this execution and the polling back off, so a runner
+    /// that keeps losing a race does not hammer the server).
+    fn after_execution(&self, id: &ExecutionId, outcome: &Outcome) {
+        let mut pacing = self.lock_pacing();
+        match outcome {
+            Outcome::Ran => pacing.starts.reset(),
+            Outcome::StartRefused => pacing.refused(id),
+            Outcome::StartFailed => pacing.pause(None),
+        }
+        drop(pacing);
+        self.poll_now.notify_one();
     }
 
     fn execution_context(&self, live: &Live) -> ExecutionContext {
@@ -500,8 +597,69 @@ impl Runner {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_backlog(&self) -> std::sync::MutexGuard<'_, VecDeque<Execution>> {
+        self.backlog.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_pacing(&self) -> std::sync::MutexGuard<'_, Pacing> {
+        self.pacing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn lock_tasks(&self) -> std::sync::MutexGuard<'_, JoinSet<()>> {
         self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The span every log line of one execution is written in.
+fn execution_span(id: &ExecutionId, command: &str) -> tracing::Span {
+    tracing::info_span!("execution", id = %id, command = %command)
+}
+
+/// How the poll loop slows down after failures: polls that failed, starts
+/// the control plane refused (overall), and each refused execution.
+struct Pacing {
+    polls: Backoff,
+    starts: Backoff,
+    /// No polling before this (after a refused or failed start).
+    paused_until: Option<tokio::time::Instant>,
+    /// Executions whose start was refused: not taken again before the instant.
+    refused: HashMap<ExecutionId, (Backoff, tokio::time::Instant)>,
+}
+
+impl Pacing {
+    fn new() -> Self {
+        let first = Duration::from_secs(1);
+        Self {
+            polls: Backoff::exponential(first, MAX_POLL_BACKOFF),
+            starts: Backoff::exponential(first, MAX_POLL_BACKOFF),
+            paused_until: None,
+            refused: HashMap::new(),
+        }
+    }
+
+    /// Pauses polling for the next step of the overall start backoff.
+    fn pause(&mut self, retry_after: Option<Duration>) {
+        let wait = self.starts.next_delay(retry_after);
+        self.paused_until = Some(tokio::time::Instant::now() + wait);
+    }
+
+    fn refused(&mut self, id: &ExecutionId) {
+        self.pause(None);
+        let now = tokio::time::Instant::now();
+        let (backoff, until) = self
+            .refused
+            .entry(id.clone())
+            .or_insert_with(|| (Backoff::exponential(Duration::from_secs(2), MAX_REFUSED_BACKOFF), now));
+        *until = now + backoff.next_delay(None);
+    }
+
+    fn is_refused(&self, id: &ExecutionId, now: tokio::time::Instant) -> bool {
+        self.refused.get(id).is_some_and(|(_, until)| now < *until)
+    }
+
+    /// Refusals long past are forgotten, so the map stays small.
+    fn forget_old_refusals(&mut self, now: tokio::time::Instant) {
+        self.refused.retain(|_, (_, until)| now < *until + MAX_REFUSED_BACKOFF);
     }
 }
 

@@ -25,6 +25,7 @@ pub use connection::RequestError;
 pub use job::{Job, JobEnd, Output, Stop};
 pub use process::WORKER_SOURCE;
 
+use crate::backoff::Backoff;
 use crate::ipc::{CommandInfo, JobLimits, ParseOutcome};
 use connection::Connection;
 use job::{Control, JobOutputs};
@@ -129,7 +130,7 @@ struct Shared {
     stopping: AtomicBool,
 }
 
-/// Backoff between restarts of a worker that keeps dying.
+/// Backoff steps between restarts of a worker that keeps dying.
 const RESTART_BACKOFF: [Duration; 6] = [
     Duration::from_millis(100),
     Duration::from_millis(500),
@@ -280,14 +281,15 @@ impl Shared {
 /// Watches the worker taking jobs: restarts it when it dies, replaces it on
 /// recycle, and stops on shutdown.
 async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>) {
-    let mut crashes = 0usize;
+    let mut restarts = Backoff::schedule(&RESTART_BACKOFF);
     // When the current worker came up (not when this loop last turned: the
     // memory check turns it every few seconds).
     let mut started = tokio::time::Instant::now();
     let mut rss_check = tokio::time::interval(RSS_CHECK_INTERVAL);
     loop {
         let rss_limit = shared.opts().recycle_above_rss;
-        tokio::select! {
+        // Whether the worker crashed (then the restart waits its backoff step).
+        let crashed = tokio::select! {
             _ = rss_check.tick(), if rss_limit.is_some() => {
                 let pid = connection.info.pid;
                 match (resident_bytes(pid), rss_limit) {
@@ -295,6 +297,7 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
                         tracing::info!(pid, rss, limit, "worker above its memory limit; recycling it");
                         shared.current.send_replace(None);
                         connection.retire().await;
+                        false
                     }
                     _ => continue,
                 }
@@ -310,19 +313,20 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
                 });
                 tracing::warn!("{reason}; restarting the worker");
                 if started.elapsed() >= HEALTHY_UPTIME {
-                    crashes = 0;
+                    restarts.reset();
                 }
-                crashes += 1;
+                true
             }
             _ = shared.recycle.notified() => {
                 let jobs = connection.running_jobs();
                 tracing::info!(pid = connection.info.pid, jobs, "recycling the worker; it exits once its jobs end");
                 connection.retire().await;
-                crashes = 0;
+                restarts.reset();
+                false
             }
             _ = shared.shutdown.notified() => return,
-        }
-        connection = start_with_backoff(&shared, &mut crashes).await;
+        };
+        connection = start_with_backoff(&shared, &mut restarts, crashed).await;
         started = tokio::time::Instant::now();
         if shared.stopping.load(Ordering::Acquire) {
             connection.close().await;
@@ -340,12 +344,15 @@ fn resident_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Starts a worker, waiting longer between attempts the more have failed.
-async fn start_with_backoff(shared: &Shared, failures: &mut usize) -> Arc<Connection> {
+/// Starts a worker (after a wait if `crashed`), waiting longer between
+/// attempts the more have failed.
+async fn start_with_backoff(shared: &Shared, restarts: &mut Backoff, crashed: bool) -> Arc<Connection> {
+    let mut wait = crashed;
     loop {
-        if *failures > 0 {
-            tokio::time::sleep(RESTART_BACKOFF[(*failures - 1).min(RESTART_BACKOFF.len() - 1)]).await;
+        if wait {
+            restarts.wait(None).await;
         }
+        wait = true;
         match Connection::open(&shared.opts()).await {
             Ok(connection) => {
                 *shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -355,7 +362,6 @@ async fn start_with_backoff(shared: &Shared, failures: &mut usize) -> Arc<Connec
             Err(err) => {
                 tracing::error!("worker failed to start: {err}");
                 *shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(err.to_string());
-                *failures += 1;
             }
         }
     }

@@ -13,8 +13,8 @@ use serde_json::json;
 use crate::reply::Reply;
 use crate::store::Store;
 use crate::wire::{
-    CancelAnswer, CancelRequest, Created, ExecutionList, FaultSpec, InjectPending, NewExecution, RequestLog,
-    RunnerStateRequest,
+    CancelAnswer, CancelRequest, Created, Endpoint, ExecutionList, FaultSpec, InjectPending, NewExecution,
+    RequestLog, RunnerStateRequest,
 };
 
 /// Either outcome is an answer; `Err` lets `?` end an endpoint early.
@@ -56,6 +56,18 @@ impl<'a> RunnerRoute<'a> {
         Some(route)
     }
 
+    fn endpoint(self) -> Endpoint {
+        match self {
+            Self::Heartbeat => Endpoint::Heartbeat,
+            Self::Sync => Endpoint::Sync,
+            Self::Pending => Endpoint::Pending,
+            Self::Execution(_, ExecutionAction::Start) => Endpoint::Start,
+            Self::Execution(_, ExecutionAction::Output) => Endpoint::Output,
+            Self::Execution(_, ExecutionAction::Complete) => Endpoint::Complete,
+            Self::Execution(_, ExecutionAction::CancelStatus) => Endpoint::CancelStatus,
+        }
+    }
+
     fn method(self) -> Method {
         match self {
             Self::Pending | Self::Execution(_, ExecutionAction::CancelStatus) => Method::GET,
@@ -74,6 +86,11 @@ impl ExecutionAction {
             _ => return None,
         })
     }
+}
+
+/// Which endpoint of the runner API `path` is, if any (for matching faults).
+pub fn endpoint(path: &str) -> Option<Endpoint> {
+    RunnerRoute::parse(path).map(RunnerRoute::endpoint)
 }
 
 /// A runner-API request that passed authentication and replay checks.
@@ -138,7 +155,7 @@ pub fn operator(store: &mut Store, method: &Method, path: &str, body: &[u8], now
             store.clear_requests();
             Ok(Reply::ok())
         }
-        ("POST", ["faults"]) => add_fault(store, body),
+        ("POST", ["faults"]) => add_fault(store, body, now),
         ("DELETE", ["faults"]) => {
             store.clear_faults();
             Ok(Reply::ok())
@@ -182,18 +199,12 @@ fn set_runner_state(store: &mut Store, body: &[u8]) -> Answer {
     Ok(Reply::ok())
 }
 
-fn add_fault(store: &mut Store, body: &[u8]) -> Answer {
+fn add_fault(store: &mut Store, body: &[u8], now: f64) -> Answer {
     let spec: FaultSpec = parse_body(body)?;
-    if spec.status != 0 && !(200..=599).contains(&spec.status) {
-        return Err(Reply::error(
-            StatusCode::BAD_REQUEST,
-            "status must be 0 (delay only) or an HTTP status from 200 to 599",
-        ));
+    if let Some(problem) = spec.problem() {
+        return Err(Reply::error(StatusCode::BAD_REQUEST, problem));
     }
-    if spec.count == 0 {
-        return Err(Reply::error(StatusCode::BAD_REQUEST, "count must be at least 1"));
-    }
-    store.add_fault(spec);
+    store.add_fault(spec, now);
     Ok(Reply::json(StatusCode::CREATED, &json!({"ok": true})))
 }
 

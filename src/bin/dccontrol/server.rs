@@ -2,19 +2,22 @@
 //! address, reads each request's body (capped), and runs it through what a
 //! strict hosted control plane does before its views: the bearer key, the
 //! replay checks (timestamp window, one-time nonce), then the test hooks
-//! (request log, injected faults), and finally `routes`.
+//! (request log, injected faults: see `wire::FaultSpec`), and finally
+//! `routes`.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH};
 use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, LengthLimitError, Limited, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -25,7 +28,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::reply::Reply;
 use crate::routes::{self, OPERATOR_PREFIX, RUNNER_PREFIX};
 use crate::store::{unix_now, Store};
-use crate::wire::LoggedRequest;
+use crate::wire::{FaultSpec, LoggedRequest};
 
 /// Larger request bodies are refused with 413: the runner's biggest is an
 /// output chunk of 1.5 s of output, far below this.
@@ -113,16 +116,58 @@ fn spawn_connection(app: Arc<App>, stream: TcpStream) {
     });
 }
 
-async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// The response body: whole, or cut short by a fault.
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Returned instead of a response to make hyper drop the connection
+/// without answering (an injected `reset`).
+#[derive(Debug, thiserror::Error)]
+#[error("injected connection reset")]
+struct InjectedReset;
+
+/// How the answer goes out.
+enum Delivery {
+    Whole(Reply),
+    /// Headers announcing the whole body, half of it, then the connection closes.
+    Cut(Reply),
+    Reset,
+}
+
+async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Response<Body>, InjectedReset> {
     let (parts, body) = request.into_parts();
     let body = read_body(&parts.headers, body).await;
-    let reply = if parts.uri.path().starts_with(OPERATOR_PREFIX) {
-        operator_request(&app, &parts, body)
+    let delivery = if parts.uri.path().starts_with(OPERATOR_PREFIX) {
+        Delivery::Whole(operator_request(&app, &parts, body))
     } else {
         runner_request(&app, &parts, body).await
     };
-    tracing::debug!("{} {} → {}", parts.method, parts.uri, reply.status.as_u16());
-    Ok(reply.into_response())
+    match delivery {
+        Delivery::Whole(reply) => {
+            tracing::debug!("{} {} → {}", parts.method, parts.uri, reply.status.as_u16());
+            Ok(reply.into_response().map(|full| full.map_err(|never| match never {}).boxed()))
+        }
+        Delivery::Cut(reply) => {
+            tracing::debug!("{} {} → {} (body cut)", parts.method, parts.uri, reply.status.as_u16());
+            Ok(cut_response(reply))
+        }
+        Delivery::Reset => {
+            tracing::debug!("{} {} → connection reset", parts.method, parts.uri);
+            Err(InjectedReset)
+        }
+    }
+}
+
+fn cut_response(reply: Reply) -> Response<Body> {
+    let half = reply.body.slice(..reply.body.len() / 2);
+    // The pause lets hyper flush the head and the half before the error
+    // makes it drop the connection (it discards unflushed bytes).
+    let cut = futures_util::stream::once(async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "injected cut body"))
+    });
+    let frames = futures_util::stream::iter([Ok(Frame::data(half))]).chain(cut);
+    let body = BodyExt::boxed(StreamBody::new(frames));
+    reply.head().body(body).expect("status and headers are valid")
 }
 
 async fn read_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, Reply> {
@@ -159,43 +204,65 @@ fn operator_request(app: &App, parts: &Parts, body: Result<Bytes, Reply>) -> Rep
 
 /// Everything outside the operator API is logged, answered, and the answer's
 /// status added to the log entry before it is sent.
-async fn runner_request(app: &App, parts: &Parts, body: Result<Bytes, Reply>) -> Reply {
+/// The log records what the runner got: the status sent, or 0 for a reset.
+async fn runner_request(app: &App, parts: &Parts, body: Result<Bytes, Reply>) -> Delivery {
     let authorized = app.is_authorized(&parts.headers);
     let entry = log_entry(parts, body.as_ref().ok(), authorized);
     let seq = app.store().log_arrival(entry);
-    let reply = match body {
+    let delivery = match body {
         Ok(body) => process_runner_request(app, parts, &body, authorized).await,
-        Err(refusal) => refusal,
+        Err(refusal) => Delivery::Whole(refusal),
     };
-    app.store().log_answer(seq, reply.status.as_u16());
-    reply
+    let status = match &delivery {
+        Delivery::Whole(reply) | Delivery::Cut(reply) => reply.status.as_u16(),
+        Delivery::Reset => 0,
+    };
+    app.store().log_answer(seq, status);
+    delivery
 }
 
-async fn process_runner_request(app: &App, parts: &Parts, body: &[u8], authorized: bool) -> Reply {
+async fn process_runner_request(app: &App, parts: &Parts, body: &[u8], authorized: bool) -> Delivery {
     let path = parts.uri.path();
     if !path.starts_with(RUNNER_PREFIX) {
-        return Reply::not_found(&parts.method, path);
+        return Delivery::Whole(Reply::not_found(&parts.method, path));
     }
     if !authorized {
-        return invalid_key();
+        return Delivery::Whole(invalid_key());
     }
     let now = unix_now();
     if let Err(refusal) = check_replay(app, &parts.headers, now) {
-        return refusal;
+        return Delivery::Whole(refusal);
     }
-    // A fault stands in for the view: it answers before any state changes.
-    // (Taken in its own statement so the store's lock is released before the
-    // delay: an `if let` would hold the guard through its body.)
-    let fault = app.store().take_fault(path);
-    if let Some(fault) = fault {
-        if let Some(delay) = fault.delay_ms {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-        }
-        if fault.status != 0 {
-            return fault_reply(fault.status, fault.body, fault.retry_after);
-        }
+    // Taken in its own statement so the store's lock is released before the
+    // delay: an `if let` would hold the guard through its body.
+    let fault = app.store().take_fault(path, routes::endpoint(path), now);
+    let process = || routes::runner(&mut app.store(), &parts.method, path, body, unix_now());
+    match fault {
+        None => Delivery::Whole(process()),
+        Some(fault) => misbehave(fault, path, process).await,
     }
-    routes::runner(&mut app.store(), &parts.method, path, body, unix_now())
+}
+
+/// Applies a fault (see `wire::FaultSpec` for the order of its steps).
+/// Unless `after_processing`, it stands in for the view: a fault that
+/// answers or resets does so before any state changes.
+async fn misbehave(fault: FaultSpec, path: &str, process: impl FnOnce() -> Reply) -> Delivery {
+    if let Some(delay) = fault.delay_ms {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let processed = (fault.after_processing || fault.status == 0).then(process);
+    if fault.reset {
+        return Delivery::Reset;
+    }
+    let reply = match processed {
+        Some(reply) if fault.status == 0 => reply,
+        _ => fault_reply(&fault, path),
+    };
+    if fault.cut_body {
+        Delivery::Cut(reply)
+    } else {
+        Delivery::Whole(reply)
+    }
 }
 
 fn invalid_key() -> Reply {
@@ -231,13 +298,16 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
-fn fault_reply(status: u16, body: Option<String>, retry_after: Option<u64>) -> Reply {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut reply = match body {
-        Some(raw) => Reply::raw(status, raw),
+fn fault_reply(fault: &FaultSpec, path: &str) -> Reply {
+    let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut reply = match &fault.body {
+        Some(raw) => Reply::raw(status, raw.clone()),
+        None if fault.html => Reply::html_error_page(status),
         None => Reply::error(status, "injected fault"),
     };
-    reply.retry_after = retry_after;
+    reply.retry_after = fault.retry_after;
+    reply.location =
+        fault.location.clone().or_else(|| status.is_redirection().then(|| format!("/moved{path}")));
     reply
 }
 

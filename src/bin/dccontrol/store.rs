@@ -19,8 +19,8 @@ use dcsupervisor::supervisor::signing;
 use ed25519_dalek::SigningKey;
 
 use crate::wire::{
-    ChunkView, ExecutionDetail, ExecutionStatus, ExecutionSummary, FaultSpec, LoggedRequest, NewExecution,
-    RunnerView, StateView,
+    ChunkView, Endpoint, ExecutionDetail, ExecutionStatus, ExecutionSummary, FaultSpec, LoggedRequest,
+    NewExecution, RunnerView, StateView,
 };
 
 /// Why the store refused an operation on an execution.
@@ -86,6 +86,8 @@ struct StoredChunk {
 struct ActiveFault {
     spec: FaultSpec,
     remaining: u64,
+    /// Unix seconds after which it no longer applies.
+    expires_at: Option<f64>,
 }
 
 impl ExecutionRecord {
@@ -359,18 +361,23 @@ impl Store {
         self.requests.clear();
     }
 
-    pub fn add_fault(&mut self, spec: FaultSpec) {
-        let remaining = spec.count;
-        self.faults.push(ActiveFault { spec, remaining });
+    pub fn add_fault(&mut self, spec: FaultSpec, now: f64) {
+        let remaining = spec.uses();
+        let expires_at = spec.duration_ms.map(|ms| now + ms as f64 / 1000.0);
+        self.faults.push(ActiveFault { spec, remaining, expires_at });
     }
 
     pub fn clear_faults(&mut self) {
         self.faults.clear();
     }
 
-    /// The oldest fault matching `path`, using up one of its count.
-    pub fn take_fault(&mut self, path: &str) -> Option<FaultSpec> {
-        let i = self.faults.iter().position(|f| path.starts_with(&f.spec.path_prefix))?;
+    /// The oldest fault matching `path` (of `endpoint`) at `now`, using up
+    /// one of its count. Expired faults are forgotten on the way.
+    pub fn take_fault(&mut self, path: &str, endpoint: Option<Endpoint>, now: f64) -> Option<FaultSpec> {
+        self.faults.retain(|f| f.expires_at.is_none_or(|end| now < end));
+        let i = self.faults.iter().position(|f| {
+            path.starts_with(&f.spec.path_prefix) && f.spec.endpoint.is_none_or(|e| Some(e) == endpoint)
+        })?;
         let fault = &mut self.faults[i];
         fault.remaining -= 1;
         let spec = fault.spec.clone();
@@ -443,21 +450,53 @@ mod tests {
         assert!(store.cancel_status(&upper).is_ok());
     }
 
+    fn fault(json: serde_json::Value) -> FaultSpec {
+        serde_json::from_value(json).unwrap()
+    }
+
     #[test]
     fn a_fault_is_used_up_after_count_matches() {
         let mut store = Store::default();
-        store.add_fault(FaultSpec {
-            path_prefix: "/api/runner/pending/".into(),
-            status: 500,
-            count: 2,
-            body: None,
-            delay_ms: None,
-            retry_after: None,
-        });
-        assert!(store.take_fault("/api/runner/heartbeat/").is_none());
-        assert!(store.take_fault("/api/runner/pending/").is_some());
-        assert!(store.take_fault("/api/runner/pending/").is_some());
-        assert!(store.take_fault("/api/runner/pending/").is_none());
+        store
+            .add_fault(fault(json!({"path_prefix": "/api/runner/pending/", "status": 500, "count": 2})), 0.0);
+        assert!(store.take_fault("/api/runner/heartbeat/", Some(Endpoint::Heartbeat), 0.0).is_none());
+        assert!(store.take_fault("/api/runner/pending/", Some(Endpoint::Pending), 0.0).is_some());
+        assert!(store.take_fault("/api/runner/pending/", Some(Endpoint::Pending), 0.0).is_some());
+        assert!(store.take_fault("/api/runner/pending/", Some(Endpoint::Pending), 0.0).is_none());
+    }
+
+    #[test]
+    fn faults_script_an_endpoint_attempt_by_attempt_and_outages_end() {
+        let mut store = Store::default();
+        let output = "/api/runner/executions/3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b/output/";
+        store.add_fault(fault(json!({"endpoint": "output", "status": 307})), 0.0);
+        store.add_fault(fault(json!({"endpoint": "output", "status": 0})), 0.0);
+        store.add_fault(fault(json!({"endpoint": "output", "status": 200, "html": true})), 0.0);
+        store.add_fault(fault(json!({"status": 503, "duration_ms": 1000})), 0.0);
+        let statuses: Vec<u16> = (0..4)
+            .map(|_| store.take_fault(output, Some(Endpoint::Output), 0.5).map_or(0, |f| f.status))
+            .collect();
+        assert_eq!(statuses, [307, 0, 200, 503]);
+        assert_eq!(
+            store.take_fault("/api/runner/pending/", Some(Endpoint::Pending), 0.9).unwrap().status,
+            503
+        );
+        assert!(store.take_fault("/api/runner/pending/", Some(Endpoint::Pending), 1.0).is_none());
+    }
+
+    #[test]
+    fn impossible_faults_are_refused() {
+        for bad in [
+            json!({"status": 99}),
+            json!({"status": 600}),
+            json!({"status": 500, "count": 0}),
+            json!({"reset": true, "cut_body": true}),
+            json!({"status": 200, "html": true, "body": "x"}),
+        ] {
+            assert!(fault(bad.clone()).problem().is_some(), "{bad}");
+        }
+        assert!(serde_json::from_value::<FaultSpec>(json!({"endpoint": "nope"})).is_err());
+        assert_eq!(fault(json!({})).problem(), None);
     }
 
     #[test]

@@ -197,32 +197,122 @@ pub struct RequestLog {
     pub requests: Vec<LoggedRequest>,
 }
 
-/// `POST /api/operator/faults`: answer the next `count` runner requests whose
-/// path starts with `path_prefix` with `status` instead of processing them.
+/// `POST /api/operator/faults`: a scripted misbehaviour of the runner API.
+///
+/// This is the fault-spec format (also in docs/protocol.md, "Testing against
+/// dccontrol"); tests and the chaos test build these as JSON, so fields are
+/// only ever added, with defaults that keep older specs meaning the same.
+///
+/// Matching: a runner request matches when its path starts with
+/// `path_prefix` and, if `endpoint` is given, is that endpoint. Faults are
+/// kept in the order they were added and the OLDEST matching one is used, so
+/// adding several for one endpoint scripts its attempts one by one (a spec
+/// with `status: 0` and nothing else lets one attempt through untouched).
+/// A fault is used up after `count` matches, or when `duration_ms` (counted
+/// from when it was added) has passed, whichever comes first.
+///
+/// What it does to a matched request, in this order:
+/// 1. waits `delay_ms` (a stall; the runner's `request_timeout` may fire);
+/// 2. `reset`: closes the connection without any answer;
+/// 3. answers `status` (any code from 200 to 599; redirects carry
+///    `Location`, never followed here) with `body`, or an HTML error page
+///    with `html`, or `{"detail": "injected fault"}`, plus `Retry-After` if
+///    given — without touching the store; `status: 0` processes the
+///    request normally instead;
+/// 4. `after_processing`: the request is processed normally first (the
+///    store changes) and THEN steps 2–3 replace its answer: the server did
+///    the work but the runner never learns it;
+/// 5. `cut_body`: the answer's headers announce the whole body but only half
+///    of it is sent before the connection is closed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FaultSpec {
     #[serde(default = "every_runner_path")]
     pub path_prefix: String,
-    /// 0: no answer of our own, only `delay_ms`, then normal processing.
+    /// Only this endpoint of the runner API, whatever the execution id.
+    #[serde(default)]
+    pub endpoint: Option<Endpoint>,
+    /// 0: no answer of our own (the request is processed normally, after
+    /// `delay_ms`, and may still be `reset` or `cut_body`).
+    #[serde(default)]
     pub status: u16,
-    #[serde(default = "one")]
-    pub count: u64,
+    /// How many matching requests it takes; 1 when absent, unlimited when
+    /// absent and `duration_ms` is given (an outage).
+    #[serde(default)]
+    pub count: Option<u64>,
+    /// Milliseconds from now during which it is active.
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
     /// The raw answer body; `{"detail": "injected fault"}` when absent.
     #[serde(default)]
     pub body: Option<String>,
+    /// Answer an HTML error page (`text/html`), as a proxy or CDN does.
+    #[serde(default)]
+    pub html: bool,
+    /// The `Location` header; a 3xx without it points to `/moved` + the path.
+    #[serde(default)]
+    pub location: Option<String>,
     #[serde(default)]
     pub delay_ms: Option<u64>,
     /// Seconds, sent as the `Retry-After` header.
     #[serde(default)]
     pub retry_after: Option<u64>,
+    /// Close the connection without answering.
+    #[serde(default)]
+    pub reset: bool,
+    /// Send half of the announced body, then close the connection.
+    #[serde(default)]
+    pub cut_body: bool,
+    /// Process the request first, then misbehave on its answer.
+    #[serde(default)]
+    pub after_processing: bool,
+}
+
+impl FaultSpec {
+    /// How many requests it may take (`u64::MAX`: until its time is up).
+    pub fn uses(&self) -> u64 {
+        match (self.count, self.duration_ms) {
+            (Some(count), _) => count,
+            (None, Some(_)) => u64::MAX,
+            (None, None) => 1,
+        }
+    }
+
+    /// Why this spec cannot be honoured, if it cannot.
+    pub fn problem(&self) -> Option<&'static str> {
+        if self.status != 0 && !(200..=599).contains(&self.status) {
+            return Some("status must be 0 (no answer of our own) or an HTTP status from 200 to 599");
+        }
+        if self.uses() == 0 {
+            return Some("count must be at least 1");
+        }
+        if self.reset && self.cut_body {
+            return Some("reset and cut_body exclude each other");
+        }
+        if self.location.as_deref().is_some_and(|l| http::HeaderValue::from_str(l).is_err()) {
+            return Some("location must be a valid header value");
+        }
+        if self.html && self.body.is_some() {
+            return Some("html and body exclude each other");
+        }
+        None
+    }
+}
+
+/// The runner API's endpoints, as a fault names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Endpoint {
+    Heartbeat,
+    Sync,
+    Pending,
+    Start,
+    Output,
+    Complete,
+    CancelStatus,
 }
 
 fn every_runner_path() -> String {
     "/api/runner/".into()
-}
-
-fn one() -> u64 {
-    1
 }
 
 /// `POST /api/operator/inject-pending`: raw entries the next `/pending/`

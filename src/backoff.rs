@@ -1,0 +1,153 @@
+//! The one retry rhythm of the process: how long to wait before trying
+//! again after a failure. Delivery of output, polling, the heartbeat (both
+//! its ordinary failures and the authentication schedule), starting an
+//! execution and restarting the worker all use [`Backoff`]; nothing else
+//! sleeps between retries, so there are never two retry loops nested.
+//!
+//! Waits grow exponentially (or follow a fixed schedule), a server's
+//! `Retry-After` is honoured (capped, so the runner keeps its rhythm), and a
+//! random 0–20 % is added so a fleet of runners that failed together does
+//! not retry in lockstep. The sleep is tokio's, so tests drive it with
+//! tokio's paused clock.
+
+use std::time::Duration;
+
+/// A server's `Retry-After` above this is capped.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Jitter is up to 1/JITTER_DIVISOR of the wait, added (never subtracted, so
+/// a documented schedule stays a minimum).
+const JITTER_DIVISOR: u32 = 5;
+
+#[derive(Debug, Clone)]
+enum Steps {
+    /// `first`, doubling each time, up to `max`.
+    Exponential { first: Duration, max: Duration },
+    /// These waits in turn, the last one repeated.
+    Schedule(&'static [Duration]),
+}
+
+/// Successive waits after consecutive failures; [`Backoff::reset`] after a
+/// success starts again from the first.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    steps: Steps,
+    failures: u32,
+    jitter: bool,
+}
+
+impl Backoff {
+    pub fn exponential(first: Duration, max: Duration) -> Self {
+        Self { steps: Steps::Exponential { first, max: max.max(first) }, failures: 0, jitter: true }
+    }
+
+    /// `steps` must not be empty (a constant in every use).
+    pub fn schedule(steps: &'static [Duration]) -> Self {
+        Self { steps: Steps::Schedule(steps), failures: 0, jitter: true }
+    }
+
+    /// Exactly the nominal waits, for callers whose rhythm is documented
+    /// to the millisecond and who are alone (the worker restarts).
+    pub fn without_jitter(mut self) -> Self {
+        self.jitter = false;
+        self
+    }
+
+    /// Consecutive failures so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Counts a failure and says how long to wait before the next attempt:
+    /// the server's `retry_after` if it gave one (capped), else the next step.
+    pub fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
+        let nominal = self.nominal(self.failures);
+        self.failures = self.failures.saturating_add(1);
+        let base = retry_after.map_or(nominal, |asked| asked.min(MAX_RETRY_AFTER));
+        if self.jitter {
+            base + jitter(base)
+        } else {
+            base
+        }
+    }
+
+    /// Counts a failure and sleeps for [`Self::next_delay`]; returns the wait.
+    pub async fn wait(&mut self, retry_after: Option<Duration>) -> Duration {
+        let delay = self.next_delay(retry_after);
+        tokio::time::sleep(delay).await;
+        delay
+    }
+
+    fn nominal(&self, failures: u32) -> Duration {
+        match &self.steps {
+            Steps::Exponential { first, max } => {
+                first.saturating_mul(2u32.saturating_pow(failures.min(31))).min(*max)
+            }
+            Steps::Schedule(steps) => {
+                let last = steps.len().saturating_sub(1);
+                steps.get((failures as usize).min(last)).copied().unwrap_or_default()
+            }
+        }
+    }
+}
+
+fn jitter(base: Duration) -> Duration {
+    let span = (base / JITTER_DIVISOR).as_millis() as u64;
+    Duration::from_millis(fastrand::u64(0..=span))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn within_jitter(delay: Duration, nominal: Duration) -> bool {
+        delay >= nominal && delay <= nominal + nominal / JITTER_DIVISOR
+    }
+
+    #[test]
+    fn exponential_waits_double_up_to_the_maximum_with_added_jitter() {
+        let mut backoff = Backoff::exponential(SECOND, 8 * SECOND);
+        for nominal in [1, 2, 4, 8, 8, 8] {
+            let delay = backoff.next_delay(None);
+            assert!(within_jitter(delay, nominal * SECOND), "{delay:?} for {nominal} s");
+        }
+        backoff.reset();
+        assert!(within_jitter(backoff.next_delay(None), SECOND));
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_capped() {
+        let mut backoff = Backoff::exponential(SECOND, 8 * SECOND).without_jitter();
+        assert_eq!(backoff.next_delay(Some(7 * SECOND)), 7 * SECOND);
+        assert_eq!(backoff.next_delay(Some(Duration::from_secs(3600))), MAX_RETRY_AFTER);
+        assert_eq!(backoff.next_delay(None), 4 * SECOND, "the failures still count");
+    }
+
+    #[test]
+    fn a_schedule_repeats_its_last_step_and_never_overflows() {
+        const STEPS: [Duration; 2] = [SECOND, Duration::from_secs(5)];
+        let mut backoff = Backoff::schedule(&STEPS).without_jitter();
+        let waits: Vec<_> = (0..4).map(|_| backoff.next_delay(None)).collect();
+        assert_eq!(waits, [SECOND, 5 * SECOND, 5 * SECOND, 5 * SECOND]);
+        let mut long = Backoff::exponential(SECOND, Duration::MAX);
+        for _ in 0..100 {
+            long.next_delay(None);
+        }
+        assert_eq!(long.failures(), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_sleeps_on_tokios_clock() {
+        let mut backoff = Backoff::exponential(SECOND, 8 * SECOND).without_jitter();
+        let before = tokio::time::Instant::now();
+        backoff.wait(None).await;
+        backoff.wait(None).await;
+        assert_eq!(before.elapsed(), 3 * SECOND);
+    }
+}
