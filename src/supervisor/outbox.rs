@@ -249,6 +249,7 @@ impl Outbox {
     fn start(client: Client, gate: AuthGate, shared: Shared, shaping: Shaping, resume: Resume) -> Self {
         let shared = Arc::new(shared);
         let task = tokio::spawn(follow(shared.clone(), client, gate, shaping, resume).in_current_span());
+        tokio::spawn(retry_held_writes(Arc::downgrade(&shared)).in_current_span());
         Self { shared, task }
     }
 
@@ -421,20 +422,22 @@ impl Shared {
             let Some(mut at) = (first..newest).find(|&i| matches!(log.held[i], Record::Read { .. })) else {
                 return;
             };
-            let Some(Record::Read { stderr, bytes, .. }) = log.held.remove(at) else { return };
+            let Some(Record::Read { bytes, .. }) = log.held.remove(at) else { return };
             log.held_bytes -= 32 + bytes.len();
             let mut dropped = bytes.len() as u64;
-            if at > first {
-                if let Some(Record::Meta(Meta::Dropped { stderr: before, bytes })) = log.held.get(at - 1) {
-                    if *before == stderr {
-                        dropped += bytes;
-                        at -= 1;
-                        let merged = log.held.remove(at).expect("just looked at it");
-                        log.held_bytes -= merged.weight();
-                    }
+            // One notice for a run of dropped output, before or after it.
+            for neighbour in [at, at.wrapping_sub(1)] {
+                if neighbour < first || neighbour >= log.held.len() {
+                    continue;
+                }
+                if let Record::Meta(Meta::Dropped { bytes }) = log.held[neighbour] {
+                    dropped += bytes;
+                    log.held.remove(neighbour);
+                    log.held_bytes -= Record::meta(Meta::Dropped { bytes }).weight();
+                    at = neighbour;
                 }
             }
-            let marker = Record::meta(Meta::Dropped { stderr, bytes: dropped });
+            let marker = Record::meta(Meta::Dropped { bytes: dropped });
             log.held_bytes += marker.weight();
             log.held.insert(at, marker);
             if !std::mem::replace(&mut log.warned_drop, true) {
@@ -523,10 +526,7 @@ async fn follow(shared: Arc<Shared>, client: Client, gate: AuthGate, shaping: Sh
     let mut index = 0u64;
     loop {
         let Some(record) = shared.record_at(index, &mut cursor) else {
-            // Wake up now and then to offer held records to the disk again.
             let _ = tokio::time::timeout(RETRY_WRITE_EVERY, shared.appended.notified()).await;
-            let mut log = shared.lock();
-            shared.write_held(&mut log, false);
             continue;
         };
         index += 1;
@@ -556,6 +556,18 @@ async fn follow(shared: Arc<Shared>, client: Client, gate: AuthGate, shaping: Sh
             shared.unacknowledged.send_modify(|count| *count = count.saturating_sub(1));
         }
         index = compact(&shared, &pipeline, &mut cursor, index);
+    }
+}
+
+/// Offers held records to the disk again now and then, even while the
+/// follower waits on the network and the command writes nothing; ends with
+/// the outbox.
+async fn retry_held_writes(shared: std::sync::Weak<Shared>) {
+    loop {
+        tokio::time::sleep(RETRY_WRITE_EVERY).await;
+        let Some(shared) = shared.upgrade() else { return };
+        let mut log = shared.lock();
+        shared.write_held(&mut log, false);
     }
 }
 

@@ -75,12 +75,13 @@ impl Pipeline {
             Record::Meta(Meta::Note { stderr, at, text }) => {
                 self.send_as_is(stderr, vec![Segment { timestamp: Some(at), content: text }], &mut out)
             }
-            Record::Meta(Meta::Dropped { stderr, bytes }) => {
-                self.flush(stderr, &mut out);
+            Record::Meta(Meta::Dropped { bytes }) => {
+                self.flush(false, &mut out);
+                self.flush(true, &mut out);
                 let text = format!(
                     "\n[dcsupervisor: {bytes} bytes of output left out here (the disk was full or the output log reached its cap)]\n"
                 );
-                self.send_as_is(stderr, vec![Segment { timestamp: None, content: text }], &mut out);
+                self.send_as_is(true, vec![Segment { timestamp: None, content: text }], &mut out);
             }
             Record::Meta(Meta::End { completion, at }) => self.end(completion, at, &mut out),
             Record::Meta(Meta::Acked { .. } | Meta::AckedEnd | Meta::Checkpoint(_)) => {}

@@ -42,7 +42,7 @@ pub enum Meta {
     /// A line of the runner's own, sent as a chunk of its own.
     Note { stderr: bool, at: f64, text: String },
     /// Output that could not be kept (disk full or log over its cap).
-    Dropped { stderr: bool, bytes: u64 },
+    Dropped { bytes: u64 },
     /// The command's real completion.
     End { completion: CompleteRequest, at: f64 },
     /// The control plane acknowledged every chunk up to this number.

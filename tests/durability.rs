@@ -1,0 +1,201 @@
+//! Nothing lost whatever the disk or a signal does: each execution's
+//! output log, against a real runner stopped with SIGTERM and `kill -9`, a
+//! "disk" that fills and frees (RLIMIT_FSIZE, set on the running runner with
+//! prlimit, works everywhere), and the caps on the logs.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::plane::{output, status_and_code, ControlPlane, Supervisor, LIMIT};
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+
+const RUNNER: &str = "[runner]\npoll_interval = 0.1\noutput_flush_interval = 0.2\nshutdown_grace = 1\n";
+
+fn lines(prefix: &str, count: usize) -> String {
+    (0..count).map(|i| format!("{prefix} {i}\n")).collect()
+}
+
+fn log_path(runner: &Supervisor, id: &str) -> PathBuf {
+    runner.dir.path().join(".dcsupervisor/outbox").join(format!("{id}.wal"))
+}
+
+/// Refuses every output chunk until the faults are cleared.
+async fn output_outage(plane: &ControlPlane) {
+    plane.fault(json!({"endpoint": "output", "status": 503, "duration_ms": 600_000})).await;
+}
+
+/// Waits until the execution's job has run and exited (its pid is in the journal).
+async fn wait_job_ended(runner: &Supervisor, id: &str) {
+    let entry = runner.dir.path().join(".dcsupervisor/journal").join(format!("{id}.json"));
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let pid = std::fs::read(&entry)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+            .and_then(|entry| entry["pid"].as_u64());
+        if !entry.exists() || pid.is_some_and(|pid| !common::alive(pid as u32)) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the job of {id} did not end");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The bodies of every `complete` request the runner made for `id`.
+async fn completions(plane: &ControlPlane, id: &str) -> Vec<Value> {
+    let suffix = format!("{id}/complete/");
+    plane
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r["path"].as_str().is_some_and(|p| p.ends_with(&suffix)))
+        .map(|r| r["body"].clone())
+        .collect()
+}
+
+/// Every completion sent for `id` says the same: never a contradicting one.
+async fn assert_one_completion(plane: &ControlPlane, id: &str, status: &str) {
+    let sent = completions(plane, id).await;
+    assert!(!sent.is_empty());
+    assert!(sent.iter().all(|c| c["status"] == status), "contradicting completions: {sent:?}");
+}
+
+/// Sets the runner's file size limit (None: unlimited), like a disk that
+/// fills (writes fail with EFBIG, possibly half-way) and frees.
+fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
+    let limit =
+        libc::rlimit { rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY), rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: prlimit reads `limit` and writes nothing (null old-limit pointer).
+    let result =
+        unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+    assert_eq!(result, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_output_fails_keeps_every_line_and_the_real_exit() {
+    let plane = ControlPlane::start();
+    let mut runner = Supervisor::start(&plane.url, "", RUNNER);
+    output_outage(&plane).await;
+    let id = plane.queue("noisy", "--lines 200").await;
+    wait_job_ended(&runner, &id).await;
+    // Stop now: a second signal skips the wait for delivery.
+    runner.signal(Signal::SIGTERM);
+    runner.wait_for_log("stop requested", LIMIT).await;
+    runner.signal(Signal::SIGTERM);
+    assert!(runner.wait_exit(LIMIT).await.is_some(), "the runner stopped");
+    assert_eq!(plane.execution(&id).await["status"], "running", "nothing was completed before the restart");
+
+    plane.clear_faults().await;
+    runner.restart();
+    let done = plane.wait_done(&id, LIMIT).await;
+    assert_eq!(status_and_code(&done), ("success".into(), 0), "the real exit, not a made-up failure");
+    assert_eq!(output(&done, false), lines("out", 200));
+    assert_eq!(output(&done, true), lines("err", 200));
+    assert_one_completion(&plane, &id, "success").await;
+    assert!(!log_path(&runner, &id).exists(), "the log is removed once delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_a_restart_sends_the_rest_in_order_and_exactly_one_completion() {
+    let plane = ControlPlane::start();
+    let mut runner = Supervisor::start(&plane.url, "", RUNNER);
+    // The first two chunks get through (slowly), then output fails.
+    plane.fault(json!({"endpoint": "output", "status": 0, "delay_ms": 300, "count": 2})).await;
+    output_outage(&plane).await;
+    let ended = plane.queue("noisy", "--lines 300 --flush").await;
+    let running = plane.queue("sleep", "30").await;
+    wait_job_ended(&runner, &ended).await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !std::fs::read(log_path(&runner, &running)).unwrap_or_default().windows(8).any(|w| w == b"sleeping")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the long command printed nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    runner.signal(Signal::SIGKILL);
+    assert!(runner.wait_exit(LIMIT).await.is_none() || !runner.is_running());
+
+    plane.clear_faults().await;
+    runner.restart();
+    let done = plane.wait_done(&ended, LIMIT).await;
+    assert_eq!(status_and_code(&done), ("success".into(), 0));
+    assert_eq!(output(&done, false), lines("out", 300), "every line once, in order");
+    assert_eq!(output(&done, true), lines("err", 300));
+    assert_one_completion(&plane, &ended, "success").await;
+
+    let stopped = plane.wait_done(&running, LIMIT).await;
+    assert_eq!(status_and_code(&stopped), ("failed".into(), -1));
+    assert_eq!(output(&stopped, false), "sleeping 30\n", "what it printed before the kill is kept");
+    assert!(output(&stopped, true).contains("the runner restarted while this command was running"));
+    assert_one_completion(&plane, &running, "failed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_output_in_memory_in_order_and_writes_it_when_space_returns() {
+    let plane = ControlPlane::start();
+    let mut runner = Supervisor::start(&plane.url, "", RUNNER);
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
+    output_outage(&plane).await;
+    // Room for the runner's own log to grow a little, not for the output.
+    let room = std::fs::metadata(runner.log_path()).unwrap().len() + 48 * 1024;
+    set_file_size_limit(runner.pid(), Some(room));
+    let id = plane.queue("noisy", "--lines 4000 --flush").await;
+    runner.wait_for_log("cannot write output logs in the state directory", LIMIT).await;
+    wait_job_ended(&runner, &id).await;
+    assert!(std::fs::metadata(log_path(&runner, &id)).unwrap().len() <= room);
+
+    set_file_size_limit(runner.pid(), None);
+    runner.wait_for_log("the state directory takes writes again", LIMIT).await;
+    // Everything held is on disk now, after the cut-off torn record: a
+    // runner killed here loses nothing.
+    runner.signal(Signal::SIGKILL);
+    assert!(runner.wait_exit(LIMIT).await.is_none() || !runner.is_running());
+    plane.clear_faults().await;
+    runner.restart();
+    let done = plane.wait_done(&id, LIMIT).await;
+    assert_eq!(status_and_code(&done), ("success".into(), 0));
+    assert!(output(&done, false) == lines("out", 4000), "stdout incomplete or out of order");
+    assert!(output(&done, true) == lines("err", 4000), "stderr incomplete or out of order");
+    assert_one_completion(&plane, &id, "success").await;
+}
+
+/// With the server away, the log stays within its cap: the head is on
+/// disk, the tail in memory, and a notice says what was left out.
+async fn capped(runner_config: &str) {
+    let plane = ControlPlane::start();
+    let runner = Supervisor::start(&plane.url, "", runner_config);
+    output_outage(&plane).await;
+    let id = plane.queue("noisy", "--lines 20000").await;
+    let path = log_path(&runner, &id);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !runner.log().contains("reached its cap") {
+        assert!(std::fs::metadata(&path).map_or(0, |m| m.len()) <= 32 * 1024, "over the cap");
+        assert!(tokio::time::Instant::now() < deadline, "the cap was never reached");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_job_ended(&runner, &id).await;
+    assert!(std::fs::metadata(&path).unwrap().len() <= 32 * 1024);
+    plane.clear_faults().await;
+    let done = plane.wait_done(&id, LIMIT).await;
+    assert_eq!(status_and_code(&done), ("success".into(), 0));
+    let (out, err) = (output(&done, false), output(&done, true));
+    assert!(out.starts_with("out 0\nout 1\n"), "the head is kept");
+    assert!(out.contains("bytes of output left out here") || err.contains("bytes of output left out here"));
+    let ends = |text: &str| text[text.len().saturating_sub(60)..].to_string();
+    assert!(
+        out.ends_with("out 19999\n") || err.ends_with("err 19999\n"),
+        "the tail is kept: {:?} {:?}",
+        ends(&out),
+        ends(&err)
+    );
+    assert!(out.len() + err.len() < 100_000, "most of the middle was left out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_logs_are_capped_per_execution_and_per_state_directory() {
+    let memory = "outbox_memory_bytes = 16384\n";
+    capped(&format!("{RUNNER}{memory}spool_max_bytes = 32768\n")).await;
+    capped(&format!("{RUNNER}{memory}state_dir_max_bytes = 32768\n")).await;
+}
