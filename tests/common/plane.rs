@@ -172,7 +172,7 @@ pub struct Supervisor {
 
 /// Fast rhythms so tests do not wait on the defaults.
 const FAST: &str = "[runner]\npoll_interval = 0.1\noutput_flush_interval = 0.2\n";
-const DEMO_COMMANDS: &str = r#"add_allowed_commands = ["noop", "sleep", "noisy", "fail", "exit_with", "spin", "grandchild", "bad_utf8", "boom", "prompt", "hello", "say", "hog"]"#;
+const DEMO_COMMANDS: &str = r#"add_allowed_commands = ["noop", "sleep", "noisy", "fail", "exit_with", "spin", "grandchild", "bad_utf8", "boom", "prompt", "hello", "say", "hog", "chaos"]"#;
 
 impl Supervisor {
     /// `policy` and `extra` are TOML appended to the [policy] section and

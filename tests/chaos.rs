@@ -1,0 +1,274 @@
+//! The chaos test: at least 200 executions (quiet, noisy, non-ASCII,
+//! invalid UTF-8, long-running) through randomized control-plane faults,
+//! SIGTERM and `kill -9` restarts of the runner and a "disk" that fills and
+//! frees (RLIMIT_FSIZE on the running runner), then assertions on what
+//! `dccontrol` received: every line of every command exactly once and in
+//! order, exactly one completion each with the real status, no execution
+//! run twice. The plan and the faults come from one seed, printed;
+//! `DCSUPERVISOR_CHAOS_SEED=<n>` replays it (the timing of restarts against
+//! the jobs cannot be replayed exactly).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::plane::{output, status_and_code, ControlPlane, Supervisor};
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+
+const EXECUTIONS: usize = 200;
+/// The whole run must end well within the test budget (120 s).
+const RUN_LIMIT: Duration = Duration::from_secs(110);
+/// Restarts happen as these fractions of the executions are done (a restart
+/// costs a worker start, seconds on a loaded machine).
+const RESTART_AT: [f64; 4] = [0.15, 0.35, 0.55, 0.75];
+const DISK_FULL_EVERY: Duration = Duration::from_secs(4);
+const DISK_FULL_FOR: Duration = Duration::from_millis(1500);
+const RESTART_NOTICE: &str = "the runner restarted while this command was running";
+const RUNNER: &str =
+    "[runner]\npoll_interval = 0.1\noutput_flush_interval = 0.2\nshutdown_grace = 1\nmax_concurrent = 8\n";
+
+/// One execution of the `chaos` demo command and what it prints.
+struct Planned {
+    id: String,
+    args: String,
+    stdout: String,
+    stderr: String,
+    exit: i32,
+}
+
+fn plan(rng: &mut fastrand::Rng) -> Planned {
+    let (text, lines, pause) = match rng.u32(0..100) {
+        0..15 => ("ascii", 0, 0.0),
+        15..45 => ("ascii", rng.usize(5..300), 0.0),
+        45..65 => ("unicode", rng.usize(5..150), 0.0),
+        65..85 => ("invalid", rng.usize(5..150), 0.0),
+        _ => ("ascii", rng.usize(20..40), 0.3),
+    };
+    let exit = if rng.u32(0..5) == 0 { rng.i32(1..4) } else { 0 };
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    for i in 0..lines {
+        let line = match text {
+            "unicode" => format!("línea {i} ✓ 日本語 ü\n"),
+            "invalid" => format!("bad {i} \u{FFFD}\u{FFFD} end\n"),
+            _ => format!("line {i} abcdefghij\n"),
+        };
+        if i % 3 == 2 { &mut stderr } else { &mut stdout }.push_str(&line);
+    }
+    let args = format!("--lines {lines} --text {text} --pause {pause} --exit {exit}");
+    Planned { id: String::new(), args, stdout, stderr, exit }
+}
+
+/// A control-plane fault the runner must ride out without losing anything.
+fn random_fault(rng: &mut fastrand::Rng) -> Value {
+    let endpoints =
+        ["output", "output", "output", "complete", "start", "pending", "heartbeat", "cancel-status"];
+    let endpoint = endpoints[rng.usize(..endpoints.len())];
+    let processed = matches!(endpoint, "output" | "complete");
+    // The loops (heartbeat, poll, cancel) back off: one fault each is plenty.
+    let count = if processed { rng.u64(1..4) } else { 1 };
+    let server_error = [500, 502, 503, 504, 520, 524][rng.usize(..6)];
+    match rng.u32(0..10) {
+        0 => json!({"endpoint": endpoint, "status": server_error, "count": count}),
+        1 => json!({"endpoint": endpoint, "status": 429, "retry_after": 1, "count": count}),
+        2 => json!({"endpoint": endpoint, "status": 502, "html": true, "count": count}),
+        3 => json!({"endpoint": endpoint, "status": 307, "count": count}),
+        4 => json!({"endpoint": endpoint, "status": 503, "cut_body": true, "count": count}),
+        5 => json!({"endpoint": endpoint, "reset": true, "count": count}),
+        6 => json!({"endpoint": endpoint, "status": 0, "delay_ms": 1200, "count": 1}),
+        // Processed, then the answer is lost or garbled: a retry must not duplicate.
+        7 if processed => {
+            json!({"endpoint": endpoint, "status": 503, "after_processing": true, "count": count})
+        }
+        8 if processed => {
+            json!({"endpoint": endpoint, "status": 200, "html": true, "after_processing": true, "count": count})
+        }
+        _ => json!({"status": 503, "duration_ms": rng.u64(300..1500)}),
+    }
+}
+
+/// Sets the runner's file size limit (None: unlimited). A runner that is
+/// gone meanwhile is not an error.
+fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
+    let limit =
+        libc::rlimit { rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY), rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: prlimit reads `limit` and writes nothing (null old-limit pointer).
+    let _ = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+}
+
+#[derive(Default, Debug)]
+struct Figures {
+    faults: usize,
+    sigterm_restarts: usize,
+    kill9_restarts: usize,
+    disk_fills: usize,
+    lines: usize,
+    interrupted: usize,
+    lost: usize,
+    duplicated: usize,
+}
+
+/// SIGTERM (a second one if it lingers) or `kill -9`, then a fresh start on
+/// the same state directory.
+async fn restart(runner: &mut Supervisor, kill: bool) {
+    if kill {
+        runner.signal(Signal::SIGKILL);
+    } else {
+        runner.signal(Signal::SIGTERM);
+        if runner.wait_exit(Duration::from_secs(2)).await.is_none() {
+            runner.signal(Signal::SIGTERM);
+        }
+    }
+    assert!(runner.wait_exit(Duration::from_secs(30)).await.is_some() || !runner.is_running());
+    runner.restart();
+}
+
+/// How many executions are not finished yet, by status.
+async fn unfinished(plane: &ControlPlane) -> (usize, usize) {
+    let executions = plane.executions().await;
+    let count = |status: &str| executions.iter().filter(|e| e["status"] == status).count();
+    (count("pending"), count("running"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos() {
+    let seed =
+        std::env::var("DCSUPERVISOR_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        });
+    println!("chaos seed {seed} (DCSUPERVISOR_CHAOS_SEED={seed} replays it)");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let started = Instant::now();
+    let plane = ControlPlane::start();
+    let mut runner = Supervisor::start(&plane.url, "", RUNNER);
+    let mut planned: Vec<Planned> = (0..EXECUTIONS).map(|_| plan(&mut rng)).collect();
+    for execution in &mut planned {
+        let body = json!({"command": "chaos", "args": execution.args, "timeout": 300});
+        execution.id = plane.queue_with(body).await;
+    }
+
+    let mut figures = Figures::default();
+    let mut restarts_due = RESTART_AT.iter().map(|at| (at * EXECUTIONS as f64) as usize).peekable();
+    let mut next_fill = Instant::now() + DISK_FULL_EVERY / 2;
+    let mut full_until: Option<Instant> = None;
+    loop {
+        let (pending, running) = unfinished(&plane).await;
+        if pending + running == 0 {
+            break;
+        }
+        if started.elapsed() >= RUN_LIMIT {
+            let _ = std::fs::write("/tmp/chaos-runner.log", runner.log());
+            panic!("seed {seed}: not done in time ({pending} pending, {running} running); {figures:?}");
+        }
+        if rng.u32(0..8) == 0 {
+            plane.fault(random_fault(&mut rng)).await;
+            figures.faults += 1;
+        }
+        let now = Instant::now();
+        if full_until.is_some_and(|until| now >= until) {
+            set_file_size_limit(runner.pid(), None);
+            full_until = None;
+        }
+        if full_until.is_none() && now >= next_fill {
+            set_file_size_limit(runner.pid(), Some(4096));
+            figures.disk_fills += 1;
+            full_until = Some(now + DISK_FULL_FOR);
+            next_fill = now + DISK_FULL_EVERY;
+        }
+        if restarts_due.next_if(|&due| EXECUTIONS - pending - running >= due).is_some() {
+            let kill = (figures.sigterm_restarts + figures.kill9_restarts) % 2 == 1;
+            restart(&mut runner, kill).await;
+            *if kill { &mut figures.kill9_restarts } else { &mut figures.sigterm_restarts } += 1;
+            full_until = None; // a fresh process has no limit
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    set_file_size_limit(runner.pid(), None);
+    plane.clear_faults().await;
+
+    let requests = plane.requests().await;
+    let mut failures = Vec::new();
+    for execution in &planned {
+        check(&plane, &requests, execution, &mut figures, &mut failures).await;
+    }
+    println!(
+        "chaos: {} executions, {} faults injected, {} restarts ({} SIGTERM, {} kill -9), {} disk fills, \
+         {} lines, {} interrupted by a restart, lost = {}, duplicated = {}, {:.1} s",
+        planned.len(),
+        figures.faults,
+        figures.sigterm_restarts + figures.kill9_restarts,
+        figures.sigterm_restarts,
+        figures.kill9_restarts,
+        figures.disk_fills,
+        figures.lines,
+        figures.interrupted,
+        figures.lost,
+        figures.duplicated,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        failures.is_empty(),
+        "seed {seed}: {} executions wrong:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!((figures.lost, figures.duplicated), (0, 0), "seed {seed}");
+    assert!(
+        figures.sigterm_restarts >= 1 && figures.kill9_restarts >= 1 && figures.disk_fills >= 1,
+        "{figures:?}"
+    );
+}
+
+/// Checks one execution against what the control plane received.
+async fn check(
+    plane: &ControlPlane,
+    requests: &[Value],
+    planned: &Planned,
+    figures: &mut Figures,
+    failures: &mut Vec<String>,
+) {
+    let id = &planned.id;
+    let done = plane.execution(id).await;
+    let (status, code) = status_and_code(&done);
+    let (out, err) = (output(&done, false), output(&done, true));
+    let to = |endpoint: &str| {
+        let suffix = format!("{id}/{endpoint}/");
+        requests.iter().filter(move |r| r["path"].as_str().is_some_and(|p| p.ends_with(&suffix)))
+    };
+    let starts = to("start").filter(|r| r["status"] == 200).count();
+    let completions: Vec<&Value> = to("complete").map(|r| &r["body"]).collect();
+    let mut wrong = |what: String| failures.push(format!("{id} ({}): {what}", planned.args));
+    if starts != 1 {
+        wrong(format!("started {starts} times"));
+    }
+    if completions.is_empty() || completions.iter().any(|c| c["status"] != status.as_str()) {
+        wrong(format!("completions {completions:?} against the final status {status}"));
+    }
+    let expected_status = if planned.exit == 0 { "success" } else { "failed" };
+    let expected_lines = planned.stdout.lines().count() + planned.stderr.lines().count();
+    let delivered_lines = out.lines().count() + err.lines().count();
+    figures.lines += delivered_lines;
+    if (status.as_str(), code) == (expected_status, i64::from(planned.exit)) {
+        if out != planned.stdout || err != planned.stderr {
+            figures.lost += expected_lines.saturating_sub(delivered_lines);
+            figures.duplicated += delivered_lines.saturating_sub(expected_lines);
+            wrong(format!("output differs: stdout {out:?}, stderr {err:?}"));
+        }
+        return;
+    }
+    // Stopped by a restart: what it printed until then, in order, and one
+    // completion saying so (cancelled at a graceful stop, failed after a crash).
+    figures.interrupted += 1;
+    let err_before_notice = match err.find("[dcsupervisor] the runner restarted") {
+        Some(at) => &err[..at],
+        None => err.as_str(),
+    };
+    let stopped_ok =
+        (status == "cancelled") || (status == "failed" && code == -1 && err.contains(RESTART_NOTICE));
+    if !stopped_ok {
+        wrong(format!("status {status} {code}, expected {expected_status} {}", planned.exit));
+    }
+    if !planned.stdout.starts_with(&out) || !planned.stderr.starts_with(err_before_notice) {
+        wrong(format!("not a prefix of what it prints: stdout {out:?}, stderr {err:?}"));
+    }
+}
