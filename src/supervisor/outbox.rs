@@ -460,6 +460,19 @@ impl Shared {
         cursor.read(&self.path, index)
     }
 
+    /// Waits until the first `records` records are on disk. The completion
+    /// goes out only once its record is: a runner stopped after that always
+    /// finds it, so it never sends a contradicting one.
+    async fn wait_on_disk(&self, records: u64) {
+        let mut told = false;
+        while self.lock().on_disk < records {
+            if !std::mem::replace(&mut told, true) {
+                tracing::warn!("the completion waits until its record is on disk");
+            }
+            tokio::time::sleep(RETRY_WRITE_EVERY).await;
+        }
+    }
+
     fn mark_consumed(&self, consumed: u64) {
         self.lock().consumed = consumed;
     }
@@ -545,6 +558,7 @@ async fn follow(shared: Arc<Shared>, client: Client, gate: AuthGate, shaping: Sh
                     shared.append(Record::meta(Meta::Acked { chunk: acked_through }));
                 }
                 Message::Complete(_) => {
+                    shared.wait_on_disk(index).await;
                     deliver(&client, &gate, &shared.id, &message).await;
                     shared.append(Record::meta(Meta::AckedEnd));
                     remove_log(&shared.path, &shared.opts.usage);
@@ -671,8 +685,12 @@ fn bytes_in(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// In append mode: after a failed write is cut back, the next one lands at
+/// the new end, not past it (which would leave a hole of zeros).
 fn create_log(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(path)
+    let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    file.set_len(0)?;
+    Ok(file)
 }
 
 fn remove_log(path: &Path, usage: &SpoolUsage) {

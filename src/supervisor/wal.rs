@@ -158,6 +158,18 @@ impl<R: Read> WalReader<R> {
 
     /// The next record; `Ok(None)` at a clean end of file.
     pub fn next_record(&mut self) -> Result<Option<Record>, TornRecord> {
+        loop {
+            let offset = self.offset;
+            let Some(payload) = self.next_payload()? else { return Ok(None) };
+            // A well-framed record this version cannot decode is skipped, not fatal.
+            match Record::from_payload(&payload) {
+                Some(record) => return Ok(Some(record)),
+                None => tracing::warn!("skipped an unknown record at byte {offset} of an output log"),
+            }
+        }
+    }
+
+    fn next_payload(&mut self) -> Result<Option<Vec<u8>>, TornRecord> {
         let offset = self.offset;
         let mut header = [0u8; HEADER];
         match read_full(&mut self.source, &mut header) {
@@ -168,7 +180,8 @@ impl<R: Read> WalReader<R> {
         }
         let length = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
         let checksum = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-        if length > MAX_PAYLOAD {
+        // Every record has a kind byte: a zero length is a hole, not a record.
+        if length == 0 || length > MAX_PAYLOAD {
             return Err(TornRecord::Corrupt { offset });
         }
         let mut payload = vec![0u8; length];
@@ -181,14 +194,7 @@ impl<R: Read> WalReader<R> {
             return Err(TornRecord::Corrupt { offset });
         }
         self.offset += (HEADER + length) as u64;
-        // A well-framed record this version cannot decode is skipped, not fatal.
-        match Record::from_payload(&payload) {
-            Some(record) => Ok(Some(record)),
-            None => {
-                tracing::warn!("skipped an unknown record at byte {offset} of an output log");
-                self.next_record()
-            }
-        }
+        Ok(Some(payload))
     }
 }
 
@@ -267,5 +273,7 @@ mod tests {
         let mut huge = vec![0xff; 8];
         huge.extend_from_slice(b"rest");
         assert!(matches!(read_all(&huge).1, Some(TornRecord::Corrupt { .. })));
+        let hole = vec![0u8; 64];
+        assert!(matches!(read_all(&hole).1, Some(TornRecord::Corrupt { offset: 0 })), "zeros are no records");
     }
 }
