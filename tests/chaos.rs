@@ -16,7 +16,7 @@ use common::plane::{output, status_and_code, ControlPlane, Supervisor};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
-const EXECUTIONS: usize = 200;
+const EXECUTIONS: usize = 240;
 /// The whole run must end well within the test budget (120 s).
 const RUN_LIMIT: Duration = Duration::from_secs(110);
 /// Restarts happen as these fractions of the executions are done (a restart
@@ -24,6 +24,7 @@ const RUN_LIMIT: Duration = Duration::from_secs(110);
 const RESTART_AT: [f64; 4] = [0.15, 0.35, 0.55, 0.75];
 const DISK_FULL_EVERY: Duration = Duration::from_secs(2);
 const DISK_FULL_FOR: Duration = Duration::from_millis(1000);
+const FAULT_EXPIRES_MS: u64 = 2000;
 /// Below this many unfinished executions, no new faults.
 const DRAIN: usize = 12;
 const SETTLE_AFTER_FREE: Duration = Duration::from_millis(1200);
@@ -64,8 +65,28 @@ fn plan(rng: &mut fastrand::Rng) -> Planned {
 
 /// A control-plane fault the runner must ride out without losing anything.
 fn random_fault(rng: &mut fastrand::Rng) -> Value {
-    let endpoints =
-        ["output", "output", "output", "complete", "start", "pending", "heartbeat", "cancel-status"];
+    let mut fault = fault_kind(rng);
+    // Unused faults expire: a backlog of them would hit the loops that back
+    // off (heartbeat, poll) long after the moment they were meant for.
+    if let Some(fields) = fault.as_object_mut() {
+        fields.entry("duration_ms").or_insert(json!(FAULT_EXPIRES_MS));
+    }
+    fault
+}
+
+fn fault_kind(rng: &mut fastrand::Rng) -> Value {
+    let endpoints = [
+        "output",
+        "output",
+        "output",
+        "output",
+        "complete",
+        "complete",
+        "start",
+        "pending",
+        "heartbeat",
+        "cancel-status",
+    ];
     let endpoint = endpoints[rng.usize(..endpoints.len())];
     let processed = matches!(endpoint, "output" | "complete");
     // The loops (heartbeat, poll, cancel) back off: one fault each is plenty.
@@ -163,6 +184,14 @@ async fn chaos() {
             break;
         }
         if started.elapsed() >= RUN_LIMIT {
+            let stuck: Vec<String> = plane
+                .executions()
+                .await
+                .iter()
+                .filter(|e| matches!(e["status"].as_str(), Some("pending" | "running")))
+                .map(|e| format!("{} {}", e["id"], e["args"]))
+                .collect();
+            println!("unfinished: {stuck:?}");
             let _ = std::fs::write("/tmp/chaos-runner.log", runner.log());
             panic!("seed {seed}: not done in time ({pending} pending, {running} running); {figures:?}");
         }
@@ -173,7 +202,7 @@ async fn chaos() {
                 plane.clear_faults().await;
                 draining = true;
             }
-        } else if rng.u32(0..4) == 0 {
+        } else if rng.u32(0..3) == 0 {
             plane.fault(random_fault(&mut rng)).await;
             figures.faults += 1;
         }
@@ -184,7 +213,7 @@ async fn chaos() {
             full_until = None;
             freed_at = now;
         }
-        if full_until.is_none() && now >= next_fill && !restart_due {
+        if full_until.is_none() && now >= next_fill && !restart_due && !draining {
             set_file_size_limit(runner.pid(), Some(4096));
             figures.disk_fills += 1;
             full_until = Some(now + DISK_FULL_FOR);

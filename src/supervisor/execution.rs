@@ -124,18 +124,23 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) -> Outcome {
             return reject(&ctx, &execution, message).await;
         }
     }
-    let started = start(&ctx, &execution).await;
-    if started != Outcome::Ran {
-        // Not started: the control plane will hand it out again.
-        if let Some(signing) = &settings.signing {
-            signing.forget(&id);
-        }
-        return started;
-    }
+    // Journalled before `start`: a runner stopped while the control plane
+    // handles it finds the entry and settles the execution (see `recover`).
     let mut entry = Entry { id: id.clone(), command: command.clone(), pid: None, pid_start_time: None };
     let journal = ctx.journal.as_ref();
     if let Some(journal) = journal {
         journal.record(&entry);
+    }
+    let started = start(&ctx, &execution).await;
+    if started != Outcome::Ran {
+        // Not started: the control plane will hand it out again.
+        if let Some(journal) = journal {
+            journal.remove(&id);
+        }
+        if let Some(signing) = &settings.signing {
+            signing.forget(&id);
+        }
+        return started;
     }
     let metadata_only = execution.use_metadata_only_mode || settings.metadata_only.contains(&command);
     tracing::info!(args = %mask(&settings, &execution.args), metadata_only, "execution started");
@@ -165,6 +170,7 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) -> Outcome {
     if let Some(journal) = journal {
         journal.remove(&id);
     }
+    ctx.spill.remove_log(&id);
     tracing::info!(
         status = ?completion.status,
         exit_code = completion.exit_code,
@@ -226,6 +232,9 @@ pub async fn recover(
     match Outbox::recover(client.clone(), gate.clone(), id.clone(), &spill, shaping.clone(), RESTART_NOTICE) {
         Recovered::Delivering(outbox) => outbox.delivered().await,
         Recovered::AlreadyDelivered => {}
+        Recovered::NoLog if entry.pid.is_none() && !started_before(&client, &gate, &id).await => {
+            tracing::info!("the control plane had not started it; it stays queued there");
+        }
         Recovered::NoLog => {
             let outbox = Outbox::new(client, gate, id.clone(), &spill, shaping);
             outbox.note(true, RESTART_NOTICE);
@@ -233,6 +242,28 @@ pub async fn recover(
         }
     }
     journal.remove(&id);
+    spill.remove_log(&id);
+}
+
+/// Whether an execution the runner was starting when it stopped is
+/// running on the control plane: `start` again says so (refused: it was;
+/// accepted: it is now). `false` only when the execution is gone.
+async fn started_before(client: &Client, gate: &AuthGate, id: &super::api::ExecutionId) -> bool {
+    let mut backoff = Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        gate.wait_valid().await;
+        let error = match client.start(id).await {
+            Ok(()) => return true,
+            Err(error) => error,
+        };
+        gate.observe(&error);
+        if error.is_refusal() {
+            return !matches!(error, super::client::ApiError::Status { status: 404, .. });
+        }
+        if !error.is_auth() {
+            tokio::time::sleep(backoff.next_delay(error.retry_after())).await;
+        }
+    }
 }
 
 /// Text for the log with the configured secrets masked.
@@ -319,6 +350,7 @@ pub async fn reject(ctx: &ExecutionContext, execution: &Execution, message: Stri
     );
     outbox.note(true, &message);
     outbox.finish(CompleteRequest { exit_code: -1, status: CompletionStatus::Failed }).await;
+    ctx.spill.remove_log(&execution.id);
     Outcome::Ran
 }
 

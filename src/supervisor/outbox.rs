@@ -218,7 +218,6 @@ impl Outbox {
             }
         };
         if scan.end_acked {
-            remove_log(&path, &spool.usage);
             return Recovered::AlreadyDelivered;
         }
         let file = match OpenOptions::new().append(true).open(&path) {
@@ -560,8 +559,10 @@ async fn follow(shared: Arc<Shared>, client: Client, gate: AuthGate, shaping: Sh
                 Message::Complete(_) => {
                     shared.wait_on_disk(index).await;
                     deliver(&client, &gate, &shared.id, &message).await;
+                    // The owner removes the log, after the journal entry: a
+                    // runner stopped in between finds the entry and this
+                    // record, never an entry without its log.
                     shared.append(Record::meta(Meta::AckedEnd));
-                    remove_log(&shared.path, &shared.opts.usage);
                     return;
                 }
             }
@@ -691,6 +692,13 @@ fn create_log(path: &Path) -> std::io::Result<File> {
     let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
     file.set_len(0)?;
     Ok(file)
+}
+
+impl SpoolOptions {
+    /// Removes an execution's log once it is delivered and forgotten.
+    pub fn remove_log(&self, id: &ExecutionId) {
+        remove_log(&self.log_path(id), &self.usage);
+    }
 }
 
 fn remove_log(path: &Path, usage: &SpoolUsage) {
