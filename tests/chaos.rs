@@ -98,6 +98,13 @@ fn fault_kind(rng: &mut fastrand::Rng) -> Value {
         2 => json!({"endpoint": endpoint, "status": 502, "html": true, "count": count}),
         3 => json!({"endpoint": endpoint, "status": 307, "count": count}),
         4 => json!({"endpoint": endpoint, "status": 503, "cut_body": true, "count": count}),
+        // A reset after processing, except for `start`: a lost answer to a
+        // `start` the server did process leaves that execution running for
+        // good (the retry is refused as "already running"), a limit stated
+        // in docs/reliability.md.
+        5 if endpoint == "start" => {
+            json!({"endpoint": endpoint, "status": 503, "reset": true, "count": count})
+        }
         5 => json!({"endpoint": endpoint, "reset": true, "count": count}),
         6 => json!({"endpoint": endpoint, "status": 0, "delay_ms": 1200, "count": 1}),
         // Processed, then the answer is lost or garbled: a retry must not duplicate.

@@ -168,8 +168,38 @@ async fn run_runner(config_path: &Path, config: &Config, once: bool) -> Result<E
     Ok(ExitCode::SUCCESS)
 }
 
+/// Minimum free space `check` is happy with: output logs live there.
+const LOW_DISK_BYTES: u64 = 256 * 1024 * 1024;
+
+/// The state directory takes writes, and how much room it has.
+fn check_state_dir(dir: &Path) -> bool {
+    match state::probe(dir) {
+        Ok(free) if free < LOW_DISK_BYTES => {
+            println!(
+                "WARN the state directory {} takes writes but only {} MiB are free: output logs may fill it",
+                dir.display(),
+                free / (1024 * 1024)
+            );
+            true
+        }
+        Ok(free) => {
+            println!(
+                "ok   the state directory {} takes writes ({} MiB free)",
+                dir.display(),
+                free / (1024 * 1024)
+            );
+            true
+        }
+        Err(error) => {
+            println!("FAIL the state directory: {error}; output could not be logged before delivery");
+            false
+        }
+    }
+}
+
 async fn check(config_path: &Path, config: &Config) -> Result<ExitCode> {
     println!("ok   configuration {} is valid", config_path.display());
+    let state_ok = check_state_dir(&config.runner.state_dir);
     let setup = config.runner_setup().context("the control-plane settings are not usable")?;
     let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
     if let Some(info) = worker.info() {
@@ -193,6 +223,7 @@ async fn check(config_path: &Path, config: &Config) -> Result<ExitCode> {
     let heartbeat = runner.run_once().await;
     worker.shutdown().await;
     match heartbeat {
+        Ok(_) if !state_ok => Ok(ExitCode::FAILURE),
         Ok(answer) => {
             println!(
                 "ok   the control plane at {} accepted the key (commands in sync: {}, pending executions: {}, state: {:?})",

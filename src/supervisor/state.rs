@@ -1,7 +1,8 @@
 //! The state directory: what the supervisor keeps on disk between runs.
-//! For now, the instance lock: one supervisor per project, and the lock file
-//! names the pid that holds it (the Python `djangocommand status/stop`
-//! commands read it).
+//! Here: creating it private, probing that it takes writes, and the
+//! instance lock: one supervisor per project, and the lock file names the
+//! pid that holds it (the Python `djangocommand status/stop` commands read
+//! it). The journal and the output logs live in it too.
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -31,6 +32,28 @@ pub fn prepare(dir: &Path) -> Result<PathBuf, StateError> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
     }
     Ok(dir.to_path_buf())
+}
+
+/// Bytes a probe writes: enough to need a real block, not one inode.
+const PROBE_BYTES: usize = 64 * 1024;
+
+/// Whether the state directory takes writes (`dcsupervisor check`): writes,
+/// syncs and removes a probe file; the bytes free for us on its filesystem.
+pub fn probe(dir: &Path) -> Result<u64, StateError> {
+    let dir = prepare(dir)?;
+    let path = dir.join(".write-probe");
+    let io = |error| StateError::Io { path: path.display().to_string(), error };
+    let written =
+        OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path).and_then(
+            |mut file| {
+                file.write_all(&[0u8; PROBE_BYTES])?;
+                file.sync_all()
+            },
+        );
+    let _ = std::fs::remove_file(&path);
+    written.map_err(io)?;
+    let stats = nix::sys::statvfs::statvfs(&dir).map_err(|e| io(e.into()))?;
+    Ok((stats.blocks_available() as u64).saturating_mul(stats.fragment_size() as u64))
 }
 
 /// Held for the supervisor's lifetime; the kernel releases it if we die.
