@@ -401,17 +401,21 @@ impl Runner {
         loop {
             let _ = auth.wait_for(|state| *state == AuthState::Valid).await;
             let _ = suspended.wait_for(|suspended| !suspended).await;
-            let paused_until = self.lock_pacing().paused_until;
-            if let Some(until) = paused_until {
-                tokio::time::sleep_until(until).await;
-            }
             self.start_from_backlog();
             let mut wait = self.live().opts.poll_interval;
-            if self.free_slots() > self.lock_backlog().len() {
-                if let Err(delay) = self.poll().await {
-                    wait = delay;
+            let paused_until =
+                self.lock_pacing().paused_until.filter(|until| *until > tokio::time::Instant::now());
+            match paused_until {
+                // Refused or failed starts: no polling until the pause ends
+                // (what is already in the backlog may still start).
+                Some(until) => wait = until - tokio::time::Instant::now(),
+                None if self.free_slots() > self.lock_backlog().len() => {
+                    if let Err(delay) = self.poll().await {
+                        wait = delay;
+                    }
+                    self.start_from_backlog();
                 }
-                self.start_from_backlog();
+                None => {}
             }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -588,7 +592,8 @@ fn execution_span(id: &ExecutionId, command: &str) -> tracing::Span {
 struct Pacing {
     polls: Backoff,
     starts: Backoff,
-    /// No polling before this (after a refused or failed start).
+    /// No polling before this (after a refused or failed start); the
+    /// backlog still starts, each execution under its own backoff.
     paused_until: Option<tokio::time::Instant>,
     /// Executions whose start was refused: not taken again before the instant.
     refused: HashMap<ExecutionId, (Backoff, tokio::time::Instant)>,
