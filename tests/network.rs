@@ -227,4 +227,15 @@ async fn output_after_a_quiet_spell_is_sent_at_once_and_sustained_output_is_pace
     let bound = 2 * ((span / 0.25).ceil() as usize + 2) + bytes / (64 * 1024) + 2;
     let sent = chunks(&done).len();
     assert!(sent <= bound, "{sent} chunks for {span:.2} s of output (bound {bound})");
+
+    // A throttling control plane (429, Retry-After: 1 s, twice) gets fewer,
+    // bigger chunks: while a chunk waits, the next ones grow instead of
+    // queueing up one per line.
+    plane.fault(json!({"endpoint": "output", "status": 429, "retry_after": 1, "count": 2})).await;
+    let parts: Vec<String> = (0..20).map(|i| format!("'line {i}\\n'")).collect();
+    let throttled = plane.queue("say", &format!("{} --delay 0.1", parts.join(" "))).await;
+    let done = plane.wait_done(&throttled, LIMIT).await;
+    let expected: String = (0..20).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(output(&done, false), expected);
+    assert!(chunks(&done).len() <= 4, "20 lines over 2 s, throttled: {done:#}");
 }

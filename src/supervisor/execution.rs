@@ -374,10 +374,10 @@ impl<'a> ChunkWriter<'a> {
     }
 }
 
-fn segment_now(text: &str) -> Segment {
+pub(crate) fn segment_now(text: &str) -> Segment {
     Segment { timestamp: Some(unix_now()), content: text.to_string() }
 }
 
-fn unix_now() -> f64 {
+pub(crate) fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
 }

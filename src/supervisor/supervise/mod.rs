@@ -14,8 +14,8 @@ use std::time::Duration;
 use self::cancel::CancelPoller;
 use self::pump::Pump;
 use self::stopper::{StopReason, StopTriggers};
-use super::api::{CompleteRequest, CompletionStatus, Segment};
-use super::execution::{ChunkWriter, ExecutionContext};
+use super::api::{CompleteRequest, CompletionStatus};
+use super::execution::{segment_now, ChunkWriter, ExecutionContext};
 use crate::ipc::{ExitStatus, JobLimits};
 use crate::worker::{Job, JobEnd};
 
@@ -110,11 +110,6 @@ fn completion(stop: Option<StopReason>, end: &JobEnd) -> CompleteRequest {
         (None, _) => CompletionStatus::Failed,
     };
     CompleteRequest { exit_code, status }
-}
-
-fn segment_now(text: &str) -> Segment {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    Segment { timestamp: Some(now.as_secs_f64()), content: text.to_string() }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::supervisor::execution::ChunkWriter;
+use crate::supervisor::execution::{unix_now, ChunkWriter};
 use crate::supervisor::output::StreamBuffer;
 use crate::supervisor::redact::Redactor;
 
@@ -190,13 +190,6 @@ async fn read_some(pipe: &mut Option<pipe::Receiver>, buffer: &mut [u8]) -> Opti
         },
         None => std::future::pending().await,
     }
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
