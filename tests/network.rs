@@ -42,6 +42,7 @@ async fn odd_answers_are_retried_and_nothing_is_lost() {
     let plane = ControlPlane::start();
     let mut runner = warmed_up(&plane, "").await;
     for fault in [
+        json!({"endpoint": "pending", "status": 200, "html": true}),
         json!({"endpoint": "start", "status": 200, "html": true, "after_processing": true}),
         json!({"endpoint": "output", "status": 524}),
         json!({"endpoint": "output", "status": 520}),
@@ -68,7 +69,10 @@ async fn odd_answers_are_retried_and_nothing_is_lost() {
     let completes = statuses(&requests_to(&requests, &id, "complete"));
     assert_eq!(completes, [408, 502, 425, 200]);
     assert!(runner.is_running());
-    assert!(runner.log().contains("a redirect to \"/moved/api/runner/executions/"), "{}", runner.log());
+    let log = runner.log();
+    assert!(log.contains("a redirect to \"/moved/api/runner/executions/"), "{log}");
+    // A 2xx whose body is needed but unusable is an error, retried, and said so.
+    assert!(log.contains("polling for executions failed: unusable answer from the control plane"), "{log}");
 }
 
 /// Only a definitive 4xx drops a message, and the log says so with the id.

@@ -30,7 +30,7 @@ use crate::backoff::Backoff;
 
 /// The first retry comes soon (most failures are a single odd answer);
 /// later ones double up to the maximum.
-const FIRST_REDELIVERY_DELAY: Duration = Duration::from_millis(250);
+const FIRST_REDELIVERY_DELAY: Duration = Duration::from_millis(100);
 const MAX_REDELIVERY_DELAY: Duration = Duration::from_secs(30);
 
 /// Whether the control plane currently accepts our key.
