@@ -685,3 +685,28 @@ async fn add_setting_secrets(worker: &Worker, settings: &mut ExecutionSettings) 
 async fn join_all(tasks: &mut JoinSet<()>) {
     while tasks.join_next().await.is_some() {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_execution_waits_longer_each_time_and_is_forgotten_eventually() {
+        let mut pacing = Pacing::new();
+        let id = ExecutionId::parse("3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b").unwrap();
+        let same_upper = ExecutionId::parse("3F2B8C1E-0A4D-4E5F-9B6A-7C8D9E0F1A2B").unwrap();
+        let start = tokio::time::Instant::now();
+        pacing.refused(&id);
+        assert!(pacing.is_refused(&same_upper, start), "whatever the id's case");
+        assert!(pacing.paused_until.is_some_and(|until| until >= start + SECOND), "polling paused too");
+        assert!(!pacing.is_refused(&id, start + 3 * SECOND), "first wait: 2 s (+ jitter)");
+        tokio::time::advance(3 * SECOND).await;
+        pacing.refused(&id);
+        let now = tokio::time::Instant::now();
+        assert!(pacing.is_refused(&id, now + 3 * SECOND), "second wait: 4 s");
+        pacing.forget_old_refusals(now + MAX_REFUSED_BACKOFF + 5 * SECOND);
+        assert!(pacing.refused.is_empty());
+    }
+}
