@@ -46,8 +46,8 @@ impl Backoff {
         Self { steps: Steps::Schedule(steps), failures: 0, jitter: true }
     }
 
-    /// Exactly the nominal waits, for callers whose rhythm is documented
-    /// to the millisecond and who are alone (the worker restarts).
+    /// Exactly the nominal waits, for a caller that is alone in waiting (the
+    /// worker restarts: one supervisor, one worker; jitter spreads a fleet).
     pub fn without_jitter(mut self) -> Self {
         self.jitter = false;
         self

@@ -48,6 +48,24 @@ impl Server {
     /// A raw request: exactly these headers (plus Host, Content-Length and
     /// Connection: close).
     fn send(&self, method: &str, path: &str, headers: &[(&str, String)], body: &str) -> Answer {
+        exchange(&self.address, self.request_bytes(method, path, headers, body).as_bytes())
+    }
+
+    /// A runner request and whatever bytes came back before the server
+    /// closed the connection (nothing, for an injected reset).
+    fn runner_raw(&self, method: &str, path: &str, body: Option<Value>) -> String {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = self.request_bytes(method, path, &runner_headers(), &body);
+        let mut stream = TcpStream::connect(&self.address).expect("connect to dccontrol");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.write_all(request.as_bytes()).expect("send the request");
+        let mut raw = Vec::new();
+        // A reset may end the read with an error: what came before it counts.
+        let _ = stream.read_to_end(&mut raw);
+        String::from_utf8_lossy(&raw).into_owned()
+    }
+
+    fn request_bytes(&self, method: &str, path: &str, headers: &[(&str, String)], body: &str) -> String {
         let mut request = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
             self.address,
@@ -58,7 +76,7 @@ impl Server {
         }
         request.push_str("\r\n");
         request.push_str(body);
-        exchange(&self.address, request.as_bytes())
+        request
     }
 
     /// A request as a well-behaved runner sends it.
@@ -496,6 +514,71 @@ fn faults_answer_in_place_of_the_server_then_stop() {
     assert_eq!(first["executions"], json!([{"id": "../../admin", "command": "x"}, "junk"]));
     let second = server.runner("GET", "/api/runner/pending/", None).json();
     assert_eq!(second["executions"], json!([]));
+}
+
+#[test]
+fn scripted_faults_cut_reset_redirect_and_answer_html_per_endpoint_and_attempt() {
+    let server = Server::start();
+    let id = server.queue(json!({"command": "check"}));
+    let output = execution_path(&id, "output");
+    for fault in [
+        json!({"endpoint": "output", "status": 503, "cut_body": true, "body": "{\"detail\": \"0123456789\"}"}),
+        json!({"endpoint": "output", "reset": true}),
+        json!({"endpoint": "output", "status": 307}),
+        json!({"endpoint": "output"}),
+        json!({"endpoint": "output", "status": 200, "html": true}),
+        json!({"endpoint": "output", "status": 524, "after_processing": true}),
+    ] {
+        assert_eq!(server.operator("POST", "faults", Some(fault)).status, 201);
+    }
+    assert_eq!(
+        server.runner("POST", &execution_path(&id, "start"), None).status,
+        200,
+        "not an output: untouched"
+    );
+    let send = |n| server.runner_raw("POST", &output, Some(chunk(n, false, "x\n")));
+
+    let cut = send(1);
+    assert!(cut.starts_with("HTTP/1.1 503") && cut.contains("content-length: 24"), "{cut}");
+    assert!(cut.ends_with("{\"detail\": \""), "half of the 24 bytes, then the end: {cut:?}");
+    assert_eq!(send(1), "", "a reset: no answer at all");
+    let redirect = send(1);
+    assert!(redirect.starts_with("HTTP/1.1 307"), "{redirect}");
+    assert!(redirect.contains(&format!("location: /moved{output}")), "{redirect}");
+    assert!(send(1).starts_with("HTTP/1.1 200"), "an attempt let through");
+    let html = send(2);
+    assert!(html.starts_with("HTTP/1.1 200") && html.contains("content-type: text/html"), "{html}");
+    assert!(html.contains("<h1>Bad Gateway</h1>"), "{html}");
+    assert!(send(3).starts_with("HTTP/1.1 524"), "processed, then answered 524");
+    assert!(send(4).starts_with("HTTP/1.1 200"), "the script is used up");
+
+    // Only the chunks processed reached the store: 1 (let through), 3 (after
+    // processing) and 4; 2 got the HTML page instead of the view.
+    let numbers: Vec<u64> = server.execution(&id)["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["chunk_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, [1, 3, 4]);
+    let logged: Vec<u64> = server
+        .requests()
+        .iter()
+        .filter(|r| r["path"] == output.as_str())
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(logged, [503, 0, 307, 200, 200, 524, 200], "a reset is logged as status 0");
+
+    // An outage: every runner request for a while, then it ends by itself.
+    let outage = json!({"status": 0, "reset": true, "duration_ms": 300});
+    assert_eq!(server.operator("POST", "faults", Some(outage)).status, 201);
+    assert_eq!(server.runner_raw("GET", "/api/runner/pending/", None), "");
+    assert_eq!(server.runner_raw("POST", "/api/runner/heartbeat/", Some(heartbeat("sha256:0"))), "");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(server.runner("GET", "/api/runner/pending/", None).status, 200);
+
+    let impossible = server.operator("POST", "faults", Some(json!({"reset": true, "cut_body": true})));
+    assert_eq!(impossible.status, 400, "{}", impossible.body);
 }
 
 #[test]

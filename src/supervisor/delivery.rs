@@ -19,7 +19,9 @@ use super::api::{CompleteRequest, ExecutionId, OutputRequest};
 use super::client::{ApiError, Client};
 use crate::backoff::Backoff;
 
-const FIRST_REDELIVERY_DELAY: Duration = Duration::from_secs(1);
+/// The first retry comes soon (most failures are a single odd answer);
+/// later ones double up to the maximum.
+const FIRST_REDELIVERY_DELAY: Duration = Duration::from_millis(100);
 const MAX_REDELIVERY_DELAY: Duration = Duration::from_secs(30);
 
 /// Whether the control plane currently accepts our key.

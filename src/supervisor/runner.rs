@@ -436,17 +436,21 @@ impl Runner {
         loop {
             let _ = auth.wait_for(|state| *state == AuthState::Valid).await;
             let _ = suspended.wait_for(|suspended| !suspended).await;
-            let paused_until = self.lock_pacing().paused_until;
-            if let Some(until) = paused_until {
-                tokio::time::sleep_until(until).await;
-            }
             self.start_from_backlog();
             let mut wait = self.live().opts.poll_interval;
-            if self.free_slots() > self.lock_backlog().len() {
-                if let Err(delay) = self.poll().await {
-                    wait = delay;
+            let paused_until =
+                self.lock_pacing().paused_until.filter(|until| *until > tokio::time::Instant::now());
+            match paused_until {
+                // Refused or failed starts: no polling until the pause ends
+                // (what is already in the backlog may still start).
+                Some(until) => wait = until - tokio::time::Instant::now(),
+                None if self.free_slots() > self.lock_backlog().len() => {
+                    if let Err(delay) = self.poll().await {
+                        wait = delay;
+                    }
+                    self.start_from_backlog();
                 }
-                self.start_from_backlog();
+                None => {}
             }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -620,7 +624,8 @@ fn execution_span(id: &ExecutionId, command: &str) -> tracing::Span {
 struct Pacing {
     polls: Backoff,
     starts: Backoff,
-    /// No polling before this (after a refused or failed start).
+    /// No polling before this (after a refused or failed start); the
+    /// backlog still starts, each execution under its own backoff.
     paused_until: Option<tokio::time::Instant>,
     /// Executions whose start was refused: not taken again before the instant.
     refused: HashMap<ExecutionId, (Backoff, tokio::time::Instant)>,
@@ -713,4 +718,29 @@ fn spool_dir(opts: &RunnerOptions) -> std::path::PathBuf {
 
 async fn join_all(tasks: &mut JoinSet<()>) {
     while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_execution_waits_longer_each_time_and_is_forgotten_eventually() {
+        let mut pacing = Pacing::new();
+        let id = ExecutionId::parse("3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b").unwrap();
+        let same_upper = ExecutionId::parse("3F2B8C1E-0A4D-4E5F-9B6A-7C8D9E0F1A2B").unwrap();
+        let start = tokio::time::Instant::now();
+        pacing.refused(&id);
+        assert!(pacing.is_refused(&same_upper, start), "whatever the id's case");
+        assert!(pacing.paused_until.is_some_and(|until| until >= start + SECOND), "polling paused too");
+        assert!(!pacing.is_refused(&id, start + 3 * SECOND), "first wait: 2 s (+ jitter)");
+        tokio::time::advance(3 * SECOND).await;
+        pacing.refused(&id);
+        let now = tokio::time::Instant::now();
+        assert!(pacing.is_refused(&id, now + 3 * SECOND), "second wait: 4 s");
+        pacing.forget_old_refusals(now + MAX_REFUSED_BACKOFF + 5 * SECOND);
+        assert!(pacing.refused.is_empty());
+    }
 }

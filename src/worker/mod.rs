@@ -281,7 +281,7 @@ impl Shared {
 /// Watches the worker taking jobs: restarts it when it dies, replaces it on
 /// recycle, and stops on shutdown.
 async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>) {
-    let mut restarts = Backoff::schedule(&RESTART_BACKOFF);
+    let mut restarts = Backoff::schedule(&RESTART_BACKOFF).without_jitter();
     // When the current worker came up (not when this loop last turned: the
     // memory check turns it every few seconds).
     let mut started = tokio::time::Instant::now();

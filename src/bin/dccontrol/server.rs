@@ -247,15 +247,17 @@ async fn process_runner_request(app: &App, parts: &Parts, body: &[u8], authorize
 /// Unless `after_processing`, it stands in for the view: a fault that
 /// answers or resets does so before any state changes.
 async fn misbehave(fault: FaultSpec, path: &str, process: impl FnOnce() -> Reply) -> Delivery {
+    let mut process = Some(process);
+    let processed = if fault.after_processing { process.take().map(|process| process()) } else { None };
     if let Some(delay) = fault.delay_ms {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    let processed = (fault.after_processing || fault.status == 0).then(process);
     if fault.reset {
         return Delivery::Reset;
     }
-    let reply = match processed {
-        Some(reply) if fault.status == 0 => reply,
+    let reply = match (processed, process, fault.status) {
+        (Some(reply), _, 0) => reply,
+        (None, Some(process), 0) => process(),
         _ => fault_reply(&fault, path),
     };
     if fault.cut_body {

@@ -212,16 +212,16 @@ pub struct RequestLog {
 /// from when it was added) has passed, whichever comes first.
 ///
 /// What it does to a matched request, in this order:
-/// 1. waits `delay_ms` (a stall; the runner's `request_timeout` may fire);
-/// 2. `reset`: closes the connection without any answer;
-/// 3. answers `status` (any code from 200 to 599; redirects carry
+/// 1. `after_processing`: the request is processed normally first (the
+///    store changes), and the steps below apply to its answer: the server
+///    did the work but the runner never learns it, or learns it late;
+/// 2. waits `delay_ms` (a stall; the runner's `request_timeout` may fire);
+/// 3. `reset`: closes the connection without any answer;
+/// 4. answers `status` (any code from 200 to 599; redirects carry
 ///    `Location`, never followed here) with `body`, or an HTML error page
 ///    with `html`, or `{"detail": "injected fault"}`, plus `Retry-After` if
-///    given — without touching the store; `status: 0` processes the
-///    request normally instead;
-/// 4. `after_processing`: the request is processed normally first (the
-///    store changes) and THEN steps 2–3 replace its answer: the server did
-///    the work but the runner never learns it;
+///    given — without touching the store; `status: 0` gives the normal
+///    answer instead (processing the request now, unless step 1 did);
 /// 5. `cut_body`: the answer's headers announce the whole body but only half
 ///    of it is sent before the connection is closed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,6 +25,8 @@ use crate::supervisor::outbox::Outbox;
 /// output (docs/protocol.md states the resulting bound, 4 flushes a second).
 pub const MIN_FLUSH_GAP: Duration = Duration::from_millis(250);
 const READ_BUFFER: usize = 64 * 1024;
+/// Far enough in the future to stand for "never" in a timer.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 86400);
 
 /// When buffered output should be sent: the adaptive-flush rule, kept apart
 /// from the I/O so it can be tested on its own.
@@ -63,11 +65,13 @@ impl Pacer {
     /// every chunk sent so far has been acknowledged.
     pub fn due(&self, delivered: bool) -> Option<Instant> {
         let oldest = self.oldest_unflushed?;
-        let latest = oldest + self.flush_interval;
+        // An absurd configured interval means "never": no overflow panic.
+        let latest = oldest.checked_add(self.flush_interval).unwrap_or(oldest + NEVER);
         if !delivered {
             return Some(latest);
         }
         let early = self.last_flush.map_or(oldest, |last| (last + self.min_gap).max(oldest));
+        // min_gap ≤ flush_interval, so `early` cannot overflow where `latest` did not.
         Some(early.min(latest))
     }
 }
@@ -203,5 +207,8 @@ mod tests {
         slow.on_flush(start, false);
         slow.on_output(start);
         assert_eq!(slow.due(true), Some(start + 100 * MS), "the gap never exceeds the interval");
+        let mut never = Pacer::new(Duration::MAX);
+        never.on_output(start);
+        assert_eq!(never.due(false), Some(start + NEVER), "an absurd interval does not overflow");
     }
 }

@@ -1,0 +1,245 @@
+//! What a hostile network does to the runner, scripted with dccontrol's
+//! fault injection (docs/protocol.md, "Testing against dccontrol"): odd
+//! statuses, cut bodies, redirects, HTML pages, resets, stalled calls,
+//! refused starts, a control plane that offers each execution once, ids in
+//! two spellings, and the adaptive flush. Each test names the defect it
+//! pins (issue 10 and issue 13, part 1).
+
+mod common;
+
+use std::time::Duration;
+
+use common::plane::{chunks, output, status_and_code, ControlPlane, Supervisor, LIMIT};
+use serde_json::{json, Value};
+
+/// The runner-API requests for one execution's `endpoint` (e.g. "output"),
+/// whatever the case of the id in their path.
+fn requests_to(requests: &[Value], id: &str, endpoint: &str) -> Vec<Value> {
+    let suffix = format!("{}/{endpoint}/", id.to_ascii_lowercase());
+    requests
+        .iter()
+        .filter(|r| r["path"].as_str().unwrap().to_ascii_lowercase().ends_with(&suffix))
+        .cloned()
+        .collect()
+}
+
+fn statuses(requests: &[Value]) -> Vec<u64> {
+    requests.iter().map(|r| r["status"].as_u64().unwrap_or(u64::MAX)).collect()
+}
+
+async fn warmed_up(plane: &ControlPlane, extra: &str) -> Supervisor {
+    let runner = Supervisor::start(&plane.url, "", extra);
+    let warm = plane.queue("noop", "").await;
+    assert_eq!(status_and_code(&plane.wait_done(&warm, LIMIT).await).0, "success");
+    runner
+}
+
+/// Defect 10.1: a 524 or 520 (CDN), a 503 whose body is cut short, a 307,
+/// a reset, and a `start` the server did but answered with a proxy's HTML
+/// page each lost output or left the execution running forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_answers_are_retried_and_nothing_is_lost() {
+    let plane = ControlPlane::start();
+    let mut runner = warmed_up(&plane, "").await;
+    for fault in [
+        json!({"endpoint": "pending", "status": 200, "html": true}),
+        json!({"endpoint": "start", "status": 200, "html": true, "after_processing": true}),
+        json!({"endpoint": "output", "status": 524}),
+        json!({"endpoint": "output", "status": 520}),
+        json!({"endpoint": "output", "status": 503, "cut_body": true}),
+        json!({"endpoint": "output", "status": 307}),
+        json!({"endpoint": "output", "reset": true}),
+        json!({"endpoint": "output", "status": 200, "after_processing": true, "cut_body": true}),
+        json!({"endpoint": "complete", "status": 408}),
+        json!({"endpoint": "complete", "status": 502, "html": true}),
+        json!({"endpoint": "complete", "status": 425, "retry_after": 1}),
+    ] {
+        plane.fault(fault).await;
+    }
+    let id = plane.queue("noisy", "--lines 3").await;
+    let done = plane.wait_done(&id, LIMIT).await;
+    assert_eq!(status_and_code(&done), ("success".into(), 0));
+    assert_eq!(output(&done, false), "out 0\nout 1\nout 2\n");
+    assert_eq!(output(&done, true), "err 0\nerr 1\nerr 2\n");
+
+    let requests = plane.requests().await;
+    assert_eq!(statuses(&requests_to(&requests, &id, "start")), [200], "started once, on the HTML answer");
+    let outputs = statuses(&requests_to(&requests, &id, "output"));
+    assert_eq!(outputs[..6], [524, 520, 503, 307, 0, 200], "every fault was met and retried: {outputs:?}");
+    let completes = statuses(&requests_to(&requests, &id, "complete"));
+    assert_eq!(completes, [408, 502, 425, 200]);
+    assert!(runner.is_running());
+    let log = runner.log();
+    assert!(log.contains("a redirect to \"/moved/api/runner/executions/"), "{log}");
+    // A 2xx whose body is needed but unusable is an error, retried, and said so.
+    assert!(log.contains("polling for executions failed: unusable answer from the control plane"), "{log}");
+}
+
+/// Only a definitive 4xx drops a message, and the log says so with the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definitive_refusal_drops_one_message_and_logs_the_execution() {
+    let plane = ControlPlane::start();
+    let runner = warmed_up(&plane, "").await;
+    plane.fault(json!({"endpoint": "output", "status": 422, "body": "{\"detail\": \"bad chunk\"}"})).await;
+    let id = plane.queue("noisy", "--lines 1").await;
+    let done = plane.wait_done(&id, LIMIT).await;
+    assert_eq!(status_and_code(&done), ("success".into(), 0), "the completion still arrives");
+    runner.wait_for_log("dropped, not retrying", LIMIT).await;
+    let line = runner.log().lines().find(|l| l.contains("dropped, not retrying")).unwrap().to_string();
+    assert!(line.contains(&id) && line.contains("bad chunk") && line.contains("command=noisy"), "{line}");
+}
+
+/// Defect 10.5: a stalled `cancel-status` was awaited inside the job's loop,
+/// so a 3 s timeout was enforced only once the stall ended. Now the
+/// completion arrives while the first cancel-status call is still stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_cancel_status_never_delays_the_timeout_or_the_output() {
+    const STALL: f64 = 4.5; // below the runner's request_timeout (5 s): answered, late
+    let plane = ControlPlane::start();
+    let runner = Supervisor::start(&plane.url, "", "");
+    runner.wait_for_log("authenticated", LIMIT).await;
+    let stall =
+        json!({"endpoint": "cancel-status", "status": 0, "delay_ms": (STALL * 1000.0) as u64, "count": 100});
+    plane.fault(stall).await;
+    let id = plane.queue_with(json!({"command": "sleep", "args": "30", "timeout": 3})).await;
+    let done = plane.wait_done(&id, LIMIT).await;
+    assert_eq!(status_and_code(&done), ("timed_out".into(), -1));
+    assert_eq!(output(&done, false), "sleeping 30\n");
+    let requests = plane.requests().await;
+    let first_poll = requests_to(&requests, &id, "cancel-status")[0]["time"].as_f64().unwrap();
+    let completed = requests_to(&requests, &id, "complete")[0]["time"].as_f64().unwrap();
+    assert!(
+        completed < first_poll + STALL,
+        "the completion ({completed}) must arrive before the stalled cancel-status ({first_poll}) is answered"
+    );
+}
+
+/// Defect 10.6: with 409 on every start the runner re-polled and re-started
+/// at once (146 starts in 10 s). Now the execution and the polling back off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_starts_back_off() {
+    let plane = ControlPlane::start();
+    let _runner = warmed_up(&plane, "").await;
+    let body = "{\"detail\": \"already started by another runner\"}";
+    plane.fault(json!({"endpoint": "start", "status": 409, "body": body, "count": 100_000})).await;
+    let id = plane.queue("noop", "").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let starts = requests_to(&plane.requests().await, &id, "start").len();
+    // Backing off (1 s, 2 s, 4 s… per execution, plus a pause of the
+    // polling) allows about three in 4 s; re-polling at once allowed dozens.
+    assert!((1..=5).contains(&starts), "{starts} starts in 4 s");
+}
+
+/// Defect 10.7: a control plane that offers each pending execution once;
+/// with 2 slots and 8 offered, the runner dropped 6. Now it keeps them and
+/// starts them as slots free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offered_executions_wait_for_a_slot_instead_of_being_dropped() {
+    let plane = ControlPlane::start();
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let id = uuid::Uuid::new_v4().to_string();
+        plane.queue_with(json!({"command": "sleep", "args": "0.3", "id": id})).await;
+        ids.push(id);
+    }
+    offer_once(&plane, &ids).await;
+    let extra = "[runner]\nmax_concurrent = 2\npoll_interval = 0.1\noutput_flush_interval = 0.2\n";
+    let _runner = Supervisor::start(&plane.url, "", extra);
+    for id in &ids {
+        assert_eq!(status_and_code(&plane.wait_done(id, LIMIT).await), ("success".into(), 0), "{id}");
+    }
+    let requests = plane.requests().await;
+    for id in &ids {
+        assert_eq!(statuses(&requests_to(&requests, id, "start")), [200], "{id}");
+    }
+}
+
+/// Defect 10.8: the same execution id in upper and lower case ran twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_in_two_spellings_runs_once() {
+    let plane = ControlPlane::start();
+    let id = uuid::Uuid::new_v4().to_string();
+    plane.queue_with(json!({"command": "sleep", "args": "0.5", "id": id})).await;
+    offer_once(&plane, &[id.clone(), id.to_ascii_uppercase()]).await;
+    let _runner = Supervisor::start(&plane.url, "", "");
+    assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await), ("success".into(), 0));
+    let starts = requests_to(&plane.requests().await, &id, "start");
+    assert_eq!(starts.len(), 1, "{starts:#?}");
+}
+
+/// The next `/pending/` answer offers `ids` (as `sleep 0.3`… entries built by
+/// hand, the ids spelled as given); every later one offers nothing.
+async fn offer_once(plane: &ControlPlane, ids: &[String]) {
+    let mut entries = Vec::new();
+    for id in ids {
+        let mut entry = plane.call("GET", &format!("/api/operator/executions/{id}/signed"), None).await.1;
+        entry["id"] = json!(id);
+        entries.push(entry);
+    }
+    let once = json!({"executions": entries}).to_string();
+    plane.fault(json!({"endpoint": "pending", "status": 200, "body": once})).await;
+    let empty = json!({"executions": []}).to_string();
+    plane.fault(json!({"endpoint": "pending", "status": 200, "body": empty, "count": 1_000_000})).await;
+}
+
+/// Issue 13, part 1: a line printed after a quiet spell reaches the control
+/// plane at once — before the command prints its next line, although the
+/// flush interval (30 s) is far longer than the whole run — and sustained
+/// output is sent in few, growing chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_after_a_quiet_spell_is_sent_at_once_and_sustained_output_is_paced() {
+    let plane = ControlPlane::start();
+    let extra = "[runner]\npoll_interval = 0.1\noutput_flush_interval = 30\n";
+    let _runner = warmed_up(&plane, extra).await;
+
+    let sparse = plane.queue("say", "'one\\n' 'two\\n' 'three\\n' --delay 0.7").await;
+    let done = plane.wait_done(&sparse, LIMIT).await;
+    assert_eq!(output(&done, false), "one\ntwo\nthree\n");
+    let lines: Vec<(String, f64)> = chunks(&done)
+        .iter()
+        .flat_map(|c| c["segments"].as_array().unwrap().clone())
+        .map(|s| (s["content"].as_str().unwrap().to_string(), s["timestamp"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(chunks(&done).len(), 3, "one chunk per line: {done:#}");
+    let arrivals: Vec<f64> = requests_to(&plane.requests().await, &sparse, "output")
+        .iter()
+        .map(|r| r["time"].as_f64().unwrap())
+        .collect();
+    for (index, line) in lines.iter().enumerate().skip(1) {
+        assert!(
+            arrivals[index - 1] < line.1,
+            "line {index} was received before line {} was printed: {arrivals:?} {lines:?}",
+            index + 1
+        );
+    }
+
+    let noisy = plane.queue("noisy", "--lines 40000 --flush").await;
+    let done = plane.wait_done(&noisy, LIMIT).await;
+    let expected: String = (0..40000).map(|i| format!("out {i}\n")).collect();
+    assert!(output(&done, false) == expected, "stdout complete and in order");
+    let stamps: Vec<f64> = chunks(&done)
+        .iter()
+        .flat_map(|c| c["segments"].as_array().unwrap().clone())
+        .filter_map(|s| s["timestamp"].as_f64())
+        .collect();
+    let span =
+        stamps.iter().cloned().fold(f64::MIN, f64::max) - stamps.iter().cloned().fold(f64::MAX, f64::min);
+    // At most one flush per 250 ms, each one chunk per stream, plus the
+    // first flush and the last one at the end, plus the chunks cut because
+    // a stream reached chunk_max_bytes (64 KiB by default).
+    let bytes = output(&done, false).len() + output(&done, true).len();
+    let bound = 2 * ((span / 0.25).ceil() as usize + 2) + bytes / (64 * 1024) + 2;
+    let sent = chunks(&done).len();
+    assert!(sent <= bound, "{sent} chunks for {span:.2} s of output (bound {bound})");
+
+    // A throttling control plane (429, Retry-After: 1 s, twice) gets fewer,
+    // bigger chunks: while a chunk waits, the next ones grow instead of
+    // queueing up one per line.
+    plane.fault(json!({"endpoint": "output", "status": 429, "retry_after": 1, "count": 2})).await;
+    let parts: Vec<String> = (0..20).map(|i| format!("'line {i}\\n'")).collect();
+    let throttled = plane.queue("say", &format!("{} --delay 0.1", parts.join(" "))).await;
+    let done = plane.wait_done(&throttled, LIMIT).await;
+    let expected: String = (0..20).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(output(&done, false), expected);
+    assert!(chunks(&done).len() <= 4, "20 lines over 2 s, throttled: {done:#}");
+}
