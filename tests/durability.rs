@@ -27,8 +27,9 @@ async fn output_outage(plane: &ControlPlane) {
     plane.fault(json!({"endpoint": "output", "status": 503, "duration_ms": 600_000})).await;
 }
 
-/// Waits until the execution's job has run and exited (its pid is in the journal).
-async fn wait_job_ended(runner: &Supervisor, id: &str) {
+/// Waits until the execution's job has run and exited (its pid is in the
+/// journal), or the execution is over.
+async fn wait_job_ended(plane: &ControlPlane, runner: &Supervisor, id: &str) {
     let entry = runner.dir.path().join(".dcsupervisor/journal").join(format!("{id}.json"));
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
@@ -36,7 +37,12 @@ async fn wait_job_ended(runner: &Supervisor, id: &str) {
             .ok()
             .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
             .and_then(|entry| entry["pid"].as_u64());
-        if !entry.exists() || pid.is_some_and(|pid| !common::alive(pid as u32)) {
+        if pid.is_some_and(|pid| !common::alive(pid as u32)) {
+            return;
+        }
+        if !entry.exists()
+            && !matches!(plane.execution(id).await["status"].as_str(), Some("pending" | "running"))
+        {
             return;
         }
         assert!(tokio::time::Instant::now() < deadline, "the job of {id} did not end");
@@ -80,7 +86,7 @@ async fn sigterm_while_output_fails_keeps_every_line_and_the_real_exit() {
     let mut runner = Supervisor::start(&plane.url, "", RUNNER);
     output_outage(&plane).await;
     let id = plane.queue("noisy", "--lines 200").await;
-    wait_job_ended(&runner, &id).await;
+    wait_job_ended(&plane, &runner, &id).await;
     // Stop now: a second signal skips the wait for delivery.
     runner.signal(Signal::SIGTERM);
     runner.wait_for_log("stop requested", LIMIT).await;
@@ -107,7 +113,7 @@ async fn after_kill_9_a_restart_sends_the_rest_in_order_and_exactly_one_completi
     output_outage(&plane).await;
     let ended = plane.queue("noisy", "--lines 300 --flush").await;
     let running = plane.queue("sleep", "30").await;
-    wait_job_ended(&runner, &ended).await;
+    wait_job_ended(&plane, &runner, &ended).await;
     let deadline = tokio::time::Instant::now() + LIMIT;
     while !std::fs::read(log_path(&runner, &running)).unwrap_or_default().windows(8).any(|w| w == b"sleeping")
     {
@@ -143,7 +149,7 @@ async fn a_full_disk_holds_output_in_memory_in_order_and_writes_it_when_space_re
     set_file_size_limit(runner.pid(), Some(room));
     let id = plane.queue("noisy", "--lines 4000 --flush").await;
     runner.wait_for_log("cannot write output logs in the state directory", LIMIT).await;
-    wait_job_ended(&runner, &id).await;
+    wait_job_ended(&plane, &runner, &id).await;
     assert!(std::fs::metadata(log_path(&runner, &id)).unwrap().len() <= room);
 
     set_file_size_limit(runner.pid(), None);
@@ -175,7 +181,7 @@ async fn capped(runner_config: &str) {
         assert!(tokio::time::Instant::now() < deadline, "the cap was never reached");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    wait_job_ended(&runner, &id).await;
+    wait_job_ended(&plane, &runner, &id).await;
     assert!(std::fs::metadata(&path).unwrap().len() <= 32 * 1024);
     plane.clear_faults().await;
     let done = plane.wait_done(&id, LIMIT).await;

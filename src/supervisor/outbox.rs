@@ -46,6 +46,8 @@ const SYNC_EVERY: Duration = Duration::from_secs(1);
 const COMPACT_ABOVE: u64 = 1024 * 1024;
 /// What a log file is called.
 pub const LOG_EXTENSION: &str = "wal";
+/// The file beside a log holding a completion the log could not take.
+pub const COMPLETION_EXTENSION: &str = "end";
 
 /// Where the output logs live and how big they may grow.
 #[derive(Debug, Clone)]
@@ -232,8 +234,14 @@ impl Outbox {
         if !scan.ended {
             let at = unix_now();
             shared.append(Record::meta(Meta::Flush { stderr: None }));
-            shared.append(Record::meta(Meta::Note { stderr: true, at, text: notice.to_string() }));
-            let completion = CompleteRequest { exit_code: -1, status: CompletionStatus::Failed };
+            let completion = match read_completion(&shared.path) {
+                // It ended, and the completion may have been sent: the same one.
+                Some(completion) => completion,
+                None => {
+                    shared.append(Record::meta(Meta::Note { stderr: true, at, text: notice.to_string() }));
+                    CompleteRequest { exit_code: -1, status: CompletionStatus::Failed }
+                }
+            };
             shared.append(Record::meta(Meta::End { completion, at }));
         }
         Recovered::Delivering(Self::start(
@@ -417,7 +425,8 @@ impl Shared {
     fn bound_held(&self, log: &mut Log) {
         while log.held_bytes > self.opts.memory_limit {
             let first = log.consumed.saturating_sub(log.on_disk) as usize;
-            let newest = log.held.len().saturating_sub(1);
+            // The newest output is the tail: never dropped.
+            let newest = log.held.iter().rposition(|r| matches!(r, Record::Read { .. })).unwrap_or(0);
             let Some(mut at) = (first..newest).find(|&i| matches!(log.held[i], Record::Read { .. })) else {
                 return;
             };
@@ -459,14 +468,23 @@ impl Shared {
         cursor.read(&self.path, index)
     }
 
-    /// Waits until the first `records` records are on disk. The completion
-    /// goes out only once its record is: a runner stopped after that always
-    /// finds it, so it never sends a contradicting one.
-    async fn wait_on_disk(&self, records: u64) {
+    /// Makes the completion durable before it is sent: its record is on
+    /// disk, or else (disk full, log over its cap) it is written beside the
+    /// log, a tiny file of its own. A runner stopped after that always finds
+    /// the real completion, so it never sends a contradicting one. While
+    /// neither can be written, the completion waits.
+    async fn make_durable(&self, records: u64, completion: &CompleteRequest) {
         let mut told = false;
-        while self.lock().on_disk < records {
-            if !std::mem::replace(&mut told, true) {
-                tracing::warn!("the completion waits until its record is on disk");
+        loop {
+            if self.lock().on_disk >= records {
+                return;
+            }
+            match write_completion(&self.path, completion) {
+                Ok(()) => return,
+                Err(error) if !std::mem::replace(&mut told, true) => {
+                    tracing::error!("the completion waits until it can be written to disk: {error}")
+                }
+                Err(_) => {}
             }
             tokio::time::sleep(RETRY_WRITE_EVERY).await;
         }
@@ -556,8 +574,8 @@ async fn follow(shared: Arc<Shared>, client: Client, gate: AuthGate, shaping: Sh
                     acked_through = chunk.chunk_number;
                     shared.append(Record::meta(Meta::Acked { chunk: acked_through }));
                 }
-                Message::Complete(_) => {
-                    shared.wait_on_disk(index).await;
+                Message::Complete(completion) => {
+                    shared.make_durable(index, completion).await;
                     deliver(&client, &gate, &shared.id, &message).await;
                     // The owner removes the log, after the journal entry: a
                     // runner stopped in between finds the entry and this
@@ -706,6 +724,26 @@ fn remove_log(path: &Path, usage: &SpoolUsage) {
         usage.release(metadata.len());
     }
     let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(completion_path(path));
+}
+
+/// Where a completion that could not go into its log is kept.
+fn completion_path(log: &Path) -> PathBuf {
+    log.with_extension(COMPLETION_EXTENSION)
+}
+
+/// Writes the completion atomically (temporary file, fsync, rename).
+fn write_completion(log: &Path, completion: &CompleteRequest) -> std::io::Result<()> {
+    let path = completion_path(log);
+    let temporary = path.with_extension("tmp");
+    let mut file = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&temporary)?;
+    file.write_all(&serde_json::to_vec(completion).map_err(std::io::Error::other)?)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, &path)
+}
+
+fn read_completion(log: &Path) -> Option<CompleteRequest> {
+    serde_json::from_slice(&std::fs::read(completion_path(log)).ok()?).ok()
 }
 
 fn unix_now() -> f64 {

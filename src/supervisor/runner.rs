@@ -31,7 +31,7 @@ use super::commands::{commands_hash, synced_commands, BoundArgs, SyncedCommand};
 use super::delivery::{AuthGate, AuthState};
 use super::execution::{self, ExecutionContext, ExecutionSettings, Outcome};
 use super::journal::Journal;
-use super::outbox::{SpoolOptions, SpoolUsage, LOG_EXTENSION};
+use super::outbox::{SpoolOptions, SpoolUsage, COMPLETION_EXTENSION, LOG_EXTENSION};
 use super::redact::{Redactor, MIN_SECRET_LEN};
 use super::systemd;
 use crate::backoff::Backoff;
@@ -314,7 +314,8 @@ impl Runner {
             let path = file.path();
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
             let known = entries.iter().any(|entry| entry.id.as_str() == stem);
-            if !known && path.extension().is_some_and(|e| e == LOG_EXTENSION) {
+            let ours = path.extension().is_some_and(|e| e == LOG_EXTENSION || e == COMPLETION_EXTENSION);
+            if !known && ours {
                 tracing::info!("removing the output log {} (its execution was completed)", path.display());
                 let _ = std::fs::remove_file(&path);
             }
