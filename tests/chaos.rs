@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use common::plane::{output, status_and_code, ControlPlane, Supervisor};
@@ -168,7 +169,7 @@ async fn chaos() {
         std::env::var("DCSUPERVISOR_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
         });
-    println!("chaos seed {seed} (DCSUPERVISOR_CHAOS_SEED={seed} replays it)");
+    let _ = writeln!(std::io::stderr(), "chaos seed {seed} (DCSUPERVISOR_CHAOS_SEED={seed} replays it)");
     let mut rng = fastrand::Rng::with_seed(seed);
     let started = Instant::now();
     let plane = ControlPlane::start();
@@ -245,7 +246,10 @@ async fn chaos() {
     for execution in &planned {
         check(&plane, &requests, execution, &mut figures, &mut failures).await;
     }
-    println!(
+    // Straight to the stderr handle: shown even when the test harness
+    // captures the output of passing tests (scripts/test prints the figures).
+    let _ = writeln!(
+        std::io::stderr(),
         "chaos: {} executions, {} faults injected, {} restarts ({} SIGTERM, {} kill -9), {} disk fills, \
          {} lines, {} interrupted by a restart, lost = {}, duplicated = {}, {:.1} s",
         planned.len(),
