@@ -228,7 +228,7 @@ pub async fn recover(
             "killed the leftover processes of an execution from before the restart"
         );
     }
-    tracing::warn!("finishing an execution interrupted by a runner restart");
+    tracing::warn!("reporting an execution interrupted by a runner restart");
     match Outbox::recover(client.clone(), gate.clone(), id.clone(), &spill, shaping.clone(), RESTART_NOTICE) {
         Recovered::Delivering(outbox) => outbox.delivered().await,
         Recovered::AlreadyDelivered => {}

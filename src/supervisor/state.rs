@@ -95,6 +95,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_probe_says_whether_the_state_directory_takes_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        assert!(probe(&state).unwrap() > 0, "free bytes");
+        assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0, "the probe file is removed");
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(probe(&file.join("state")).is_err(), "a state directory under a file cannot exist");
+    }
+
+    #[test]
     fn a_second_lock_names_the_holder() {
         let dir = tempfile::tempdir().unwrap();
         let state = prepare(&dir.path().join("state")).unwrap();
