@@ -749,3 +749,52 @@ fn read_completion(log: &Path) -> Option<CompleteRequest> {
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str) -> Record {
+        Record::Read { stderr: false, at: 1.0, bytes: text.as_bytes().to_vec() }
+    }
+
+    #[test]
+    fn recovery_scans_what_was_acknowledged_and_cuts_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.wal");
+        let mut bytes: Vec<u8> = [
+            read("one\n"),
+            Record::meta(Meta::Flush { stderr: None }),
+            Record::meta(Meta::Acked { chunk: 1 }),
+            read("two\n"),
+        ]
+        .iter()
+        .flat_map(Record::frame)
+        .collect();
+        let good = bytes.len() as u64;
+        let torn = Record::meta(Meta::End {
+            completion: CompleteRequest { exit_code: 0, status: CompletionStatus::Success },
+            at: 2.0,
+        })
+        .frame();
+        bytes.extend_from_slice(&torn[..torn.len() - 3]);
+        std::fs::write(&path, &bytes).unwrap();
+        let scan = scan_log(&path).unwrap().unwrap();
+        assert_eq!((scan.len, scan.records, scan.acked_through), (good, 4, 1));
+        assert!(!scan.ended, "the torn completion does not count");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good, "the torn tail is cut off");
+        assert!(scan_log(&dir.path().join("none.wal")).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_completion_the_log_cannot_take_is_kept_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("x.wal");
+        let completion = CompleteRequest { exit_code: 3, status: CompletionStatus::Failed };
+        assert_eq!(read_completion(&log), None);
+        write_completion(&log, &completion).unwrap();
+        assert_eq!(read_completion(&log), Some(completion));
+        remove_log(&log, &SpoolUsage::scan(dir.path(), u64::MAX));
+        assert_eq!(read_completion(&log), None, "removed with the log");
+    }
+}
