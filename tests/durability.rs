@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -141,7 +142,22 @@ async fn after_kill_9_a_restart_sends_the_rest_in_order_and_exactly_one_completi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_holds_output_in_memory_in_order_and_writes_it_when_space_returns() {
     let plane = ControlPlane::start();
-    let mut runner = Supervisor::start(&plane.url, "", RUNNER);
+    // systemd hears of it too (STATUS=).
+    let socket_dir = tempfile::tempdir().unwrap();
+    let socket_path = socket_dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(LIMIT)).unwrap();
+    let notify = socket_path.display().to_string();
+    let env = [("NOTIFY_SOCKET", notify.as_str())];
+    let mut runner = Supervisor::start_with(&plane.url, "", RUNNER, common::demo_project(), &env);
+    let degraded = std::thread::spawn(move || {
+        let (mut received, mut buffer) = (String::new(), [0u8; 4096]);
+        while !received.contains("STATUS=DEGRADED") {
+            let Ok(read) = socket.recv(&mut buffer) else { break };
+            received.push_str(&String::from_utf8_lossy(&buffer[..read]));
+        }
+        received
+    });
     assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
     output_outage(&plane).await;
     // Room for the runner's own log to grow a little, not for the output.
@@ -149,6 +165,8 @@ async fn a_full_disk_holds_output_in_memory_in_order_and_writes_it_when_space_re
     set_file_size_limit(runner.pid(), Some(room));
     let id = plane.queue("noisy", "--lines 4000 --flush").await;
     runner.wait_for_log("cannot write output logs in the state directory", LIMIT).await;
+    let status = degraded.join().unwrap();
+    assert!(status.contains("STATUS=DEGRADED: cannot write to the state directory"), "{status}");
     wait_job_ended(&plane, &runner, &id).await;
     assert!(std::fs::metadata(log_path(&runner, &id)).unwrap().len() <= room);
 
