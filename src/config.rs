@@ -15,14 +15,16 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::ipc::JobLimits;
-use crate::supervisor::arguments::{AllowedOption, ArgumentRules};
+use crate::supervisor::admission::arguments::{AllowedOption, ArgumentRules};
+use crate::supervisor::admission::concurrency::{CommandLimit, WhenBusy};
+use crate::supervisor::admission::policy::{self, ConfiguredIn, Mode, Policy};
+use crate::supervisor::admission::signing::{self, Signing};
+use crate::supervisor::admission::Admission;
 use crate::supervisor::client::{ApiKey, Client, ClientOptions};
 use crate::supervisor::commands::BoundArgs;
 use crate::supervisor::execution::{CommandLimits, ExecutionSettings};
-use crate::supervisor::policy::{self, ConfiguredIn, Mode, Policy};
 use crate::supervisor::redact::{Redactor, MIN_SECRET_LEN};
-use crate::supervisor::runner::{CommandLimit, RunnerOptions, RunnerSetup, WhenBusy};
-use crate::supervisor::signing::{self, Signing};
+use crate::supervisor::runner::{RunnerOptions, RunnerSetup};
 use crate::worker::{Isolation, WorkerOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -516,9 +518,13 @@ impl Config {
             bound_args.entry(bound.command.clone()).or_default().push(args);
         }
         Ok(ExecutionSettings {
-            policy: self.policy(),
+            admission: Admission {
+                policy: self.policy(),
+                signing: self.signing()?,
+                bound_args,
+                argument_rules: self.argument_rules()?,
+            },
             metadata_only: self.policy.metadata_only(),
-            bound_args,
             cancel_grace: self.cancel_grace(),
             cancel_poll_interval: Duration::from_secs(2),
             flush_interval: Duration::from_secs_f64(self.runner.output_flush_interval),
@@ -528,8 +534,6 @@ impl Config {
             secrets: self.secrets(),
             secret_settings: self.redaction.from_django_settings.clone(),
             limits: self.job_limits(),
-            signing: self.signing()?,
-            argument_rules: self.argument_rules()?,
         })
     }
 

@@ -204,7 +204,7 @@ async fn check(config_path: &Path, config: &Config) -> Result<ExitCode> {
 async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u64>) -> Result<ExitCode> {
     let policy = config.policy();
     if let Err(refusal) = policy.check(command) {
-        eprint!("{}", policy.refusal_message(command, &refusal));
+        eprint!("{}", policy.rejection(command, &refusal).render(command));
         return Ok(ExitCode::from(REFUSED_EXIT_CODE));
     }
     let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;

@@ -1,5 +1,5 @@
-//! One execution from the control plane, start to completion: the policy
-//! and argument checks (refusals go through the rejection flow), `start`,
+//! One execution from the control plane, start to completion: admission
+//! (refusals go through the rejection flow), `start`,
 //! the job on the worker, its output cut into chunks, cancel-status polling,
 //! the timeout, and `complete` once every chunk has been acknowledged.
 
@@ -12,16 +12,14 @@ use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::watch;
 
+use super::admission::{self, Admission, Rejection};
 use super::api::{CompleteRequest, CompletionStatus, Execution, OutputRequest, Segment};
-use super::arguments::{self, ArgumentRules};
 use super::client::Client;
 use super::delivery::{AuthGate, AuthState, Message, Outbox, SpillOptions};
 use super::journal::{kill_leftover, process_start_time, Entry, Journal};
 use super::output::{OutputCap, StreamBuffer};
-use super::policy::Policy;
 use super::redact::Redactor;
-use super::signing::Signing;
-use crate::ipc::{ExitStatus, JobLimits, ParseOutcome};
+use crate::ipc::{ExitStatus, JobLimits};
 use crate::worker::{Job, JobEnd, Output, Worker};
 
 /// What metadata-only executions send instead of their output.
@@ -34,10 +32,9 @@ const READ_BUFFER: usize = 64 * 1024;
 /// How executions are run; fixed for the runner's lifetime (or a reload).
 #[derive(Debug, Clone)]
 pub struct ExecutionSettings {
-    pub policy: Policy,
+    /// What decides whether an execution may run.
+    pub admission: Admission,
     pub metadata_only: BTreeSet<String>,
-    /// Commands restricted to listed argument sets (already split).
-    pub bound_args: BTreeMap<String, Vec<Vec<String>>>,
     pub cancel_grace: Duration,
     pub cancel_poll_interval: Duration,
     pub flush_interval: Duration,
@@ -51,10 +48,6 @@ pub struct ExecutionSettings {
     pub secret_settings: Vec<String>,
     /// Resource limits of the jobs.
     pub limits: CommandLimits,
-    /// `[policy.signing]`: only signed executions run (None: any).
-    pub signing: Option<Arc<Signing>>,
-    /// `[[policy.arguments]]` by command.
-    pub argument_rules: BTreeMap<String, ArgumentRules>,
 }
 
 /// Resource limits for every job, and per command.
@@ -97,21 +90,15 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
     let id = execution.id.clone();
     let command = execution.command.clone();
     let settings = ctx.settings.clone();
-    let args = match refusal(&settings, &execution) {
-        Err(message) => return reject(&ctx, &execution, message).await,
-        Ok(args) => args,
+    let admitted = match admission::admit(&settings.admission, &ctx.worker, &execution).await {
+        Ok(admitted) => admitted,
+        Err(rejection) => return reject(&ctx, &execution, rejection).await,
     };
-    if let Some(rules) = settings.argument_rules.get(&command) {
-        if let Err(message) = check_arguments(&ctx.worker, &command, &args, rules).await {
-            return reject(&ctx, &execution, message).await;
-        }
-    }
+    let args = admitted.args.clone();
     if let Err(error) = ctx.client.start(&id).await {
         ctx.gate.observe(&error);
         // Not started: it stays queued on the server for a later poll.
-        if let Some(signing) = &settings.signing {
-            signing.forget(&id);
-        }
+        admitted.release();
         tracing::warn!(execution = %id, command, "could not start the execution: {error}");
         return;
     }
@@ -201,70 +188,11 @@ fn mask(settings: &ExecutionSettings, text: &str) -> String {
     }
 }
 
-/// `Ok(arguments)` if this runner may run the execution, else the text
-/// explaining the refusal.
-fn refusal(settings: &ExecutionSettings, execution: &Execution) -> Result<Vec<String>, String> {
-    let command = &execution.command;
-    if let Err(refusal) = settings.policy.check(command) {
-        return Err(settings.policy.refusal_message(command, &refusal));
-    }
-    if let Some(signing) = &settings.signing {
-        if let Err(refusal) = signing.accept(execution, unix_now() as i64) {
-            return Err(signing.refusal_message(command, &refusal));
-        }
-    }
-    let Some(args) = shlex::split(&execution.args) else {
-        return Err(format!(
-            "Command '{command}' rejected by runner security policy.\n\
-             Reason: its arguments could not be parsed (unbalanced quotes): {:?}\n",
-            execution.args
-        ));
-    };
-    if let Some(allowed) = settings.bound_args.get(command) {
-        if !allowed.contains(&args) {
-            let listed: Vec<String> = allowed
-                .iter()
-                .map(|set| shlex::try_join(set.iter().map(String::as_str)).unwrap_or_default())
-                .collect();
-            return Err(format!(
-                "Command '{command}' rejected by runner security policy.\n\
-                 Reason: arguments {:?} are not one of the argument sets bound to this command\n\n\
-                 Allowed argument sets: {}\n\
-                 To allow others, add them to [[policy.bound_args]] in dc.toml.\n",
-                execution.args,
-                listed.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
-            ));
-        }
-    }
-    Ok(args)
-}
-
-/// `[[policy.arguments]]`: the worker reads `args` with the command's own
-/// parser (so abbreviations resolve as they would in the job), then the
-/// rules judge what it read. `Err` is the rejection text.
-async fn check_arguments(
-    worker: &Worker,
-    command: &str,
-    args: &[String],
-    rules: &ArgumentRules,
-) -> Result<(), String> {
-    let reason = match worker.parse_args(command, args).await {
-        Ok(ParseOutcome::Parsed { given }) => match rules.check(args, &given) {
-            Ok(()) => return Ok(()),
-            Err(violation) => violation.reason(command),
-        },
-        Ok(ParseOutcome::Refused { message }) => {
-            format!("the command's parser refused the arguments: {}", message.trim_end())
-        }
-        Err(error) => format!("the arguments could not be checked against [[policy.arguments]]: {error}"),
-    };
-    Err(arguments::refusal_message(command, &reason))
-}
-
 /// The rejection flow: start, one stderr chunk saying why, complete as failed.
-pub async fn reject(ctx: &ExecutionContext, execution: &Execution, message: String) {
+pub async fn reject(ctx: &ExecutionContext, execution: &Execution, rejection: Rejection) {
     let id = &execution.id;
-    tracing::warn!(execution = %id, command = execution.command, "rejected by the runner's policy: {}", message.lines().nth(1).unwrap_or(""));
+    tracing::warn!(execution = %id, command = execution.command, rule = %rejection.rule, reason = rejection.reason, "rejected by the runner's policy");
+    let message = rejection.render(&execution.command);
     if let Err(error) = ctx.client.start(id).await {
         ctx.gate.observe(&error);
         tracing::warn!(execution = %id, "could not start the rejected execution: {error}");

@@ -6,14 +6,14 @@
 //!   reload and shutdown).
 //! * One execution: [`execution`] (start to completion), [`output`] (bytes to
 //!   timestamped segments and chunks), [`redact`] (secrets masked).
-//! * What may run: [`policy`], [`commands`] (what is synced, the hash),
-//!   [`arguments`] (argument rules), [`signing`] (signed executions, opt-in).
+//! * What may run: [`admission`] (the one pipeline: policy, signature,
+//!   arguments, concurrency), [`commands`] (what is synced, the hash).
 //! * The process: [`control`] (signals and the reload file), [`state`] (the
 //!   state directory and instance lock), [`journal`] (executions in flight,
 //!   for crash recovery), [`systemd`] (notify protocol).
 
+pub mod admission;
 pub mod api;
-pub mod arguments;
 pub mod client;
 pub mod commands;
 pub mod control;
@@ -21,9 +21,7 @@ pub mod delivery;
 pub mod execution;
 pub mod journal;
 pub mod output;
-pub mod policy;
 pub mod redact;
 pub mod runner;
-pub mod signing;
 pub mod state;
 pub mod systemd;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
+use super::admission::concurrency::{self, CommandLimit, Slot};
 use super::api::{Execution, ExecutionId, HeartbeatRequest, HeartbeatResponse, RunnerState, SyncRequest};
 use super::client::{ApiError, Client};
 use super::commands::{commands_hash, synced_commands, BoundArgs, SyncedCommand};
@@ -61,42 +62,6 @@ pub struct RunnerOptions {
     pub outbox_memory_bytes: usize,
     /// Per-command limits on executions running at once (e.g. one `migrate`).
     pub command_limits: BTreeMap<String, CommandLimit>,
-}
-
-/// At most `max_running` executions of a command at once on this runner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CommandLimit {
-    pub max_running: usize,
-    pub when_busy: WhenBusy,
-}
-
-/// What happens to an execution that would break its command's limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WhenBusy {
-    /// Left queued on the server; taken once one of the running ones ends.
-    Wait,
-    /// Refused at once through the rejection flow, with the rule in its output.
-    Refuse,
-}
-
-/// The limit `command` has reached, if any.
-fn busy(
-    running: &HashMap<ExecutionId, String>,
-    limits: &BTreeMap<String, CommandLimit>,
-    command: &str,
-) -> Option<(usize, WhenBusy)> {
-    let limit = limits.get(command)?;
-    let same = running.values().filter(|running| running.as_str() == command).count();
-    (same >= limit.max_running).then_some((limit.max_running, limit.when_busy))
-}
-
-fn busy_refusal(command: &str, limit: usize) -> String {
-    format!(
-        "Command '{command}' rejected by runner security policy.\n\
-         Reason: at most {limit} '{command}' may run at a time on this runner, and that many are running\n\n\
-         Run it again once they have finished, or change the rule in [[policy.concurrency]] in dc.toml.\n"
-    )
 }
 
 /// Everything the runner is built from; a reload brings a new one.
@@ -417,11 +382,12 @@ impl Runner {
                 if running.len() >= live.opts.max_concurrent {
                     break; // full: leave it (and the rest) queued on the server
                 }
-                let refusal = match busy(&running, &live.opts.command_limits, &execution.command) {
-                    Some((_, WhenBusy::Wait)) => continue, // stays queued until one ends
-                    Some((limit, WhenBusy::Refuse)) => Some(busy_refusal(&execution.command, limit)),
-                    None => None,
-                };
+                let refusal =
+                    match concurrency::check(&running, &live.opts.command_limits, &execution.command) {
+                        Ok(Slot::Wait) => continue, // stays queued until one ends
+                        Ok(Slot::Free) => None,
+                        Err(rejection) => Some(rejection),
+                    };
                 running.insert(execution.id.clone(), execution.command.clone());
                 refusal
             };
@@ -430,7 +396,7 @@ impl Runner {
             self.lock_tasks().spawn(async move {
                 let id = execution.id.clone();
                 match refusal {
-                    Some(message) => execution::reject(&ctx, &execution, message).await,
+                    Some(rejection) => execution::reject(&ctx, &execution, rejection).await,
                     None => execution::run(ctx, execution).await,
                 }
                 runner.lock_running().remove(&id);
@@ -483,7 +449,7 @@ impl Live {
                 spill_dir.display()
             );
         }
-        let mut synced = synced_commands(discovered, &setup.settings.policy);
+        let mut synced = synced_commands(discovered, &setup.settings.admission.policy);
         for command in &mut synced {
             command.bound_args = setup.bound_args_labels.get(&command.name).cloned();
         }

@@ -11,6 +11,7 @@
 
 use regex::Regex;
 
+use super::{Rejection, Rule};
 use crate::ipc::GivenArg;
 
 /// The rules of one command.
@@ -89,12 +90,13 @@ impl Violation {
     }
 }
 
-/// The rejection text for an execution whose arguments were refused.
-pub fn refusal_message(command: &str, reason: &str) -> String {
-    format!(
-        "Command '{command}' rejected by runner security policy.\nReason: {reason}\n\n\
-         Arguments are read the way the command's own parser reads them and checked against \
-         the [[policy.arguments]] rules in dc.toml.\n"
+/// The rejection of an execution whose arguments the rules refused.
+pub fn rejection(reason: String) -> Rejection {
+    Rejection::new(
+        Rule::ArgumentRules,
+        reason,
+        "Arguments are read the way the command's own parser reads them and checked against \
+         the [[policy.arguments]] rules in dc.toml.\n",
     )
 }
 
