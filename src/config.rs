@@ -425,20 +425,57 @@ impl Config {
                 return Err(invalid("policy", format!("{name:?}"), "command names are single words"));
             }
         }
-        if self.worker.startup_timeout == 0 {
-            return Err(invalid("worker.startup_timeout", 0, "give Django at least 1 second to set up"));
-        }
-        if self.runner.max_concurrent == 0 {
-            return Err(invalid("runner.max_concurrent", 0, "allow at least 1 execution at a time"));
+        self.validate_numbers()?;
+        for bound in &self.policy.bound_args {
+            if shlex::split(&bound.args).is_none() {
+                return Err(invalid(
+                    "policy.bound_args.args",
+                    format!("{:?} (command {:?})", bound.args, bound.command),
+                    "balance the quotes: the arguments are split like a POSIX shell would",
+                ));
+            }
         }
         self.argument_rules()?;
         if let Some(signing) = &self.policy.signing {
             signing.verifying_key()?;
-            if signing.max_age == 0 {
-                return Err(invalid("policy.signing.max_age", 0, "allow at least 1 second (300 is usual)"));
+        }
+        Ok(())
+    }
+
+    /// Every number and duration of the file, against [`ranges`]: a value
+    /// out of range would otherwise panic or misbehave far from its cause
+    /// (a negative interval, a zero-length tick, an overflowing size).
+    fn validate_numbers(&self) -> Result<(), ConfigError> {
+        use ranges::*;
+        let (server, runner, worker) = (&self.server, &self.runner, &self.worker);
+        server.validate_numbers()?;
+        whole("worker.startup_timeout", worker.startup_timeout, STARTUP_TIMEOUT)?;
+        whole("worker.cancel_grace", worker.cancel_grace, CANCEL_GRACE)?;
+        whole("worker.recycle_above_rss_mb", worker.recycle_above_rss_mb, MEGABYTES)?;
+        whole("runner.max_concurrent", runner.max_concurrent as u64, MAX_CONCURRENT)?;
+        seconds("runner.poll_interval", runner.poll_interval, POLL_INTERVAL)?;
+        seconds("runner.output_flush_interval", runner.output_flush_interval, FLUSH_INTERVAL)?;
+        whole("runner.chunk_max_bytes", runner.chunk_max_bytes as u64, CHUNK_MAX_BYTES)?;
+        if runner.output_cap_bytes != 0 {
+            whole("runner.output_cap_bytes", runner.output_cap_bytes as u64, OUTPUT_CAP_BYTES)?;
+        }
+        whole("runner.outbox_memory_bytes", runner.outbox_memory_bytes as u64, OUTBOX_MEMORY_BYTES)?;
+        whole("runner.shutdown_grace", runner.shutdown_grace, SHUTDOWN_GRACE)?;
+        for values in std::iter::once(&self.limits.all).chain(self.limits.commands.values()) {
+            whole("limits.cpu_seconds", values.cpu_seconds.unwrap_or(0), CPU_SECONDS)?;
+            whole("limits.memory_mb", values.memory_mb.unwrap_or(0), MEGABYTES)?;
+            let nice = values.nice.unwrap_or(0);
+            if !(0..=NICE_MAX).contains(&nice) {
+                return Err(invalid("limits.nice", nice, format!("use a value from 0 to {NICE_MAX}")));
             }
         }
-        self.server.validate_intervals()
+        for rule in &self.policy.concurrency {
+            whole("policy.concurrency.max_running", rule.max_running as u64, MAX_RUNNING)?;
+        }
+        if let Some(signing) = &self.policy.signing {
+            whole("policy.signing.max_age", signing.max_age, SIGNING_MAX_AGE)?;
+        }
+        Ok(())
     }
 
     pub fn policy(&self) -> Policy {
@@ -672,18 +709,13 @@ impl ServerConfig {
         Ok(ServerSettings { base_url, api_key: ApiKey::new(key) })
     }
 
-    fn validate_intervals(&self) -> Result<(), ConfigError> {
-        if self.heartbeat_interval < 5 {
-            return Err(invalid(
-                "server.heartbeat_interval",
-                self.heartbeat_interval,
-                "the minimum is 5 seconds",
-            ));
-        }
-        if self.request_timeout == 0 {
-            return Err(invalid("server.request_timeout", 0, "use a timeout of at least 1 second"));
-        }
-        Ok(())
+    /// The numbers of `[server]`; the Python package applies the same
+    /// ranges to the `DJANGOCOMMAND_*` settings (tests/server_settings_vectors.json).
+    pub fn validate_numbers(&self) -> Result<(), ConfigError> {
+        use ranges::*;
+        whole("server.heartbeat_interval", self.heartbeat_interval, HEARTBEAT_INTERVAL)?;
+        whole("server.request_timeout", self.request_timeout, REQUEST_TIMEOUT)?;
+        whole("server.max_retries", u64::from(self.max_retries), MAX_RETRIES)
     }
 }
 
@@ -735,4 +767,61 @@ fn combine(
 ) -> BTreeSet<String> {
     let base = replacement.unwrap_or(defaults);
     base.iter().chain(add).filter(|name| !remove.contains(name)).cloned().collect()
+}
+
+/// The allowed range of every number in `dc.toml` (inclusive, in the
+/// field's unit), the one place they are written; README.md and
+/// config/dc.example.toml quote them.
+pub mod ranges {
+    use super::{invalid, ConfigError};
+
+    /// An inclusive range and the unit the message names.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Range<T> {
+        pub min: T,
+        pub max: T,
+        pub unit: &'static str,
+    }
+
+    const fn range<T>(min: T, max: T, unit: &'static str) -> Range<T> {
+        Range { min, max, unit }
+    }
+
+    pub const HEARTBEAT_INTERVAL: Range<u64> = range(5, 3600, "seconds");
+    pub const REQUEST_TIMEOUT: Range<u64> = range(1, 600, "seconds");
+    pub const MAX_RETRIES: Range<u64> = range(0, 20, "retries");
+    pub const STARTUP_TIMEOUT: Range<u64> = range(1, 3600, "seconds");
+    pub const CANCEL_GRACE: Range<u64> = range(0, 3600, "seconds");
+    pub const SHUTDOWN_GRACE: Range<u64> = range(0, 86_400, "seconds");
+    pub const POLL_INTERVAL: Range<f64> = range(0.05, 3600.0, "seconds");
+    pub const FLUSH_INTERVAL: Range<f64> = range(0.01, 60.0, "seconds");
+    pub const MAX_CONCURRENT: Range<u64> = range(1, 256, "executions");
+    pub const MAX_RUNNING: Range<u64> = range(1, 256, "executions");
+    pub const CHUNK_MAX_BYTES: Range<u64> = range(256, 8 * 1024 * 1024, "bytes");
+    pub const OUTPUT_CAP_BYTES: Range<u64> = range(1024, 1 << 40, "bytes (or 0: no cap)");
+    pub const OUTBOX_MEMORY_BYTES: Range<u64> = range(0, 1 << 30, "bytes");
+    /// MiB; the largest keeps `* 1024 * 1024` far from overflowing.
+    pub const MEGABYTES: Range<u64> = range(0, 1 << 24, "MiB (0: no limit)");
+    pub const CPU_SECONDS: Range<u64> = range(0, 1 << 31, "seconds (0: no limit)");
+    pub const SIGNING_MAX_AGE: Range<u64> = range(1, 86_400, "seconds");
+    pub const NICE_MAX: i32 = 19;
+
+    pub fn whole(field: &'static str, value: u64, range: Range<u64>) -> Result<(), ConfigError> {
+        if (range.min..=range.max).contains(&value) {
+            return Ok(());
+        }
+        Err(invalid(
+            field,
+            value,
+            format!("use a whole number from {} to {} {}", range.min, range.max, range.unit),
+        ))
+    }
+
+    /// Seconds as a number that may have a fraction: finite, in range.
+    pub fn seconds(field: &'static str, value: f64, range: Range<f64>) -> Result<(), ConfigError> {
+        if value.is_finite() && (range.min..=range.max).contains(&value) {
+            return Ok(());
+        }
+        Err(invalid(field, value, format!("use a number from {} to {} {}", range.min, range.max, range.unit)))
+    }
 }

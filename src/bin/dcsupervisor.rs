@@ -21,6 +21,8 @@ use tracing_subscriber::EnvFilter;
 /// Exit status of `exec` when the policy refuses the command (like a shell's
 /// "found but not executable").
 const REFUSED_EXIT_CODE: u8 = 126;
+/// Exit status after a panic (EX_SOFTWARE): an internal error.
+const PANIC_EXIT_CODE: i32 = 70;
 
 #[derive(Parser)]
 #[command(
@@ -84,6 +86,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
+    exit_on_panic();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -98,6 +101,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// No panic is reachable from the configuration, the control plane or the
+/// worker; should one happen anyway (a bug), in any task, the process exits
+/// with a failure status at once, so the process manager restarts it (the
+/// journal then recovers its executions). Without this a dead task could
+/// leave the runner half-working, or let it shut down and exit 0, which
+/// `Restart=on-failure` does not restart.
+fn exit_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!("internal error (panic): exiting with status {PANIC_EXIT_CODE}");
+        std::process::exit(PANIC_EXIT_CODE);
+    }));
 }
 
 fn init_logging(cli: &Cli) {
