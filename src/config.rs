@@ -669,7 +669,16 @@ impl ServerConfig {
     /// HTTPS unless the host is allowed plain HTTP.
     pub fn settings(&self) -> Result<ServerSettings, ConfigError> {
         let key = match &self.api_key {
-            Some(key) if key.starts_with("dc_") => key.clone(),
+            Some(key) if key.starts_with("dc_") && key.bytes().all(|b| b.is_ascii_graphic()) => key.clone(),
+            Some(key) if key.starts_with("dc_") => {
+                // It travels in an HTTP header: a stray newline from a
+                // secrets file would break it far from its cause.
+                return Err(invalid(
+                    "server.api_key",
+                    "<hidden>",
+                    "the key contains whitespace, control or non-ASCII characters; copy it again",
+                ));
+            }
             Some(_) => {
                 return Err(invalid(
                     "server.api_key",
@@ -688,8 +697,12 @@ impl ServerConfig {
         let base_url = self.url.trim_end_matches('/').to_string();
         let uri: http::Uri =
             base_url.parse().map_err(|e| invalid("server.url", &self.url, format!("not a URL ({e})")))?;
-        let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || uri.path_and_query().is_some_and(|p| p.query().is_some()) {
+        let host =
+            uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let host = host.as_str();
+        let query_or_fragment =
+            uri.path_and_query().is_some_and(|p| p.query().is_some()) || base_url.contains('#');
+        if host.is_empty() || query_or_fragment || !port_fits(&uri) {
             return Err(invalid("server.url", &self.url, "use a URL like https://app.djangocommand.com"));
         }
         match uri.scheme_str() {
@@ -716,6 +729,17 @@ impl ServerConfig {
         whole("server.heartbeat_interval", self.heartbeat_interval, HEARTBEAT_INTERVAL)?;
         whole("server.request_timeout", self.request_timeout, REQUEST_TIMEOUT)?;
         whole("server.max_retries", u64::from(self.max_retries), MAX_RETRIES)
+    }
+}
+
+/// Whether the URL's port, if it has one, is a number from 0 to 65535.
+fn port_fits(uri: &http::Uri) -> bool {
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
+    let host_and_port = authority.rsplit_once('@').map_or(authority, |(_, rest)| rest);
+    let after_host = host_and_port.rsplit_once(']').map_or(host_and_port, |(_, rest)| rest);
+    match after_host.split_once(':') {
+        Some((_, port)) => port.is_empty() || port.parse::<u16>().is_ok(),
+        None => true,
     }
 }
 

@@ -24,7 +24,9 @@ from .constants import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_SERVER_URL,
-    MIN_HEARTBEAT_INTERVAL,
+    HEARTBEAT_INTERVAL_RANGE,
+    MAX_RETRIES_RANGE,
+    REQUEST_TIMEOUT_RANGE,
 )
 
 API_KEY_PREFIX = "dc_"
@@ -117,8 +119,9 @@ def _commands(settings: Any, name: str, default: tuple[str, ...]) -> tuple[str, 
 
 
 def _whole_number(
-    settings: Any, name: str, default: int, minimum: int, unit: str
+    settings: Any, name: str, default: int, bounds: tuple[int, int], unit: str
 ) -> int:
+    minimum, maximum = bounds
     value = getattr(settings, name, default)
     # bool is an int subclass; True seconds is a mistake, not a number.
     if isinstance(value, bool) or not isinstance(value, int):
@@ -126,6 +129,8 @@ def _whole_number(
     if value < minimum:
         plural = unit if minimum != 1 else unit.rstrip("s")
         raise _error(f"{name} must be at least {minimum} {plural}. Got: {value}")
+    if value > maximum:
+        raise _error(f"{name} must be at most {maximum} {unit}. Got: {value}")
     return value
 
 
@@ -213,18 +218,22 @@ def runner_settings(settings: Any = None) -> RunnerSettings:
             settings,
             "DJANGOCOMMAND_HEARTBEAT_INTERVAL",
             DEFAULT_HEARTBEAT_INTERVAL,
-            MIN_HEARTBEAT_INTERVAL,
+            HEARTBEAT_INTERVAL_RANGE,
             "seconds",
         ),
         request_timeout=_whole_number(
             settings,
             "DJANGOCOMMAND_REQUEST_TIMEOUT",
             DEFAULT_REQUEST_TIMEOUT,
-            1,
+            REQUEST_TIMEOUT_RANGE,
             "seconds",
         ),
         max_retries=_whole_number(
-            settings, "DJANGOCOMMAND_MAX_RETRIES", DEFAULT_MAX_RETRIES, 0, "retries"
+            settings,
+            "DJANGOCOMMAND_MAX_RETRIES",
+            DEFAULT_MAX_RETRIES,
+            MAX_RETRIES_RANGE,
+            "retries",
         ),
         allow_http_hosts=allow_http_hosts,
         policy=policy_settings(settings),
