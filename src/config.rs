@@ -27,6 +27,10 @@ use crate::supervisor::redact::{Redactor, MIN_SECRET_LEN};
 use crate::supervisor::runner::{RunnerOptions, RunnerSetup};
 use crate::worker::{Isolation, WorkerOptions};
 
+/// The variable that carries the API key (to the supervisor, and to the
+/// worker while Django sets up, since `settings.py` may read it).
+pub const API_KEY_ENV: &str = "DJANGOCOMMAND_API_KEY";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {message}")]
@@ -366,7 +370,7 @@ impl Config {
                     .try_parsing(true)
                     .source(Some(section_overrides())),
             );
-        if let Ok(key) = std::env::var("DJANGOCOMMAND_API_KEY") {
+        if let Ok(key) = std::env::var(API_KEY_ENV) {
             builder = builder.set_override("server.api_key", key).map_err(|e| load_error(e.to_string()))?;
         }
         let merged = builder.build().map_err(|e| load_error(e.to_string()))?;
@@ -487,7 +491,14 @@ impl Config {
             python: self.django.python.clone(),
             project_dir: self.django.project_dir.clone(),
             settings_module: self.django.settings_module.clone(),
-            env: self.django.env.clone(),
+            env: self
+                .django
+                .env
+                .iter()
+                .filter(|(name, _)| *name != API_KEY_ENV)
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect(),
+            setup_env: self.setup_env(),
             startup_timeout: Duration::from_secs(self.worker.startup_timeout),
             isolation: self.worker.isolation,
             spawn_commands: self.worker.spawn_commands.iter().cloned().collect(),
@@ -496,6 +507,13 @@ impl Config {
             recycle_above_rss: (self.worker.recycle_above_rss_mb > 0)
                 .then_some(self.worker.recycle_above_rss_mb * 1024 * 1024),
         }
+    }
+
+    /// What the worker needs for Django's set-up only: the API key (from
+    /// the supervisor's environment, dc.toml or `django.env`).
+    fn setup_env(&self) -> BTreeMap<String, String> {
+        let key = self.server.api_key.clone().or_else(|| self.django.env.get(API_KEY_ENV).cloned());
+        key.map(|key| (API_KEY_ENV.to_string(), key)).into_iter().collect()
     }
 
     pub fn cancel_grace(&self) -> Duration {
@@ -530,8 +548,10 @@ impl Config {
 
     /// The secrets known without asking the worker: the listed values and
     /// the named environment variables' values.
+    /// The API key is always one of them, whatever `[redaction]` says.
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets = self.redaction.values.clone();
+        secrets.extend(self.setup_env().into_values().filter(|key| key.len() >= MIN_SECRET_LEN));
         for name in &self.redaction.from_env {
             let value = self.django.env.get(name).cloned().or_else(|| std::env::var(name).ok());
             match value {

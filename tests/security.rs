@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::plane::{status_and_code, ControlPlane, Supervisor, LIMIT};
+use common::plane::{output, status_and_code, ControlPlane, Supervisor, KEY, LIMIT};
 use nix::sys::signal::Signal;
 
 /// Waits until `needle` occurs `times` times in the supervisor's log.
@@ -55,4 +55,90 @@ async fn bad_numbers_are_refused_naming_the_field_at_start_and_on_reload() {
     }
     assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
     assert!(!runner.log().contains("panicked"), "{}", runner.log());
+}
+
+/// A private copy of the demo project, with `settings` appended to its settings.py.
+fn project_with_settings(settings: &str) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(format!("{}/.", common::demo_project().display()))
+        .arg(copy.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let path = copy.path().join("demo_project/settings.py");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(settings);
+    std::fs::write(path, text).unwrap();
+    copy
+}
+
+/// A database password with a quote of each kind, a backslash, non-ASCII
+/// and a space: every escaping a command may apply changes it.
+const PASSWORD_SETTING: &str = r#"DATABASES["default"]["PASSWORD"] = "pa'ss\\wo\"rd-é 4242/zz""#;
+const PASSWORD_CORE: &str = "4242";
+
+/// The shell, allowed for the probes below (never by default).
+const SHELL_ALLOWED: &str = "mode = \"blocklist\"\nremove_disallowed_commands = [\"shell\"]\n";
+
+/// Runs `python` through `manage.py shell -c` on the runner; its stdout.
+async fn shell(plane: &ControlPlane, python: &str) -> String {
+    let args = shlex::try_quote(python).unwrap().to_string();
+    let execution = plane.wait_done(&plane.queue("shell", &format!("-v 0 -c {args}")).await, LIMIT).await;
+    assert_eq!(status_and_code(&execution), ("success".into(), 0), "{execution:#}");
+    output(&execution, false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_never_leaves_the_host_nor_reaches_a_job_environment() {
+    let plane = ControlPlane::start();
+    // The settings line the README recommends: settings.py needs the key.
+    let project = project_with_settings("\nDJANGOCOMMAND_API_KEY = os.environ[\"DJANGOCOMMAND_API_KEY\"]\n");
+    let env = [("DJANGOCOMMAND_API_KEY", KEY)];
+    let runner = Supervisor::start_with(&plane.url, SHELL_ALLOWED, "", project.path().to_path_buf(), &env);
+
+    // Masked although [redaction] does not name it.
+    let diff = plane.wait_done(&plane.queue("diffsettings", "").await, LIMIT).await;
+    assert_eq!(status_and_code(&diff).0, "success", "{diff:#}");
+    let out = output(&diff, false);
+    assert!(out.contains("DJANGOCOMMAND_API_KEY = '[REDACTED]'"), "{out}");
+    assert!(!out.contains(KEY), "{out}");
+
+    let probe = "import os\n\
+        mine = open('/proc/self/environ', 'rb').read()\n\
+        worker = open(f'/proc/{os.getppid()}/environ', 'rb').read()\n\
+        print('os.environ:', 'DJANGOCOMMAND_API_KEY' in os.environ)\n\
+        print('/proc/self/environ:', b'DJANGOCOMMAND_API_KEY' in mine)\n\
+        print('/proc/worker/environ:', b'DJANGOCOMMAND_API_KEY' in worker)\n";
+    assert_eq!(
+        shell(&plane, probe).await,
+        "os.environ: False\n/proc/self/environ: False\n/proc/worker/environ: False\n"
+    );
+    assert!(!runner.log().contains(KEY), "{}", runner.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_masked_in_their_escaped_and_encoded_forms() {
+    let plane = ControlPlane::start();
+    let project = project_with_settings(&format!("\n{PASSWORD_SETTING}\n"));
+    let redaction = "[redaction]\nfrom_django_settings = [\"DATABASES.*.PASSWORD\"]\n";
+    let _runner =
+        Supervisor::start_with(&plane.url, SHELL_ALLOWED, redaction, project.path().to_path_buf(), &[]);
+
+    // diffsettings prints repr(): the quote and the backslash come out escaped.
+    let diff = plane.wait_done(&plane.queue("diffsettings", "").await, LIMIT).await;
+    let out = output(&diff, false);
+    assert!(out.contains("'PASSWORD': '[REDACTED]'"), "{out}");
+    assert!(!out.contains(PASSWORD_CORE), "{out}");
+
+    let probe = "import base64, json, urllib.parse\n\
+        from django.conf import settings\n\
+        p = settings.DATABASES['default']['PASSWORD']\n\
+        print(repr(p), json.dumps(p), json.dumps(p, ensure_ascii=False))\n\
+        print('postgres://u:' + urllib.parse.quote(p, safe='') + '@db/x', urllib.parse.quote(p), urllib.parse.quote_plus(p))\n\
+        for prefix in ('', 'a', 'ab'):\n    print(base64.b64encode((prefix + 'user:' + p + ':x').encode()).decode())\n";
+    let out = shell(&plane, probe).await;
+    assert!(!out.contains(PASSWORD_CORE), "{out}");
+    assert_eq!(out.matches("[REDACTED]").count(), 9, "{out}");
 }
