@@ -142,3 +142,71 @@ async fn secrets_are_masked_in_their_escaped_and_encoded_forms() {
     assert!(!out.contains(PASSWORD_CORE), "{out}");
     assert_eq!(out.matches("[REDACTED]").count(), 9, "{out}");
 }
+
+/// A stand-in for the worker that speaks the IPC protocol (with the codec of
+/// python/djangocommand/_worker.py) and answers every `Run` with the pid
+/// `STANDIN_JOB_PID` names: "supervisor" (its parent) or "itself".
+fn hostile_worker(dir: &std::path::Path) -> std::path::PathBuf {
+    const SCRIPT: &str = r#"
+import os, socket, sys
+sys.stdin.buffer.read()
+sys.path.insert(0, os.environ["STANDIN_CODEC_DIR"])
+import _worker as w
+sock = socket.socket(fileno=int(os.environ["DJANGOCOMMAND_WORKER_FD"]))
+hello = {"protocol": w.PROTOCOL_VERSION, "pid": os.getpid(), "python_version": "3", "django_version": "5"}
+w.send_frame(sock, "Event", {"Hello": hello})
+frames = w.FrameDecoder()
+while data := sock.recv(65536):
+    for payload in frames.feed(data):
+        request = w.decode("Request", payload)
+        if request == "Discover":
+            noop = {"name": "noop", "app_label": "demo", "help_text": ""}
+            w.send_frame(sock, "Event", {"Commands": {"commands": [noop]}})
+        elif "Run" in request:
+            pid = {"supervisor": os.getppid(), "itself": os.getpid()}[os.environ["STANDIN_JOB_PID"]]
+            w.send_frame(sock, "Event", {"JobStarted": {"job": request["Run"]["job"], "pid": pid}})
+"#;
+    let path = dir.join("hostile-worker");
+    std::fs::write(&path, format!("#!{}{SCRIPT}", common::python().display())).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_reporting_a_pid_that_is_not_its_child_is_restarted_not_trusted() {
+    let plane = ControlPlane::start();
+    let dir = tempfile::tempdir().unwrap();
+    let worker = hostile_worker(dir.path());
+    for claim in ["supervisor", "itself"] {
+        let codec = common::repo_root().join("python/djangocommand");
+        let env = [
+            ("DCSUPERVISOR_DJANGO__PYTHON", worker.to_str().unwrap()),
+            ("STANDIN_CODEC_DIR", codec.to_str().unwrap()),
+            ("STANDIN_JOB_PID", claim),
+        ];
+        let mut runner = Supervisor::start_with(&plane.url, "", "", common::demo_project(), &env);
+        runner.wait_for_log("worker ready", LIMIT).await;
+        let failed = plane.wait_done(&plane.queue("noop", "").await, LIMIT).await;
+        assert_eq!(status_and_code(&failed), ("failed".into(), -1), "{failed:#}");
+        let stderr = output(&failed, true);
+        assert!(stderr.contains("protocol violation by worker"), "{claim}: {stderr}");
+        // The worker was killed and a fresh one started; the supervisor lives on.
+        wait_for_log_count(&runner, "worker ready", 2).await;
+        assert!(runner.is_running(), "{claim}: {}", runner.log());
+        assert_eq!(runner.terminate(LIMIT).await, Some(0), "{}", runner.log());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_logs_latin_1_keeps_its_log_and_keeps_working() {
+    let plane = ControlPlane::start();
+    let project = project_with_settings(
+        "\nimport sys\nsys.stdout.buffer.write(b'caf\\xe9 au lait\\n')\nsys.stdout.flush()\n\
+         print('after the Latin-1 line', flush=True)\n",
+    );
+    let runner = Supervisor::start_with(&plane.url, "", "", project.path().to_path_buf(), &[]);
+    runner.wait_for_log("after the Latin-1 line", LIMIT).await;
+    assert!(runner.log().contains("caf\u{fffd} au lait"), "{}", runner.log());
+    let noop = plane.wait_done(&plane.queue("noop", "").await, LIMIT).await;
+    assert_eq!(status_and_code(&noop), ("success".into(), 0), "{noop:#}");
+}
