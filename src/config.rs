@@ -177,6 +177,9 @@ pub struct PolicyConfig {
     pub arguments: Vec<ArgumentsConfig>,
     /// `[policy.signing]`: run only executions signed by this key.
     pub signing: Option<SigningConfig>,
+    /// Let the control plane give `--settings`, `--pythonpath` and other
+    /// options that change which code a command loads (refused by default).
+    pub allow_code_loading_options: bool,
 }
 
 /// `[policy.signing]`: the control plane's pinned Ed25519 public key.
@@ -580,6 +583,7 @@ impl Config {
                 signing: self.signing()?,
                 bound_args,
                 argument_rules: self.argument_rules()?,
+                allow_code_loading_options: self.policy.allow_code_loading_options,
             },
             metadata_only: self.policy.metadata_only(),
             cancel_grace: self.cancel_grace(),

@@ -210,3 +210,84 @@ async fn a_worker_that_logs_latin_1_keeps_its_log_and_keeps_working() {
     let noop = plane.wait_done(&plane.queue("noop", "").await, LIMIT).await;
     assert_eq!(status_and_code(&noop), ("success".into(), 0), "{noop:#}");
 }
+
+/// Queues `command args` and waits for it to be refused: its stderr.
+async fn refused(plane: &ControlPlane, command: &str, args: &str) -> String {
+    let execution = plane.wait_done(&plane.queue(command, args).await, LIMIT).await;
+    assert_eq!(status_and_code(&execution), ("failed".into(), -1), "{execution:#}");
+    assert_eq!(output(&execution, false), "", "a refused command never runs: {execution:#}");
+    output(&execution, true)
+}
+
+/// A directory holding a settings module that leaves a marker when imported.
+fn evil_settings(dir: &std::path::Path) -> std::path::PathBuf {
+    let marker = dir.join("imported");
+    let module = format!(
+        "open({:?}, 'w').write('ran')\nfrom demo_project.settings import *\n",
+        marker.display().to_string()
+    );
+    std::fs::write(dir.join("evil_settings.py"), module).unwrap();
+    marker
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_that_load_code_are_refused_unless_allowed() {
+    let plane = ControlPlane::start();
+    let evil = tempfile::tempdir().unwrap();
+    let marker = evil_settings(evil.path());
+    let dir = evil.path().display();
+    let mut runner = Supervisor::start(&plane.url, "", "");
+    let attempts = [
+        ("migrate", format!("--pythonpath={dir} --settings=evil_settings --plan"), "--pythonpath="),
+        ("check", "--sett=evil_settings".to_string(), "--sett=evil_settings"),
+        ("diffsettings", format!("--pythonp {dir} --default=evil_settings"), "--pythonp"),
+        ("diffsettings", "--default=evil_settings".to_string(), "--default=evil_settings"),
+        ("test", "--testrunner=evil_settings.Runner".to_string(), "--testrunner"),
+        ("test", format!("-t {dir} evil_settings"), "\"-t\""),
+    ];
+    for (command, args, named) in &attempts {
+        let stderr = refused(&plane, command, args).await;
+        assert!(stderr.contains("changes which code or settings the command loads"), "{stderr}");
+        assert!(stderr.contains(named), "{named}: {stderr}");
+        assert!(stderr.contains("allow_code_loading_options = true"), "{stderr}");
+    }
+    assert!(!marker.exists(), "the module was imported");
+    assert!(runner.log().contains("rule=code_loading_option"), "{}", runner.log());
+
+    // Allowed by the operator, the same arguments import the module: the
+    // refusal was what stood in the way.
+    runner.write_config("allow_code_loading_options = true", "");
+    runner.signal(Signal::SIGHUP);
+    runner.wait_for_log("reload applied", LIMIT).await;
+    let args = format!("--pythonpath={dir} --default=evil_settings");
+    let diff = plane.wait_done(&plane.queue("diffsettings", &args).await, LIMIT).await;
+    assert_eq!(status_and_code(&diff), ("success".into(), 0), "{diff:#}");
+    assert!(marker.exists());
+    assert_eq!(runner.terminate(LIMIT).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_args_are_refused_and_control_characters_never_reach_the_log_raw() {
+    let plane = ControlPlane::start();
+    let runner = Supervisor::start(&plane.url, "", "");
+    let huge = "x".repeat(1024 * 1024);
+    let stderr = refused(&plane, "noop", &huge).await;
+    assert!(
+        stderr.contains("Reason: its arguments are 1048576 bytes long, above the 16384-byte limit"),
+        "{stderr}"
+    );
+    assert!(runner.log().len() < 200 * 1024, "the arguments went to the log");
+
+    // A newline, a carriage return, NUL, an escape sequence and a C1 control.
+    let hostile = "'one\nFAKE LINE\r\u{0}\u{1b}[31mred\u{9b}'";
+    let said = plane.wait_done(&plane.queue("say", hostile).await, LIMIT).await;
+    assert_eq!(status_and_code(&said).0, "success", "{said:#}");
+    let refused_too = plane.wait_done(&plane.queue("shell", hostile).await, LIMIT).await;
+    assert_eq!(status_and_code(&refused_too).0, "failed");
+    let log = runner.log();
+    assert!(log.contains("one\\nFAKE LINE\\r\\x00\\x1b[31mred\\u{9b}"), "{log}");
+    assert!(!log.lines().any(|line| line.starts_with("FAKE")), "{log}");
+    for raw in ['\r', '\u{0}', '\u{1b}', '\u{9b}'] {
+        assert!(!log.contains(raw), "{raw:?} in the log:\n{log}");
+    }
+}

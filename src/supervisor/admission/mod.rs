@@ -3,7 +3,8 @@
 //!
 //! One ordered pipeline ([`admit`]): the command policy ([`policy`]), the
 //! signature ([`signing`], opt-in), reading the arguments (size, shell-like
-//! splitting), the bound argument sets, and the argument rules
+//! splitting), options that load code ([`loading`]), the bound argument
+//! sets, and the argument rules
 //! ([`arguments`], read by the command's own parser in the worker). Per-
 //! command concurrency ([`concurrency`]) comes last; the runner asks it when
 //! it takes the execution, because a command that must wait stays queued on
@@ -13,6 +14,7 @@
 
 pub mod arguments;
 pub mod concurrency;
+pub mod loading;
 pub mod policy;
 pub mod signing;
 
@@ -27,6 +29,11 @@ use super::api::{Execution, ExecutionId};
 use crate::ipc::ParseOutcome;
 use crate::worker::Worker;
 
+/// The longest `args` string an execution may have (a management command's
+/// arguments are a few hundred bytes; megabytes are an attack on memory and
+/// on the logs).
+pub const MAX_ARGS_BYTES: usize = 16 * 1024;
+
 /// The step of the pipeline that refused an execution; its name is the
 /// `rule` field of the log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,8 +42,12 @@ pub enum Rule {
     Policy,
     /// `[policy.signing]`.
     Signature,
+    /// The `args` string is longer than [`MAX_ARGS_BYTES`].
+    ArgumentSize,
     /// The `args` string could not be split into arguments.
     ArgumentSyntax,
+    /// `--settings`, `--pythonpath` and the like ([`loading`]).
+    CodeLoadingOption,
     /// `[[policy.bound_args]]`.
     BoundArguments,
     /// `[[policy.arguments]]`.
@@ -50,7 +61,9 @@ impl Rule {
         match self {
             Rule::Policy => "policy",
             Rule::Signature => "signature",
+            Rule::ArgumentSize => "argument_size",
             Rule::ArgumentSyntax => "argument_syntax",
+            Rule::CodeLoadingOption => "code_loading_option",
             Rule::BoundArguments => "bound_arguments",
             Rule::ArgumentRules => "argument_rules",
             Rule::Concurrency => "concurrency",
@@ -120,12 +133,20 @@ pub struct Admission {
     pub bound_args: BTreeMap<String, Vec<Vec<String>>>,
     /// `[[policy.arguments]]` by command.
     pub argument_rules: BTreeMap<String, ArgumentRules>,
+    /// `policy.allow_code_loading_options`: let `--settings` and the like through.
+    pub allow_code_loading_options: bool,
 }
 
 impl Admission {
     /// The defaults: the default allowlist and nothing else.
     pub fn with_policy(policy: Policy) -> Self {
-        Self { policy, signing: None, bound_args: BTreeMap::new(), argument_rules: BTreeMap::new() }
+        Self {
+            policy,
+            signing: None,
+            bound_args: BTreeMap::new(),
+            argument_rules: BTreeMap::new(),
+            allow_code_loading_options: false,
+        }
     }
 }
 
@@ -160,13 +181,25 @@ fn check_signature(
     }
 }
 
-/// Splits `args` like a POSIX shell would (never running one) and checks
-/// the bound argument sets.
+/// Splits `args` like a POSIX shell would (never running one), then checks
+/// for options that load code and the bound argument sets.
 fn check_arguments(admission: &Admission, execution: &Execution) -> Result<Vec<String>, Rejection> {
+    if execution.args.len() > MAX_ARGS_BYTES {
+        let reason = format!(
+            "its arguments are {} bytes long, above the {MAX_ARGS_BYTES}-byte limit",
+            execution.args.len()
+        );
+        return Err(Rejection::new(Rule::ArgumentSize, reason, ""));
+    }
     let Some(args) = shlex::split(&execution.args) else {
         let reason = format!("its arguments could not be parsed (unbalanced quotes): {:?}", execution.args);
         return Err(Rejection::new(Rule::ArgumentSyntax, reason, ""));
     };
+    if !admission.allow_code_loading_options {
+        if let Some(arg) = loading::find(&execution.command, &args) {
+            return Err(loading::rejection(&arg));
+        }
+    }
     if let Some(allowed) = admission.bound_args.get(&execution.command) {
         if !allowed.contains(&args) {
             return Err(bound_args_rejection(&execution.args, allowed));
