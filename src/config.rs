@@ -243,6 +243,10 @@ pub struct ArgumentsConfig {
     /// match in full ("" for any value).
     #[serde(default)]
     pub allow_options: Option<BTreeMap<String, String>>,
+    /// When set, a regex every positional value must match in full (e.g.
+    /// fixture names without a path for `loaddata`).
+    #[serde(default)]
+    pub allow_positionals: Option<String>,
 }
 
 impl ArgumentsConfig {
@@ -273,10 +277,21 @@ impl ArgumentsConfig {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
+        let allow_positionals = match &self.allow_positionals {
+            None => None,
+            Some(pattern) => Some(AllowedOption::new("", pattern).map_err(|error| {
+                invalid(
+                    "policy.arguments.allow_positionals",
+                    format!("{pattern:?} of {:?}", self.command),
+                    format!("not a regular expression: {error}"),
+                )
+            })?),
+        };
         Ok(ArgumentRules {
             refuse_options: self.refuse_options.clone(),
             refuse_positionals: self.refuse_positionals.clone(),
             allow_options,
+            allow_positionals,
         })
     }
 }

@@ -291,3 +291,35 @@ async fn huge_args_are_refused_and_control_characters_never_reach_the_log_raw() 
         assert!(!log.contains(raw), "{raw:?} in the log:\n{log}");
     }
 }
+
+/// The recommended file-path rules of config/dc.example.toml, uncommented.
+fn recommended_path_rules() -> String {
+    let example = std::fs::read_to_string(common::repo_root().join("config/dc.example.toml")).unwrap();
+    let block = example
+        .split("# --- recommended file-path rules ---\n")
+        .nth(1)
+        .and_then(|rest| rest.split("# --- end of recommended file-path rules ---").next())
+        .expect("the example has the recommended rules");
+    block.lines().map(|line| line.trim_start_matches("# ")).collect::<Vec<_>>().join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recommended_rules_keep_file_paths_out_of_the_control_planes_hands() {
+    let plane = ControlPlane::start();
+    let _runner = Supervisor::start(&plane.url, &recommended_path_rules(), "");
+    let target = tempfile::tempdir().unwrap();
+    let written = target.path().join("dump.json");
+    let stderr = refused(&plane, "dumpdata", &format!("--output {}", written.display())).await;
+    assert!(stderr.contains("option --output is refused for 'dumpdata'"), "{stderr}");
+    assert!(!written.exists());
+    for path in ["/etc/passwd.json", "../../secrets.json"] {
+        let stderr = refused(&plane, "loaddata", path).await;
+        assert!(stderr.contains(&format!("positional argument {path:?} does not match")), "{stderr}");
+    }
+    let stderr = refused(&plane, "test", &target.path().display().to_string()).await;
+    assert!(stderr.contains("does not match"), "{stderr}");
+    // What the rules leave alone runs (a fixture name; there is no such fixture).
+    let load = plane.wait_done(&plane.queue("loaddata", "no_such_fixture.json").await, LIMIT).await;
+    assert_eq!(status_and_code(&load), ("failed".into(), 1), "{load:#}");
+    assert!(output(&load, true).contains("No fixture named 'no_such_fixture'"), "{load:#}");
+}
