@@ -323,3 +323,43 @@ async fn the_recommended_rules_keep_file_paths_out_of_the_control_planes_hands()
     assert_eq!(status_and_code(&load), ("failed".into(), 1), "{load:#}");
     assert!(output(&load, true).contains("No fixture named 'no_such_fixture'"), "{load:#}");
 }
+
+/// Every entry under `dir` whose mode gives anything to group or others.
+fn not_private(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut wide = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            wide.push(format!("{} {mode:o}", entry.path().display()));
+        }
+        if entry.file_type().unwrap().is_dir() {
+            wide.extend(not_private(&entry.path()));
+        }
+    }
+    wide
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_directory_and_everything_in_it_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let plane = ControlPlane::start();
+    let mut runner = Supervisor::start(&plane.url, "", "");
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
+    let state = runner.dir.path().join(".dcsupervisor");
+    assert!(state.join("journal").is_dir() && state.join("spill").is_dir());
+    assert_eq!(not_private(&state), Vec::<String>::new());
+
+    // What an older version left wide open is narrowed at the next start.
+    assert_eq!(runner.terminate(LIMIT).await, Some(0));
+    for (path, mode) in [(state.join("journal"), 0o755), (state.join("spill"), 0o755)] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    std::fs::write(state.join("spill/old.jsonl"), "").unwrap();
+    std::fs::set_permissions(state.join("spill/old.jsonl"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    runner.restart();
+    wait_for_log_count(&runner, "worker ready", 2).await;
+    assert_eq!(not_private(&state), Vec::<String>::new());
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}

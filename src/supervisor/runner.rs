@@ -443,7 +443,7 @@ impl Runner {
 impl Live {
     fn new(setup: RunnerSetup, discovered: &[CommandInfo]) -> Self {
         let spill_dir = setup.opts.state_dir.join("spill");
-        if let Err(error) = std::fs::create_dir_all(&spill_dir) {
+        if let Err(error) = super::state::private_dir(&spill_dir) {
             tracing::error!(
                 "cannot create {}: {error}; undelivered output will stay in memory",
                 spill_dir.display()
