@@ -137,19 +137,6 @@ pub struct Admission {
     pub allow_code_loading_options: bool,
 }
 
-impl Admission {
-    /// The defaults: the default allowlist and nothing else.
-    pub fn with_policy(policy: Policy) -> Self {
-        Self {
-            policy,
-            signing: None,
-            bound_args: BTreeMap::new(),
-            argument_rules: BTreeMap::new(),
-            allow_code_loading_options: false,
-        }
-    }
-}
-
 /// Runs the pipeline, in order, on one execution. A refusal after the
 /// signature check keeps the id it recorded: the rejection flow answers the
 /// execution, so it must not run later either.
