@@ -888,3 +888,62 @@ pub mod ranges {
         Err(invalid(field, value, format!("use a number from {} to {} {}", range.min, range.max, range.unit)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loads a dc.toml made of the demo project's [django] table and `extra`.
+    fn load(extra: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo");
+        let text =
+            format!("[django]\nproject_dir = {demo:?}\nsettings_module = \"demo_project.settings\"\n{extra}");
+        let path = dir.path().join("dc.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn every_number_out_of_range_is_refused_naming_its_field() {
+        let cases = [
+            ("[server]\nheartbeat_interval = 4", "server.heartbeat_interval"),
+            ("[server]\nrequest_timeout = 0", "server.request_timeout"),
+            ("[server]\nmax_retries = 21", "server.max_retries"),
+            ("[worker]\nstartup_timeout = 0", "worker.startup_timeout"),
+            ("[worker]\ncancel_grace = 3601", "worker.cancel_grace"),
+            ("[worker]\nrecycle_above_rss_mb = 9223372036854775807", "worker.recycle_above_rss_mb"),
+            ("[runner]\nmax_concurrent = 0", "runner.max_concurrent"),
+            ("[runner]\npoll_interval = -1.0", "runner.poll_interval"),
+            ("[runner]\npoll_interval = inf", "runner.poll_interval"),
+            ("[runner]\noutput_flush_interval = 0", "runner.output_flush_interval"),
+            ("[runner]\nchunk_max_bytes = 0", "runner.chunk_max_bytes"),
+            ("[runner]\noutput_cap_bytes = 10", "runner.output_cap_bytes"),
+            ("[runner]\noutbox_memory_bytes = 9223372036854775807", "runner.outbox_memory_bytes"),
+            ("[runner]\nshutdown_grace = 9223372036854775807", "runner.shutdown_grace"),
+            ("[limits]\nmemory_mb = 9223372036854775807", "limits.memory_mb"),
+            ("[limits.commands.migrate]\ncpu_seconds = 9223372036854775807", "limits.cpu_seconds"),
+            ("[limits]\nnice = -5", "limits.nice"),
+            (
+                "[[policy.concurrency]]\ncommand = \"migrate\"\nmax_running = 0",
+                "policy.concurrency.max_running",
+            ),
+            (
+                "[[policy.bound_args]]\ncommand = \"migrate\"\nargs = \"'open\"\nlabel = \"x\"",
+                "policy.bound_args.args",
+            ),
+            (
+                "[[policy.arguments]]\ncommand = \"loaddata\"\nallow_positionals = \"[\"",
+                "policy.arguments.allow_positionals",
+            ),
+        ];
+        for (extra, field) in cases {
+            match load(extra) {
+                Err(ConfigError::Invalid { field: named, .. }) => assert_eq!(named, field, "{extra}"),
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        let defaults = load("").unwrap();
+        assert_eq!(defaults.runner_options().poll_interval, Duration::from_secs(2));
+    }
+}

@@ -109,10 +109,14 @@ impl Redactor {
     /// secret (in any of its forms), which must wait for more output.
     fn unfinished_secret(&self, text: &str) -> usize {
         let text = text.as_bytes();
+        let Some(&last) = text.last() else {
+            return 0;
+        };
         let longest_start = |pattern: &String| {
             let pattern = pattern.as_bytes();
             let most = (pattern.len() - 1).min(text.len());
-            (1..=most).rev().find(|&n| text.ends_with(&pattern[..n])).unwrap_or(0)
+            // Cheap first: the candidate beginning must end with the text's last byte.
+            (1..=most).rev().find(|&n| pattern[n - 1] == last && text.ends_with(&pattern[..n])).unwrap_or(0)
         };
         self.patterns.iter().map(longest_start).max().unwrap_or(0)
     }
