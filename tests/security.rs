@@ -363,3 +363,36 @@ async fn the_state_directory_and_everything_in_it_is_private() {
     let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawned_commands_get_the_key_for_set_up_only_and_the_same_tracebacks() {
+    let plane = ControlPlane::start();
+    let project = project_with_settings("\nDJANGOCOMMAND_API_KEY = os.environ[\"DJANGOCOMMAND_API_KEY\"]\n");
+    let env = [("DJANGOCOMMAND_API_KEY", KEY)];
+    let spawn = "[worker]\nisolation = \"spawn\"\n";
+    let _runner =
+        Supervisor::start_with(&plane.url, SHELL_ALLOWED, spawn, project.path().to_path_buf(), &env);
+    let probe = "import os, sys\n\
+        from django.conf import settings\n\
+        print('argv:', sys.argv[1:], 'path0:', sys.path[0] == os.getcwd())\n\
+        print('os.environ:', 'DJANGOCOMMAND_API_KEY' in os.environ)\n\
+        print('/proc/self/environ:', b'DJANGOCOMMAND_API_KEY' in open('/proc/self/environ', 'rb').read())\n\
+        print('settings:', settings.DJANGOCOMMAND_API_KEY)\n";
+    assert_eq!(
+        shell(&plane, probe).await,
+        "argv: ['shell', '-v', '0', '-c', '[REDACTED]'] path0: True\n"
+            .replace("'[REDACTED]'", &format!("{probe:?}"))
+            + "os.environ: False\n/proc/self/environ: False\nsettings: [REDACTED]\n"
+    );
+    // An uncaught exception prints the traceback `python manage.py` prints.
+    let boom = plane.wait_done(&plane.queue("boom", "").await, LIMIT).await;
+    let reference = std::process::Command::new(common::python())
+        .args(["manage.py", "boom"])
+        .current_dir(project.path())
+        .env("DJANGOCOMMAND_API_KEY", KEY)
+        .env("DEMO_DB_PATH", project.path().join("unused.sqlite3"))
+        .output()
+        .unwrap();
+    assert_eq!(output(&boom, true), String::from_utf8_lossy(&reference.stderr), "{boom:#}");
+    assert_eq!(status_and_code(&boom).1, i64::from(reference.status.code().unwrap()));
+}

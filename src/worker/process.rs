@@ -26,7 +26,7 @@ pub const WORKER_SOURCE: &str = include_str!("../../python/djangocommand/_worker
 const WORKER_FD: RawFd = 3;
 
 /// The variable naming the descriptor the set-up variables are read from.
-const SETUP_ENV_FD_VAR: &str = "DJANGOCOMMAND_SETUP_ENV_FD";
+pub(super) const SETUP_ENV_FD_VAR: &str = "DJANGOCOMMAND_SETUP_ENV_FD";
 /// Descriptors below this may be the targets of the `dup2` calls below.
 const FIRST_FREE_FD: RawFd = 10;
 
@@ -140,7 +140,7 @@ fn inherit_as_fd3(fd: RawFd) -> std::io::Result<()> {
 /// The set-up variables (JSON), written into a pipe whose read end the
 /// worker inherits: never in an environment, so neither the worker's nor a
 /// job's `/proc/<pid>/environ` holds them. `None` when there are none.
-fn setup_env_pipe(opts: &WorkerOptions) -> std::io::Result<Option<OwnedFd>> {
+pub(super) fn setup_env_pipe(opts: &WorkerOptions) -> std::io::Result<Option<OwnedFd>> {
     if opts.setup_env.is_empty() {
         return Ok(None);
     }
@@ -155,7 +155,7 @@ fn setup_env_pipe(opts: &WorkerOptions) -> std::io::Result<Option<OwnedFd>> {
 }
 
 /// Runs in the forked child before exec: `fd` stays open in the worker.
-fn keep_across_exec(fd: RawFd) -> std::io::Result<()> {
+pub(super) fn keep_across_exec(fd: RawFd) -> std::io::Result<()> {
     // SAFETY: `fd` is open in this (child) process until exec.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::empty()))?;
