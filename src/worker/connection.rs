@@ -28,8 +28,8 @@ use tokio::sync::{oneshot, watch};
 use super::process::{self, StderrTail};
 use super::{JobEnd, StartError, WorkerInfo, WorkerOptions};
 use crate::ipc::{
-    CommandInfo, Event, FrameError, FrameReader, FrameWriter, JobId, JobLimits, LogLevel, ParseOutcome,
-    Request, PROTOCOL_VERSION,
+    CommandInfo, Event, ExitStatus, FrameError, FrameReader, FrameWriter, JobId, JobLimits, LogLevel,
+    ParseOutcome, Request, PROTOCOL_VERSION,
 };
 
 /// How long a worker has to answer a `Run` with `JobStarted`.
@@ -356,6 +356,7 @@ fn route(event: Event, state: &Mutex<State>, worker_pid: u32) -> Result<(), Stri
             }
         }
         Event::JobExited { job, status } => {
+            check_exit_status(status)?;
             if let Some(mut slot) = state.jobs.remove(&job) {
                 if let Some(exited) = slot.exited.take() {
                     let _ = exited.send(JobEnd::Exited(status));
@@ -397,6 +398,16 @@ fn check_job_pid(pid: u32, worker_pid: u32) -> Result<(), String> {
             Err(format!("job pid {pid} is not a child of the worker (its parent is {parent})"))
         }
         _ => Ok(()),
+    }
+}
+
+/// An exit status is what `waitpid` can report: a code of 0 to 255, or a
+/// signal number (the supervisor negates it and adds 128 to it).
+fn check_exit_status(status: ExitStatus) -> Result<(), String> {
+    match status {
+        ExitStatus::Code { code } if (0..=255).contains(&code) => Ok(()),
+        ExitStatus::Signal { signal } if (1..=64).contains(&signal) => Ok(()),
+        other => Err(format!("{other:?} is not an exit status a process can have")),
     }
 }
 
@@ -445,6 +456,20 @@ fn end_all_jobs(state: &Mutex<State>, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_statuses_are_those_of_real_processes() {
+        assert_eq!(check_exit_status(ExitStatus::Code { code: 0 }), Ok(()));
+        assert_eq!(check_exit_status(ExitStatus::Code { code: 255 }), Ok(()));
+        assert_eq!(check_exit_status(ExitStatus::Signal { signal: 9 }), Ok(()));
+        for bad in [
+            ExitStatus::Code { code: -1 },
+            ExitStatus::Code { code: 256 },
+            ExitStatus::Signal { signal: i32::MIN },
+        ] {
+            assert!(check_exit_status(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_job_pid_must_be_a_child_of_the_worker() {
