@@ -46,6 +46,7 @@ KNOWN_SETTINGS = frozenset(
         "DJANGOCOMMAND_DISALLOWED_COMMANDS",
         "DJANGOCOMMAND_METADATAONLY_COMMANDS",
         "DJANGOCOMMAND_STATE_DIR",
+        "DJANGOCOMMAND_ALLOW_CODE_LOADING_OPTIONS",
     }
 )
 
@@ -58,6 +59,9 @@ class PolicySettings:
     allowed_commands: tuple[str, ...]
     disallowed_commands: tuple[str, ...]
     metadata_only_commands: tuple[str, ...]
+    # --settings, --pythonpath and the like from the control plane (refused
+    # unless True; see docs/security.md).
+    allow_code_loading_options: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,11 +141,7 @@ def _whole_number(
 def policy_settings(settings: Any = None) -> PolicySettings:
     """The command policy from the settings (the API key is not needed)."""
     settings = _django_settings(settings)
-    use_blocklist = getattr(settings, "DJANGOCOMMAND_USE_BLOCKLIST", False)
-    if not isinstance(use_blocklist, bool):
-        raise _error(
-            f"DJANGOCOMMAND_USE_BLOCKLIST must be True or False. Got: {use_blocklist!r}"
-        )
+    use_blocklist = _flag(settings, "DJANGOCOMMAND_USE_BLOCKLIST")
     return PolicySettings(
         use_blocklist=use_blocklist,
         allowed_commands=_commands(
@@ -153,7 +153,18 @@ def policy_settings(settings: Any = None) -> PolicySettings:
         metadata_only_commands=_commands(
             settings, "DJANGOCOMMAND_METADATAONLY_COMMANDS", ()
         ),
+        allow_code_loading_options=_flag(
+            settings, "DJANGOCOMMAND_ALLOW_CODE_LOADING_OPTIONS"
+        ),
     )
+
+
+def _flag(settings: Any, name: str) -> bool:
+    """A True/False setting (default False); a truthy string is a mistake."""
+    value = getattr(settings, name, False)
+    if not isinstance(value, bool):
+        raise _error(f"{name} must be True or False. Got: {value!r}")
+    return value
 
 
 def _api_key(settings: Any) -> str:

@@ -11,6 +11,7 @@
 //! one when its letter appears in a cluster (`-bt dir` is `-b -t dir`), and
 //! tokens after `--` are looked at too.
 
+use super::policy::ConfiguredIn;
 use super::{Rejection, Rule};
 
 /// Long options (without `--`) that load code or configuration, for every
@@ -46,14 +47,22 @@ fn loads_code(command: &str, arg: &str) -> bool {
     SHORT.iter().any(|(only, letter)| *only == command && cluster.contains(*letter))
 }
 
-/// The refusal of an execution given such an option.
-pub fn rejection(arg: &str) -> Rejection {
+/// The refusal of an execution given such an option; the hint names the
+/// setting where the operator configures the policy.
+pub fn rejection(arg: &str, configured_in: ConfiguredIn) -> Rejection {
+    let how = match configured_in {
+        ConfiguredIn::DcToml => "set allow_code_loading_options = true in [policy] of dc.toml",
+        ConfiguredIn::DjangoSettings => {
+            "set DJANGOCOMMAND_ALLOW_CODE_LOADING_OPTIONS = True in your Django settings"
+        }
+    };
     Rejection::new(
         Rule::CodeLoadingOption,
         format!("argument {arg:?} changes which code or settings the command loads"),
-        "The control plane may not choose the settings module, the Python path or other \
-         code a command imports.\nTo allow it anyway, set allow_code_loading_options = true \
-         in [policy] of dc.toml.\n",
+        format!(
+            "The control plane may not choose the settings module, the Python path or other \
+             code a command imports.\nTo allow it anyway, {how}.\n"
+        ),
     )
 }
 
@@ -87,5 +96,13 @@ mod tests {
         assert_eq!(found("test", &["-t/tmp"]), Some("-t/tmp".into()));
         assert_eq!(found("test", &["-k", "name"]), None);
         assert_eq!(found("migrate", &["-t"]), None);
+    }
+
+    #[test]
+    fn the_hint_names_the_setting_where_the_policy_is_configured() {
+        let in_toml = rejection("--settings=x", ConfiguredIn::DcToml).render("migrate");
+        assert!(in_toml.contains("allow_code_loading_options = true in [policy] of dc.toml"), "{in_toml}");
+        let in_settings = rejection("--settings=x", ConfiguredIn::DjangoSettings).render("migrate");
+        assert!(in_settings.contains("DJANGOCOMMAND_ALLOW_CODE_LOADING_OPTIONS = True"), "{in_settings}");
     }
 }

@@ -184,7 +184,7 @@ fn check_arguments(admission: &Admission, execution: &Execution) -> Result<Vec<S
     };
     if !admission.allow_code_loading_options {
         if let Some(arg) = loading::find(&execution.command, &args) {
-            return Err(loading::rejection(&arg));
+            return Err(loading::rejection(&arg, admission.policy.configured_in));
         }
     }
     if let Some(allowed) = admission.bound_args.get(&execution.command) {
