@@ -395,4 +395,7 @@ async fn spawned_commands_get_the_key_for_set_up_only_and_the_same_tracebacks() 
         .unwrap();
     assert_eq!(output(&boom, true), String::from_utf8_lossy(&reference.stderr), "{boom:#}");
     assert_eq!(status_and_code(&boom).1, i64::from(reference.status.code().unwrap()));
+    // sys.exit() codes pass through.
+    let failed = plane.wait_done(&plane.queue("fail", "--code 5").await, LIMIT).await;
+    assert_eq!(status_and_code(&failed), ("failed".into(), 5), "{failed:#}");
 }
