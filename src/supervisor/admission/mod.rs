@@ -4,11 +4,10 @@
 //! One ordered pipeline ([`admit`]): the command policy ([`policy`]), the
 //! signature ([`signing`], opt-in), reading the arguments (size, shell-like
 //! splitting), options that load code ([`loading`]), the bound argument
-//! sets, and the argument rules
-//! ([`arguments`], read by the command's own parser in the worker). Per-
-//! command concurrency ([`concurrency`]) comes last; the runner asks it when
-//! it takes the execution, because a command that must wait stays queued on
-//! the server. Every step answers [`Admitted`] or a typed [`Rejection`]
+//! sets, and the argument rules ([`arguments`], read by the command's own
+//! parser in the worker). Per-command concurrency ([`concurrency`]) comes
+//! last; the runner asks it when it takes the execution, because a command
+//! that must wait stays queued on the server. Every step answers [`Admitted`] or a typed [`Rejection`]
 //! naming its [`Rule`]; the text the execution's stderr shows is rendered
 //! once, by [`Rejection::render`].
 
