@@ -61,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         project_dir: repo.join("examples/demo"),
         settings_module: "demo_project.settings".into(),
         env: BTreeMap::from([("DEMO_DB_PATH".into(), db.path().join("db.sqlite3").display().to_string())]),
+        setup_env: BTreeMap::new(),
         startup_timeout: Duration::from_secs(60),
         isolation,
         spawn_commands: BTreeSet::new(),

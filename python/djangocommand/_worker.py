@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import gc
 import io
+import json
 import logging
 import os
 import platform
@@ -1074,6 +1075,32 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+SETUP_ENV_FD_ENV = "DJANGOCOMMAND_SETUP_ENV_FD"
+
+
+def _take_setup_env() -> list[str]:
+    """Puts the variables meant for Django's set-up only (the API key, which
+    settings.py may read) into the environment; returns their names.
+
+    The supervisor sends them as JSON over an inherited pipe rather than in
+    the environment, so they are not in /proc/<pid>/environ of this process
+    or of any job forked from it; :func:`_drop_setup_env` removes them again
+    once Django is set up, so no job's ``os.environ`` has them either.
+    """
+    fd = os.environ.pop(SETUP_ENV_FD_ENV, None)
+    if fd is None:
+        return []
+    with os.fdopen(int(fd), "rb") as pipe:
+        variables = json.loads(pipe.read())
+    os.environ.update(variables)
+    return list(variables)
+
+
+def _drop_setup_env(names: list[str]) -> None:
+    for name in names:
+        os.environ.pop(name, None)
+
+
 def _setup_django(project_dir: str, settings: str | None):
     sys.path.insert(0, os.path.abspath(project_dir))
     if settings:
@@ -1095,6 +1122,7 @@ def main(argv: list[str] | None = None) -> int:
     # Jobs should see the environment manage.py would, not our plumbing.
     sock = socket.socket(fileno=int(os.environ.pop(WORKER_FD_ENV, "3")))
     sock.set_inheritable(False)
+    setup_only = _take_setup_env()
     try:
         django = _setup_django(args.project_dir, args.settings)
     except BaseException:  # noqa: BLE001 - the supervisor must hear why
@@ -1106,6 +1134,8 @@ def main(argv: list[str] | None = None) -> int:
                 {"StartupFailed": {"protocol": PROTOCOL_VERSION, "error": error}},
             )
         return 1
+    finally:
+        _drop_setup_env(setup_only)
     worker = Worker(sock)
     hello = {
         "protocol": PROTOCOL_VERSION,

@@ -21,6 +21,8 @@ use tracing_subscriber::EnvFilter;
 /// Exit status of `exec` when the policy refuses the command (like a shell's
 /// "found but not executable").
 const REFUSED_EXIT_CODE: u8 = 126;
+/// Exit status after a panic (EX_SOFTWARE): an internal error.
+const PANIC_EXIT_CODE: i32 = 70;
 
 #[derive(Parser)]
 #[command(
@@ -84,6 +86,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
+    exit_on_panic();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -98,6 +101,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// No panic is reachable from the configuration, the control plane or the
+/// worker; should one happen anyway (a bug), in any task, the process exits
+/// with a failure status at once, so the process manager restarts it (the
+/// journal then recovers its executions). Without this a dead task could
+/// leave the runner half-working, or let it shut down and exit 0, which
+/// `Restart=on-failure` does not restart.
+fn exit_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!("internal error (panic): exiting with status {PANIC_EXIT_CODE}");
+        std::process::exit(PANIC_EXIT_CODE);
+    }));
 }
 
 fn init_logging(cli: &Cli) {
@@ -115,11 +133,13 @@ fn init_logging(cli: &Cli) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     // Colours only for a person at a terminal, not in journald or log files.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    // Every line is escaped: log lines carry data from the control plane and the worker.
+    let writer = dcsupervisor::logging::Escaping::new(std::io::stderr, ansi);
     // A log line that cannot be written (stderr on a full disk) is dropped:
     // reporting it with eprintln! would panic, wherever the event was logged.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(ansi)
         .log_internal_errors(false);
     match cli.log_format {
@@ -241,7 +261,7 @@ async fn check(config_path: &Path, config: &Config) -> Result<ExitCode> {
 async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u64>) -> Result<ExitCode> {
     let policy = config.policy();
     if let Err(refusal) = policy.check(command) {
-        eprint!("{}", policy.refusal_message(command, &refusal));
+        eprint!("{}", policy.rejection(command, &refusal).render(command));
         return Ok(ExitCode::from(REFUSED_EXIT_CODE));
     }
     let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;

@@ -61,6 +61,11 @@ pub struct WorkerOptions {
     pub settings_module: String,
     /// Extra environment for the worker and the jobs.
     pub env: BTreeMap<String, String>,
+    /// Variables the worker needs while Django sets up (the API key, which
+    /// `settings.py` may read), and that no job may see: they reach the
+    /// worker over a pipe, it removes them from its environment after the
+    /// set-up, and they are masked in its log lines.
+    pub setup_env: BTreeMap<String, String>,
     pub startup_timeout: Duration,
     pub isolation: Isolation,
     /// Commands that always use [`Isolation::Spawn`].

@@ -53,6 +53,7 @@ pub fn options(db: &TestDb) -> WorkerOptions {
         project_dir: demo_project(),
         settings_module: "demo_project.settings".into(),
         env: BTreeMap::from([("DEMO_DB_PATH".to_string(), db.path().display().to_string())]),
+        setup_env: BTreeMap::new(),
         startup_timeout: Duration::from_secs(60),
         isolation: Isolation::Fork,
         spawn_commands: BTreeSet::new(),
