@@ -28,6 +28,7 @@ import logging
 import os
 import platform
 import random
+import runpy
 import selectors
 import signal
 import socket
@@ -36,7 +37,7 @@ import sys
 import threading
 import traceback
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_FRAME_LEN = 16 * 1024 * 1024
 WORKER_FD_ENV = "DJANGOCOMMAND_WORKER_FD"
 
@@ -379,15 +380,16 @@ _RETIRED_STREAMS: list = []
 
 def _job_main(
     worker_fds: list[int],
-    stdout_fd: int,
-    stderr_fd: int,
+    stdio_fds: list[int],
     command: str,
     args: list[str],
     limits: dict | None = None,
 ):
     status = 70  # EX_SOFTWARE, should anything below fail to set a status
     try:
-        _become_job_process(worker_fds, stdout_fd, stderr_fd)
+        _become_job_process(worker_fds, stdio_fds)
+        _see_the_whole_heap()
+        _refuse_other_settings()
         _apply_limits(limits or {})
         sys.argv = ["manage.py", command, *args]
         status = _execute(sys.argv, limits or {})
@@ -420,14 +422,14 @@ def _apply_limits(limits: dict) -> None:
         os.nice(nice)
 
 
-def _become_job_process(worker_fds: list[int], stdout_fd: int, stderr_fd: int) -> None:
+def _become_job_process(worker_fds: list[int], stdio_fds: list[int]) -> None:
     os.setsid()
     _reset_signals()
     for fd in worker_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
     random.seed()
-    _install_stdio(stdout_fd, stderr_fd)
+    _install_stdio(*stdio_fds)
     _rebuild_std_streams()
     # Exit handlers registered in the worker belong to the worker.
     atexit._clear()
@@ -448,10 +450,59 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _install_stdio(stdout_fd: int, stderr_fd: int) -> None:
+def _see_the_whole_heap() -> None:
+    """Gives the job the heap a fresh interpreter has: ``gc.freeze()`` (kept
+    by the worker so forks share its pages) hides the preloaded objects from
+    ``gc.get_objects()`` and ``gc.get_referrers()``, which tools such as
+    django-extensions' ``list_signals`` walk. The cost is measured in
+    docs/benchmarks.md."""
+    gc.unfreeze()
+
+
+class _OtherSettings(SystemExit):
+    """A job asked for other settings than the worker's: it must not run."""
+
+
+# Exit status of a job refused before it ran (as `exec` uses for the policy).
+_REFUSED_STATUS = 126
+
+
+def _refuse_other_settings() -> None:
+    """Defence in depth: the worker is set up with one settings module, so a
+    job whose ``--settings`` names another one, or that sets ``--pythonpath``
+    (both read by Django's ``handle_default_options``), ends before anything
+    runs instead of running on the wrong settings. The supervisor sends such
+    jobs to a fresh ``manage.py`` (``exec``) or refuses them (the runner)."""
+    from django.conf import settings
+    from django.core import management
+    from django.core.management import base
+
+    ours = settings.SETTINGS_MODULE
+    original = base.handle_default_options
+
+    def handle_default_options(options) -> None:
+        asked = getattr(options, "settings", None)
+        pythonpath = getattr(options, "pythonpath", None)
+        if (asked and asked != ours) or pythonpath:
+            given = f"--settings={asked}" if asked and asked != ours else ""
+            given = given or f"--pythonpath={pythonpath}"
+            sys.stderr.write(
+                f"dcsupervisor: {given} asks for another setup than the preloaded "
+                f"worker's ({ours}); the command was not run. Run it with "
+                '`python manage.py`, or with worker.isolation = "spawn".\n'
+            )
+            raise _OtherSettings(_REFUSED_STATUS)
+        original(options)
+
+    # execute_from_command_line imported its own reference to the function.
+    base.handle_default_options = handle_default_options
+    management.handle_default_options = handle_default_options
+
+
+def _install_stdio(stdin_fd: int, stdout_fd: int, stderr_fd: int) -> None:
     # Moving everything above 2 first keeps this right even when the worker
-    # had fds 0-2 closed and received the pipes under those numbers.
-    sources = [os.open(os.devnull, os.O_RDONLY), stdout_fd, stderr_fd]
+    # had fds 0-2 closed and received the descriptors under those numbers.
+    sources = [stdin_fd, stdout_fd, stderr_fd]
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in sources]
     for fd in sources:
         os.close(fd)
@@ -460,8 +511,35 @@ def _install_stdio(stdout_fd: int, stderr_fd: int) -> None:
         os.close(fd)
 
 
+# Set by main(): how a fresh interpreter started like the worker would set up
+# its standard streams (encoding and errors follow the locale,
+# PYTHONIOENCODING and UTF-8 mode), and whether jobs get buffered streams
+# (``exec``: as `manage.py` in the caller's terminal) or unbuffered ones (the
+# runner, like `python -u`, so output reaches the control plane live).
+_STDIO_CODECS: dict[str, tuple[str, str]] = {}
+_BUFFERED_STDIO = False
+# The project's manage.py, run as __main__ by each job when it exists.
+_MANAGE_PY: str | None = None
+
+
+def _configure_job_stdio(caller_mode: bool) -> None:
+    """Called at start-up, before anything can replace the worker's streams."""
+    global _BUFFERED_STDIO
+    for name in ("stdin", "stdout", "stderr"):
+        stream = getattr(sys, f"__{name}__", None)
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        errors = getattr(stream, "errors", None) or "strict"
+        _STDIO_CODECS[name] = (encoding, errors)
+    # PYTHONUNBUFFERED (there is no sys.flags field for it) shows here.
+    unbuffered = getattr(sys.__stdout__, "write_through", False)
+    _BUFFERED_STDIO = caller_mode and not unbuffered
+
+
 def _rebuild_std_streams() -> None:
-    """Streams like ``python -u`` makes: UTF-8, line-buffered, write-through."""
+    """The standard streams CPython's ``create_stdio`` makes for a fresh
+    interpreter on fds 0-2: buffered stdin; stdout line-buffered on a
+    terminal and block-buffered otherwise; stderr line-buffered; all three
+    write-through and unbuffered under ``python -u``."""
     _RETIRED_STREAMS.extend(
         [
             sys.stdin,
@@ -472,31 +550,38 @@ def _rebuild_std_streams() -> None:
             sys.__stderr__,
         ]
     )
-    # Buffered, unlike the writers: TextIOWrapper reads through read1().
-    stdin_raw = io.FileIO(0, "rb", closefd=False)
-    stdin_raw.name = "<stdin>"
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(
-        io.BufferedReader(stdin_raw), encoding="utf-8"
-    )
-    sys.stdout = sys.__stdout__ = _text_writer(1, "<stdout>", "strict")
-    sys.stderr = sys.__stderr__ = _text_writer(2, "<stderr>", "backslashreplace")
+    sys.stdin = sys.__stdin__ = _std_stream(0, "stdin")
+    sys.stdout = sys.__stdout__ = _std_stream(1, "stdout")
+    sys.stderr = sys.__stderr__ = _std_stream(2, "stderr")
 
 
-def _text_writer(fd: int, name: str, errors: str) -> io.TextIOWrapper:
-    raw = io.FileIO(fd, "wb", closefd=False)
-    raw.name = name
-    return io.TextIOWrapper(
-        raw, encoding="utf-8", errors=errors, line_buffering=True, write_through=True
+def _std_stream(fd: int, name: str) -> io.TextIOWrapper:
+    writing = fd != 0
+    # stdin is always buffered: TextIOWrapper reads through read1().
+    buffered = _BUFFERED_STDIO or not writing
+    binary = open(
+        fd, "wb" if writing else "rb", buffering=-1 if buffered else 0, closefd=False
+    )  # noqa: SIM115
+    raw = binary.raw if buffered else binary
+    raw.name = f"<{name}>"
+    encoding, errors = _STDIO_CODECS.get(name, ("utf-8", "strict"))
+    stream = io.TextIOWrapper(
+        binary,
+        encoding=encoding,
+        errors=errors,
+        newline="\n",
+        line_buffering=_BUFFERED_STDIO and (raw.isatty() or fd == 2),
+        write_through=not _BUFFERED_STDIO,
     )
+    stream.mode = "w" if writing else "r"
+    return stream
 
 
 def _execute(argv: list[str], limits: dict | None = None) -> int:
     """Runs the command and finishes like the interpreter: the exit status."""
-    from django.core.management import execute_from_command_line
-
     interrupted = False
     try:
-        execute_from_command_line(argv)
+        _run_manage_py(argv)
         status = 0
     except SystemExit as exc:
         status = _system_exit_status(exc)
@@ -517,6 +602,20 @@ def _execute(argv: list[str], limits: dict | None = None) -> int:
     return status
 
 
+def _run_manage_py(argv: list[str]) -> None:
+    """Runs the project's own manage.py as ``__main__``, as ``python
+    manage.py`` does (whatever it does around ``execute_from_command_line``
+    happens, and tracebacks show its frames); Django itself is set up
+    already, so this costs microseconds."""
+    sys.argv = argv
+    if _MANAGE_PY is None:
+        from django.core.management import execute_from_command_line
+
+        execute_from_command_line(argv)
+        return
+    runpy.run_path(_MANAGE_PY, run_name="__main__")
+
+
 def _system_exit_status(exc: SystemExit) -> int:
     code = exc.code
     if code is None:
@@ -529,11 +628,20 @@ def _system_exit_status(exc: SystemExit) -> int:
 
 
 def _print_exception(exc: BaseException) -> None:
-    # Starting at Django's frame, the traceback reads like one from manage.py
-    # rather than showing this file as "<stdin>".
-    tb = exc.__traceback__
     with contextlib.suppress(Exception):
-        traceback.print_exception(type(exc), exc, tb.tb_next if tb else None)
+        traceback.print_exception(type(exc), exc, _from_manage_py(exc.__traceback__))
+
+
+def _from_manage_py(tb):
+    """The traceback from manage.py's first frame on, as ``python manage.py``
+    prints it, without this file's and runpy's frames; from the frame after
+    ours when there is no manage.py frame."""
+    first = tb
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == _MANAGE_PY:
+            return tb
+        tb = tb.tb_next
+    return first.tb_next if first is not None else None
 
 
 def _finalize(status: int) -> int:
@@ -542,20 +650,31 @@ def _finalize(status: int) -> int:
         atexit._run_exitfuncs()
     with contextlib.suppress(Exception):
         logging.shutdown()
-    if not _flush(sys.stdout):
+    if not _flush(sys.stdout, report=True):
         status = 120  # as CPython does when flushing stdout fails at exit
     _flush(sys.stderr)
     return status
 
 
-def _flush(stream) -> bool:
+def _flush(stream, report: bool = False) -> bool:
     if stream is None or getattr(stream, "closed", True):
         return True
     try:
         stream.flush()
-    except Exception:  # noqa: BLE001 - the stream may be anything the command set
+    except Exception as exc:  # noqa: BLE001 - the stream may be anything the command set
+        if report:
+            _report_unraisable(exc, stream)
         return False
     return True
+
+
+def _report_unraisable(exc: BaseException, where: object) -> None:
+    """What CPython's default ``sys.unraisablehook`` prints when flushing
+    stdout at exit fails (the hook itself only takes arguments CPython
+    builds); the flush is C code, so there is no traceback."""
+    with contextlib.suppress(Exception):
+        only = "".join(traceback.format_exception_only(type(exc), exc))
+        sys.stderr.write(f"Exception ignored in: {where!r}\n{only}")
 
 
 def _die_by_sigint() -> None:
@@ -892,10 +1011,10 @@ class Worker:
     # --- Run -------------------------------------------------------------
 
     def _run(self, job: int, command: str, args: list[str], limits: dict) -> None:
-        fds = [self.fds.popleft() for _ in range(min(2, len(self.fds)))]
+        fds = [self.fds.popleft() for _ in range(min(3, len(self.fds)))]
         error = None
-        if len(fds) < 2:
-            error = f"Run needs 2 descriptors (stdout, stderr), got {len(fds)}"
+        if len(fds) < 3:
+            error = f"Run needs 3 descriptors (stdin, stdout, stderr), got {len(fds)}"
         elif self.shutting_down:
             error = "worker is shutting down"
         elif job in self.jobs:
@@ -938,8 +1057,7 @@ class Worker:
                 try:
                     _job_main(
                         self._fds_to_close_in_child(),
-                        fds[0],
-                        fds[1],
+                        fds,
                         command,
                         args,
                         limits,
@@ -1071,11 +1189,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--settings", help="settings module (default: $DJANGO_SETTINGS_MODULE)"
     )
+    parser.add_argument(
+        "--caller-mode",
+        action="store_true",
+        help="jobs for `exec`: buffered streams as a fresh interpreter has them",
+    )
     return parser.parse_args(argv)
 
 
 def _setup_django(project_dir: str, settings: str | None):
-    sys.path.insert(0, os.path.abspath(project_dir))
+    global _MANAGE_PY
+    project = os.path.abspath(project_dir)
+    # `python manage.py` puts the project first on sys.path and not the
+    # current directory (which `python -` put there as '').
+    sys.path[:] = [project, *(p for p in sys.path if p)]
+    manage_py = os.path.join(project, "manage.py")
+    _MANAGE_PY = manage_py if os.path.isfile(manage_py) else None
     if settings:
         os.environ["DJANGO_SETTINGS_MODULE"] = settings
     import django
@@ -1090,6 +1219,7 @@ def _setup_django(project_dir: str, settings: str | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    _configure_job_stdio(args.caller_mode)
     # The supervisor owns the terminal and decides what a Ctrl-C does to jobs.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Jobs should see the environment manage.py would, not our plumbing.

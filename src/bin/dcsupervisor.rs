@@ -13,9 +13,8 @@ use dcsupervisor::supervisor::commands::{commands_hash, synced_commands};
 use dcsupervisor::supervisor::journal::Journal;
 use dcsupervisor::supervisor::runner::Runner;
 use dcsupervisor::supervisor::{control, state, systemd};
-use dcsupervisor::worker::{Job, JobEnd, Output, Stop, Worker};
+use dcsupervisor::worker::{other_setup_asked, Job, JobEnd, Output, Stop, Worker};
 use nix::sys::signal::Signal;
-use tokio::io::AsyncWriteExt;
 use tracing_subscriber::EnvFilter;
 
 /// Exit status of `exec` when the policy refuses the command (like a shell's
@@ -25,6 +24,7 @@ const REFUSED_EXIT_CODE: u8 = 126;
 #[derive(Parser)]
 #[command(
     version,
+    propagate_version = true,
     about = "DjangoCommand runner: runs Django management commands for the DjangoCommand control plane"
 )]
 struct Cli {
@@ -66,11 +66,18 @@ enum Command {
         /// Stop the command (SIGTERM, then SIGKILL after the grace) after this many seconds.
         #[arg(long)]
         timeout: Option<u64>,
-        /// The management command.
-        command: String,
-        /// Its arguments, passed as they are (never through a shell).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// The management command, then its arguments. Everything after the
+        /// command's name is the command's own, `-v`, `-h`, `--help` and
+        /// `--version` included; dcsupervisor's options go before it. Passed
+        /// as they are, never through a shell.
+        #[arg(
+            required = true,
+            value_name = "COMMAND [ARGS]",
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            num_args = 1..
+        )]
+        command_line: Vec<String>,
     },
     /// List the project's commands, which ones the policy lets through, and
     /// the commands hash sent to the control plane.
@@ -101,10 +108,13 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(cli: &Cli) {
-    // One-shot local commands keep the terminal for the command's own output.
-    let quiet_by_default =
-        matches!(cli.command, Some(Command::Exec { .. } | Command::Commands { .. } | Command::Check));
+    // One-shot local commands keep the terminal for the command's own
+    // output; `exec` adds nothing to it but its own failures (warnings such
+    // as fork hazards belong to the runner's log and to `check`).
+    let quiet_by_default = matches!(cli.command, Some(Command::Commands { .. } | Command::Check));
+    let silent_by_default = matches!(cli.command, Some(Command::Exec { .. }));
     let level = match (cli.verbose, cli.quiet) {
+        (0, 0) if silent_by_default => "error",
         (0, 0) if quiet_by_default => "warn",
         (0, 0) => "info",
         (1, _) => "debug",
@@ -130,7 +140,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run => run_runner(&cli.config, &config, false).await,
         Command::Once => run_runner(&cli.config, &config, true).await,
         Command::Check => check(&cli.config, &config).await,
-        Command::Exec { timeout, command, args } => exec(&config, &command, &args, timeout).await,
+        Command::Exec { timeout, command_line } => match command_line.split_first() {
+            Some((command, _)) if command.starts_with('-') => {
+                anyhow::bail!("exec: {command:?} is not a command name; dcsupervisor's options go before the command, the command's after it")
+            }
+            Some((command, args)) => exec(&config, command, args, timeout).await,
+            None => anyhow::bail!("exec needs a command name"),
+        },
         Command::Commands { json } => list_commands(&config, json).await,
     }
 }
@@ -207,23 +223,26 @@ async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u
         eprint!("{}", policy.refusal_message(command, &refusal));
         return Ok(ExitCode::from(REFUSED_EXIT_CODE));
     }
-    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
-    let mut job =
-        worker.spawn_job(command, args, Output::Capture).await.context("could not start the command")?;
-    let copy_stdout = tokio::spawn(copy_output(job.stdout.take(), tokio::io::stdout()));
-    let copy_stderr = tokio::spawn(copy_output(job.stderr.take(), tokio::io::stderr()));
-
-    let end = wait_interruptibly(&mut job, timeout.map(Duration::from_secs), config.cancel_grace()).await;
-    // The worker killed what was left of the job's process group, so the
-    // pipes reach EOF; the deadline only guards against a process that
-    // escaped into its own session while holding them.
-    let drain = async {
-        let _ = copy_stdout.await;
-        let _ = copy_stderr.await;
-    };
-    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
-        tracing::warn!("output still open 5 s after the command ended; stopped reading");
+    let mut opts = config.worker_options();
+    if let Some(message) = settings_env_conflict(&opts.settings_module) {
+        eprintln!("dcsupervisor: {message}");
+        return Ok(ExitCode::from(REFUSED_EXIT_CODE));
     }
+    // As `python manage.py` run here: the caller's directory, and the
+    // caller's own stdin, stdout and stderr (no copy in between).
+    opts.caller_dir = Some(std::env::current_dir().context("the current directory is not usable")?);
+    let other_setup = other_setup_asked(args, &opts.settings_module);
+    let worker = Worker::start(opts).await.context("the Python worker did not start")?;
+    let started = match &other_setup {
+        // The preloaded worker has one set-up; this job asks for another.
+        Some(asked) => {
+            tracing::info!("{asked}: running the command as a fresh manage.py");
+            worker.spawn_subprocess(command, args, Output::Inherit).await
+        }
+        None => worker.spawn_job(command, args, Output::Inherit).await,
+    };
+    let mut job = started.context("could not start the command")?;
+    let end = wait_interruptibly(&mut job, timeout.map(Duration::from_secs), config.cancel_grace()).await;
     worker.shutdown().await;
     if let JobEnd::Lost(reason) = &end {
         eprintln!("dcsupervisor: the command's worker died: {reason}");
@@ -258,14 +277,17 @@ async fn wait_interruptibly(job: &mut Job, timeout: Option<Duration>, grace: Dur
     }
 }
 
-async fn copy_output(
-    from: Option<tokio::net::unix::pipe::Receiver>,
-    mut to: impl tokio::io::AsyncWrite + Unpin,
-) {
-    if let Some(mut from) = from {
-        let _ = tokio::io::copy(&mut from, &mut to).await;
-        let _ = to.flush().await;
-    }
+/// `manage.py` lets `DJANGO_SETTINGS_MODULE` from the environment win over
+/// its default; the worker is set up with `django.settings_module`. When
+/// they differ, `exec` refuses rather than guess which one was meant.
+fn settings_env_conflict(settings_module: &str) -> Option<String> {
+    let from_env = std::env::var("DJANGO_SETTINGS_MODULE").ok()?;
+    (from_env != settings_module).then(|| {
+        format!(
+            "DJANGO_SETTINGS_MODULE={from_env} in the environment differs from django.settings_module \
+             ({settings_module}); the command was not run. Unset it, or point django.settings_module at it."
+        )
+    })
 }
 
 async fn list_commands(config: &Config, json: bool) -> Result<ExitCode> {

@@ -13,7 +13,7 @@ use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 
 /// Sent by the worker in its first frame; the supervisor refuses any other.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Identifies a job within one supervisor process (never reused).
 pub type JobId = u64;
@@ -24,8 +24,8 @@ pub enum Request {
     /// Describe every management command the project has.
     Discover,
     /// Fork a child that runs `manage.py <command> <args...>`. The frame
-    /// carries two file descriptors (SCM_RIGHTS): the child's stdout and
-    /// stderr, in that order.
+    /// carries three file descriptors (SCM_RIGHTS): the child's stdin,
+    /// stdout and stderr, in that order.
     Run { job: JobId, command: String, args: Vec<String>, limits: JobLimits },
     /// Send `signal` to the job's process group (ignored if the job ended).
     Signal { job: JobId, signal: i32 },

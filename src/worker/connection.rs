@@ -213,8 +213,7 @@ impl Connection {
         command: &str,
         args: &[String],
         limits: JobLimits,
-        stdout: OwnedFd,
-        stderr: OwnedFd,
+        stdio: [OwnedFd; 3],
     ) -> Result<(u32, oneshot::Receiver<JobEnd>), RequestError> {
         let (started_tx, started_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = oneshot::channel();
@@ -227,9 +226,10 @@ impl Connection {
             state.jobs.insert(job, slot);
         }
         let request = Request::Run { job, command: command.to_string(), args: args.to_vec(), limits };
-        let sent = self.send(&request, &[stdout.as_fd(), stderr.as_fd()]).await;
+        let [stdin, stdout, stderr] = &stdio;
+        let sent = self.send(&request, &[stdin.as_fd(), stdout.as_fd(), stderr.as_fd()]).await;
         // Our copies must close now, or the pipes would never reach EOF.
-        drop((stdout, stderr));
+        drop(stdio);
         if let Err(err) = sent {
             self.lock().jobs.remove(&job);
             return Err(err);

@@ -11,6 +11,7 @@
 mod connection;
 mod job;
 mod process;
+mod setup_options;
 mod subprocess;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -24,6 +25,7 @@ use tokio::sync::{watch, Notify};
 pub use connection::RequestError;
 pub use job::{Job, JobEnd, Output, Stop};
 pub use process::WORKER_SOURCE;
+pub use setup_options::other_setup_asked;
 
 use crate::ipc::{CommandInfo, JobLimits, ParseOutcome};
 use connection::Connection;
@@ -69,6 +71,11 @@ pub struct WorkerOptions {
     /// Start a fresh worker once the worker's own RSS exceeds this many
     /// bytes (`None`: never). Checked every [`RSS_CHECK_INTERVAL`].
     pub recycle_above_rss: Option<u64>,
+    /// `Some(dir)` for a local `exec`: jobs run in the caller's directory
+    /// with standard streams set up as a fresh interpreter would (buffered
+    /// by file type, as `manage.py` run there). `None` for the runner: the
+    /// project directory and unbuffered streams, so output streams live.
+    pub caller_dir: Option<PathBuf>,
 }
 
 pub const RSS_CHECK_INTERVAL: Duration = Duration::from_secs(10);
@@ -214,10 +221,21 @@ impl Worker {
                 .map_err(JobError::Subprocess);
         }
         let connection = self.connection().await?;
-        let JobOutputs { stdout_write, stderr_write, stdout, stderr } = outputs;
-        let (pid, end) = connection.run(id, command, args, limits, stdout_write, stderr_write).await?;
+        let JobOutputs { stdin, stdout_write, stderr_write, stdout, stderr } = outputs;
+        let stdio = [stdin, stdout_write, stderr_write];
+        let (pid, end) = connection.run(id, command, args, limits, stdio).await?;
         self.count_job_for_recycling();
         Ok(Job::new(id, pid, (stdout, stderr), end, Control::Worker(connection)))
+    }
+
+    /// Starts `command` as a fresh `python manage.py` subprocess whatever the
+    /// isolation mode: for a job that must not run in the preloaded worker
+    /// (other settings asked for, or a fork hazard that would corrupt data).
+    pub async fn spawn_subprocess(&self, command: &str, args: &[String], output: Output) -> Result<Job, JobError> {
+        let id = self.shared.next_job.fetch_add(1, Ordering::Relaxed);
+        let outputs = JobOutputs::new(output).map_err(JobError::Pipes)?;
+        subprocess::start(&self.shared.opts(), id, command, args, outputs, JobLimits::default())
+            .map_err(JobError::Subprocess)
     }
 
     /// Starts a fresh worker for new jobs; the current one finishes its jobs

@@ -68,7 +68,7 @@ pub(super) async fn spawn(opts: &WorkerOptions) -> std::io::Result<Spawned> {
         .arg(&opts.project_dir)
         .arg("--settings")
         .arg(&opts.settings_module)
-        .current_dir(&opts.project_dir)
+        .current_dir(opts.caller_dir.as_ref().unwrap_or(&opts.project_dir))
         .env("DJANGOCOMMAND_WORKER_FD", WORKER_FD.to_string())
         .env("DJANGO_SETTINGS_MODULE", &opts.settings_module)
         .envs(&opts.env)
@@ -79,6 +79,9 @@ pub(super) async fn spawn(opts: &WorkerOptions) -> std::io::Result<Spawned> {
         // supervisor, which decides what happens to jobs.
         .process_group(0)
         .kill_on_drop(true);
+    if opts.caller_dir.is_some() {
+        command.arg("--caller-mode");
+    }
     super::scrub_environment(&mut command);
     let theirs_raw = theirs.as_raw_fd();
     // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
