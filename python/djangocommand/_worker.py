@@ -32,6 +32,7 @@ import runpy
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -76,6 +77,7 @@ SCHEMA = {
                 (("request", "u64"), ("command", "String"), ("args", "Vec<String>")),
             ),
             ("ReadSettings", (("request", "u64"), ("names", "Vec<String>"))),
+            ("InspectFork", (("request", "u64"),)),
         ),
     ),
     "Event": (
@@ -98,6 +100,17 @@ SCHEMA = {
             ("Log", (("level", "LogLevel"), ("message", "String"))),
             ("ParsedArgs", (("request", "u64"), ("result", "ParseOutcome"))),
             ("SettingValues", (("request", "u64"), ("values", "Vec<String>"))),
+            ("ForkHazards", (("request", "u64"), ("hazards", "Vec<ForkHazard>"))),
+        ),
+    ),
+    "ForkHazard": ("struct", (("kind", "HazardKind"), ("detail", "String"))),
+    "HazardKind": (
+        "enum",
+        (
+            ("Socket", None),
+            ("Descriptor", None),
+            ("Thread", None),
+            ("SharedRandom", None),
         ),
     ),
     "ParseOutcome": (
@@ -559,9 +572,8 @@ def _std_stream(fd: int, name: str) -> io.TextIOWrapper:
     writing = fd != 0
     # stdin is always buffered: TextIOWrapper reads through read1().
     buffered = _BUFFERED_STDIO or not writing
-    binary = open(
-        fd, "wb" if writing else "rb", buffering=-1 if buffered else 0, closefd=False
-    )  # noqa: SIM115
+    mode, buffering = ("wb" if writing else "rb"), (-1 if buffered else 0)
+    binary = open(fd, mode, buffering=buffering, closefd=False)  # noqa: SIM115
     raw = binary.raw if buffered else binary
     raw.name = f"<{name}>"
     encoding, errors = _STDIO_CODECS.get(name, ("utf-8", "strict"))
@@ -822,6 +834,112 @@ def _strings(values: object) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
+# InspectFork: what a forked job would share with the worker and its other
+# jobs, or lose (docs/fidelity.md). A fresh `manage.py` has none of this.
+# ---------------------------------------------------------------------------
+
+
+def fork_hazards(own_fds: set[int], shared_randoms: list[str]) -> list[dict]:
+    """``ForkHazard`` values for the worker as it is now."""
+    hazards = _descriptor_hazards(own_fds) + _thread_hazards()
+    hazards += [_hazard("SharedRandom", where) for where in shared_randoms]
+    return hazards
+
+
+def _hazard(kind: str, detail: str) -> dict:
+    return {"kind": kind, "detail": _clip(detail, 1000)}
+
+
+def _open_fds() -> list[int]:
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            return sorted(int(name) for name in os.listdir(listing) if name.isdigit())
+    return []
+
+
+def _descriptor_hazards(own_fds: set[int]) -> list[dict]:
+    hazards = []
+    for fd in _open_fds():
+        if fd <= 2 or fd in own_fds:
+            continue
+        try:
+            mode = os.fstat(fd).st_mode
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        except OSError:
+            continue  # the listing's own descriptor, closed since
+        if stat.S_ISSOCK(mode):
+            hazards.append(_hazard("Socket", f"fd {fd}: {_describe_socket(fd)}"))
+        elif not (stat.S_ISREG(mode) and flags & os.O_APPEND):
+            # Appending (log files) is safe to share; offsets and locks are not.
+            hazards.append(_hazard("Descriptor", f"fd {fd}: {_describe_fd(fd)}"))
+    return hazards
+
+
+def _describe_socket(fd: int) -> str:
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return "socket"
+    with sock:
+        peer = ""
+        with contextlib.suppress(OSError):
+            peer = f" connected to {sock.getpeername()!r}"
+        return f"{sock.family.name} socket{peer}"
+
+
+def _describe_fd(fd: int) -> str:
+    with contextlib.suppress(OSError):
+        return os.readlink(f"/proc/self/fd/{fd}")
+    return "open descriptor"
+
+
+def _thread_hazards() -> list[dict]:
+    threads = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    hazards = [
+        _hazard(
+            "Thread", f"thread {t.name!r} ({type(t).__module__}.{type(t).__name__})"
+        )
+        for t in threads
+    ]
+    with contextlib.suppress(OSError):
+        native = len(os.listdir("/proc/self/task")) - 1 - len(threads)
+        if native > 0:
+            hazards.append(
+                _hazard("Thread", f"{native} thread(s) started outside Python")
+            )
+    return hazards
+
+
+def shared_random_generators() -> list[str]:
+    """Where the ``random.Random`` instances besides ``random``'s own live:
+    a fork copies their state, so every job draws the same numbers. Walks
+    the whole heap, so it runs once, at warm-up."""
+    found = [
+        obj
+        for obj in gc.get_objects()
+        if isinstance(obj, random.Random)
+        and not isinstance(obj, random.SystemRandom)
+        and obj is not getattr(random, "_inst", None)
+    ]
+    if not found:
+        return []
+    names = _module_names_of({id(obj) for obj in found})
+    return [
+        names.get(id(obj), f"a {type(obj).__module__}.{type(obj).__name__} instance")
+        for obj in found
+    ]
+
+
+def _module_names_of(ids: set[int]) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for module_name, module in list(sys.modules.items()):
+        for attr, value in list(getattr(module, "__dict__", {}).items()):
+            if id(value) in ids:
+                names.setdefault(id(value), f"{module_name}.{attr}")
+    return names
+
+
+# ---------------------------------------------------------------------------
 # The worker.
 # ---------------------------------------------------------------------------
 
@@ -846,6 +964,7 @@ class Worker:
         self.wake_r, self.wake_w = os.pipe()
         self.selector = selectors.DefaultSelector()
         self.commands: list[dict] | None = None
+        self.shared_randoms: list[str] = []
 
     # --- sending ---------------------------------------------------------
 
@@ -946,6 +1065,9 @@ class Worker:
             case {"ParseArgs": {"request": request, "command": command, "args": args}}:
                 result = parse_command_args(command, args)
                 self.send("ParsedArgs", request=request, result=result)
+            case {"InspectFork": {"request": request}}:
+                hazards = fork_hazards(self._own_fds(), self.shared_randoms)
+                self.send("ForkHazards", request=request, hazards=hazards)
             case {"ReadSettings": {"request": request, "names": names}}:
                 self.send(
                     "SettingValues", request=request, values=setting_values(names)
@@ -974,6 +1096,9 @@ class Worker:
             )
         # Loading commands or checks may have connected; forks must not share that.
         connections.close_all()
+        # The objects frozen after django.setup() are invisible until unfrozen.
+        gc.unfreeze()
+        self.shared_randoms = shared_random_generators()
         gc.freeze()
 
     def _describe_all(self) -> list[dict]:
@@ -1041,8 +1166,9 @@ class Worker:
         connections.close_all()
         threads = threading.active_count()
         if threads > 1:
+            # Reported with the other fork hazards at start-up and by `check`.
             message = f"job {job}: {threads} threads alive at fork; only this one"
-            self.log("Warning", message + " carries on in the job")
+            self.log("Debug", message + " carries on in the job")
         # Anything still buffered would otherwise be written again by the child.
         _flush(sys.stdout)
         _flush(sys.stderr)
@@ -1067,6 +1193,16 @@ class Worker:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         return pid
+
+    def _own_fds(self) -> set[int]:
+        """The worker's own descriptors: never a hazard, closed in every job."""
+        return {
+            self.sock.fileno(),
+            self.selector.fileno(),
+            self.wake_r,
+            self.wake_w,
+            *self.fds,
+        }
 
     def _fds_to_close_in_child(self) -> list[int]:
         # Closing the socket and selector objects (not just their numbers)

@@ -13,7 +13,9 @@ use dcsupervisor::supervisor::commands::{commands_hash, synced_commands};
 use dcsupervisor::supervisor::journal::Journal;
 use dcsupervisor::supervisor::runner::Runner;
 use dcsupervisor::supervisor::{control, state, systemd};
-use dcsupervisor::worker::{other_setup_asked, Job, JobEnd, Output, Stop, Worker};
+use dcsupervisor::worker::{
+    other_setup_asked, Isolation, Job, JobEnd, Output, Stop, Worker, FORK_HAZARD_FIX,
+};
 use nix::sys::signal::Signal;
 use tracing_subscriber::EnvFilter;
 
@@ -199,6 +201,7 @@ async fn check(config_path: &Path, config: &Config) -> Result<ExitCode> {
         synced.len(),
         names.join(", ")
     );
+    print_fork_hazards(&worker, config).await?;
     let runner = Runner::new(worker.clone(), setup, None).await.context("command discovery failed")?;
     let heartbeat = runner.run_once().await;
     worker.shutdown().await;
@@ -215,6 +218,30 @@ async fn check(config_path: &Path, config: &Config) -> Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// `check`'s report of what forked jobs would share with the worker or lose.
+async fn print_fork_hazards(worker: &Worker, config: &Config) -> Result<()> {
+    if config.worker.isolation == Isolation::Spawn {
+        println!("ok   worker.isolation = \"spawn\": jobs are not forked");
+        return Ok(());
+    }
+    let hazards = worker.fork_hazards().await.context("could not inspect the worker for fork hazards")?;
+    if hazards.is_empty() {
+        println!(
+            "ok   no fork hazards: no open sockets, other descriptors, threads or shared random generators"
+        );
+        return Ok(());
+    }
+    for hazard in &hazards {
+        let effect = match hazard.kind.corrupts_data() {
+            true => "jobs run as fresh manage.py subprocesses, not forked",
+            false => "forked jobs differ from manage.py",
+        };
+        println!("warn fork hazard ({:?}): {}; {effect}", hazard.kind, hazard.detail);
+    }
+    println!("     fix: {FORK_HAZARD_FIX}");
+    Ok(())
 }
 
 async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u64>) -> Result<ExitCode> {

@@ -22,8 +22,8 @@ use tokio::sync::{oneshot, watch};
 use super::process::{self, StderrTail};
 use super::{JobEnd, StartError, WorkerInfo, WorkerOptions};
 use crate::ipc::{
-    CommandInfo, Event, FrameError, FrameReader, FrameWriter, JobId, JobLimits, LogLevel, ParseOutcome,
-    Request, PROTOCOL_VERSION,
+    CommandInfo, Event, ForkHazard, FrameError, FrameReader, FrameWriter, JobId, JobLimits, LogLevel,
+    ParseOutcome, Request, PROTOCOL_VERSION,
 };
 
 /// How long a worker has to answer a `Run` with `JobStarted`.
@@ -59,6 +59,8 @@ struct State {
     parses: HashMap<u64, oneshot::Sender<ParseOutcome>>,
     /// `ReadSettings` requests waiting for their answer, by request id.
     setting_reads: HashMap<u64, oneshot::Sender<Vec<String>>>,
+    /// `InspectFork` requests waiting for their answer, by request id.
+    inspections: HashMap<u64, oneshot::Sender<Vec<ForkHazard>>>,
     ended: Option<String>,
 }
 
@@ -171,6 +173,12 @@ impl Connection {
     ) -> Result<Vec<String>, RequestError> {
         let make = |request| Request::ReadSettings { request, names: names.to_vec() };
         self.ask(make, |state| &mut state.setting_reads, timeout).await
+    }
+
+    /// What a fork of the worker would share or lose, looked at now.
+    pub async fn fork_hazards(&self, timeout: Duration) -> Result<Vec<ForkHazard>, RequestError> {
+        let make = |request| Request::InspectFork { request };
+        self.ask(make, |state| &mut state.inspections, timeout).await
     }
 
     /// Sends a request carrying a fresh request id and waits for the answer
@@ -355,6 +363,11 @@ fn route(event: Event, state: &Mutex<State>) {
         Event::SettingValues { request, values } => {
             if let Some(waiting) = state.setting_reads.remove(&request) {
                 let _ = waiting.send(values);
+            }
+        }
+        Event::ForkHazards { request, hazards } => {
+            if let Some(waiting) = state.inspections.remove(&request) {
+                let _ = waiting.send(hazards);
             }
         }
         Event::Log { level, message } => log_from_worker(level, &message),
