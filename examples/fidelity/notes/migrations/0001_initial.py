@@ -3,9 +3,9 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     initial = True
-    dependencies = []
+    dependencies = []  # noqa: RUF012 (standard Django migration attribute)
 
-    operations = [
+    operations = [  # noqa: RUF012 (standard Django migration attribute)
         migrations.CreateModel(
             name="Note",
             fields=[
