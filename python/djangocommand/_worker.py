@@ -839,6 +839,11 @@ def _strings(values: object) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
+# Descriptors the worker was started with (before the project's code ran):
+# a fresh `manage.py` started by the same parent inherits them as well.
+_STARTUP_FDS: set[int] = set()
+
+
 def fork_hazards(own_fds: set[int], shared_randoms: list[str]) -> list[dict]:
     """``ForkHazard`` values for the worker as it is now."""
     hazards = _descriptor_hazards(own_fds) + _thread_hazards()
@@ -851,16 +856,26 @@ def _hazard(kind: str, detail: str) -> dict:
 
 
 def _open_fds() -> list[int]:
+    """The process's open descriptors (not the one used to list them)."""
     for listing in ("/proc/self/fd", "/dev/fd"):
         with contextlib.suppress(OSError):
-            return sorted(int(name) for name in os.listdir(listing) if name.isdigit())
+            listed = sorted(int(name) for name in os.listdir(listing) if name.isdigit())
+            return [fd for fd in listed if _is_open(fd)]
     return []
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _descriptor_hazards(own_fds: set[int]) -> list[dict]:
     hazards = []
     for fd in _open_fds():
-        if fd <= 2 or fd in own_fds:
+        if fd <= 2 or fd in own_fds or fd in _STARTUP_FDS:
             continue
         try:
             mode = os.fstat(fd).st_mode
@@ -881,10 +896,11 @@ def _describe_socket(fd: int) -> str:
     except OSError:
         return "socket"
     with sock:
-        peer = ""
+        peer = None
         with contextlib.suppress(OSError):
-            peer = f" connected to {sock.getpeername()!r}"
-        return f"{sock.family.name} socket{peer}"
+            peer = sock.getpeername()
+        connected = f" connected to {peer!r}" if peer else ""
+        return f"{sock.family.name} socket{connected}"
 
 
 def _describe_fd(fd: int) -> str:
@@ -1356,6 +1372,7 @@ def _setup_django(project_dir: str, settings: str | None):
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     _configure_job_stdio(args.caller_mode)
+    _STARTUP_FDS.update(_open_fds())
     # The supervisor owns the terminal and decides what a Ctrl-C does to jobs.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Jobs should see the environment manage.py would, not our plumbing.
