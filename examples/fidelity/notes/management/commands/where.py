@@ -10,9 +10,8 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         self.stdout.write(f"cwd holds db.sqlite3: {os.path.exists('db.sqlite3')}")
         self.stdout.write(f"argv[0]: {os.path.basename(sys.argv[0])}")
-        self.stdout.write(
-            f"cwd on sys.path: {'' in sys.path or os.getcwd() in sys.path}"
-        )
+        # `python manage.py` puts its directory first, never '' (the cwd).
+        self.stdout.write(f"'' on sys.path: {'' in sys.path}")
         self.stdout.write(
             f"__main__: {os.path.basename(sys.modules['__main__'].__file__)}"
         )
