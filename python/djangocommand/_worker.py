@@ -463,13 +463,33 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
+# The gc functions that walk the heap, which gc.freeze() hides from them.
+_HEAP_WALKERS = ("get_objects", "get_referrers")
+
+
 def _see_the_whole_heap() -> None:
     """Gives the job the heap a fresh interpreter has: ``gc.freeze()`` (kept
     by the worker so forks share its pages) hides the preloaded objects from
     ``gc.get_objects()`` and ``gc.get_referrers()``, which tools such as
-    django-extensions' ``list_signals`` walk. The cost is measured in
-    docs/benchmarks.md."""
-    gc.unfreeze()
+    django-extensions' ``list_signals`` walk. The first call of either
+    unfreezes the heap and then does its work; a job that never walks the
+    heap keeps it frozen, since the full collection that follows an
+    unfreeze copies most of the worker's pages (docs/benchmarks.md)."""
+    originals = {name: getattr(gc, name) for name in _HEAP_WALKERS}
+
+    def unfreezing(name: str):
+        def walk(*args, **kwargs):
+            for original_name, original in originals.items():
+                setattr(gc, original_name, original)
+            gc.unfreeze()
+            return originals[name](*args, **kwargs)
+
+        walk.__name__ = name
+        walk.__doc__ = originals[name].__doc__
+        return walk
+
+    for name in _HEAP_WALKERS:
+        setattr(gc, name, unfreezing(name))
 
 
 class _OtherSettings(SystemExit):
@@ -970,8 +990,10 @@ _LOG_LIMIT = 256 * 1024  # characters; keeps any Log far below the frame limit
 class Worker:
     """One supervisor connection: requests in, events out, jobs forked and reaped."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, warm_up: bool = True) -> None:
         self.sock = sock
+        # Worth it for a worker that forks many jobs; `exec` forks one.
+        self.warm_up = warm_up
         self.frames = FrameDecoder()
         self.fds: collections.deque[int] = collections.deque()
         self.jobs: dict[int, int] = {}  # job id -> pid (also its process group)
@@ -995,7 +1017,8 @@ class Worker:
     def serve(self) -> int:
         """Runs until EOF, SIGTERM, a finished Shutdown or a protocol error."""
         try:
-            self._warm_up()
+            if self.warm_up:
+                self._warm_up()
             self._install_signals()
             self.selector.register(self.sock, selectors.EVENT_READ)
             self.selector.register(self.wake_r, selectors.EVENT_READ)
@@ -1389,7 +1412,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"StartupFailed": {"protocol": PROTOCOL_VERSION, "error": error}},
             )
         return 1
-    worker = Worker(sock)
+    worker = Worker(sock, warm_up=not args.caller_mode)
     hello = {
         "protocol": PROTOCOL_VERSION,
         "pid": os.getpid(),
