@@ -54,7 +54,13 @@ def fill_database(directory: Path, notes: int) -> None:
         "    with reversion.create_revision():\n"
         "        Note.objects.create(title=f'note {i}', body='lorem ipsum ' * 8)\n"
     )
-    subprocess.run([*manage, "shell", "-c", code], cwd=directory, env=env(), check=True)
+    subprocess.run(
+        [*manage, "shell", "-c", code],
+        cwd=directory,
+        env=env(),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def timed(argv: list[str], directory: Path, to_file: bool) -> tuple[float, int]:

@@ -1,12 +1,13 @@
 """What `gc.unfreeze()` in a forked job costs.
 
 The worker keeps its preloaded heap in the collector's permanent generation
-(`gc.freeze()`) so forks share its pages; a job calls `gc.unfreeze()`
-when it first walks the heap (`gc.get_objects()`, `gc.get_referrers()`),
-so it sees the whole heap as in a fresh interpreter (docs/fidelity.md). This sets Django up on examples/fidelity as the worker
-does, then forks jobs that each run a full collection, with and without the
-unfreeze, and prints per job: the unfreeze itself, the first full
-collection, and the page faults taken (pages copied from the worker).
+(`gc.freeze()`) so forks share its pages; a job calls `gc.unfreeze()` when
+it first walks the heap (`gc.get_objects()`, `gc.get_referrers()`), so it
+sees the whole heap as in a fresh interpreter (docs/fidelity.md). This sets
+Django up on examples/fidelity as the worker does, then forks jobs that each
+run a full collection, with and without the unfreeze, and prints per job:
+the unfreeze itself, the first full collection, and the page faults taken
+(pages copied from the worker).
 
     .venv/bin/python bench/gc_unfreeze.py [--jobs 30]
 """
