@@ -129,15 +129,23 @@ impl JobOutputs {
                 })
             }
             Output::Inherit => Ok(Self {
-                // Duplicates (close-on-exec): the job gets the very same open files.
-                stdin: std::io::stdin().as_fd().try_clone_to_owned()?,
-                stdout_write: std::io::stdout().as_fd().try_clone_to_owned()?,
-                stderr_write: std::io::stderr().as_fd().try_clone_to_owned()?,
+                // Duplicates (close-on-exec): the job gets the very same open
+                // files; one we were started without is /dev/null for it too.
+                stdin: inherited(std::io::stdin().as_fd(), false)?,
+                stdout_write: inherited(std::io::stdout().as_fd(), true)?,
+                stderr_write: inherited(std::io::stderr().as_fd(), true)?,
                 stdout: None,
                 stderr: None,
             }),
         }
     }
+}
+
+/// A duplicate of one of our standard descriptors, or `/dev/null` if it is closed.
+fn inherited(fd: std::os::fd::BorrowedFd<'_>, write: bool) -> std::io::Result<OwnedFd> {
+    fd.try_clone_to_owned().or_else(|_| {
+        std::fs::OpenOptions::new().read(!write).write(write).open("/dev/null").map(OwnedFd::from)
+    })
 }
 
 impl Job {
