@@ -4,7 +4,8 @@ both as `python manage.py` and through dcsupervisor by
 tests/python/test_fidelity.py.
 
 The database is `db.sqlite3` in the *current* directory, so each run of the
-test gets its own copy by running in its own directory. Not for production:
+test gets its own copy by running in its own directory, or, with
+FIDELITY_PG_HOST set, the PostgreSQL database FIDELITY_PG_DB on that server. Not for production:
 the secret key is public.
 """
 
@@ -63,6 +64,14 @@ DATABASES = {
         "NAME": os.environ.get("FIDELITY_DB_NAME", "db.sqlite3"),
     }
 }
+# The fidelity test's PostgreSQL run: a server on a Unix socket directory.
+if os.environ.get("FIDELITY_PG_HOST"):
+    DATABASES["default"] = {
+        "ENGINE": "django.db.backends.postgresql",
+        "HOST": os.environ["FIDELITY_PG_HOST"],
+        "NAME": os.environ.get("FIDELITY_PG_DB", "fidelity"),
+        "USER": "postgres",
+    }
 
 CACHES = {
     "default": {
