@@ -981,7 +981,7 @@ def _module_names_of(ids: set[int]) -> dict[int, str]:
 
 _REAP_INTERVAL = 1.0  # seconds; a safety net should a SIGCHLD wakeup be lost
 _RECV_SIZE = 64 * 1024
-_MAX_FDS_PER_RECV = 16  # the supervisor sends 2 per Run; room for a bad peer
+_MAX_FDS_PER_RECV = 16  # the supervisor sends 3 per Run; room for a bad peer
 _FD_SIZE = array.array("i").itemsize
 _CMSG_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _LOG_LIMIT = 256 * 1024  # characters; keeps any Log far below the frame limit
