@@ -38,8 +38,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def config(url: str, *, hazards: bool) -> str:
-    env = '{ FIDELITY_HAZARDS = "1" }' if hazards else "{}"
+def config(url: str, *, hazards: bool, env: str = "") -> str:
+    env = env or ('{ FIDELITY_HAZARDS = "1" }' if hazards else "{}")
     return f"""\
 [server]
 url = {json.dumps(url)}
@@ -125,3 +125,40 @@ def test_a_shared_connection_is_never_forked(tmp_path, plane):
     finally:
         stop_process(runner)
     assert "fork hazard: thread 'echo-server'" in read_logs(tmp_path)
+
+
+def runner_outputs(tmp_path: Path, plane, config_text: str, command: str, jobs: int):
+    """What `jobs` executions of `command`, queued at once, printed."""
+    runner = start_supervisor(DCSUPERVISOR, tmp_path, config_text)
+    try:
+        ids = [plane.queue(command) for _ in range(jobs)]
+        wait_for(lambda: all(plane.ended(i) for i in ids), TIMEOUT, command)
+        return [
+            "".join(
+                s["content"] for c in plane.ended(i)["chunks"] for s in c["segments"]
+            )
+            for i in ids
+        ]
+    finally:
+        stop_process(runner)
+
+
+def test_a_shared_random_generator_is_reported_and_the_fork_hook_fixes_it(
+    tmp_path, plane
+):
+    shared = config(plane.url, hazards=True, env='{ FIDELITY_HAZARDS = "random" }')
+    (tmp_path / "dc.toml").write_text(shared)
+    out = dcsupervisor(tmp_path, "check").stdout
+    assert "warn fork hazard (SharedRandom): hazards.apps.RNG" in out, out
+    assert "Socket" not in out, "no socket: jobs are forked"
+    # The hazard as the issue found it: every forked job draws the same number.
+    drawn = runner_outputs(tmp_path, plane, shared, "rand", 3)
+    assert len(set(drawn)) == 1, drawn
+
+    fixed = config(
+        plane.url,
+        hazards=True,
+        env='{ FIDELITY_HAZARDS = "random", FIDELITY_HAZARDS_FIXED = "1" }',
+    )
+    drawn = runner_outputs(tmp_path, plane, fixed, "rand", 3)
+    assert len(set(drawn)) == 3, drawn

@@ -1,8 +1,13 @@
 """What real projects do in ready() that a fork shares or loses: a
 connection opened outside the ORM (here a socket to a small echo server),
 a background thread (APM and error-tracking agents), a module-level random
-generator. Installed only when FIDELITY_HAZARDS is set."""
+generator. Installed only when FIDELITY_HAZARDS is set: "1" for all of
+them, or a comma-separated choice of "socket", "random". With
+FIDELITY_HAZARDS_FIXED set, the generator is reseeded after every fork by an
+os.register_at_fork hook, the documented fix.
+"""
 
+import os
 import random
 import socket
 import threading
@@ -27,12 +32,20 @@ def ping() -> str:
     return CONNECTION.recv(64).decode().strip()
 
 
+def _wanted(hazard: str) -> bool:
+    chosen = os.environ.get("FIDELITY_HAZARDS", "")
+    return chosen == "1" or hazard in chosen.split(",")
+
+
 class HazardsConfig(AppConfig):
     name = "hazards"
 
     def ready(self):
         global CONNECTION
-        CONNECTION, server = socket.socketpair()
-        threading.Thread(
-            target=_echo_server, args=(server,), name="echo-server", daemon=True
-        ).start()
+        if _wanted("socket"):
+            CONNECTION, server = socket.socketpair()
+            threading.Thread(
+                target=_echo_server, args=(server,), name="echo-server", daemon=True
+            ).start()
+        if os.environ.get("FIDELITY_HAZARDS_FIXED"):
+            os.register_at_fork(after_in_child=RNG.seed)
