@@ -466,8 +466,13 @@ class Runner:
             workdir, dccontrol=DCCONTROL, api_key=API_KEY, timeout=TIMEOUT
         )
         config = runner_config(self.plane.url, self.project, self.env)
-        self.process = start_supervisor(DCSUPERVISOR, workdir, config)
-        wait_for(self._synced, TIMEOUT, "the runner's first sync")
+        self.process = None
+        try:
+            self.process = start_supervisor(DCSUPERVISOR, workdir, config)
+            wait_for(self._synced, TIMEOUT, "the runner's first sync")
+        except BaseException:
+            self.close()  # nothing may outlive a failed start
+            raise
 
     def _synced(self) -> bool:
         assert self.process.poll() is None, read_logs(self.workdir)
@@ -516,7 +521,8 @@ class Runner:
         return text.replace(str(self.project), str(PROJECT)).encode()
 
     def close(self) -> None:
-        stop_process(self.process)
+        if self.process is not None:
+            stop_process(self.process)
         self.plane.close()
 
 
