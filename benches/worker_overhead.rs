@@ -67,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
         spawn_commands: BTreeSet::new(),
         recycle_after_jobs: None,
         recycle_above_rss: None,
+        caller_dir: None,
     };
 
     // One mode after the other, each with its own worker, shut down before

@@ -530,6 +530,7 @@ impl Config {
                 .then_some(self.worker.recycle_after_jobs),
             recycle_above_rss: (self.worker.recycle_above_rss_mb > 0)
                 .then_some(self.worker.recycle_above_rss_mb * 1024 * 1024),
+            caller_dir: None,
         }
     }
 

@@ -28,7 +28,8 @@ use tokio::sync::{oneshot, watch};
 use super::process::{self, StderrTail};
 use super::{JobEnd, StartError, WorkerInfo, WorkerOptions};
 use crate::ipc::{
-    CommandInfo, Event, ExitStatus, FrameError, FrameReader, FrameWriter, JobId, JobLimits, LogLevel,
+    CommandInfo, Event, ExitStatus, ForkHazard, FrameError, FrameReader, FrameWriter, JobId, JobLimits,
+    LogLevel,
     ParseOutcome, Request, PROTOCOL_VERSION,
 };
 
@@ -65,6 +66,8 @@ struct State {
     parses: HashMap<u64, oneshot::Sender<ParseOutcome>>,
     /// `ReadSettings` requests waiting for their answer, by request id.
     setting_reads: HashMap<u64, oneshot::Sender<Vec<String>>>,
+    /// `InspectFork` requests waiting for their answer, by request id.
+    inspections: HashMap<u64, oneshot::Sender<Vec<ForkHazard>>>,
     ended: Option<String>,
 }
 
@@ -186,6 +189,12 @@ impl Connection {
         self.ask(make, |state| &mut state.setting_reads, timeout).await
     }
 
+    /// What a fork of the worker would share or lose, looked at now.
+    pub async fn fork_hazards(&self, timeout: Duration) -> Result<Vec<ForkHazard>, RequestError> {
+        let make = |request| Request::InspectFork { request };
+        self.ask(make, |state| &mut state.inspections, timeout).await
+    }
+
     /// Sends a request carrying a fresh request id and waits for the answer
     /// the reader routes back through `waiting` (the map for that kind).
     async fn ask<T>(
@@ -226,8 +235,7 @@ impl Connection {
         command: &str,
         args: &[String],
         limits: JobLimits,
-        stdout: OwnedFd,
-        stderr: OwnedFd,
+        stdio: [OwnedFd; 3],
     ) -> Result<(u32, oneshot::Receiver<JobEnd>), RequestError> {
         let (started_tx, started_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = oneshot::channel();
@@ -240,9 +248,10 @@ impl Connection {
             state.jobs.insert(job, slot);
         }
         let request = Request::Run { job, command: command.to_string(), args: args.to_vec(), limits };
-        let sent = self.send(&request, &[stdout.as_fd(), stderr.as_fd()]).await;
+        let [stdin, stdout, stderr] = &stdio;
+        let sent = self.send(&request, &[stdin.as_fd(), stdout.as_fd(), stderr.as_fd()]).await;
         // Our copies must close now, or the pipes would never reach EOF.
-        drop((stdout, stderr));
+        drop(stdio);
         if let Err(err) = sent {
             self.lock().jobs.remove(&job);
             return Err(err);
@@ -376,6 +385,11 @@ fn route(event: Event, state: &Mutex<State>, worker_pid: u32) -> Result<(), Stri
         Event::SettingValues { request, values } => {
             if let Some(waiting) = state.setting_reads.remove(&request) {
                 let _ = waiting.send(values);
+            }
+        }
+        Event::ForkHazards { request, hazards } => {
+            if let Some(waiting) = state.inspections.remove(&request) {
+                let _ = waiting.send(hazards);
             }
         }
         Event::Log { level, message } => log_from_worker(level, &message),

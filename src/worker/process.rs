@@ -79,7 +79,7 @@ pub(super) async fn spawn(opts: &WorkerOptions) -> std::io::Result<Spawned> {
         .arg(&opts.project_dir)
         .arg("--settings")
         .arg(&opts.settings_module)
-        .current_dir(&opts.project_dir)
+        .current_dir(opts.caller_dir.as_ref().unwrap_or(&opts.project_dir))
         .env("DJANGOCOMMAND_WORKER_FD", WORKER_FD.to_string())
         .env("DJANGO_SETTINGS_MODULE", &opts.settings_module)
         .envs(&opts.env)
@@ -90,6 +90,9 @@ pub(super) async fn spawn(opts: &WorkerOptions) -> std::io::Result<Spawned> {
         // supervisor, which decides what happens to jobs.
         .process_group(0)
         .kill_on_drop(true);
+    if opts.caller_dir.is_some() {
+        command.arg("--caller-mode");
+    }
     super::scrub_environment(&mut command);
     for name in opts.setup_env.keys() {
         command.env_remove(name);

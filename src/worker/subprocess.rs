@@ -61,14 +61,17 @@ pub(super) fn start(
             .arg(opts.project_dir.join("manage.py"))
             .arg(command)
             .args(args)
-            .current_dir(&opts.project_dir)
+            .current_dir(opts.caller_dir.as_ref().unwrap_or(&opts.project_dir))
             .env("DJANGO_SETTINGS_MODULE", &opts.settings_module)
-            .env("PYTHONUNBUFFERED", "1")
             .envs(&opts.env)
-            .stdin(Stdio::null())
+            .stdin(Stdio::from(outputs.stdin))
             .stdout(Stdio::from(outputs.stdout_write))
             .stderr(Stdio::from(outputs.stderr_write))
             .process_group(0);
+        if opts.caller_dir.is_none() {
+            // Output streams to the control plane as it is written.
+            process.env("PYTHONUNBUFFERED", "1");
+        }
         super::scrub_environment(&mut process);
         for name in opts.setup_env.keys() {
             process.env_remove(name);

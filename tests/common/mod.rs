@@ -59,6 +59,7 @@ pub fn options(db: &TestDb) -> WorkerOptions {
         spawn_commands: BTreeSet::new(),
         recycle_after_jobs: None,
         recycle_above_rss: None,
+        caller_dir: None,
     }
 }
 
