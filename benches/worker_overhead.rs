@@ -61,11 +61,13 @@ async fn main() -> anyhow::Result<()> {
         project_dir: repo.join("examples/demo"),
         settings_module: "demo_project.settings".into(),
         env: BTreeMap::from([("DEMO_DB_PATH".into(), db.path().join("db.sqlite3").display().to_string())]),
+        setup_env: BTreeMap::new(),
         startup_timeout: Duration::from_secs(60),
         isolation,
         spawn_commands: BTreeSet::new(),
         recycle_after_jobs: None,
         recycle_above_rss: None,
+        caller_dir: None,
     };
 
     // One mode after the other, each with its own worker, shut down before

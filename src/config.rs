@@ -15,15 +15,21 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::ipc::JobLimits;
-use crate::supervisor::arguments::{AllowedOption, ArgumentRules};
+use crate::supervisor::admission::arguments::{AllowedOption, ArgumentRules};
+use crate::supervisor::admission::concurrency::{CommandLimit, WhenBusy};
+use crate::supervisor::admission::policy::{self, ConfiguredIn, Mode, Policy};
+use crate::supervisor::admission::signing::{self, Signing};
+use crate::supervisor::admission::Admission;
 use crate::supervisor::client::{ApiKey, Client, ClientOptions};
 use crate::supervisor::commands::BoundArgs;
 use crate::supervisor::execution::{CommandLimits, ExecutionSettings};
-use crate::supervisor::policy::{self, ConfiguredIn, Mode, Policy};
 use crate::supervisor::redact::{Redactor, MIN_SECRET_LEN};
-use crate::supervisor::runner::{CommandLimit, RunnerOptions, RunnerSetup, WhenBusy};
-use crate::supervisor::signing::{self, Signing};
+use crate::supervisor::runner::{RunnerOptions, RunnerSetup};
 use crate::worker::{Isolation, WorkerOptions};
+
+/// The variable that carries the API key (to the supervisor, and to the
+/// worker while Django sets up, since `settings.py` may read it).
+pub const API_KEY_ENV: &str = "DJANGOCOMMAND_API_KEY";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -171,6 +177,9 @@ pub struct PolicyConfig {
     pub arguments: Vec<ArgumentsConfig>,
     /// `[policy.signing]`: run only executions signed by this key.
     pub signing: Option<SigningConfig>,
+    /// Let the control plane give `--settings`, `--pythonpath` and other
+    /// options that change which code a command loads (refused by default).
+    pub allow_code_loading_options: bool,
 }
 
 /// `[policy.signing]`: the control plane's pinned Ed25519 public key.
@@ -234,6 +243,10 @@ pub struct ArgumentsConfig {
     /// match in full ("" for any value).
     #[serde(default)]
     pub allow_options: Option<BTreeMap<String, String>>,
+    /// When set, a regex every positional value must match in full (e.g.
+    /// fixture names without a path for `loaddata`).
+    #[serde(default)]
+    pub allow_positionals: Option<String>,
 }
 
 impl ArgumentsConfig {
@@ -264,10 +277,21 @@ impl ArgumentsConfig {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
+        let allow_positionals = match &self.allow_positionals {
+            None => None,
+            Some(pattern) => Some(AllowedOption::new("", pattern).map_err(|error| {
+                invalid(
+                    "policy.arguments.allow_positionals",
+                    format!("{pattern:?} of {:?}", self.command),
+                    format!("not a regular expression: {error}"),
+                )
+            })?),
+        };
         Ok(ArgumentRules {
             refuse_options: self.refuse_options.clone(),
             refuse_positionals: self.refuse_positionals.clone(),
             allow_options,
+            allow_positionals,
         })
     }
 }
@@ -370,7 +394,7 @@ impl Config {
                     .try_parsing(true)
                     .source(Some(section_overrides())),
             );
-        if let Ok(key) = std::env::var("DJANGOCOMMAND_API_KEY") {
+        if let Ok(key) = std::env::var(API_KEY_ENV) {
             builder = builder.set_override("server.api_key", key).map_err(|e| load_error(e.to_string()))?;
         }
         let merged = builder.build().map_err(|e| load_error(e.to_string()))?;
@@ -429,20 +453,57 @@ impl Config {
                 return Err(invalid("policy", format!("{name:?}"), "command names are single words"));
             }
         }
-        if self.worker.startup_timeout == 0 {
-            return Err(invalid("worker.startup_timeout", 0, "give Django at least 1 second to set up"));
-        }
-        if self.runner.max_concurrent == 0 {
-            return Err(invalid("runner.max_concurrent", 0, "allow at least 1 execution at a time"));
+        self.validate_numbers()?;
+        for bound in &self.policy.bound_args {
+            if shlex::split(&bound.args).is_none() {
+                return Err(invalid(
+                    "policy.bound_args.args",
+                    format!("{:?} (command {:?})", bound.args, bound.command),
+                    "balance the quotes: the arguments are split like a POSIX shell would",
+                ));
+            }
         }
         self.argument_rules()?;
         if let Some(signing) = &self.policy.signing {
             signing.verifying_key()?;
-            if signing.max_age == 0 {
-                return Err(invalid("policy.signing.max_age", 0, "allow at least 1 second (300 is usual)"));
+        }
+        Ok(())
+    }
+
+    /// Every number and duration of the file, against [`ranges`]: a value
+    /// out of range would otherwise panic or misbehave far from its cause
+    /// (a negative interval, a zero-length tick, an overflowing size).
+    fn validate_numbers(&self) -> Result<(), ConfigError> {
+        use ranges::*;
+        let (server, runner, worker) = (&self.server, &self.runner, &self.worker);
+        server.validate_numbers()?;
+        whole("worker.startup_timeout", worker.startup_timeout, STARTUP_TIMEOUT)?;
+        whole("worker.cancel_grace", worker.cancel_grace, CANCEL_GRACE)?;
+        whole("worker.recycle_above_rss_mb", worker.recycle_above_rss_mb, MEGABYTES)?;
+        whole("runner.max_concurrent", runner.max_concurrent as u64, MAX_CONCURRENT)?;
+        seconds("runner.poll_interval", runner.poll_interval, POLL_INTERVAL)?;
+        seconds("runner.output_flush_interval", runner.output_flush_interval, FLUSH_INTERVAL)?;
+        whole("runner.chunk_max_bytes", runner.chunk_max_bytes as u64, CHUNK_MAX_BYTES)?;
+        if runner.output_cap_bytes != 0 {
+            whole("runner.output_cap_bytes", runner.output_cap_bytes as u64, OUTPUT_CAP_BYTES)?;
+        }
+        whole("runner.outbox_memory_bytes", runner.outbox_memory_bytes as u64, OUTBOX_MEMORY_BYTES)?;
+        whole("runner.shutdown_grace", runner.shutdown_grace, SHUTDOWN_GRACE)?;
+        for values in std::iter::once(&self.limits.all).chain(self.limits.commands.values()) {
+            whole("limits.cpu_seconds", values.cpu_seconds.unwrap_or(0), CPU_SECONDS)?;
+            whole("limits.memory_mb", values.memory_mb.unwrap_or(0), MEGABYTES)?;
+            let nice = values.nice.unwrap_or(0);
+            if !(0..=NICE_MAX).contains(&nice) {
+                return Err(invalid("limits.nice", nice, format!("use a value from 0 to {NICE_MAX}")));
             }
         }
-        self.server.validate_intervals()
+        for rule in &self.policy.concurrency {
+            whole("policy.concurrency.max_running", rule.max_running as u64, MAX_RUNNING)?;
+        }
+        if let Some(signing) = &self.policy.signing {
+            whole("policy.signing.max_age", signing.max_age, SIGNING_MAX_AGE)?;
+        }
+        Ok(())
     }
 
     pub fn policy(&self) -> Policy {
@@ -454,7 +515,14 @@ impl Config {
             python: self.django.python.clone(),
             project_dir: self.django.project_dir.clone(),
             settings_module: self.django.settings_module.clone(),
-            env: self.django.env.clone(),
+            env: self
+                .django
+                .env
+                .iter()
+                .filter(|(name, _)| *name != API_KEY_ENV)
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect(),
+            setup_env: self.setup_env(),
             startup_timeout: Duration::from_secs(self.worker.startup_timeout),
             isolation: self.worker.isolation,
             spawn_commands: self.worker.spawn_commands.iter().cloned().collect(),
@@ -462,7 +530,15 @@ impl Config {
                 .then_some(self.worker.recycle_after_jobs),
             recycle_above_rss: (self.worker.recycle_above_rss_mb > 0)
                 .then_some(self.worker.recycle_above_rss_mb * 1024 * 1024),
+            caller_dir: None,
         }
+    }
+
+    /// What the worker needs for Django's set-up only: the API key (from
+    /// the supervisor's environment, dc.toml or `django.env`).
+    fn setup_env(&self) -> BTreeMap<String, String> {
+        let key = self.server.api_key.clone().or_else(|| self.django.env.get(API_KEY_ENV).cloned());
+        key.map(|key| (API_KEY_ENV.to_string(), key)).into_iter().collect()
     }
 
     pub fn cancel_grace(&self) -> Duration {
@@ -496,8 +572,10 @@ impl Config {
 
     /// The secrets known without asking the worker: the listed values and
     /// the named environment variables' values.
+    /// The API key is always one of them, whatever `[redaction]` says.
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets = self.redaction.values.clone();
+        secrets.extend(self.setup_env().into_values().filter(|key| key.len() >= MIN_SECRET_LEN));
         for name in &self.redaction.from_env {
             let value = self.django.env.get(name).cloned().or_else(|| std::env::var(name).ok());
             match value {
@@ -521,9 +599,14 @@ impl Config {
             bound_args.entry(bound.command.clone()).or_default().push(args);
         }
         Ok(ExecutionSettings {
-            policy: self.policy(),
+            admission: Admission {
+                policy: self.policy(),
+                signing: self.signing()?,
+                bound_args,
+                argument_rules: self.argument_rules()?,
+                allow_code_loading_options: self.policy.allow_code_loading_options,
+            },
             metadata_only: self.policy.metadata_only(),
-            bound_args,
             cancel_grace: self.cancel_grace(),
             cancel_poll_interval: Duration::from_secs(2),
             start_retries: self.server.max_retries,
@@ -534,8 +617,6 @@ impl Config {
             secrets: self.secrets(),
             secret_settings: self.redaction.from_django_settings.clone(),
             limits: self.job_limits(),
-            signing: self.signing()?,
-            argument_rules: self.argument_rules()?,
         })
     }
 
@@ -636,7 +717,16 @@ impl ServerConfig {
     /// HTTPS unless the host is allowed plain HTTP.
     pub fn settings(&self) -> Result<ServerSettings, ConfigError> {
         let key = match &self.api_key {
-            Some(key) if key.starts_with("dc_") => key.clone(),
+            Some(key) if key.starts_with("dc_") && key.bytes().all(|b| b.is_ascii_graphic()) => key.clone(),
+            Some(key) if key.starts_with("dc_") => {
+                // It travels in an HTTP header: a stray newline from a
+                // secrets file would break it far from its cause.
+                return Err(invalid(
+                    "server.api_key",
+                    "<hidden>",
+                    "the key contains whitespace, control or non-ASCII characters; copy it again",
+                ));
+            }
             Some(_) => {
                 return Err(invalid(
                     "server.api_key",
@@ -655,8 +745,12 @@ impl ServerConfig {
         let base_url = self.url.trim_end_matches('/').to_string();
         let uri: http::Uri =
             base_url.parse().map_err(|e| invalid("server.url", &self.url, format!("not a URL ({e})")))?;
-        let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || uri.path_and_query().is_some_and(|p| p.query().is_some()) {
+        let host =
+            uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let host = host.as_str();
+        let query_or_fragment =
+            uri.path_and_query().is_some_and(|p| p.query().is_some()) || base_url.contains('#');
+        if host.is_empty() || query_or_fragment || !port_fits(&uri) {
             return Err(invalid("server.url", &self.url, "use a URL like https://app.djangocommand.com"));
         }
         match uri.scheme_str() {
@@ -676,18 +770,24 @@ impl ServerConfig {
         Ok(ServerSettings { base_url, api_key: ApiKey::new(key) })
     }
 
-    fn validate_intervals(&self) -> Result<(), ConfigError> {
-        if self.heartbeat_interval < 5 {
-            return Err(invalid(
-                "server.heartbeat_interval",
-                self.heartbeat_interval,
-                "the minimum is 5 seconds",
-            ));
-        }
-        if self.request_timeout == 0 {
-            return Err(invalid("server.request_timeout", 0, "use a timeout of at least 1 second"));
-        }
-        Ok(())
+    /// The numbers of `[server]`; the Python package applies the same
+    /// ranges to the `DJANGOCOMMAND_*` settings (tests/server_settings_vectors.json).
+    pub fn validate_numbers(&self) -> Result<(), ConfigError> {
+        use ranges::*;
+        whole("server.heartbeat_interval", self.heartbeat_interval, HEARTBEAT_INTERVAL)?;
+        whole("server.request_timeout", self.request_timeout, REQUEST_TIMEOUT)?;
+        whole("server.max_retries", u64::from(self.max_retries), MAX_RETRIES)
+    }
+}
+
+/// Whether the URL's port, if it has one, is a number from 0 to 65535.
+fn port_fits(uri: &http::Uri) -> bool {
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
+    let host_and_port = authority.rsplit_once('@').map_or(authority, |(_, rest)| rest);
+    let after_host = host_and_port.rsplit_once(']').map_or(host_and_port, |(_, rest)| rest);
+    match after_host.split_once(':') {
+        Some((_, port)) => port.is_empty() || port.parse::<u16>().is_ok(),
+        None => true,
     }
 }
 
@@ -739,4 +839,120 @@ fn combine(
 ) -> BTreeSet<String> {
     let base = replacement.unwrap_or(defaults);
     base.iter().chain(add).filter(|name| !remove.contains(name)).cloned().collect()
+}
+
+/// The allowed range of every number in `dc.toml` (inclusive, in the
+/// field's unit), the one place they are written; README.md and
+/// config/dc.example.toml quote them.
+pub mod ranges {
+    use super::{invalid, ConfigError};
+
+    /// An inclusive range and the unit the message names.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Range<T> {
+        pub min: T,
+        pub max: T,
+        pub unit: &'static str,
+    }
+
+    const fn range<T>(min: T, max: T, unit: &'static str) -> Range<T> {
+        Range { min, max, unit }
+    }
+
+    pub const HEARTBEAT_INTERVAL: Range<u64> = range(5, 3600, "seconds");
+    pub const REQUEST_TIMEOUT: Range<u64> = range(1, 600, "seconds");
+    pub const MAX_RETRIES: Range<u64> = range(0, 20, "retries");
+    pub const STARTUP_TIMEOUT: Range<u64> = range(1, 3600, "seconds");
+    pub const CANCEL_GRACE: Range<u64> = range(0, 3600, "seconds");
+    pub const SHUTDOWN_GRACE: Range<u64> = range(0, 86_400, "seconds");
+    pub const POLL_INTERVAL: Range<f64> = range(0.05, 3600.0, "seconds");
+    pub const FLUSH_INTERVAL: Range<f64> = range(0.01, 60.0, "seconds");
+    pub const MAX_CONCURRENT: Range<u64> = range(1, 256, "executions");
+    pub const MAX_RUNNING: Range<u64> = range(1, 256, "executions");
+    pub const CHUNK_MAX_BYTES: Range<u64> = range(256, 8 * 1024 * 1024, "bytes");
+    pub const OUTPUT_CAP_BYTES: Range<u64> = range(1024, 1 << 40, "bytes (or 0: no cap)");
+    pub const OUTBOX_MEMORY_BYTES: Range<u64> = range(0, 1 << 30, "bytes");
+    /// MiB; the largest keeps `* 1024 * 1024` far from overflowing.
+    pub const MEGABYTES: Range<u64> = range(0, 1 << 24, "MiB (0: no limit)");
+    pub const CPU_SECONDS: Range<u64> = range(0, 1 << 31, "seconds (0: no limit)");
+    pub const SIGNING_MAX_AGE: Range<u64> = range(1, 86_400, "seconds");
+    pub const NICE_MAX: i32 = 19;
+
+    pub fn whole(field: &'static str, value: u64, range: Range<u64>) -> Result<(), ConfigError> {
+        if (range.min..=range.max).contains(&value) {
+            return Ok(());
+        }
+        Err(invalid(
+            field,
+            value,
+            format!("use a whole number from {} to {} {}", range.min, range.max, range.unit),
+        ))
+    }
+
+    /// Seconds as a number that may have a fraction: finite, in range.
+    pub fn seconds(field: &'static str, value: f64, range: Range<f64>) -> Result<(), ConfigError> {
+        if value.is_finite() && (range.min..=range.max).contains(&value) {
+            return Ok(());
+        }
+        Err(invalid(field, value, format!("use a number from {} to {} {}", range.min, range.max, range.unit)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loads a dc.toml made of the demo project's [django] table and `extra`.
+    fn load(extra: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo");
+        let text =
+            format!("[django]\nproject_dir = {demo:?}\nsettings_module = \"demo_project.settings\"\n{extra}");
+        let path = dir.path().join("dc.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn every_number_out_of_range_is_refused_naming_its_field() {
+        let cases = [
+            ("[server]\nheartbeat_interval = 4", "server.heartbeat_interval"),
+            ("[server]\nrequest_timeout = 0", "server.request_timeout"),
+            ("[server]\nmax_retries = 21", "server.max_retries"),
+            ("[worker]\nstartup_timeout = 0", "worker.startup_timeout"),
+            ("[worker]\ncancel_grace = 3601", "worker.cancel_grace"),
+            ("[worker]\nrecycle_above_rss_mb = 9223372036854775807", "worker.recycle_above_rss_mb"),
+            ("[runner]\nmax_concurrent = 0", "runner.max_concurrent"),
+            ("[runner]\npoll_interval = -1.0", "runner.poll_interval"),
+            ("[runner]\npoll_interval = inf", "runner.poll_interval"),
+            ("[runner]\noutput_flush_interval = 0", "runner.output_flush_interval"),
+            ("[runner]\nchunk_max_bytes = 0", "runner.chunk_max_bytes"),
+            ("[runner]\noutput_cap_bytes = 10", "runner.output_cap_bytes"),
+            ("[runner]\noutbox_memory_bytes = 9223372036854775807", "runner.outbox_memory_bytes"),
+            ("[runner]\nshutdown_grace = 9223372036854775807", "runner.shutdown_grace"),
+            ("[limits]\nmemory_mb = 9223372036854775807", "limits.memory_mb"),
+            ("[limits.commands.migrate]\ncpu_seconds = 9223372036854775807", "limits.cpu_seconds"),
+            ("[limits]\nnice = -5", "limits.nice"),
+            (
+                "[[policy.concurrency]]\ncommand = \"migrate\"\nmax_running = 0",
+                "policy.concurrency.max_running",
+            ),
+            (
+                "[[policy.bound_args]]\ncommand = \"migrate\"\nargs = \"'open\"\nlabel = \"x\"",
+                "policy.bound_args.args",
+            ),
+            (
+                "[[policy.arguments]]\ncommand = \"loaddata\"\nallow_positionals = \"[\"",
+                "policy.arguments.allow_positionals",
+            ),
+        ];
+        for (extra, field) in cases {
+            match load(extra) {
+                Err(ConfigError::Invalid { field: named, .. }) => assert_eq!(named, field, "{extra}"),
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        let defaults = load("").unwrap();
+        assert_eq!(defaults.runner_options().poll_interval, Duration::from_secs(2));
+    }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 
 struct Setup {
-    _db: TestDb,
+    db: TestDb,
     dir: tempfile::TempDir,
 }
 
@@ -27,7 +27,7 @@ impl Setup {
             db = db.path().display().to_string(),
         );
         write_file(&dir.path().join("dc.toml"), &config);
-        Self { _db: db, dir }
+        Self { db, dir }
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -42,7 +42,7 @@ impl Setup {
     }
 }
 
-const DEMO_ALLOWED: &str = "[policy]\nadd_allowed_commands = [\"noisy\", \"exit_with\", \"sleep\", \"grandchild\", \"djangocommand\"]\n";
+const DEMO_ALLOWED: &str = "[policy]\nadd_allowed_commands = [\"noisy\", \"exit_with\", \"sleep\", \"grandchild\", \"djangocommand\", \"say\", \"read_stdin\", \"noop\"]\n";
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -129,7 +129,10 @@ fn invalid_configuration_names_the_field_the_value_and_the_fix() {
     let out = setup.run(&["commands"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("server.heartbeat_interval") && stderr.contains("minimum is 5"), "{stderr}");
+    assert!(
+        stderr.contains("server.heartbeat_interval") && stderr.contains("from 5 to 3600 seconds"),
+        "{stderr}"
+    );
 
     let setup = Setup::new("[worker]\nisolation = \"thread\"\n");
     let stderr = text(&setup.run(&["commands"]).stderr);
@@ -208,4 +211,67 @@ async fn check_and_once_report_what_a_deploy_broke() {
         stderr.contains("server.api_key") && stderr.contains("dc_") && !stderr.contains("sk_live"),
         "{stderr}"
     );
+}
+
+#[test]
+fn exec_gives_the_command_everything_after_its_name() {
+    let setup = Setup::new(DEMO_ALLOWED);
+    // -v belongs to the command (before: dcsupervisor's, and "0" became a part).
+    let out = setup.run(&["exec", "say", "-v", "0", "hi"]);
+    assert_eq!((out.status.code(), text(&out.stdout), text(&out.stderr)), (Some(0), "hi".into(), "".into()));
+    let out = setup.run(&["exec", "check", "--help"]);
+    assert!(text(&out.stdout).starts_with("usage: manage.py check"), "{}", text(&out.stdout));
+    let out = setup.run(&["exec", "check", "--version"]);
+    let django_version = run_manage_py(&setup.db, "check", &["--version"]).stdout;
+    assert_eq!((out.status.code(), out.stdout), (Some(0), django_version));
+    // A -c after the command is the command's: say has no -c, so argparse says so.
+    let out = setup.run(&["exec", "say", "-c", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("unrecognized arguments: -c"), "{}", text(&out.stderr));
+    // Before the command name, options are dcsupervisor's.
+    let out = setup.run(&["exec", "--version"]);
+    assert!(text(&out.stdout).starts_with("dcsupervisor"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn exec_reads_its_stdin_and_runs_in_the_callers_directory() {
+    let setup = Setup::new(DEMO_ALLOWED);
+    let mut child = setup
+        .command(&["exec", "read_stdin"])
+        .current_dir(setup.dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"piped\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), "stdin: 'piped\\n'\n".into()));
+
+    assert_eq!(setup.run(&["exec", "migrate", "-v", "0"]).status.code(), Some(0));
+    let out = setup
+        .command(&["exec", "dumpdata", "contenttypes", "-o", "rel.json"])
+        .current_dir(setup.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(setup.dir.path().join("rel.json").is_file(), "written where exec was run");
+}
+
+#[test]
+fn exec_refuses_a_settings_module_from_the_environment_it_would_not_use() {
+    let setup = Setup::new(DEMO_ALLOWED);
+    let out =
+        setup.command(&["exec", "noop"]).env("DJANGO_SETTINGS_MODULE", "other.settings").output().unwrap();
+    assert_eq!(out.status.code(), Some(126));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("DJANGO_SETTINGS_MODULE=other.settings") && stderr.contains("demo_project.settings")
+    );
+    let out = setup
+        .command(&["exec", "noop"])
+        .env("DJANGO_SETTINGS_MODULE", "demo_project.settings")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }

@@ -8,8 +8,8 @@
 use std::collections::BTreeSet;
 
 use dcsupervisor::ipc::{
-    decode_payload, encode_payload, CommandInfo, Event, ExitStatus, GivenArg, JobLimits, LogLevel,
-    ParseOutcome, Request, PROTOCOL_VERSION,
+    decode_payload, encode_payload, CommandInfo, Event, ExitStatus, ForkHazard, GivenArg, HazardKind,
+    JobLimits, LogLevel, ParseOutcome, Request, PROTOCOL_VERSION,
 };
 use serde_json::{json, Value};
 
@@ -64,6 +64,17 @@ fn cases() -> Vec<(&'static str, Message)> {
             }),
         ),
         ("setting_values", E(Event::SettingValues { request: 4, values: vec!["s3cr3t-✓".into()] })),
+        ("inspect_fork", R(Request::InspectFork { request: 5 })),
+        (
+            "fork_hazards",
+            E(Event::ForkHazards {
+                request: 5,
+                hazards: vec![
+                    ForkHazard { kind: HazardKind::Socket, detail: "fd 7: socket".into() },
+                    ForkHazard { kind: HazardKind::SharedRandom, detail: "apm.rng ✓".into() },
+                ],
+            }),
+        ),
         (
             "hello",
             E(Event::Hello {
@@ -218,6 +229,8 @@ fn vectors_file_is_up_to_date_and_covers_every_variant() {
         "ParsedArgs",
         "ReadSettings",
         "SettingValues",
+        "InspectFork",
+        "ForkHazards",
     ];
     for variant in all {
         assert!(variants.contains(variant), "no vector for {variant}");

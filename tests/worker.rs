@@ -382,3 +382,31 @@ async fn parse_args_resolves_abbreviations_as_the_commands_parser_does() {
         ParseOutcome::Refused { message: "Error: argument --lines: invalid int value: 'x'".into() }
     );
 }
+
+#[tokio::test]
+async fn a_job_asking_for_other_settings_never_runs_on_the_workers() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    // Abbreviated too: the command's parser resolves --sett to --settings.
+    for asked in ["--settings=demo_project.settings_broken", "--sett=demo_project.other", "--pythonpath=/tmp"]
+    {
+        let done = run(&worker, "exit_with", &["0", asked]).await;
+        assert_eq!(done.end, code(126), "{asked}: {}", done.stderr_text());
+        assert!(done.stderr_text().contains("the command was not run"), "{}", done.stderr_text());
+        assert_eq!(done.stdout_text(), "", "nothing ran");
+    }
+    // The worker's own settings module is fine.
+    let same = run(&worker, "exit_with", &["0", "--settings=demo_project.settings"]).await;
+    assert_eq!(same.end, code(0), "{}", same.stderr_text());
+}
+
+#[tokio::test]
+async fn a_job_sees_the_whole_heap_though_the_worker_froze_it() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    let code_line = "import gc; from django.apps import AppConfig; \
+                     print(sum(isinstance(o, AppConfig) for o in gc.get_objects()))";
+    let done = run(&worker, "shell", &["-c", code_line]).await;
+    // contenttypes, auth, sessions, demo: every AppConfig, as in a fresh interpreter.
+    assert_eq!(done.stdout_text().trim_end().lines().last(), Some("4"), "{}", done.stderr_text());
+}

@@ -24,19 +24,22 @@ import contextlib
 import fcntl
 import gc
 import io
+import json
 import logging
 import os
 import platform
 import random
+import runpy
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
 import traceback
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_FRAME_LEN = 16 * 1024 * 1024
 WORKER_FD_ENV = "DJANGOCOMMAND_WORKER_FD"
 
@@ -75,6 +78,7 @@ SCHEMA = {
                 (("request", "u64"), ("command", "String"), ("args", "Vec<String>")),
             ),
             ("ReadSettings", (("request", "u64"), ("names", "Vec<String>"))),
+            ("InspectFork", (("request", "u64"),)),
         ),
     ),
     "Event": (
@@ -97,6 +101,17 @@ SCHEMA = {
             ("Log", (("level", "LogLevel"), ("message", "String"))),
             ("ParsedArgs", (("request", "u64"), ("result", "ParseOutcome"))),
             ("SettingValues", (("request", "u64"), ("values", "Vec<String>"))),
+            ("ForkHazards", (("request", "u64"), ("hazards", "Vec<ForkHazard>"))),
+        ),
+    ),
+    "ForkHazard": ("struct", (("kind", "HazardKind"), ("detail", "String"))),
+    "HazardKind": (
+        "enum",
+        (
+            ("Socket", None),
+            ("Descriptor", None),
+            ("Thread", None),
+            ("SharedRandom", None),
         ),
     ),
     "ParseOutcome": (
@@ -379,15 +394,16 @@ _RETIRED_STREAMS: list = []
 
 def _job_main(
     worker_fds: list[int],
-    stdout_fd: int,
-    stderr_fd: int,
+    stdio_fds: list[int],
     command: str,
     args: list[str],
     limits: dict | None = None,
 ):
     status = 70  # EX_SOFTWARE, should anything below fail to set a status
     try:
-        _become_job_process(worker_fds, stdout_fd, stderr_fd)
+        _become_job_process(worker_fds, stdio_fds)
+        _see_the_whole_heap()
+        _refuse_other_settings()
         _apply_limits(limits or {})
         sys.argv = ["manage.py", command, *args]
         status = _execute(sys.argv, limits or {})
@@ -420,14 +436,14 @@ def _apply_limits(limits: dict) -> None:
         os.nice(nice)
 
 
-def _become_job_process(worker_fds: list[int], stdout_fd: int, stderr_fd: int) -> None:
+def _become_job_process(worker_fds: list[int], stdio_fds: list[int]) -> None:
     os.setsid()
     _reset_signals()
     for fd in worker_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
     random.seed()
-    _install_stdio(stdout_fd, stderr_fd)
+    _install_stdio(*stdio_fds)
     _rebuild_std_streams()
     # Exit handlers registered in the worker belong to the worker.
     atexit._clear()
@@ -448,10 +464,79 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _install_stdio(stdout_fd: int, stderr_fd: int) -> None:
+# The gc functions that walk the heap, which gc.freeze() hides from them.
+_HEAP_WALKERS = ("get_objects", "get_referrers")
+
+
+def _see_the_whole_heap() -> None:
+    """Gives the job the heap a fresh interpreter has: ``gc.freeze()`` (kept
+    by the worker so forks share its pages) hides the preloaded objects from
+    ``gc.get_objects()`` and ``gc.get_referrers()``, which tools such as
+    django-extensions' ``list_signals`` walk. The first call of either
+    unfreezes the heap and then does its work; a job that never walks the
+    heap keeps it frozen, since the full collection that follows an
+    unfreeze copies most of the worker's pages (docs/benchmarks.md)."""
+    originals = {name: getattr(gc, name) for name in _HEAP_WALKERS}
+
+    def unfreezing(name: str):
+        def walk(*args, **kwargs):
+            for original_name, original in originals.items():
+                setattr(gc, original_name, original)
+            gc.unfreeze()
+            return originals[name](*args, **kwargs)
+
+        walk.__name__ = name
+        walk.__doc__ = originals[name].__doc__
+        return walk
+
+    for name in _HEAP_WALKERS:
+        setattr(gc, name, unfreezing(name))
+
+
+class _OtherSettings(SystemExit):
+    """A job asked for other settings than the worker's: it must not run."""
+
+
+# Exit status of a job refused before it ran (as `exec` uses for the policy).
+_REFUSED_STATUS = 126
+
+
+def _refuse_other_settings() -> None:
+    """Defence in depth: the worker is set up with one settings module, so a
+    job whose ``--settings`` names another one, or that sets ``--pythonpath``
+    (both read by Django's ``handle_default_options``), ends before anything
+    runs instead of running on the wrong settings. The supervisor sends such
+    jobs to a fresh ``manage.py`` (``exec``) or refuses them (the runner)."""
+    from django.conf import settings
+    from django.core import management
+    from django.core.management import base
+
+    ours = settings.SETTINGS_MODULE
+    original = base.handle_default_options
+
+    def handle_default_options(options) -> None:
+        asked = getattr(options, "settings", None)
+        pythonpath = getattr(options, "pythonpath", None)
+        if (asked and asked != ours) or pythonpath:
+            given = f"--settings={asked}" if asked and asked != ours else ""
+            given = given or f"--pythonpath={pythonpath}"
+            sys.stderr.write(
+                f"dcsupervisor: {given} asks for another setup than the preloaded "
+                f"worker's ({ours}); the command was not run. Run it with "
+                '`python manage.py`, or with worker.isolation = "spawn".\n'
+            )
+            raise _OtherSettings(_REFUSED_STATUS)
+        original(options)
+
+    # execute_from_command_line imported its own reference to the function.
+    base.handle_default_options = handle_default_options
+    management.handle_default_options = handle_default_options
+
+
+def _install_stdio(stdin_fd: int, stdout_fd: int, stderr_fd: int) -> None:
     # Moving everything above 2 first keeps this right even when the worker
-    # had fds 0-2 closed and received the pipes under those numbers.
-    sources = [os.open(os.devnull, os.O_RDONLY), stdout_fd, stderr_fd]
+    # had fds 0-2 closed and received the descriptors under those numbers.
+    sources = [stdin_fd, stdout_fd, stderr_fd]
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in sources]
     for fd in sources:
         os.close(fd)
@@ -460,8 +545,35 @@ def _install_stdio(stdout_fd: int, stderr_fd: int) -> None:
         os.close(fd)
 
 
+# Set by main(): how a fresh interpreter started like the worker would set up
+# its standard streams (encoding and errors follow the locale,
+# PYTHONIOENCODING and UTF-8 mode), and whether jobs get buffered streams
+# (``exec``: as `manage.py` in the caller's terminal) or unbuffered ones (the
+# runner, like `python -u`, so output reaches the control plane live).
+_STDIO_CODECS: dict[str, tuple[str, str]] = {}
+_BUFFERED_STDIO = False
+# The project's manage.py, run as __main__ by each job when it exists.
+_MANAGE_PY: str | None = None
+
+
+def _configure_job_stdio(caller_mode: bool) -> None:
+    """Called at start-up, before anything can replace the worker's streams."""
+    global _BUFFERED_STDIO
+    for name in ("stdin", "stdout", "stderr"):
+        stream = getattr(sys, f"__{name}__", None)
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        errors = getattr(stream, "errors", None) or "strict"
+        _STDIO_CODECS[name] = (encoding, errors)
+    # PYTHONUNBUFFERED (there is no sys.flags field for it) shows here.
+    unbuffered = getattr(sys.__stdout__, "write_through", False)
+    _BUFFERED_STDIO = caller_mode and not unbuffered
+
+
 def _rebuild_std_streams() -> None:
-    """Streams like ``python -u`` makes: UTF-8, line-buffered, write-through."""
+    """The standard streams CPython's ``create_stdio`` makes for a fresh
+    interpreter on fds 0-2: buffered stdin; stdout line-buffered on a
+    terminal and block-buffered otherwise; stderr line-buffered; all three
+    write-through and unbuffered under ``python -u``."""
     _RETIRED_STREAMS.extend(
         [
             sys.stdin,
@@ -472,31 +584,37 @@ def _rebuild_std_streams() -> None:
             sys.__stderr__,
         ]
     )
-    # Buffered, unlike the writers: TextIOWrapper reads through read1().
-    stdin_raw = io.FileIO(0, "rb", closefd=False)
-    stdin_raw.name = "<stdin>"
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(
-        io.BufferedReader(stdin_raw), encoding="utf-8"
-    )
-    sys.stdout = sys.__stdout__ = _text_writer(1, "<stdout>", "strict")
-    sys.stderr = sys.__stderr__ = _text_writer(2, "<stderr>", "backslashreplace")
+    sys.stdin = sys.__stdin__ = _std_stream(0, "stdin")
+    sys.stdout = sys.__stdout__ = _std_stream(1, "stdout")
+    sys.stderr = sys.__stderr__ = _std_stream(2, "stderr")
 
 
-def _text_writer(fd: int, name: str, errors: str) -> io.TextIOWrapper:
-    raw = io.FileIO(fd, "wb", closefd=False)
-    raw.name = name
-    return io.TextIOWrapper(
-        raw, encoding="utf-8", errors=errors, line_buffering=True, write_through=True
+def _std_stream(fd: int, name: str) -> io.TextIOWrapper:
+    writing = fd != 0
+    # stdin is always buffered: TextIOWrapper reads through read1().
+    buffered = _BUFFERED_STDIO or not writing
+    mode, buffering = ("wb" if writing else "rb"), (-1 if buffered else 0)
+    binary = open(fd, mode, buffering=buffering, closefd=False)  # noqa: SIM115
+    raw = binary.raw if buffered else binary
+    raw.name = f"<{name}>"
+    encoding, errors = _STDIO_CODECS.get(name, ("utf-8", "strict"))
+    stream = io.TextIOWrapper(
+        binary,
+        encoding=encoding,
+        errors=errors,
+        newline="\n",
+        line_buffering=_BUFFERED_STDIO and (raw.isatty() or fd == 2),
+        write_through=not _BUFFERED_STDIO,
     )
+    stream.mode = "w" if writing else "r"
+    return stream
 
 
 def _execute(argv: list[str], limits: dict | None = None) -> int:
     """Runs the command and finishes like the interpreter: the exit status."""
-    from django.core.management import execute_from_command_line
-
     interrupted = False
     try:
-        execute_from_command_line(argv)
+        _run_manage_py(argv)
         status = 0
     except SystemExit as exc:
         status = _system_exit_status(exc)
@@ -517,6 +635,20 @@ def _execute(argv: list[str], limits: dict | None = None) -> int:
     return status
 
 
+def _run_manage_py(argv: list[str]) -> None:
+    """Runs the project's own manage.py as ``__main__``, as ``python
+    manage.py`` does (whatever it does around ``execute_from_command_line``
+    happens, and tracebacks show its frames); Django itself is set up
+    already, so this costs microseconds."""
+    sys.argv = argv
+    if _MANAGE_PY is None:
+        from django.core.management import execute_from_command_line
+
+        execute_from_command_line(argv)
+        return
+    runpy.run_path(_MANAGE_PY, run_name="__main__")
+
+
 def _system_exit_status(exc: SystemExit) -> int:
     code = exc.code
     if code is None:
@@ -529,11 +661,20 @@ def _system_exit_status(exc: SystemExit) -> int:
 
 
 def _print_exception(exc: BaseException) -> None:
-    # Starting at Django's frame, the traceback reads like one from manage.py
-    # rather than showing this file as "<stdin>".
-    tb = exc.__traceback__
     with contextlib.suppress(Exception):
-        traceback.print_exception(type(exc), exc, tb.tb_next if tb else None)
+        traceback.print_exception(type(exc), exc, _from_manage_py(exc.__traceback__))
+
+
+def _from_manage_py(tb):
+    """The traceback from manage.py's first frame on, as ``python manage.py``
+    prints it, without this file's and runpy's frames; from the frame after
+    ours when there is no manage.py frame."""
+    first = tb
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == _MANAGE_PY:
+            return tb
+        tb = tb.tb_next
+    return first.tb_next if first is not None else None
 
 
 def _finalize(status: int) -> int:
@@ -542,20 +683,31 @@ def _finalize(status: int) -> int:
         atexit._run_exitfuncs()
     with contextlib.suppress(Exception):
         logging.shutdown()
-    if not _flush(sys.stdout):
+    if not _flush(sys.stdout, report=True):
         status = 120  # as CPython does when flushing stdout fails at exit
     _flush(sys.stderr)
     return status
 
 
-def _flush(stream) -> bool:
+def _flush(stream, report: bool = False) -> bool:
     if stream is None or getattr(stream, "closed", True):
         return True
     try:
         stream.flush()
-    except Exception:  # noqa: BLE001 - the stream may be anything the command set
+    except Exception as exc:  # noqa: BLE001 - the stream may be anything the command set
+        if report:
+            _report_unraisable(exc, stream)
         return False
     return True
+
+
+def _report_unraisable(exc: BaseException, where: object) -> None:
+    """What CPython's default ``sys.unraisablehook`` prints when flushing
+    stdout at exit fails (the hook itself only takes arguments CPython
+    builds); the flush is C code, so there is no traceback."""
+    with contextlib.suppress(Exception):
+        only = "".join(traceback.format_exception_only(type(exc), exc))
+        sys.stderr.write(f"Exception ignored in: {where!r}\n{only}")
 
 
 def _die_by_sigint() -> None:
@@ -703,12 +855,134 @@ def _strings(values: object) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
+# InspectFork: what a forked job would share with the worker and its other
+# jobs, or lose (docs/fidelity.md). A fresh `manage.py` has none of this.
+# ---------------------------------------------------------------------------
+
+
+# Descriptors the worker was started with (before the project's code ran):
+# a fresh `manage.py` started by the same parent inherits them as well.
+_STARTUP_FDS: set[int] = set()
+
+
+def fork_hazards(own_fds: set[int], shared_randoms: list[str]) -> list[dict]:
+    """``ForkHazard`` values for the worker as it is now."""
+    hazards = _descriptor_hazards(own_fds) + _thread_hazards()
+    hazards += [_hazard("SharedRandom", where) for where in shared_randoms]
+    return hazards
+
+
+def _hazard(kind: str, detail: str) -> dict:
+    return {"kind": kind, "detail": _clip(detail, 1000)}
+
+
+def _open_fds() -> list[int]:
+    """The process's open descriptors (not the one used to list them)."""
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            listed = sorted(int(name) for name in os.listdir(listing) if name.isdigit())
+            return [fd for fd in listed if _is_open(fd)]
+    return []
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _descriptor_hazards(own_fds: set[int]) -> list[dict]:
+    hazards = []
+    for fd in _open_fds():
+        if fd <= 2 or fd in own_fds or fd in _STARTUP_FDS:
+            continue
+        try:
+            mode = os.fstat(fd).st_mode
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        except OSError:
+            continue  # the listing's own descriptor, closed since
+        if stat.S_ISSOCK(mode):
+            hazards.append(_hazard("Socket", f"fd {fd}: {_describe_socket(fd)}"))
+        elif not (stat.S_ISREG(mode) and flags & os.O_APPEND):
+            # Appending (log files) is safe to share; offsets and locks are not.
+            hazards.append(_hazard("Descriptor", f"fd {fd}: {_describe_fd(fd)}"))
+    return hazards
+
+
+def _describe_socket(fd: int) -> str:
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return "socket"
+    with sock:
+        peer = None
+        with contextlib.suppress(OSError):
+            peer = sock.getpeername()
+        connected = f" connected to {peer!r}" if peer else ""
+        return f"{sock.family.name} socket{connected}"
+
+
+def _describe_fd(fd: int) -> str:
+    with contextlib.suppress(OSError):
+        return os.readlink(f"/proc/self/fd/{fd}")
+    return "open descriptor"
+
+
+def _thread_hazards() -> list[dict]:
+    threads = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    hazards = [
+        _hazard(
+            "Thread", f"thread {t.name!r} ({type(t).__module__}.{type(t).__name__})"
+        )
+        for t in threads
+    ]
+    with contextlib.suppress(OSError):
+        native = len(os.listdir("/proc/self/task")) - 1 - len(threads)
+        if native > 0:
+            hazards.append(
+                _hazard("Thread", f"{native} thread(s) started outside Python")
+            )
+    return hazards
+
+
+def shared_random_generators() -> list[str]:
+    """Where the ``random.Random`` instances besides ``random``'s own live:
+    a fork copies their state, so every job draws the same numbers. Walks
+    the whole heap, so it runs once, at warm-up."""
+    found = [
+        obj
+        for obj in gc.get_objects()
+        if isinstance(obj, random.Random)
+        and not isinstance(obj, random.SystemRandom)
+        and obj is not getattr(random, "_inst", None)
+    ]
+    if not found:
+        return []
+    names = _module_names_of({id(obj) for obj in found})
+    return [
+        names.get(id(obj), f"a {type(obj).__module__}.{type(obj).__name__} instance")
+        for obj in found
+    ]
+
+
+def _module_names_of(ids: set[int]) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for module_name, module in list(sys.modules.items()):
+        for attr, value in list(getattr(module, "__dict__", {}).items()):
+            if id(value) in ids:
+                names.setdefault(id(value), f"{module_name}.{attr}")
+    return names
+
+
+# ---------------------------------------------------------------------------
 # The worker.
 # ---------------------------------------------------------------------------
 
 _REAP_INTERVAL = 1.0  # seconds; a safety net should a SIGCHLD wakeup be lost
 _RECV_SIZE = 64 * 1024
-_MAX_FDS_PER_RECV = 16  # the supervisor sends 2 per Run; room for a bad peer
+_MAX_FDS_PER_RECV = 16  # the supervisor sends 3 per Run; room for a bad peer
 _FD_SIZE = array.array("i").itemsize
 _CMSG_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _LOG_LIMIT = 256 * 1024  # characters; keeps any Log far below the frame limit
@@ -717,8 +991,10 @@ _LOG_LIMIT = 256 * 1024  # characters; keeps any Log far below the frame limit
 class Worker:
     """One supervisor connection: requests in, events out, jobs forked and reaped."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, warm_up: bool = True) -> None:
         self.sock = sock
+        # Worth it for a worker that forks many jobs; `exec` forks one.
+        self.warm_up = warm_up
         self.frames = FrameDecoder()
         self.fds: collections.deque[int] = collections.deque()
         self.jobs: dict[int, int] = {}  # job id -> pid (also its process group)
@@ -727,6 +1003,7 @@ class Worker:
         self.wake_r, self.wake_w = os.pipe()
         self.selector = selectors.DefaultSelector()
         self.commands: list[dict] | None = None
+        self.shared_randoms: list[str] = []
 
     # --- sending ---------------------------------------------------------
 
@@ -741,7 +1018,8 @@ class Worker:
     def serve(self) -> int:
         """Runs until EOF, SIGTERM, a finished Shutdown or a protocol error."""
         try:
-            self._warm_up()
+            if self.warm_up:
+                self._warm_up()
             self._install_signals()
             self.selector.register(self.sock, selectors.EVENT_READ)
             self.selector.register(self.wake_r, selectors.EVENT_READ)
@@ -827,6 +1105,9 @@ class Worker:
             case {"ParseArgs": {"request": request, "command": command, "args": args}}:
                 result = parse_command_args(command, args)
                 self.send("ParsedArgs", request=request, result=result)
+            case {"InspectFork": {"request": request}}:
+                hazards = fork_hazards(self._own_fds(), self.shared_randoms)
+                self.send("ForkHazards", request=request, hazards=hazards)
             case {"ReadSettings": {"request": request, "names": names}}:
                 self.send(
                     "SettingValues", request=request, values=setting_values(names)
@@ -855,6 +1136,9 @@ class Worker:
             )
         # Loading commands or checks may have connected; forks must not share that.
         connections.close_all()
+        # The objects frozen after django.setup() are invisible until unfrozen.
+        gc.unfreeze()
+        self.shared_randoms = shared_random_generators()
         gc.freeze()
 
     def _describe_all(self) -> list[dict]:
@@ -892,10 +1176,10 @@ class Worker:
     # --- Run -------------------------------------------------------------
 
     def _run(self, job: int, command: str, args: list[str], limits: dict) -> None:
-        fds = [self.fds.popleft() for _ in range(min(2, len(self.fds)))]
+        fds = [self.fds.popleft() for _ in range(min(3, len(self.fds)))]
         error = None
-        if len(fds) < 2:
-            error = f"Run needs 2 descriptors (stdout, stderr), got {len(fds)}"
+        if len(fds) < 3:
+            error = f"Run needs 3 descriptors (stdin, stdout, stderr), got {len(fds)}"
         elif self.shutting_down:
             error = "worker is shutting down"
         elif job in self.jobs:
@@ -922,8 +1206,9 @@ class Worker:
         connections.close_all()
         threads = threading.active_count()
         if threads > 1:
+            # Reported with the other fork hazards at start-up and by `check`.
             message = f"job {job}: {threads} threads alive at fork; only this one"
-            self.log("Warning", message + " carries on in the job")
+            self.log("Debug", message + " carries on in the job")
         # Anything still buffered would otherwise be written again by the child.
         _flush(sys.stdout)
         _flush(sys.stderr)
@@ -938,8 +1223,7 @@ class Worker:
                 try:
                     _job_main(
                         self._fds_to_close_in_child(),
-                        fds[0],
-                        fds[1],
+                        fds,
                         command,
                         args,
                         limits,
@@ -949,6 +1233,16 @@ class Worker:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         return pid
+
+    def _own_fds(self) -> set[int]:
+        """The worker's own descriptors: never a hazard, closed in every job."""
+        return {
+            self.sock.fileno(),
+            self.selector.fileno(),
+            self.wake_r,
+            self.wake_w,
+            *self.fds,
+        }
 
     def _fds_to_close_in_child(self) -> list[int]:
         # Closing the socket and selector objects (not just their numbers)
@@ -1071,11 +1365,48 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--settings", help="settings module (default: $DJANGO_SETTINGS_MODULE)"
     )
+    parser.add_argument(
+        "--caller-mode",
+        action="store_true",
+        help="jobs for `exec`: buffered streams as a fresh interpreter has them",
+    )
     return parser.parse_args(argv)
 
 
+SETUP_ENV_FD_ENV = "DJANGOCOMMAND_SETUP_ENV_FD"
+
+
+def _take_setup_env() -> list[str]:
+    """Puts the variables meant for Django's set-up only (the API key, which
+    settings.py may read) into the environment; returns their names.
+
+    The supervisor sends them as JSON over an inherited pipe rather than in
+    the environment, so they are not in /proc/<pid>/environ of this process
+    or of any job forked from it; :func:`_drop_setup_env` removes them again
+    once Django is set up, so no job's ``os.environ`` has them either.
+    """
+    fd = os.environ.pop(SETUP_ENV_FD_ENV, None)
+    if fd is None:
+        return []
+    with os.fdopen(int(fd), "rb") as pipe:
+        variables = json.loads(pipe.read())
+    os.environ.update(variables)
+    return list(variables)
+
+
+def _drop_setup_env(names: list[str]) -> None:
+    for name in names:
+        os.environ.pop(name, None)
+
+
 def _setup_django(project_dir: str, settings: str | None):
-    sys.path.insert(0, os.path.abspath(project_dir))
+    global _MANAGE_PY
+    project = os.path.abspath(project_dir)
+    # `python manage.py` puts the project first on sys.path and not the
+    # current directory (which `python -` put there as '').
+    sys.path[:] = [project, *(p for p in sys.path if p)]
+    manage_py = os.path.join(project, "manage.py")
+    _MANAGE_PY = manage_py if os.path.isfile(manage_py) else None
     if settings:
         os.environ["DJANGO_SETTINGS_MODULE"] = settings
     import django
@@ -1090,11 +1421,14 @@ def _setup_django(project_dir: str, settings: str | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    _configure_job_stdio(args.caller_mode)
+    _STARTUP_FDS.update(_open_fds())
     # The supervisor owns the terminal and decides what a Ctrl-C does to jobs.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Jobs should see the environment manage.py would, not our plumbing.
     sock = socket.socket(fileno=int(os.environ.pop(WORKER_FD_ENV, "3")))
     sock.set_inheritable(False)
+    setup_only = _take_setup_env()
     try:
         django = _setup_django(args.project_dir, args.settings)
     except BaseException:  # noqa: BLE001 - the supervisor must hear why
@@ -1106,7 +1440,9 @@ def main(argv: list[str] | None = None) -> int:
                 {"StartupFailed": {"protocol": PROTOCOL_VERSION, "error": error}},
             )
         return 1
-    worker = Worker(sock)
+    finally:
+        _drop_setup_env(setup_only)
+    worker = Worker(sock, warm_up=not args.caller_mode)
     hello = {
         "protocol": PROTOCOL_VERSION,
         "pid": os.getpid(),

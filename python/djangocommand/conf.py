@@ -24,7 +24,9 @@ from .constants import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_SERVER_URL,
-    MIN_HEARTBEAT_INTERVAL,
+    HEARTBEAT_INTERVAL_RANGE,
+    MAX_RETRIES_RANGE,
+    REQUEST_TIMEOUT_RANGE,
 )
 
 API_KEY_PREFIX = "dc_"
@@ -44,6 +46,7 @@ KNOWN_SETTINGS = frozenset(
         "DJANGOCOMMAND_DISALLOWED_COMMANDS",
         "DJANGOCOMMAND_METADATAONLY_COMMANDS",
         "DJANGOCOMMAND_STATE_DIR",
+        "DJANGOCOMMAND_ALLOW_CODE_LOADING_OPTIONS",
     }
 )
 
@@ -56,6 +59,9 @@ class PolicySettings:
     allowed_commands: tuple[str, ...]
     disallowed_commands: tuple[str, ...]
     metadata_only_commands: tuple[str, ...]
+    # --settings, --pythonpath and the like from the control plane (refused
+    # unless True; see docs/security.md).
+    allow_code_loading_options: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,8 +123,9 @@ def _commands(settings: Any, name: str, default: tuple[str, ...]) -> tuple[str, 
 
 
 def _whole_number(
-    settings: Any, name: str, default: int, minimum: int, unit: str
+    settings: Any, name: str, default: int, bounds: tuple[int, int], unit: str
 ) -> int:
+    minimum, maximum = bounds
     value = getattr(settings, name, default)
     # bool is an int subclass; True seconds is a mistake, not a number.
     if isinstance(value, bool) or not isinstance(value, int):
@@ -126,17 +133,15 @@ def _whole_number(
     if value < minimum:
         plural = unit if minimum != 1 else unit.rstrip("s")
         raise _error(f"{name} must be at least {minimum} {plural}. Got: {value}")
+    if value > maximum:
+        raise _error(f"{name} must be at most {maximum} {unit}. Got: {value}")
     return value
 
 
 def policy_settings(settings: Any = None) -> PolicySettings:
     """The command policy from the settings (the API key is not needed)."""
     settings = _django_settings(settings)
-    use_blocklist = getattr(settings, "DJANGOCOMMAND_USE_BLOCKLIST", False)
-    if not isinstance(use_blocklist, bool):
-        raise _error(
-            f"DJANGOCOMMAND_USE_BLOCKLIST must be True or False. Got: {use_blocklist!r}"
-        )
+    use_blocklist = _flag(settings, "DJANGOCOMMAND_USE_BLOCKLIST")
     return PolicySettings(
         use_blocklist=use_blocklist,
         allowed_commands=_commands(
@@ -148,7 +153,18 @@ def policy_settings(settings: Any = None) -> PolicySettings:
         metadata_only_commands=_commands(
             settings, "DJANGOCOMMAND_METADATAONLY_COMMANDS", ()
         ),
+        allow_code_loading_options=_flag(
+            settings, "DJANGOCOMMAND_ALLOW_CODE_LOADING_OPTIONS"
+        ),
     )
+
+
+def _flag(settings: Any, name: str) -> bool:
+    """A True/False setting (default False); a truthy string is a mistake."""
+    value = getattr(settings, name, False)
+    if not isinstance(value, bool):
+        raise _error(f"{name} must be True or False. Got: {value!r}")
+    return value
 
 
 def _api_key(settings: Any) -> str:
@@ -213,18 +229,22 @@ def runner_settings(settings: Any = None) -> RunnerSettings:
             settings,
             "DJANGOCOMMAND_HEARTBEAT_INTERVAL",
             DEFAULT_HEARTBEAT_INTERVAL,
-            MIN_HEARTBEAT_INTERVAL,
+            HEARTBEAT_INTERVAL_RANGE,
             "seconds",
         ),
         request_timeout=_whole_number(
             settings,
             "DJANGOCOMMAND_REQUEST_TIMEOUT",
             DEFAULT_REQUEST_TIMEOUT,
-            1,
+            REQUEST_TIMEOUT_RANGE,
             "seconds",
         ),
         max_retries=_whole_number(
-            settings, "DJANGOCOMMAND_MAX_RETRIES", DEFAULT_MAX_RETRIES, 0, "retries"
+            settings,
+            "DJANGOCOMMAND_MAX_RETRIES",
+            DEFAULT_MAX_RETRIES,
+            MAX_RETRIES_RANGE,
+            "retries",
         ),
         allow_http_hosts=allow_http_hosts,
         policy=policy_settings(settings),

@@ -48,5 +48,10 @@ DEFAULT_HEARTBEAT_INTERVAL = 30
 MIN_HEARTBEAT_INTERVAL = 5
 DEFAULT_REQUEST_TIMEOUT = 30
 DEFAULT_MAX_RETRIES = 3
+# Inclusive ranges; src/config.rs (`ranges`) has the same, and
+# tests/server_settings_vectors.json holds both sides to them.
+HEARTBEAT_INTERVAL_RANGE = (MIN_HEARTBEAT_INTERVAL, 3600)
+REQUEST_TIMEOUT_RANGE = (1, 600)
+MAX_RETRIES_RANGE = (0, 20)
 
 del _DEFAULTS

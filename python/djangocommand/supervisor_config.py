@@ -137,6 +137,7 @@ def policy_table(policy) -> dict[str, TomlValue]:
         "disallowed_commands": list(policy.disallowed_commands),
         "metadata_only_commands": list(policy.metadata_only_commands),
         "configured_in": "django-settings",
+        "allow_code_loading_options": policy.allow_code_loading_options,
     }
 
 

@@ -13,18 +13,22 @@ use dcsupervisor::supervisor::commands::{commands_hash, synced_commands};
 use dcsupervisor::supervisor::journal::Journal;
 use dcsupervisor::supervisor::runner::Runner;
 use dcsupervisor::supervisor::{control, state, systemd};
-use dcsupervisor::worker::{Job, JobEnd, Output, Stop, Worker};
+use dcsupervisor::worker::{
+    other_setup_asked, Isolation, Job, JobEnd, Output, Stop, Worker, FORK_HAZARD_FIX,
+};
 use nix::sys::signal::Signal;
-use tokio::io::AsyncWriteExt;
 use tracing_subscriber::EnvFilter;
 
 /// Exit status of `exec` when the policy refuses the command (like a shell's
 /// "found but not executable").
 const REFUSED_EXIT_CODE: u8 = 126;
+/// Exit status after a panic (EX_SOFTWARE): an internal error.
+const PANIC_EXIT_CODE: i32 = 70;
 
 #[derive(Parser)]
 #[command(
     version,
+    propagate_version = true,
     about = "DjangoCommand runner: runs Django management commands for the DjangoCommand control plane"
 )]
 struct Cli {
@@ -66,11 +70,18 @@ enum Command {
         /// Stop the command (SIGTERM, then SIGKILL after the grace) after this many seconds.
         #[arg(long)]
         timeout: Option<u64>,
-        /// The management command.
-        command: String,
-        /// Its arguments, passed as they are (never through a shell).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// The management command, then its arguments. Everything after the
+        /// command's name is the command's own, `-v`, `-h`, `--help` and
+        /// `--version` included; dcsupervisor's options go before it. Passed
+        /// as they are, never through a shell.
+        #[arg(
+            required = true,
+            value_name = "COMMAND [ARGS]",
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            num_args = 1..
+        )]
+        command_line: Vec<String>,
     },
     /// List the project's commands, which ones the policy lets through, and
     /// the commands hash sent to the control plane.
@@ -84,6 +95,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
+    exit_on_panic();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -100,11 +112,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// No panic is reachable from the configuration, the control plane or the
+/// worker; should one happen anyway (a bug), in any task, the process exits
+/// with a failure status at once, so the process manager restarts it (the
+/// journal then recovers its executions). Without this a dead task could
+/// leave the runner half-working, or let it shut down and exit 0, which
+/// `Restart=on-failure` does not restart.
+fn exit_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!("internal error (panic): exiting with status {PANIC_EXIT_CODE}");
+        std::process::exit(PANIC_EXIT_CODE);
+    }));
+}
+
 fn init_logging(cli: &Cli) {
-    // One-shot local commands keep the terminal for the command's own output.
-    let quiet_by_default =
-        matches!(cli.command, Some(Command::Exec { .. } | Command::Commands { .. } | Command::Check));
+    // One-shot local commands keep the terminal for the command's own
+    // output; `exec` adds nothing to it but its own failures (warnings such
+    // as fork hazards belong to the runner's log and to `check`).
+    let quiet_by_default = matches!(cli.command, Some(Command::Commands { .. } | Command::Check));
+    let silent_by_default = matches!(cli.command, Some(Command::Exec { .. }));
     let level = match (cli.verbose, cli.quiet) {
+        (0, 0) if silent_by_default => "error",
         (0, 0) if quiet_by_default => "warn",
         (0, 0) => "info",
         (1, _) => "debug",
@@ -115,11 +145,13 @@ fn init_logging(cli: &Cli) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     // Colours only for a person at a terminal, not in journald or log files.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    // Every line is escaped: log lines carry data from the control plane and the worker.
+    let writer = dcsupervisor::logging::Escaping::new(std::io::stderr, ansi);
     // A log line that cannot be written (stderr on a full disk) is dropped:
     // reporting it with eprintln! would panic, wherever the event was logged.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(ansi)
         .log_internal_errors(false);
     match cli.log_format {
@@ -135,7 +167,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run => run_runner(&cli.config, &config, false).await,
         Command::Once => run_runner(&cli.config, &config, true).await,
         Command::Check => check(&cli.config, &config).await,
-        Command::Exec { timeout, command, args } => exec(&config, &command, &args, timeout).await,
+        Command::Exec { timeout, command_line } => match command_line.split_first() {
+            Some((command, _)) if command.starts_with('-') => {
+                anyhow::bail!("exec: {command:?} is not a command name; dcsupervisor's options go before the command, the command's after it")
+            }
+            Some((command, args)) => exec(&config, command, args, timeout).await,
+            None => anyhow::bail!("exec needs a command name"),
+        },
         Command::Commands { json } => list_commands(&config, json).await,
     }
 }
@@ -219,6 +257,7 @@ async fn check(config_path: &Path, config: &Config) -> Result<ExitCode> {
         synced.len(),
         names.join(", ")
     );
+    print_fork_hazards(&worker, config).await?;
     let runner = Runner::new(worker.clone(), setup, None).await.context("command discovery failed")?;
     let heartbeat = runner.run_once().await;
     worker.shutdown().await;
@@ -238,29 +277,56 @@ async fn check(config_path: &Path, config: &Config) -> Result<ExitCode> {
     }
 }
 
+/// `check`'s report of what forked jobs would share with the worker or lose.
+async fn print_fork_hazards(worker: &Worker, config: &Config) -> Result<()> {
+    if config.worker.isolation == Isolation::Spawn {
+        println!("ok   worker.isolation = \"spawn\": jobs are not forked");
+        return Ok(());
+    }
+    let hazards = worker.fork_hazards().await.context("could not inspect the worker for fork hazards")?;
+    if hazards.is_empty() {
+        println!(
+            "ok   no fork hazards: no open sockets, other descriptors, threads or shared random generators"
+        );
+        return Ok(());
+    }
+    for hazard in &hazards {
+        let effect = match hazard.kind.corrupts_data() {
+            true => "jobs run as fresh manage.py subprocesses, not forked",
+            false => "forked jobs differ from manage.py",
+        };
+        println!("warn fork hazard ({:?}): {}; {effect}", hazard.kind, hazard.detail);
+    }
+    println!("     fix: {FORK_HAZARD_FIX}");
+    Ok(())
+}
+
 async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u64>) -> Result<ExitCode> {
     let policy = config.policy();
     if let Err(refusal) = policy.check(command) {
-        eprint!("{}", policy.refusal_message(command, &refusal));
+        eprint!("{}", policy.rejection(command, &refusal).render(command));
         return Ok(ExitCode::from(REFUSED_EXIT_CODE));
     }
-    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
-    let mut job =
-        worker.spawn_job(command, args, Output::Capture).await.context("could not start the command")?;
-    let copy_stdout = tokio::spawn(copy_output(job.stdout.take(), tokio::io::stdout()));
-    let copy_stderr = tokio::spawn(copy_output(job.stderr.take(), tokio::io::stderr()));
-
-    let end = wait_interruptibly(&mut job, timeout.map(Duration::from_secs), config.cancel_grace()).await;
-    // The worker killed what was left of the job's process group, so the
-    // pipes reach EOF; the deadline only guards against a process that
-    // escaped into its own session while holding them.
-    let drain = async {
-        let _ = copy_stdout.await;
-        let _ = copy_stderr.await;
-    };
-    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
-        tracing::warn!("output still open 5 s after the command ended; stopped reading");
+    let mut opts = config.worker_options();
+    if let Some(message) = settings_env_conflict(&opts.settings_module) {
+        eprintln!("dcsupervisor: {message}");
+        return Ok(ExitCode::from(REFUSED_EXIT_CODE));
     }
+    // As `python manage.py` run here: the caller's directory, and the
+    // caller's own stdin, stdout and stderr (no copy in between).
+    opts.caller_dir = Some(std::env::current_dir().context("the current directory is not usable")?);
+    let other_setup = other_setup_asked(args, &opts.settings_module);
+    let worker = Worker::start(opts).await.context("the Python worker did not start")?;
+    let started = match &other_setup {
+        // The preloaded worker has one set-up; this job asks for another.
+        Some(asked) => {
+            tracing::info!("{asked}: running the command as a fresh manage.py");
+            worker.spawn_subprocess(command, args, Output::Inherit).await
+        }
+        None => worker.spawn_job(command, args, Output::Inherit).await,
+    };
+    let mut job = started.context("could not start the command")?;
+    let end = wait_interruptibly(&mut job, timeout.map(Duration::from_secs), config.cancel_grace()).await;
     worker.shutdown().await;
     if let JobEnd::Lost(reason) = &end {
         eprintln!("dcsupervisor: the command's worker died: {reason}");
@@ -295,14 +361,17 @@ async fn wait_interruptibly(job: &mut Job, timeout: Option<Duration>, grace: Dur
     }
 }
 
-async fn copy_output(
-    from: Option<tokio::net::unix::pipe::Receiver>,
-    mut to: impl tokio::io::AsyncWrite + Unpin,
-) {
-    if let Some(mut from) = from {
-        let _ = tokio::io::copy(&mut from, &mut to).await;
-        let _ = to.flush().await;
-    }
+/// `manage.py` lets `DJANGO_SETTINGS_MODULE` from the environment win over
+/// its default; the worker is set up with `django.settings_module`. When
+/// they differ, `exec` refuses rather than guess which one was meant.
+fn settings_env_conflict(settings_module: &str) -> Option<String> {
+    let from_env = std::env::var("DJANGO_SETTINGS_MODULE").ok()?;
+    (from_env != settings_module).then(|| {
+        format!(
+            "DJANGO_SETTINGS_MODULE={from_env} in the environment differs from django.settings_module \
+             ({settings_module}); the command was not run. Unset it, or point django.settings_module at it."
+        )
+    })
 }
 
 async fn list_commands(config: &Config, json: bool) -> Result<ExitCode> {

@@ -13,7 +13,7 @@ use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 
 /// Sent by the worker in its first frame; the supervisor refuses any other.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Identifies a job within one supervisor process (never reused).
 pub type JobId = u64;
@@ -24,8 +24,8 @@ pub enum Request {
     /// Describe every management command the project has.
     Discover,
     /// Fork a child that runs `manage.py <command> <args...>`. The frame
-    /// carries two file descriptors (SCM_RIGHTS): the child's stdout and
-    /// stderr, in that order.
+    /// carries three file descriptors (SCM_RIGHTS): the child's stdin,
+    /// stdout and stderr, in that order.
     Run { job: JobId, command: String, args: Vec<String>, limits: JobLimits },
     /// Send `signal` to the job's process group (ignored if the job ended).
     Signal { job: JobId, signal: i32 },
@@ -40,6 +40,9 @@ pub enum Request {
     /// a dotted path where `*` matches every key (`DATABASES.*.PASSWORD`);
     /// answered by [`Event::SettingValues`].
     ReadSettings { request: u64, names: Vec<String> },
+    /// What the worker holds that a forked job would share or lose (see
+    /// [`ForkHazard`]), looked at now; answered by [`Event::ForkHazards`].
+    InspectFork { request: u64 },
 }
 
 /// Worker → supervisor.
@@ -64,6 +67,39 @@ pub enum Event {
     ParsedArgs { request: u64, result: ParseOutcome },
     /// Answer to [`Request::ReadSettings`]: the non-empty string values found.
     SettingValues { request: u64, values: Vec<String> },
+    /// Answer to [`Request::InspectFork`]; empty when forking is safe.
+    ForkHazards { request: u64, hazards: Vec<ForkHazard> },
+}
+
+/// Something in the preloaded worker that a forked job would share with
+/// the worker and its other jobs, or silently lose.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct ForkHazard {
+    pub kind: HazardKind,
+    /// What it is, for people: `fd 7: socket 127.0.0.1:5432`, a thread's name.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub enum HazardKind {
+    /// An open socket (a database or cache connection opened outside the
+    /// ORM): every job would talk over the same connection and corrupt its
+    /// protocol. Jobs then run as fresh `manage.py` subprocesses.
+    Socket,
+    /// Another inherited descriptor (a file, a pipe): shared offsets and locks.
+    Descriptor,
+    /// A live thread (an APM agent, a scheduler): it does not exist in a job.
+    Thread,
+    /// A `random.Random` instance besides the module's own: every job
+    /// starts from the same state and draws the same numbers.
+    SharedRandom,
+}
+
+impl HazardKind {
+    /// Whether forking with it would corrupt data, not only differ.
+    pub fn corrupts_data(self) -> bool {
+        matches!(self, HazardKind::Socket)
+    }
 }
 
 /// How a command's parser read a list of arguments.

@@ -101,7 +101,7 @@ pub struct Execution {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issued_at: Option<i64>,
     /// Base64 Ed25519 signature over the canonical message (see
-    /// `supervisor::signing`); checked when `[policy.signing]` is set.
+    /// `supervisor::admission::signing`); checked when `[policy.signing]` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
 }

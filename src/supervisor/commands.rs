@@ -11,7 +11,7 @@ use std::io;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::policy::Policy;
+use super::admission::policy::Policy;
 use crate::ipc::CommandInfo;
 
 /// One command as the control plane sees it.

@@ -1,27 +1,25 @@
-//! One execution from the control plane, start to completion: the policy
-//! and argument checks (refusals go through the rejection flow), `start`,
+//! One execution from the control plane, start to completion: admission
+//! (refusals go through the rejection flow), `start`,
 //! the job on the worker, its output cut into chunks, cancel-status polling,
 //! the timeout, and `complete` once every chunk has been acknowledged.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::admission::{self, Admission, Rejection};
 use super::api::{CompleteRequest, CompletionStatus, Execution};
-use super::arguments::{self, ArgumentRules};
 use super::client::Client;
 use super::delivery::AuthGate;
 use super::journal::{kill_leftover, process_start_time, Entry, Journal};
 use super::outbox::{Outbox, Recovered, SpoolOptions};
-use super::policy::Policy;
 use super::redact::Redactor;
 use super::replay::Shaping;
-use super::signing::Signing;
 use super::supervise::supervise;
 use crate::backoff::Backoff;
-use crate::ipc::{JobLimits, ParseOutcome};
+use crate::ipc::JobLimits;
 use crate::worker::{Output, Worker};
 
 /// What metadata-only executions send instead of their output.
@@ -30,10 +28,9 @@ pub const METADATA_ONLY_NOTICE: &str = "(metadata-only mode, no output captured)
 /// How executions are run; fixed for the runner's lifetime (or a reload).
 #[derive(Debug, Clone)]
 pub struct ExecutionSettings {
-    pub policy: Policy,
+    /// What decides whether an execution may run.
+    pub admission: Admission,
     pub metadata_only: BTreeSet<String>,
-    /// Commands restricted to listed argument sets (already split).
-    pub bound_args: BTreeMap<String, Vec<Vec<String>>>,
     pub cancel_grace: Duration,
     pub cancel_poll_interval: Duration,
     /// Retries of a `start` that failed transiently (5xx, timeout…) before
@@ -50,10 +47,6 @@ pub struct ExecutionSettings {
     pub secret_settings: Vec<String>,
     /// Resource limits of the jobs.
     pub limits: CommandLimits,
-    /// `[policy.signing]`: only signed executions run (None: any).
-    pub signing: Option<Arc<Signing>>,
-    /// `[[policy.arguments]]` by command.
-    pub argument_rules: BTreeMap<String, ArgumentRules>,
 }
 
 impl ExecutionSettings {
@@ -115,15 +108,11 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) -> Outcome {
     let id = execution.id.clone();
     let command = execution.command.clone();
     let settings = ctx.settings.clone();
-    let args = match refusal(&settings, &execution) {
-        Err(message) => return reject(&ctx, &execution, message).await,
-        Ok(args) => args,
+    let admitted = match admission::admit(&settings.admission, &ctx.worker, &execution).await {
+        Ok(admitted) => admitted,
+        Err(rejection) => return reject(&ctx, &execution, rejection).await,
     };
-    if let Some(rules) = settings.argument_rules.get(&command) {
-        if let Err(message) = check_arguments(&ctx.worker, &command, &args, rules).await {
-            return reject(&ctx, &execution, message).await;
-        }
-    }
+    let args = admitted.args.clone();
     // Journalled before `start`: a runner stopped while the control plane
     // handles it finds the entry and settles the execution (see `recover`).
     let mut entry = Entry { id: id.clone(), command: command.clone(), pid: None, pid_start_time: None };
@@ -137,9 +126,7 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) -> Outcome {
         if let Some(journal) = journal {
             journal.remove(&id);
         }
-        if let Some(signing) = &settings.signing {
-            signing.forget(&id);
-        }
+        admitted.release();
         return started;
     }
     let metadata_only = execution.use_metadata_only_mode || settings.metadata_only.contains(&command);
@@ -274,69 +261,10 @@ fn mask(settings: &ExecutionSettings, text: &str) -> String {
     }
 }
 
-/// `Ok(arguments)` if this runner may run the execution, else the text
-/// explaining the refusal.
-fn refusal(settings: &ExecutionSettings, execution: &Execution) -> Result<Vec<String>, String> {
-    let command = &execution.command;
-    if let Err(refusal) = settings.policy.check(command) {
-        return Err(settings.policy.refusal_message(command, &refusal));
-    }
-    if let Some(signing) = &settings.signing {
-        if let Err(refusal) = signing.accept(execution, unix_now() as i64) {
-            return Err(signing.refusal_message(command, &refusal));
-        }
-    }
-    let Some(args) = shlex::split(&execution.args) else {
-        return Err(format!(
-            "Command '{command}' rejected by runner security policy.\n\
-             Reason: its arguments could not be parsed (unbalanced quotes): {:?}\n",
-            execution.args
-        ));
-    };
-    if let Some(allowed) = settings.bound_args.get(command) {
-        if !allowed.contains(&args) {
-            let listed: Vec<String> = allowed
-                .iter()
-                .map(|set| shlex::try_join(set.iter().map(String::as_str)).unwrap_or_default())
-                .collect();
-            return Err(format!(
-                "Command '{command}' rejected by runner security policy.\n\
-                 Reason: arguments {:?} are not one of the argument sets bound to this command\n\n\
-                 Allowed argument sets: {}\n\
-                 To allow others, add them to [[policy.bound_args]] in dc.toml.\n",
-                execution.args,
-                listed.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
-            ));
-        }
-    }
-    Ok(args)
-}
-
-/// `[[policy.arguments]]`: the worker reads `args` with the command's own
-/// parser (so abbreviations resolve as they would in the job), then the
-/// rules judge what it read. `Err` is the rejection text.
-async fn check_arguments(
-    worker: &Worker,
-    command: &str,
-    args: &[String],
-    rules: &ArgumentRules,
-) -> Result<(), String> {
-    let reason = match worker.parse_args(command, args).await {
-        Ok(ParseOutcome::Parsed { given }) => match rules.check(args, &given) {
-            Ok(()) => return Ok(()),
-            Err(violation) => violation.reason(command),
-        },
-        Ok(ParseOutcome::Refused { message }) => {
-            format!("the command's parser refused the arguments: {}", message.trim_end())
-        }
-        Err(error) => format!("the arguments could not be checked against [[policy.arguments]]: {error}"),
-    };
-    Err(arguments::refusal_message(command, &reason))
-}
-
 /// The rejection flow: start, one stderr chunk saying why, complete as failed.
-pub async fn reject(ctx: &ExecutionContext, execution: &Execution, message: String) -> Outcome {
-    tracing::warn!("rejected by the runner's policy: {}", message.lines().nth(1).unwrap_or(""));
+pub async fn reject(ctx: &ExecutionContext, execution: &Execution, rejection: Rejection) -> Outcome {
+    tracing::warn!(rule = %rejection.rule, reason = rejection.reason, "rejected by the runner's policy");
+    let message = rejection.render(&execution.command);
     let started = start(ctx, execution).await;
     if started != Outcome::Ran {
         return started;
@@ -352,8 +280,4 @@ pub async fn reject(ctx: &ExecutionContext, execution: &Execution, message: Stri
     outbox.finish(CompleteRequest { exit_code: -1, status: CompletionStatus::Failed }).await;
     ctx.spill.remove_log(&execution.id);
     Outcome::Ran
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
 }

@@ -32,7 +32,7 @@ pub struct Journal {
 impl Journal {
     pub fn open(state_dir: &Path) -> std::io::Result<Self> {
         let dir = state_dir.join("journal");
-        fs::create_dir_all(&dir)?;
+        super::state::private_dir(&dir)?;
         Ok(Self { dir })
     }
 

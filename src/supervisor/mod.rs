@@ -10,14 +10,14 @@
 //! * Nothing lost: [`outbox`] (each execution's output log, followed by its
 //!   delivery task), [`wal`] (the log's framed, checksummed records),
 //!   [`replay`] (records to chunks, the same every time).
-//! * What may run: [`policy`], [`commands`] (what is synced, the hash),
-//!   [`arguments`] (argument rules), [`signing`] (signed executions, opt-in).
+//! * What may run: [`admission`] (the one pipeline: policy, signature,
+//!   arguments, concurrency), [`commands`] (what is synced, the hash).
 //! * The process: [`control`] (signals and the reload file), [`state`] (the
 //!   state directory and instance lock), [`journal`] (executions in flight,
 //!   for crash recovery), [`systemd`] (notify protocol).
 
+pub mod admission;
 pub mod api;
-pub mod arguments;
 pub mod client;
 pub mod commands;
 pub mod control;
@@ -26,11 +26,9 @@ pub mod execution;
 pub mod journal;
 pub mod outbox;
 pub mod output;
-pub mod policy;
 pub mod redact;
 pub mod replay;
 pub mod runner;
-pub mod signing;
 pub mod state;
 pub mod supervise;
 pub mod systemd;

@@ -4,10 +4,25 @@
 //! into lines and chunks, so a secret is found even when its halves arrive in
 //! different reads or would have gone in different chunks, and a secret
 //! containing line breaks is matched whole. The price is a small delay: the
-//! last `longest secret − 1` bytes of a stream are held back until more
-//! output (or the end of the stream) shows they do not start a secret.
+//! end of a stream that could be the beginning of a secret is held back
+//! until more output (or the end of the stream) shows whether it is one;
+//! anything else goes out at once.
+//!
+//! Commands rarely print a secret only as it is: `diffsettings` prints
+//! `repr()`s, APIs print JSON, database URLs are URL-encoded, tokens travel
+//! in base64. Each secret is therefore masked in every form of
+//! [`printed_forms`]: literal; Python-`repr` escaped (either quote);
+//! JSON-escaped (with and without `ensure_ascii`); URL-encoded (Python's
+//! `quote` with `safe=""` and `safe="/"`, and `quote_plus`); and, for
+//! secrets of at least [`MIN_BASE64_LEN`] bytes, base64 (standard and
+//! URL-safe alphabets, at each of the three alignments it can have inside
+//! a longer encoded text). Other encodings (hex, double escaping, a
+//! secret cut in pieces by the command itself) are not recognised.
 
 use aho_corasick::{AhoCorasick, MatchKind};
+use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 /// What every secret is replaced with.
 pub const MASK: &str = "[REDACTED]";
@@ -15,9 +30,19 @@ pub const MASK: &str = "[REDACTED]";
 /// Shorter values would mask ordinary words in the output.
 pub const MIN_SECRET_LEN: usize = 6;
 
+/// Secrets at least this long are masked in base64 too: their encoded
+/// fragments (15 characters or more) do not occur by chance.
+pub const MIN_BASE64_LEN: usize = 12;
+
+/// What Python's `urllib.parse.quote(s, safe="")` leaves as it is.
+const URL_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+/// `quote(s)`'s default also keeps `/`.
+const URL_PATH: &AsciiSet = &URL_UNRESERVED.remove(b'/');
+
 pub struct Redactor {
     matcher: AhoCorasick,
-    longest: usize,
+    /// Every form of every secret, to tell what may be the start of one.
+    patterns: Vec<String>,
 }
 
 /// Never shows the secrets.
@@ -30,7 +55,8 @@ impl std::fmt::Debug for Redactor {
 impl Redactor {
     /// `None` when there is nothing to mask.
     pub fn new(secrets: impl IntoIterator<Item = String>) -> Option<Self> {
-        let mut secrets: Vec<String> = secrets.into_iter().filter(|s| !s.is_empty()).collect();
+        let mut secrets: Vec<String> =
+            secrets.into_iter().filter(|s| !s.is_empty()).flat_map(|s| printed_forms(&s)).collect();
         // A multi-line secret printed line by line must not leak either.
         let lines: Vec<String> = secrets
             .iter()
@@ -42,27 +68,29 @@ impl Redactor {
         secrets.extend(lines);
         secrets.sort();
         secrets.dedup();
-        let longest = secrets.iter().map(String::len).max()?;
+        if secrets.is_empty() {
+            return None;
+        }
         let matcher = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
             .build(&secrets)
             .expect("plain literal patterns always build");
-        Some(Self { matcher, longest })
+        Some(Self { matcher, patterns: secrets })
     }
 
     /// Masks what in `pending` can be decided now and returns it; what might
     /// still be the beginning of a secret stays in `pending`. At the end of
     /// the stream nothing is held back.
     pub fn take_safe(&self, pending: &mut String, at_end: bool) -> String {
-        let hold = if at_end { 0 } else { self.longest - 1 };
+        let hold = if at_end { 0 } else { self.unfinished_secret(pending) };
         let mut cut = pending.len().saturating_sub(hold);
         while !pending.is_char_boundary(cut) {
             cut -= 1;
         }
         let mut safe = String::with_capacity(cut);
         let mut done = 0;
-        // A match starting before `cut` lies wholly in `pending`: it is at
-        // most `longest` bytes long.
+        // A match starting before `cut` lies wholly in `pending`: had a
+        // longer secret started there, its beginning would be held back.
         for found in self.matcher.find_iter(pending.as_str()) {
             if found.start() >= cut {
                 break;
@@ -76,6 +104,109 @@ impl Redactor {
         pending.drain(..emit_to);
         safe
     }
+
+    /// The length of the longest end of `text` that is the beginning of a
+    /// secret (in any of its forms), which must wait for more output.
+    fn unfinished_secret(&self, text: &str) -> usize {
+        let text = text.as_bytes();
+        let Some(&last) = text.last() else {
+            return 0;
+        };
+        let longest_start = |pattern: &String| {
+            let pattern = pattern.as_bytes();
+            let most = (pattern.len() - 1).min(text.len());
+            // Cheap first: the candidate beginning must end with the text's last byte.
+            (1..=most).rev().find(|&n| pattern[n - 1] == last && text.ends_with(&pattern[..n])).unwrap_or(0)
+        };
+        self.patterns.iter().map(longest_start).max().unwrap_or(0)
+    }
+}
+
+/// The forms in which a command is likely to print `secret` (see the
+/// module's documentation), the literal one first.
+pub fn printed_forms(secret: &str) -> Vec<String> {
+    let mut forms = vec![
+        secret.to_string(),
+        python_escaped(secret, Some('\'')),
+        python_escaped(secret, None),
+        json_escaped(secret, true),
+        json_escaped(secret, false),
+        utf8_percent_encode(secret, URL_UNRESERVED).to_string(),
+        utf8_percent_encode(secret, URL_PATH).to_string(),
+        utf8_percent_encode(secret, URL_UNRESERVED).to_string().replace("%20", "+"),
+    ];
+    if secret.len() >= MIN_BASE64_LEN {
+        forms.extend(base64_fragments(secret.as_bytes()));
+    }
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
+/// The inside of Python's `repr()` of `text`; `quote` is the quote
+/// character escaped (repr escapes `'` only when the text has both quotes).
+fn python_escaped(text: &str, quote: Option<char>) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if Some(c) == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || (0x7f..0xa0).contains(&(c as u32)) => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The inside of a JSON string holding `text`, as Python's `json.dumps`
+/// writes it (`ensure_ascii`: non-ASCII as `\uXXXX`).
+fn json_escaped(text: &str, ensure_ascii: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 || (ensure_ascii && !c.is_ascii()) => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The base64 characters that encode `secret` whatever precedes and follows
+/// it: for each of the three alignments, the characters made only of the
+/// secret's own bits.
+fn base64_fragments(secret: &[u8]) -> Vec<String> {
+    let mut fragments = Vec::new();
+    for offset in 0..3 {
+        let mut shifted = vec![0u8; offset];
+        shifted.extend_from_slice(secret);
+        let first = (8 * offset).div_ceil(6);
+        let end = 8 * (offset + secret.len()) / 6;
+        for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+            let encoded = engine.encode(&shifted);
+            fragments.push(encoded[first..end].to_string());
+        }
+    }
+    fragments
 }
 
 #[cfg(test)]
@@ -115,5 +246,42 @@ mod tests {
     fn non_ascii_text_is_never_cut_inside_a_character() {
         let redactor = Redactor::new(["ünïcødé-sécret".to_string()]).unwrap();
         assert_eq!(feed(&redactor, &["✓✓✓ ünïcø", "dé-sécret ✓"]), "✓✓✓ [REDACTED] ✓");
+    }
+
+    #[test]
+    fn only_what_may_start_a_secret_is_held_back() {
+        let redactor = Redactor::new(["hunter2-secret".to_string()]).unwrap();
+        let mut pending = "sleeping 3\n".to_string();
+        assert_eq!(redactor.take_safe(&mut pending, false), "sleeping 3\n");
+        let mut pending = "password: hunt".to_string();
+        assert_eq!(redactor.take_safe(&mut pending, false), "password: ");
+        assert_eq!(pending, "hunt");
+    }
+
+    #[test]
+    fn escaped_encoded_and_base64_forms_are_masked() {
+        let secret = "pa'ss\\wo\"rd-é 42/x";
+        let redactor = Redactor::new([secret.to_string()]).unwrap();
+        let printed = [
+            r#"'PASSWORD': 'pa\'ss\\wo"rd-é 42/x'"#, // repr() with both quotes
+            r#"{"password": "pa'ss\\wo\"rd-\u00e9 42/x"}"#, // json.dumps
+            r#"{"password": "pa'ss\\wo\"rd-é 42/x"}"#, // ensure_ascii=False
+            "postgres://u:pa%27ss%5Cwo%22rd-%C3%A9%2042%2Fx@db/x", // quote(safe="")
+            "postgres://u:pa%27ss%5Cwo%22rd-%C3%A9%2042/x@db/x", // quote()
+            "form=pa%27ss%5Cwo%22rd-%C3%A9+42%2Fx",  // quote_plus()
+        ];
+        for line in printed {
+            let masked = feed(&redactor, &[line]);
+            assert!(masked.contains(MASK), "{line} -> {masked}");
+            assert!(!masked.contains("42"), "{line} -> {masked}");
+        }
+        // Base64 of a text holding the secret, at every alignment.
+        for prefix in ["", "a", "ab", "abc"] {
+            let blob = STANDARD_NO_PAD.encode(format!("{prefix}user:{secret}:end"));
+            let masked = feed(&redactor, &[&blob]);
+            assert!(masked.contains(MASK), "{prefix:?}: {blob} -> {masked}");
+        }
+        // Short secrets are not looked for in base64 (fragments would be ambiguous).
+        assert_eq!(printed_forms("abcdef").len(), 1);
     }
 }

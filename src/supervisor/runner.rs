@@ -25,6 +25,8 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
+use super::admission::concurrency::{self, CommandLimit, Slot};
+use super::admission::Rejection;
 use super::api::{Execution, ExecutionId, HeartbeatRequest, HeartbeatResponse, RunnerState, SyncRequest};
 use super::client::{ApiError, Client};
 use super::commands::{commands_hash, synced_commands, BoundArgs, SyncedCommand};
@@ -78,42 +80,6 @@ pub struct RunnerOptions {
     pub state_dir_max_bytes: u64,
     /// Per-command limits on executions running at once (e.g. one `migrate`).
     pub command_limits: BTreeMap<String, CommandLimit>,
-}
-
-/// At most `max_running` executions of a command at once on this runner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CommandLimit {
-    pub max_running: usize,
-    pub when_busy: WhenBusy,
-}
-
-/// What happens to an execution that would break its command's limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WhenBusy {
-    /// Left queued on the server; taken once one of the running ones ends.
-    Wait,
-    /// Refused at once through the rejection flow, with the rule in its output.
-    Refuse,
-}
-
-/// The limit `command` has reached, if any.
-fn busy(
-    running: &HashMap<ExecutionId, String>,
-    limits: &BTreeMap<String, CommandLimit>,
-    command: &str,
-) -> Option<(usize, WhenBusy)> {
-    let limit = limits.get(command)?;
-    let same = running.values().filter(|running| running.as_str() == command).count();
-    (same >= limit.max_running).then_some((limit.max_running, limit.when_busy))
-}
-
-fn busy_refusal(command: &str, limit: usize) -> String {
-    format!(
-        "Command '{command}' rejected by runner security policy.\n\
-         Reason: at most {limit} '{command}' may run at a time on this runner, and that many are running\n\n\
-         Run it again once they have finished, or change the rule in [[policy.concurrency]] in dc.toml.\n"
-    )
 }
 
 /// Everything the runner is built from; a reload brings a new one.
@@ -527,12 +493,10 @@ impl Runner {
                 }
                 let mut chosen = None;
                 for (index, execution) in backlog.iter().enumerate() {
-                    match busy(&running, &live.opts.command_limits, &execution.command) {
-                        Some((_, WhenBusy::Wait)) => continue, // keeps its place until one ends
-                        Some((limit, WhenBusy::Refuse)) => {
-                            chosen = Some((index, Some(busy_refusal(&execution.command, limit))))
-                        }
-                        None => chosen = Some((index, None)),
+                    match concurrency::check(&running, &live.opts.command_limits, &execution.command) {
+                        Ok(Slot::Wait) => continue, // keeps its place until one ends
+                        Ok(Slot::Free) => chosen = Some((index, None)),
+                        Err(rejection) => chosen = Some((index, Some(rejection))),
                     }
                     break;
                 }
@@ -545,14 +509,14 @@ impl Runner {
         }
     }
 
-    fn spawn_execution(self: &Arc<Self>, live: &Live, execution: Execution, refusal: Option<String>) {
+    fn spawn_execution(self: &Arc<Self>, live: &Live, execution: Execution, refusal: Option<Rejection>) {
         let runner = self.clone();
         let ctx = self.execution_context(live);
         let span = execution_span(&execution.id, &execution.command);
         let task = async move {
             let id = execution.id.clone();
             let outcome = match refusal {
-                Some(message) => execution::reject(&ctx, &execution, message).await,
+                Some(rejection) => execution::reject(&ctx, &execution, rejection).await,
                 None => execution::run(ctx, execution).await,
             };
             runner.lock_running().remove(&id);
@@ -672,10 +636,10 @@ impl Pacing {
 impl Live {
     fn new(setup: RunnerSetup, discovered: &[CommandInfo]) -> Self {
         let spool_dir = spool_dir(&setup.opts);
-        if let Err(error) = std::fs::create_dir_all(&spool_dir) {
+        if let Err(error) = super::state::private_dir(&spool_dir) {
             tracing::error!("cannot create {}: {error}; output will be held in memory", spool_dir.display());
         }
-        let mut synced = synced_commands(discovered, &setup.settings.policy);
+        let mut synced = synced_commands(discovered, &setup.settings.admission.policy);
         for command in &mut synced {
             command.bound_args = setup.bound_args_labels.get(&command.name).cloned();
         }

@@ -3,6 +3,10 @@
 //! instance lock: one supervisor per project, and the lock file names the
 //! pid that holds it (the Python `djangocommand status/stop` commands read
 //! it). The journal and the output logs live in it too.
+//!
+//! Output waiting for delivery and the journal may hold command output, so
+//! the directory and everything under it is private: directories 0700,
+//! files 0600, also when an older version left them wider.
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -23,14 +27,11 @@ pub enum StateError {
     AlreadyRunning { pid: String, path: String },
 }
 
-/// Creates the state directory (0700: output waiting for delivery may be in it).
+/// Creates the state directory, and makes it and everything in it private.
 pub fn prepare(dir: &Path) -> Result<PathBuf, StateError> {
     let io = |error| StateError::Io { path: dir.display().to_string(), error };
-    DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
-    let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode();
-    if mode & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
-    }
+    private_dir(dir).map_err(io)?;
+    make_private_within(dir).map_err(io)?;
     Ok(dir.to_path_buf())
 }
 
@@ -54,6 +55,36 @@ pub fn probe(dir: &Path) -> Result<u64, StateError> {
     written.map_err(io)?;
     let stats = nix::sys::statvfs::statvfs(&dir).map_err(|e| io(e.into()))?;
     Ok((stats.blocks_available() as u64).saturating_mul(stats.fragment_size() as u64))
+}
+
+/// Creates `dir` (and its parents) 0700, or narrows it to 0700 if it exists.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    narrow(dir, 0o700)
+}
+
+/// Takes group and other permissions off everything under `dir`
+/// (symlinks are left alone, never followed).
+fn make_private_within(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            narrow(&entry.path(), 0o700)?;
+            make_private_within(&entry.path())?;
+        } else if kind.is_file() {
+            narrow(&entry.path(), 0o600)?;
+        }
+    }
+    Ok(())
+}
+
+fn narrow(path: &Path, private: u32) -> std::io::Result<()> {
+    let mode = std::fs::symlink_metadata(path)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & private))?;
+    }
+    Ok(())
 }
 
 /// Held for the supervisor's lifetime; the kernel releases it if we die.

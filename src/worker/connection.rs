@@ -2,6 +2,12 @@
 //! requests we send, and a reader task that routes its events to whoever is
 //! waiting (a job's start, a job's exit, a discovery).
 //!
+//! The worker is not trusted with anything that could hurt the supervisor:
+//! the pids it reports must be its own (hello) or its children's (jobs),
+//! never 0, 1 or ours, or `killpg` could hit the supervisor's own group or
+//! the whole system. A worker that breaks the protocol is killed and its
+//! jobs failed; the manager starts a fresh one.
+//!
 //! When the conversation ends for any reason (the worker died, sent a frame
 //! we cannot decode, or was told to shut down), every job still waiting is
 //! told so with the reason, and the job's process groups are killed so
@@ -22,8 +28,9 @@ use tokio::sync::{oneshot, watch};
 use super::process::{self, StderrTail};
 use super::{JobEnd, StartError, WorkerInfo, WorkerOptions};
 use crate::ipc::{
-    CommandInfo, Event, FrameError, FrameReader, FrameWriter, JobId, JobLimits, LogLevel, ParseOutcome,
-    Request, PROTOCOL_VERSION,
+    CommandInfo, Event, ExitStatus, ForkHazard, FrameError, FrameReader, FrameWriter, JobId, JobLimits,
+    LogLevel,
+    ParseOutcome, Request, PROTOCOL_VERSION,
 };
 
 /// How long a worker has to answer a `Run` with `JobStarted`.
@@ -59,6 +66,8 @@ struct State {
     parses: HashMap<u64, oneshot::Sender<ParseOutcome>>,
     /// `ReadSettings` requests waiting for their answer, by request id.
     setting_reads: HashMap<u64, oneshot::Sender<Vec<String>>>,
+    /// `InspectFork` requests waiting for their answer, by request id.
+    inspections: HashMap<u64, oneshot::Sender<Vec<ForkHazard>>>,
     ended: Option<String>,
 }
 
@@ -84,6 +93,13 @@ impl Connection {
             Ok(Ok(Some(Event::Hello { protocol, pid, python_version, django_version }))) => {
                 if protocol != PROTOCOL_VERSION {
                     return Err(StartError::ProtocolMismatch { theirs: protocol, ours: PROTOCOL_VERSION });
+                }
+                if Some(pid) != child.id() {
+                    let _ = child.start_kill();
+                    return Err(StartError::Protocol(format!(
+                        "the worker says its pid is {pid}, but it is {}",
+                        child.id().unwrap_or_default()
+                    )));
                 }
                 WorkerInfo { pid, python_version, django_version }
             }
@@ -173,6 +189,12 @@ impl Connection {
         self.ask(make, |state| &mut state.setting_reads, timeout).await
     }
 
+    /// What a fork of the worker would share or lose, looked at now.
+    pub async fn fork_hazards(&self, timeout: Duration) -> Result<Vec<ForkHazard>, RequestError> {
+        let make = |request| Request::InspectFork { request };
+        self.ask(make, |state| &mut state.inspections, timeout).await
+    }
+
     /// Sends a request carrying a fresh request id and waits for the answer
     /// the reader routes back through `waiting` (the map for that kind).
     async fn ask<T>(
@@ -213,8 +235,7 @@ impl Connection {
         command: &str,
         args: &[String],
         limits: JobLimits,
-        stdout: OwnedFd,
-        stderr: OwnedFd,
+        stdio: [OwnedFd; 3],
     ) -> Result<(u32, oneshot::Receiver<JobEnd>), RequestError> {
         let (started_tx, started_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = oneshot::channel();
@@ -227,9 +248,10 @@ impl Connection {
             state.jobs.insert(job, slot);
         }
         let request = Request::Run { job, command: command.to_string(), args: args.to_vec(), limits };
-        let sent = self.send(&request, &[stdout.as_fd(), stderr.as_fd()]).await;
+        let [stdin, stdout, stderr] = &stdio;
+        let sent = self.send(&request, &[stdin.as_fd(), stdout.as_fd(), stderr.as_fd()]).await;
         // Our copies must close now, or the pipes would never reach EOF.
-        drop((stdout, stderr));
+        drop(stdio);
         if let Err(err) = sent {
             self.lock().jobs.remove(&job);
             return Err(err);
@@ -286,7 +308,11 @@ async fn read_events(
     let pid = child.id().unwrap_or_default();
     let reason = loop {
         match reader.next::<Event>().await {
-            Ok(Some(event)) => route(event, &state),
+            Ok(Some(event)) => {
+                if let Err(violation) = route(event, &state, pid) {
+                    break Some(format!("protocol violation by worker {pid}: {violation}"));
+                }
+            }
             Ok(None) => break None,
             Err(err) => break Some(format!("protocol error from worker {pid}: {err}")),
         }
@@ -317,10 +343,13 @@ async fn read_events(
     let _ = closed.send(Some(reason));
 }
 
-fn route(event: Event, state: &Mutex<State>) {
+/// Hands an event to whoever waits for it; `Err` when the worker broke the
+/// protocol (the conversation then ends).
+fn route(event: Event, state: &Mutex<State>, worker_pid: u32) -> Result<(), String> {
     let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
     match event {
         Event::JobStarted { job, pid } => {
+            check_job_pid(pid, worker_pid)?;
             if let Some(slot) = state.jobs.get_mut(&job) {
                 slot.pid = Some(pid);
                 if let Some(started) = slot.started.take() {
@@ -336,6 +365,7 @@ fn route(event: Event, state: &Mutex<State>) {
             }
         }
         Event::JobExited { job, status } => {
+            check_exit_status(status)?;
             if let Some(mut slot) = state.jobs.remove(&job) {
                 if let Some(exited) = slot.exited.take() {
                     let _ = exited.send(JobEnd::Exited(status));
@@ -357,11 +387,50 @@ fn route(event: Event, state: &Mutex<State>) {
                 let _ = waiting.send(values);
             }
         }
+        Event::ForkHazards { request, hazards } => {
+            if let Some(waiting) = state.inspections.remove(&request) {
+                let _ = waiting.send(hazards);
+            }
+        }
         Event::Log { level, message } => log_from_worker(level, &message),
         Event::Hello { .. } | Event::StartupFailed { .. } => {
             tracing::warn!("worker sent a second hello; ignored");
         }
     }
+    Ok(())
+}
+
+/// A job's pid must be a process the worker forked: above 1, neither the
+/// worker nor the supervisor, and the worker's child. A job already reaped
+/// (gone from /proc) passes: it ran and ended before we looked.
+fn check_job_pid(pid: u32, worker_pid: u32) -> Result<(), String> {
+    if pid <= 1 || pid == worker_pid || pid == std::process::id() || i32::try_from(pid).is_err() {
+        return Err(format!("job pid {pid} cannot be a job of this worker"));
+    }
+    match parent_pid(pid) {
+        Some(parent) if parent != worker_pid => {
+            Err(format!("job pid {pid} is not a child of the worker (its parent is {parent})"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// An exit status is what `waitpid` can report: a code of 0 to 255, or a
+/// signal number (the supervisor negates it and adds 128 to it).
+fn check_exit_status(status: ExitStatus) -> Result<(), String> {
+    match status {
+        ExitStatus::Code { code } if (0..=255).contains(&code) => Ok(()),
+        ExitStatus::Signal { signal } if (1..=64).contains(&signal) => Ok(()),
+        other => Err(format!("{other:?} is not an exit status a process can have")),
+    }
+}
+
+/// The parent of `pid` (field 4 of /proc/<pid>/stat), if it exists.
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: skip past its last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn log_from_worker(level: LogLevel, message: &str) {
@@ -395,5 +464,41 @@ fn end_all_jobs(state: &Mutex<State>, reason: &str) {
             tracing::debug!(job, "job lost with its worker");
             let _ = exited.send(JobEnd::Lost(reason.to_string()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_statuses_are_those_of_real_processes() {
+        assert_eq!(check_exit_status(ExitStatus::Code { code: 0 }), Ok(()));
+        assert_eq!(check_exit_status(ExitStatus::Code { code: 255 }), Ok(()));
+        assert_eq!(check_exit_status(ExitStatus::Signal { signal: 9 }), Ok(()));
+        for bad in [
+            ExitStatus::Code { code: -1 },
+            ExitStatus::Code { code: 256 },
+            ExitStatus::Signal { signal: i32::MIN },
+        ] {
+            assert!(check_exit_status(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_job_pid_must_be_a_child_of_the_worker() {
+        let worker = std::process::id();
+        for pid in [0, 1, worker, u32::MAX] {
+            assert!(check_job_pid(pid, worker).is_err(), "{pid}");
+        }
+        // Our parent is not our child.
+        let parent = parent_pid(worker).unwrap();
+        assert!(check_job_pid(parent, worker).unwrap_err().contains("not a child of the worker"));
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        assert_eq!(check_job_pid(child.id(), worker), Ok(()));
+        let _ = child.kill();
+        let _ = child.wait();
+        // Reaped already: it was a job that ended before we looked.
+        assert_eq!(check_job_pid(child.id(), worker), Ok(()));
     }
 }

@@ -2,7 +2,7 @@
 //! way to signal it, and how it ended. The same type covers both isolation
 //! modes, a fork of the preloaded worker and a plain `manage.py` subprocess.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,11 +54,16 @@ impl std::fmt::Display for JobEnd {
     }
 }
 
-/// Whether the job's output is captured or thrown away (metadata-only runs).
+/// Where the job's standard streams go: captured or thrown away (metadata-only
+/// runs), both with `/dev/null` as stdin, or the caller's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
     Capture,
     Discard,
+    /// The caller's own stdin, stdout and stderr (`exec`): the command reads
+    /// and writes them directly, as under `manage.py`, with no copy in
+    /// between (so a terminal stays a terminal and large output costs nothing).
+    Inherit,
 }
 
 /// Why a job is being stopped early.
@@ -88,9 +93,10 @@ pub(super) enum Control {
     Subprocess { exited: Arc<AtomicBool> },
 }
 
-/// Pipes (or `/dev/null`) for one job: what the command writes to, and what
-/// we read from.
+/// Descriptors for one job: what the command reads and writes, and what we
+/// read from (`None` when nothing is captured).
 pub(super) struct JobOutputs {
+    pub stdin: OwnedFd,
     pub stdout_write: OwnedFd,
     pub stderr_write: OwnedFd,
     pub stdout: Option<pipe::Receiver>,
@@ -99,11 +105,13 @@ pub(super) struct JobOutputs {
 
 impl JobOutputs {
     pub fn new(output: Output) -> std::io::Result<Self> {
+        let null_stdin = || std::fs::File::open("/dev/null").map(OwnedFd::from);
         match output {
             Output::Capture => {
                 let (stdout_read, stdout_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
                 let (stderr_read, stderr_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
                 Ok(Self {
+                    stdin: null_stdin()?,
                     stdout_write,
                     stderr_write,
                     stdout: Some(pipe::Receiver::from_owned_fd(stdout_read)?),
@@ -113,14 +121,31 @@ impl JobOutputs {
             Output::Discard => {
                 let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
                 Ok(Self {
+                    stdin: null_stdin()?,
                     stdout_write: OwnedFd::from(null.try_clone()?),
                     stderr_write: OwnedFd::from(null),
                     stdout: None,
                     stderr: None,
                 })
             }
+            Output::Inherit => Ok(Self {
+                // Duplicates (close-on-exec): the job gets the very same open
+                // files; one we were started without is /dev/null for it too.
+                stdin: inherited(std::io::stdin().as_fd(), false)?,
+                stdout_write: inherited(std::io::stdout().as_fd(), true)?,
+                stderr_write: inherited(std::io::stderr().as_fd(), true)?,
+                stdout: None,
+                stderr: None,
+            }),
         }
     }
+}
+
+/// A duplicate of one of our standard descriptors, or `/dev/null` if it is closed.
+fn inherited(fd: std::os::fd::BorrowedFd<'_>, write: bool) -> std::io::Result<OwnedFd> {
+    fd.try_clone_to_owned().or_else(|_| {
+        std::fs::OpenOptions::new().read(!write).write(write).open("/dev/null").map(OwnedFd::from)
+    })
 }
 
 impl Job {

@@ -11,6 +11,7 @@
 mod connection;
 mod job;
 mod process;
+mod setup_options;
 mod subprocess;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -24,9 +25,10 @@ use tokio::sync::{watch, Notify};
 pub use connection::RequestError;
 pub use job::{Job, JobEnd, Output, Stop};
 pub use process::WORKER_SOURCE;
+pub use setup_options::other_setup_asked;
 
 use crate::backoff::Backoff;
-use crate::ipc::{CommandInfo, JobLimits, ParseOutcome};
+use crate::ipc::{CommandInfo, ForkHazard, JobLimits, ParseOutcome};
 use connection::Connection;
 use job::{Control, JobOutputs};
 
@@ -61,6 +63,11 @@ pub struct WorkerOptions {
     pub settings_module: String,
     /// Extra environment for the worker and the jobs.
     pub env: BTreeMap<String, String>,
+    /// Variables the worker needs while Django sets up (the API key, which
+    /// `settings.py` may read), and that no job may see: they reach the
+    /// worker over a pipe, it removes them from its environment after the
+    /// set-up, and they are masked in its log lines.
+    pub setup_env: BTreeMap<String, String>,
     pub startup_timeout: Duration,
     pub isolation: Isolation,
     /// Commands that always use [`Isolation::Spawn`].
@@ -70,6 +77,11 @@ pub struct WorkerOptions {
     /// Start a fresh worker once the worker's own RSS exceeds this many
     /// bytes (`None`: never). Checked every [`RSS_CHECK_INTERVAL`].
     pub recycle_above_rss: Option<u64>,
+    /// `Some(dir)` for a local `exec`: jobs run in the caller's directory
+    /// with standard streams set up as a fresh interpreter would (buffered
+    /// by file type, as `manage.py` run there). `None` for the runner: the
+    /// project directory and unbuffered streams, so output streams live.
+    pub caller_dir: Option<PathBuf>,
 }
 
 pub const RSS_CHECK_INTERVAL: Duration = Duration::from_secs(10);
@@ -153,6 +165,7 @@ impl Worker {
             django = %first.info.django_version,
             "worker ready"
         );
+        report_fork_hazards(&first, &opts).await;
         let (current, _) = watch::channel(Some(first.clone()));
         let shared = Arc::new(Shared {
             opts: Mutex::new(opts),
@@ -194,6 +207,14 @@ impl Worker {
         Ok(connection.read_settings(names, self.shared.opts().startup_timeout).await?)
     }
 
+    /// What a fork of the worker would share with it or lose right now
+    /// (open sockets and other descriptors, live threads, shared random
+    /// generators); see docs/fidelity.md.
+    pub async fn fork_hazards(&self) -> Result<Vec<ForkHazard>, JobError> {
+        let connection = self.connection().await?;
+        Ok(connection.fork_hazards(self.shared.opts().startup_timeout).await?)
+    }
+
     /// Starts `command` with `args` (never through a shell).
     pub async fn spawn_job(&self, command: &str, args: &[String], output: Output) -> Result<Job, JobError> {
         self.spawn_limited(command, args, output, JobLimits::default()).await
@@ -215,10 +236,35 @@ impl Worker {
                 .map_err(JobError::Subprocess);
         }
         let connection = self.connection().await?;
-        let JobOutputs { stdout_write, stderr_write, stdout, stderr } = outputs;
-        let (pid, end) = connection.run(id, command, args, limits, stdout_write, stderr_write).await?;
+        if let Some(hazard) = data_corrupting_hazard(&connection, &opts).await {
+            tracing::warn!(
+                job = id,
+                "{command} runs as a fresh manage.py, not forked: the worker holds {}, which a fork would share",
+                hazard.detail
+            );
+            return subprocess::start(&opts, id, command, args, outputs, limits)
+                .map_err(JobError::Subprocess);
+        }
+        let JobOutputs { stdin, stdout_write, stderr_write, stdout, stderr } = outputs;
+        let stdio = [stdin, stdout_write, stderr_write];
+        let (pid, end) = connection.run(id, command, args, limits, stdio).await?;
         self.count_job_for_recycling();
         Ok(Job::new(id, pid, (stdout, stderr), end, Control::Worker(connection)))
+    }
+
+    /// Starts `command` as a fresh `python manage.py` subprocess whatever the
+    /// isolation mode: for a job that must not run in the preloaded worker
+    /// (other settings asked for, or a fork hazard that would corrupt data).
+    pub async fn spawn_subprocess(
+        &self,
+        command: &str,
+        args: &[String],
+        output: Output,
+    ) -> Result<Job, JobError> {
+        let id = self.shared.next_job.fetch_add(1, Ordering::Relaxed);
+        let outputs = JobOutputs::new(output).map_err(JobError::Pipes)?;
+        subprocess::start(&self.shared.opts(), id, command, args, outputs, JobLimits::default())
+            .map_err(JobError::Subprocess)
     }
 
     /// Starts a fresh worker for new jobs; the current one finishes its jobs
@@ -336,6 +382,35 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
     }
 }
 
+/// Logs, once per worker, what its forks would share or lose, with the fix.
+async fn report_fork_hazards(connection: &Connection, opts: &WorkerOptions) {
+    if opts.isolation == Isolation::Spawn {
+        return;
+    }
+    match connection.fork_hazards(opts.startup_timeout).await {
+        Ok(hazards) => {
+            for hazard in hazards {
+                tracing::warn!(kind = ?hazard.kind, "fork hazard: {}; {}", hazard.detail, FORK_HAZARD_FIX);
+            }
+        }
+        Err(err) => tracing::warn!("could not inspect the worker for fork hazards: {err}"),
+    }
+}
+
+/// What to do about a fork hazard; the details are in docs/fidelity.md.
+pub const FORK_HAZARD_FIX: &str = "reinitialise it after fork with os.register_at_fork(after_in_child=...), \
+     or run the commands concerned with worker.spawn_commands (or worker.isolation = \"spawn\"); see docs/fidelity.md";
+
+/// A hazard that would corrupt data if the job were forked now (asked at
+/// every job: a project can open a connection in the worker at any time).
+async fn data_corrupting_hazard(connection: &Connection, opts: &WorkerOptions) -> Option<ForkHazard> {
+    match connection.fork_hazards(opts.startup_timeout).await {
+        Ok(hazards) => hazards.into_iter().find(|hazard| hazard.kind.corrupts_data()),
+        // The job's own request will meet the same trouble and report it.
+        Err(_) => None,
+    }
+}
+
 /// A process's resident set size, from /proc.
 fn resident_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -357,6 +432,7 @@ async fn start_with_backoff(shared: &Shared, restarts: &mut Backoff, crashed: bo
             Ok(connection) => {
                 *shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 tracing::info!(pid = connection.info.pid, "worker ready");
+                report_fork_hazards(&connection, &shared.opts()).await;
                 return connection;
             }
             Err(err) => {

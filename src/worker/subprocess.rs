@@ -1,8 +1,11 @@
 //! The `spawn` isolation mode: `python manage.py <command> <args>` as a plain
 //! subprocess, as the published runner does. Slower (a fresh interpreter and
 //! `django.setup()` per job) but right for projects where forking a process
-//! that imported the project is unsafe.
+//! that imported the project is unsafe. When the worker has set-up variables
+//! (the API key), `python/djangocommand/_spawn.py` runs `manage.py` instead,
+//! so the command gets them for Django's set-up only, as forked jobs do.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,8 +16,12 @@ use nix::unistd::Pid;
 use tokio::sync::oneshot;
 
 use super::job::{Control, Job, JobOutputs};
+use super::process::{keep_across_exec, setup_env_pipe, SETUP_ENV_FD_VAR};
 use super::{JobEnd, WorkerOptions};
 use crate::ipc::{ExitStatus, JobId, JobLimits};
+
+/// Runs `manage.py` with the set-up variables read from a pipe.
+const SPAWN_BOOTSTRAP: &str = include_str!("../../python/djangocommand/_spawn.py");
 
 /// Seconds between RLIMIT_CPU's SIGXCPU (soft) and its SIGKILL (hard), as the worker does.
 const CPU_HARD_MARGIN: u64 = 5;
@@ -43,28 +50,46 @@ pub(super) fn start(
     outputs: JobOutputs,
     limits: JobLimits,
 ) -> std::io::Result<Job> {
+    let setup_env = setup_env_pipe(opts)?;
+    let setup_raw = setup_env.as_ref().map(|fd| fd.as_raw_fd());
     let mut child = {
         let mut process = tokio::process::Command::new(&opts.python);
+        if setup_env.is_some() {
+            process.arg("-c").arg(SPAWN_BOOTSTRAP);
+        }
         process
             .arg(opts.project_dir.join("manage.py"))
             .arg(command)
             .args(args)
-            .current_dir(&opts.project_dir)
+            .current_dir(opts.caller_dir.as_ref().unwrap_or(&opts.project_dir))
             .env("DJANGO_SETTINGS_MODULE", &opts.settings_module)
-            .env("PYTHONUNBUFFERED", "1")
             .envs(&opts.env)
-            .stdin(Stdio::null())
+            .stdin(Stdio::from(outputs.stdin))
             .stdout(Stdio::from(outputs.stdout_write))
             .stderr(Stdio::from(outputs.stderr_write))
             .process_group(0);
+        if opts.caller_dir.is_none() {
+            // Output streams to the control plane as it is written.
+            process.env("PYTHONUNBUFFERED", "1");
+        }
         super::scrub_environment(&mut process);
-        // SAFETY: setrlimit and nice are async-signal-safe.
+        for name in opts.setup_env.keys() {
+            process.env_remove(name);
+        }
+        if let Some(raw) = setup_raw {
+            process.env(SETUP_ENV_FD_VAR, raw.to_string());
+        }
+        // SAFETY: setrlimit, nice and fcntl are async-signal-safe.
         unsafe {
-            process.pre_exec(move || apply_limits(limits));
+            process.pre_exec(move || {
+                apply_limits(limits)?;
+                setup_raw.map_or(Ok(()), keep_across_exec)
+            });
         }
         process.spawn()?
         // `process` drops here, closing our copies of the write ends.
     };
+    drop(setup_env);
     let pid = child.id().unwrap_or_default();
     let exited = Arc::new(AtomicBool::new(false));
     let (end_tx, end_rx) = oneshot::channel();

@@ -53,11 +53,13 @@ pub fn options(db: &TestDb) -> WorkerOptions {
         project_dir: demo_project(),
         settings_module: "demo_project.settings".into(),
         env: BTreeMap::from([("DEMO_DB_PATH".to_string(), db.path().display().to_string())]),
+        setup_env: BTreeMap::new(),
         startup_timeout: Duration::from_secs(60),
         isolation: Isolation::Fork,
         spawn_commands: BTreeSet::new(),
         recycle_after_jobs: None,
         recycle_above_rss: None,
+        caller_dir: None,
     }
 }
 

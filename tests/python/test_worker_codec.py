@@ -132,10 +132,10 @@ def test_decode_rejects_trailing_byte():
 
 
 def test_decode_rejects_unknown_variant_index():
-    with pytest.raises(worker.ProtocolError, match="variant index 6"):
-        worker.decode("Request", struct.pack("<I", 6))
-    with pytest.raises(worker.ProtocolError, match="variant index 9"):
-        worker.decode("Event", struct.pack("<I", 9))
+    with pytest.raises(worker.ProtocolError, match="variant index 7"):
+        worker.decode("Request", struct.pack("<I", 7))
+    with pytest.raises(worker.ProtocolError, match="variant index 10"):
+        worker.decode("Event", struct.pack("<I", 10))
     exited_with_status_2 = struct.pack("<IQIi", 5, 1, 2, 0)
     with pytest.raises(worker.ProtocolError, match="ExitStatus"):
         worker.decode("Event", exited_with_status_2)
@@ -238,6 +238,7 @@ def test_schema_mirrors_every_message_variant():
             "Shutdown",
             "ParseArgs",
             "ReadSettings",
+            "InspectFork",
         ],
         "Event": [
             "Hello",
@@ -249,8 +250,10 @@ def test_schema_mirrors_every_message_variant():
             "Log",
             "ParsedArgs",
             "SettingValues",
+            "ForkHazards",
         ],
         "ParseOutcome": ["Parsed", "Refused"],
         "ExitStatus": ["Code", "Signal"],
         "LogLevel": ["Debug", "Info", "Warning", "Error"],
+        "HazardKind": ["Socket", "Descriptor", "Thread", "SharedRandom"],
     }

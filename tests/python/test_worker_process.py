@@ -23,6 +23,8 @@ if not (DEMO_DIR / "manage.py").exists():
     pytest.skip(f"demo project {DEMO_DIR} not present", allow_module_level=True)
 
 NO_LIMITS = {"cpu_seconds": 0, "address_space_bytes": 0, "nice": 0}
+# Every Run carries stdin, stdout and stderr; the worker duplicates them.
+NULL_STDIN = os.open(os.devnull, os.O_RDONLY)
 
 
 codec = load_worker()
@@ -107,7 +109,7 @@ class Supervisor:
                 "limits": NO_LIMITS,
             }
         }
-        self.send(request, fds=[out_w, err_w])
+        self.send(request, fds=[NULL_STDIN, out_w, err_w])
         os.close(out_w)
         os.close(err_w)
         started = self.event()
@@ -211,7 +213,7 @@ def _start_grandchild_job(supervisor, job: int):
     run = {
         "Run": {"job": job, "command": "grandchild", "args": [], "limits": NO_LIMITS}
     }
-    supervisor.send(run, fds=[out_w, err_w])
+    supervisor.send(run, fds=[NULL_STDIN, out_w, err_w])
     for fd in (out_w, err_w, err_r):
         os.close(fd)
     pid = supervisor.event()["JobStarted"]["pid"]
@@ -246,11 +248,11 @@ def test_shutdown_waits_for_running_jobs_and_refuses_new_ones(supervisor):
     sleep = {
         "Run": {"job": 1, "command": "sleep", "args": ["0.5"], "limits": NO_LIMITS}
     }
-    supervisor.send(sleep, fds=[out_w, err_w])
+    supervisor.send(sleep, fds=[NULL_STDIN, out_w, err_w])
     assert "JobStarted" in supervisor.event()
     supervisor.send("Shutdown")
     late = {"Run": {"job": 2, "command": "noop", "args": [], "limits": NO_LIMITS}}
-    supervisor.send(late, fds=[out_w, err_w])
+    supervisor.send(late, fds=[NULL_STDIN, out_w, err_w])
     assert supervisor.event() == {
         "JobFailed": {"job": 2, "error": "worker is shutting down"}
     }
@@ -269,7 +271,7 @@ def test_run_without_descriptors_fails_the_job_only(supervisor):
         {"Run": {"job": 1, "command": "noop", "args": [], "limits": NO_LIMITS}}
     )
     failed = supervisor.event()["JobFailed"]
-    assert failed["job"] == 1 and "2 descriptors" in failed["error"]
+    assert failed["job"] == 1 and "3 descriptors" in failed["error"]
     assert supervisor.run(2, "noop")[0] == {"Code": {"code": 0}}
 
 

@@ -21,7 +21,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use dcsupervisor::supervisor::signing;
+use dcsupervisor::supervisor::admission::signing;
 use ed25519_dalek::SigningKey;
 
 use crate::client::ControlClient;

@@ -10,12 +10,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use dcsupervisor::supervisor::admission::signing;
 use dcsupervisor::supervisor::api::{
     CancelStatus, CompleteRequest, Execution, ExecutionId, HeartbeatRequest, HeartbeatResponse,
     OutputRequest, PendingResponse, RunnerState, Segment, SyncResponse,
 };
 use dcsupervisor::supervisor::commands::{commands_hash, SyncedCommand};
-use dcsupervisor::supervisor::signing;
 use ed25519_dalek::SigningKey;
 
 use crate::wire::{

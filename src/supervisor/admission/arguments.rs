@@ -1,7 +1,8 @@
 //! Argument rules (`[[policy.arguments]]`), beyond exact bound argument sets:
 //! per command, options that are always refused, positional patterns that
-//! are refused, and (optionally) the only options allowed, with patterns
-//! their values must match. Deny by default: with `allow_options`, an option
+//! are refused, (optionally) the only options allowed, with patterns their
+//! values must match, and (optionally) a pattern every positional value must
+//! match (e.g. fixture names but no paths for `loaddata`). Deny by default: with `allow_options`, an option
 //! not listed is refused.
 //!
 //! The rules are checked against the arguments as the command's own parser
@@ -11,6 +12,7 @@
 
 use regex::Regex;
 
+use super::{Rejection, Rule};
 use crate::ipc::GivenArg;
 
 /// The rules of one command.
@@ -23,6 +25,9 @@ pub struct ArgumentRules {
     pub refuse_positionals: Vec<Vec<String>>,
     /// `Some`: the only options allowed (deny by default).
     pub allow_options: Option<Vec<AllowedOption>>,
+    /// `Some`: every positional value must match this pattern (the name is
+    /// unused).
+    pub allow_positionals: Option<AllowedOption>,
 }
 
 /// An option `allow_options` lets through.
@@ -59,6 +64,8 @@ pub enum Violation {
     BadValue { option: String, value: String, pattern: String },
     /// The positional values match a pattern of `refuse_positionals`.
     Positionals { values: Vec<String>, pattern: Vec<String> },
+    /// A positional value does not match `allow_positionals`.
+    Positional { value: String, pattern: String },
 }
 
 impl Violation {
@@ -85,16 +92,21 @@ impl Violation {
                 "positional arguments {values:?} match the pattern {pattern:?} refused for '{command}' \
                  by [[policy.arguments]] refuse_positionals"
             ),
+            Violation::Positional { value, pattern } => format!(
+                "positional argument {value:?} does not match {pattern:?}, the pattern allow_positionals \
+                 of '{command}' in [[policy.arguments]] requires"
+            ),
         }
     }
 }
 
-/// The rejection text for an execution whose arguments were refused.
-pub fn refusal_message(command: &str, reason: &str) -> String {
-    format!(
-        "Command '{command}' rejected by runner security policy.\nReason: {reason}\n\n\
-         Arguments are read the way the command's own parser reads them and checked against \
-         the [[policy.arguments]] rules in dc.toml.\n"
+/// The rejection of an execution whose arguments the rules refused.
+pub fn rejection(reason: String) -> Rejection {
+    Rejection::new(
+        Rule::ArgumentRules,
+        reason,
+        "Arguments are read the way the command's own parser reads them and checked against \
+         the [[policy.arguments]] rules in dc.toml.\n",
     )
 }
 
@@ -126,6 +138,11 @@ impl ArgumentRules {
         }
         let positionals: Vec<String> =
             given.iter().filter(|arg| arg.flags.is_empty()).flat_map(|arg| arg.values.clone()).collect();
+        if let Some(allowed) = &self.allow_positionals {
+            if let Some(value) = positionals.iter().find(|value| !allowed.admits(value)) {
+                return Err(Violation::Positional { value: value.clone(), pattern: allowed.pattern.clone() });
+            }
+        }
         for pattern in &self.refuse_positionals {
             let matches = pattern.len() == positionals.len()
                 && pattern.iter().zip(&positionals).all(|(want, value)| want == "*" || want == value);
@@ -191,6 +208,7 @@ mod tests {
             allow_options: allow.map(|list| {
                 list.iter().map(|(name, pattern)| AllowedOption::new(name, pattern).unwrap()).collect()
             }),
+            allow_positionals: None,
         }
     }
 
@@ -266,6 +284,24 @@ mod tests {
         // Every value of a repeated or multi-valued option is checked.
         let many = option("lines", &["--lines"], &["1", "9999"]);
         assert!(rules.check(&[], &[many]).is_err());
+    }
+
+    #[test]
+    fn allow_positionals_checks_every_positional_value() {
+        let mut rules = rules(&[], &[], None);
+        rules.allow_positionals = Some(AllowedOption::new("", "[A-Za-z0-9_-]+(\\.[A-Za-z0-9]+)*").unwrap());
+        let fixtures = [positional("args", "users"), positional("args", "groups.json")];
+        assert_eq!(rules.check(&[], &fixtures), Ok(()));
+        let path = [positional("args", "users"), positional("args", "/etc/passwd.json")];
+        assert_eq!(
+            rules.check(&[], &path),
+            Err(Violation::Positional {
+                value: "/etc/passwd.json".into(),
+                pattern: "[A-Za-z0-9_-]+(\\.[A-Za-z0-9]+)*".into()
+            })
+        );
+        // Option values are not positionals.
+        assert_eq!(rules.check(&[], &[option("database", &["--database"], &["/x"])]), Ok(()));
     }
 
     #[test]

@@ -21,7 +21,8 @@ use base64::Engine as _;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use super::api::{Execution, ExecutionId};
+use super::{Rejection, Rule};
+use crate::supervisor::api::{Execution, ExecutionId};
 
 /// Seconds an issue time may lie ahead of this host's clock (clock skew).
 pub const MAX_CLOCK_SKEW: i64 = 60;
@@ -174,14 +175,14 @@ impl Signing {
         self.seen.forget(id);
     }
 
-    /// The refusal as the execution's stderr says it.
-    pub fn refusal_message(&self, command: &str, refusal: &SignatureRefusal) -> String {
-        format!(
-            "Command '{command}' rejected by runner security policy.\nReason: {refusal}\n\n\
-             This runner only runs executions signed by the control plane's key pinned in \
+    /// The refusal, with what this runner requires.
+    pub fn rejection(&self, refusal: &SignatureRefusal) -> Rejection {
+        let hint = format!(
+            "This runner only runs executions signed by the control plane's key pinned in \
              [policy.signing] of dc.toml, issued at most {} s earlier, and each one once.\n",
             self.max_age
-        )
+        );
+        Rejection::new(Rule::Signature, refusal.to_string(), hint)
     }
 }
 

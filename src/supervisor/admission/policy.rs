@@ -8,10 +8,12 @@ use std::sync::LazyLock;
 
 use serde::{Deserialize, Serialize};
 
+use super::{Rejection, Rule};
+
 /// The runner's own management command: never synced, never run remotely.
 pub const RUNNER_COMMAND: &str = "djangocommand";
 
-const DEFAULTS_JSON: &str = include_str!("../../python/djangocommand/default_commands.json");
+const DEFAULTS_JSON: &str = include_str!("../../../python/djangocommand/default_commands.json");
 
 #[derive(Deserialize)]
 struct Defaults {
@@ -109,11 +111,8 @@ impl Policy {
         allowed
     }
 
-    /// The text shown to whoever asked for a refused command: what was
-    /// refused, why, and how to allow it.
-    pub fn refusal_message(&self, command: &str, refusal: &Refusal) -> String {
-        let mut message =
-            format!("Command '{command}' rejected by runner security policy.\nReason: {refusal}\n\n");
+    /// Why a refused command may not run, and how to allow it.
+    pub fn rejection(&self, command: &str, refusal: &Refusal) -> Rejection {
         let how = match (refusal, self.configured_in) {
             (Refusal::RunnerCommand, _) => {
                 "The runner does not run its own management command remotely.\n".to_string()
@@ -138,8 +137,7 @@ impl Policy {
                  [policy]\n  add_allowed_commands = [\"{command}\"]\n"
             ),
         };
-        message.push_str(&how);
-        message
+        Rejection::new(Rule::Policy, refusal.to_string(), how)
     }
 }
 
@@ -170,7 +168,7 @@ mod tests {
     #[test]
     fn refusal_explains_how_to_allow() {
         let policy = Policy { configured_in: ConfiguredIn::DjangoSettings, ..Policy::default_allowlist() };
-        let text = policy.refusal_message("shell", &Refusal::NotAllowlisted);
+        let text = policy.rejection("shell", &Refusal::NotAllowlisted).render("shell");
         assert!(text.starts_with("Command 'shell' rejected by runner security policy.\n"));
         assert!(text.contains("Reason: not in DJANGOCOMMAND_ALLOWED_COMMANDS allowlist\n"));
         assert!(text.contains("DEFAULT_ALLOWED_COMMANDS + ('shell',)"));
