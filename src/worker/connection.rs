@@ -29,8 +29,7 @@ use super::process::{self, StderrTail};
 use super::{JobEnd, StartError, WorkerInfo, WorkerOptions};
 use crate::ipc::{
     CommandInfo, Event, ExitStatus, ForkHazard, FrameError, FrameReader, FrameWriter, JobId, JobLimits,
-    LogLevel,
-    ParseOutcome, Request, PROTOCOL_VERSION,
+    LogLevel, ParseOutcome, Request, PROTOCOL_VERSION,
 };
 
 /// How long a worker has to answer a `Run` with `JobStarted`.
