@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from dataclasses import dataclass
@@ -68,28 +69,53 @@ class RunnerError(RuntimeError):
 # --- where things are --------------------------------------------------------
 
 
+def binary_candidates() -> list[tuple[str, Path]]:
+    """Where a pip-installed dcsupervisor can be, in the order looked at, each
+    with what it is: the scripts directory of the running interpreter's
+    install scheme (a venv's or the system's bin/), the user scheme's (``pip
+    install --user``), ``bin/`` beside the package (``pip install --target``),
+    and the interpreter's own directory. The way ruff and uv find theirs."""
+    places: list[tuple[str, Path]] = []
+    scripts = sysconfig.get_path("scripts")
+    if scripts:
+        places.append(("the interpreter's scripts directory", Path(scripts)))
+    user_scheme = f"{os.name}_user"
+    if user_scheme in sysconfig.get_scheme_names():
+        user_scripts = sysconfig.get_path("scripts", scheme=user_scheme)
+        if user_scripts:
+            places.append(("the user scripts directory", Path(user_scripts)))
+    package_root = Path(__file__).resolve().parent.parent
+    places.append(("bin/ beside the package (pip --target)", package_root / "bin"))
+    if sys.executable:
+        # Not resolved: a venv's bin/python is often a symlink to the base
+        # interpreter, and the binary is in the venv's bin/.
+        places.append(("beside the interpreter", Path(sys.executable).parent))
+    return places
+
+
 def find_binary() -> str:
     """The dcsupervisor executable: $DCSUPERVISOR_BIN when set (an explicit
-    choice wins), else next to the interpreter (where the wheel installs it),
-    else on PATH."""
+    choice wins), else where pip installs it (binary_candidates), else on
+    PATH. When it is nowhere, the error lists every place looked at."""
     from_env = os.environ.get(BINARY_ENV)
     if from_env:
         if _is_executable(Path(from_env)):
             return from_env
         raise RunnerError(f"{BINARY_ENV}={from_env} is not an executable file")
-    if sys.executable:
-        # Not resolved: a venv's bin/python is often a symlink to the base
-        # interpreter, and the binary is in the venv's bin/.
-        beside = Path(sys.executable).parent / BINARY_NAME
-        if _is_executable(beside):
-            return str(beside)
+    places = binary_candidates()
+    for _, directory in places:
+        candidate = directory / BINARY_NAME
+        if _is_executable(candidate):
+            return str(candidate)
     on_path = shutil.which(BINARY_NAME)
     if on_path:
         return on_path
+    looked = "".join(f"\n  {directory} ({what})" for what, directory in places)
     raise RunnerError(
-        f"cannot find the {BINARY_NAME} executable: not next to {sys.executable}, "
-        f"not on PATH, and {BINARY_ENV} is not set. It is installed with the "
-        "djangocommand package (pip install djangocommand)."
+        f"cannot find the {BINARY_NAME} executable. Looked in:{looked}\n"
+        f"  PATH={os.environ.get('PATH', '')}\n"
+        f"and {BINARY_ENV} is not set. It is installed with the djangocommand "
+        "package (pip install djangocommand)."
     )
 
 

@@ -763,13 +763,23 @@ def path_without_cargo() -> str:
 
 
 @pytest.fixture(scope="session")
-def installed_venv(tmp_path_factory) -> Path:
+def wheel_dir(tmp_path_factory) -> Path:
+    """The folder holding the djangocommand wheel under test."""
+    given = os.environ.get(WHEEL_DIR_ENV)
+    if given:
+        wheels = Path(given)
+    else:
+        wheels = build_test_wheel(tmp_path_factory.mktemp("wheels"))
+    assert list(wheels.glob("djangocommand-*.whl")), f"no wheel in {wheels}"
+    return wheels
+
+
+@pytest.fixture(scope="session")
+def installed_venv(tmp_path_factory, wheel_dir) -> Path:
     """A fresh venv with djangocommand installed from a wheel, offline
     (`--no-index`), with no Rust toolchain on PATH."""
     work = tmp_path_factory.mktemp("wheel")
-    given = os.environ.get(WHEEL_DIR_ENV)
-    wheels = Path(given) if given else build_test_wheel(work / "dist")
-    assert list(wheels.glob("djangocommand-*.whl")), f"no wheel in {wheels}"
+    wheels = wheel_dir
     # Django and its dependencies, from the registry (or pip's cache), into a
     # folder of their own: the install itself then needs no network.
     deps = work / "deps"
@@ -1016,3 +1026,67 @@ def test_installed_wheel_end_to_end(installed_venv, tmp_path):
         if leftover:
             os.kill(leftover, signal.SIGKILL)
         plane.close()
+
+
+# --- finding the binary -------------------------------------------------------------
+
+FIND_BINARY = "from djangocommand.runner import find_binary; print(find_binary())"
+
+
+def test_missing_binary_error_says_where_it_looked(tmp_path):
+    result = run(
+        [TEST_PYTHON, "-c", FIND_BINARY], tmp_path, child_env(PATH="/usr/bin:/bin")
+    )
+    assert result.returncode == 1
+    assert "RunnerError: cannot find the dcsupervisor executable. Looked in:" in (
+        result.stderr
+    )
+    scripts = run(
+        [TEST_PYTHON, "-c", "import sysconfig; print(sysconfig.get_path('scripts'))"],
+        tmp_path,
+        child_env(),
+    ).stdout.strip()
+    for place in (
+        f"{scripts} (the interpreter's scripts directory)",
+        "(the user scripts directory)",
+        f"{PACKAGE_SRC / 'bin'} (bin/ beside the package (pip --target))",
+        f"{Path(TEST_PYTHON).parent} (beside the interpreter)",
+        "PATH=/usr/bin:/bin",
+        "DCSUPERVISOR_BIN is not set",
+    ):
+        assert place in result.stderr, place
+
+
+def base_python() -> str | None:
+    """The interpreter the test venv was made from, if it has pip: `--user`
+    installs are refused inside a venv."""
+    code = "import sys, os; print(os.path.join(sys.base_prefix, 'bin', 'python3'))"
+    base = run([TEST_PYTHON, "-c", code], ROOT, child_env(False)).stdout.strip()
+    has_pip = run([base, "-m", "pip", "--version"], ROOT, child_env(False))
+    return base if has_pip.returncode == 0 else None
+
+
+@pytest.mark.slow
+def test_binary_found_after_target_and_user_installs(wheel_dir, tmp_path):
+    """pip's --target and --user put the binary where no PATH or interpreter
+    directory points; the package still finds its own."""
+    pip = ["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    pip += ["--no-index", "--no-deps", "--find-links", wheel_dir]
+    target = tmp_path / "target"
+    result = run(
+        [TEST_PYTHON, *pip, "--target", target, "djangocommand"], tmp_path, child_env()
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    env = child_env(False, PYTHONPATH=str(target), PATH="/usr/bin:/bin")
+    found = run([TEST_PYTHON, "-c", FIND_BINARY], tmp_path, env)
+    assert found.stdout.strip() == str(target / "bin" / "dcsupervisor"), found.stderr
+
+    base = base_python()
+    if base is None:
+        pytest.skip("the base interpreter has no pip: --user not tested")
+    user_base = tmp_path / "userbase"
+    env = child_env(False, PYTHONUSERBASE=str(user_base), PATH="/usr/bin:/bin")
+    result = run([base, *pip, "--user", "djangocommand"], tmp_path, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = run([base, "-c", FIND_BINARY], tmp_path, env)
+    assert found.stdout.strip() == str(user_base / "bin" / "dcsupervisor"), found.stderr
