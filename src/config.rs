@@ -331,6 +331,8 @@ pub struct RunnerConfig {
     /// Undelivered output kept in memory per execution before it goes to
     /// a file in the state directory (while the control plane is unreachable).
     pub outbox_memory_bytes: usize,
+    /// Serve /healthz, /readyz and /metrics on this address (off when unset).
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for RunnerConfig {
@@ -345,6 +347,7 @@ impl Default for RunnerConfig {
             state_dir: PathBuf::from(".dcsupervisor"),
             reload_touch_file: None,
             outbox_memory_bytes: 4 * 1024 * 1024,
+            health_listen: None,
         }
     }
 }

@@ -4,9 +4,11 @@
 //! [`supervisor`] decides what may run and schedules it, the [`worker`] runs
 //! it in a fork of a preloaded Django process, and output flows back the same
 //! way. [`ipc`] is the language the supervisor and the worker speak;
-//! [`config`] is `dc.toml`.
+//! [`config`] is `dc.toml`; [`health`] is what operators' probes and
+//! Prometheus read.
 
 pub mod config;
+pub mod health;
 pub mod ipc;
 pub mod supervisor;
 pub mod worker;

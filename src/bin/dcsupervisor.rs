@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use dcsupervisor::config::Config;
+use dcsupervisor::health;
 use dcsupervisor::supervisor::commands::{commands_hash, synced_commands};
 use dcsupervisor::supervisor::journal::Journal;
 use dcsupervisor::supervisor::runner::Runner;
@@ -144,6 +145,11 @@ async fn run_runner(config_path: &Path, config: &Config, once: bool) -> Result<E
     let journal =
         if once { None } else { Some(Journal::open(&state_dir).context("cannot open the journal")?) };
     let runner = Runner::new(worker.clone(), setup, journal).await.context("command discovery failed")?;
+    if let (Some(addr), false) = (config.runner.health_listen, once) {
+        // The runner spills undelivered output to <state_dir>/spill (runner.rs).
+        let probe = health::Probe { worker: worker.clone(), spill_dir: state_dir.join("spill") };
+        health::start(addr, probe).await?;
+    }
     if once {
         let result = runner.run_once().await;
         worker.shutdown().await;

@@ -56,6 +56,7 @@ impl AuthGate {
 
     /// Returns whether the state changed.
     pub fn set(&self, state: AuthState) -> bool {
+        crate::health::metrics().set_authenticated(state == AuthState::Valid);
         self.state.send_if_modified(|current| std::mem::replace(current, state) != state)
     }
 
@@ -168,6 +169,7 @@ impl Queue {
     fn push(&self, message: Message) {
         let mut state = self.lock();
         let weight = message.weight();
+        crate::health::metrics().message_queued(weight);
         let must_spill = state.spill.is_some() || state.memory_bytes + weight > self.memory_limit;
         if must_spill {
             match self.spill(&mut state, &message) {
@@ -261,6 +263,7 @@ impl Queue {
 async fn deliver_in_order(client: Client, gate: AuthGate, id: ExecutionId, queue: Arc<Queue>) {
     while let Some(message) = queue.pop().await {
         deliver(&client, &gate, &id, &message).await;
+        crate::health::metrics().message_done(message.weight());
     }
 }
 

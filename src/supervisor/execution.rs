@@ -94,6 +94,7 @@ enum StopReason {
 
 pub async fn run(ctx: ExecutionContext, execution: Execution) {
     let started_at = Instant::now();
+    let mut tracked = crate::health::metrics().track_execution();
     let id = execution.id.clone();
     let command = execution.command.clone();
     let settings = ctx.settings.clone();
@@ -133,6 +134,7 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
     let limits = settings.limits.of(&command);
     let completion = match ctx.worker.spawn_limited(&command, &args, output, limits).await {
         Ok(job) => {
+            tracked.job_started();
             entry.pid = Some(job.pid);
             entry.pid_start_time = process_start_time(job.pid);
             chunks.remember_job(&entry);
@@ -145,6 +147,7 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) {
         }
     };
     chunks.finish().await;
+    tracked.finished(completion.status);
     outbox.push(Message::Complete(completion)).await;
     outbox.flush_and_close().await;
     if let Some(journal) = journal {
@@ -264,6 +267,7 @@ async fn check_arguments(
 /// The rejection flow: start, one stderr chunk saying why, complete as failed.
 pub async fn reject(ctx: &ExecutionContext, execution: &Execution, message: String) {
     let id = &execution.id;
+    crate::health::metrics().execution_rejected();
     tracing::warn!(execution = %id, command = execution.command, "rejected by the runner's policy: {}", message.lines().nth(1).unwrap_or(""));
     if let Err(error) = ctx.client.start(id).await {
         ctx.gate.observe(&error);

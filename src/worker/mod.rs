@@ -323,6 +323,7 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
             _ = shared.shutdown.notified() => return,
         }
         connection = start_with_backoff(&shared, &mut crashes).await;
+        crate::health::metrics().worker_restarted();
         started = tokio::time::Instant::now();
         if shared.stopping.load(Ordering::Acquire) {
             connection.close().await;
@@ -333,7 +334,7 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
 }
 
 /// A process's resident set size, from /proc.
-fn resident_bytes(pid: u32) -> Option<u64> {
+pub(crate) fn resident_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
