@@ -42,6 +42,10 @@ STATE_DIR_NAME = ".djangocommand"
 LOCK_FILE = "dcsupervisor.lock"
 CONFIG_FILE = "dc.toml"
 LOG_FILE = "dcsupervisor.log"
+#: Background mode's log is rotated by the supervisor past this size, keeping
+#: this many old files (dcsupervisor.log.1 is the newest).
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
 
 # DCSUPERVISOR_<SECTION>__<FIELD> variables override dc.toml. Those of the
 # sections the Django settings own are dropped, so that an exported variable
@@ -396,13 +400,26 @@ class Runner:
     def write_config(self) -> Path:
         return self.state.write_config(self.config_text())
 
-    def command(self, subcommand: str) -> list[str]:
+    def command(self, subcommand: str, *options: str) -> list[str]:
         return [
             self.binary,
             "--config",
             str(self.state.config_path),
             *verbosity_flags(self.verbosity),
+            *options,
             subcommand,
+        ]
+
+    def log_options(self) -> list[str]:
+        """Background mode: the supervisor writes its log itself, rotating it
+        by size, so it cannot grow forever."""
+        return [
+            "--log-file",
+            str(self.state.log_path),
+            "--log-max-bytes",
+            str(LOG_MAX_BYTES),
+            "--log-keep",
+            str(LOG_BACKUPS),
         ]
 
     def environment(self) -> dict[str, str]:
@@ -498,8 +515,10 @@ class Runner:
         os.execve(argv[0], argv, self.environment())
 
     def start_detached(self, timeout: float = START_TIMEOUT) -> int:
-        """Starts the supervisor in the background (its own session, output
-        appended to the log) and returns its pid once it holds the lock."""
+        """Starts the supervisor in the background (its own session, logging
+        to the rotated log) and returns its pid once it holds the lock. Its
+        stdout and stderr are appended to the log too, for what comes before
+        logging is set up (an unusable dc.toml) or outside it (a crash)."""
         self.write_config()
         log_fd = os.open(
             self.state.log_path,
@@ -508,7 +527,7 @@ class Runner:
         )
         try:
             process = subprocess.Popen(
-                self.command("run"),
+                self.command("run", *self.log_options()),
                 env=self.environment(),
                 cwd=self.project_dir,
                 stdin=subprocess.DEVNULL,

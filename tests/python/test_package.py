@@ -640,7 +640,15 @@ def test_start_detached_status_stop_with_a_stand_in(fake_site):
         for line in (state / "fake-calls").read_text().splitlines()
     ]
     assert key == API_KEY
-    assert argv[1:] == ["--config", str(state / "dc.toml"), "-v", "run"]
+    log = str(state / "dcsupervisor.log")
+    rotation = ["--log-max-bytes", "10485760", "--log-keep", "5"]
+    assert argv[1:] == [
+        "--config",
+        str(state / "dc.toml"),
+        "-v",
+        *["--log-file", log, *rotation],
+        "run",
+    ]
     assert API_KEY not in (state / "dc.toml").read_text()
 
     again = manage(TEST_PYTHON, project, "start", "-d", env=env)
