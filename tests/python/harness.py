@@ -33,8 +33,8 @@ PUBLISHED_VENV = ROOT / "target" / "published-runner-venv"
 PUBLISHED_PYTHON = PUBLISHED_VENV / "bin" / "python"
 PUBLISHED_VERSION = "0.1.0"
 STOP_GRACE = 10  # seconds between SIGTERM and SIGKILL
-# Figures the tests measure (never assert on): conftest.py prints them after
-# the run, so a timing shows up in scripts/test's output without -s.
+# Figures measured in session fixtures, for the test using the fixture to
+# record (record_property("figure", ...)); conftest.py prints them.
 FIGURES: list[str] = []
 
 

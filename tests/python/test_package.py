@@ -916,7 +916,9 @@ def assert_key_not_exposed(pid: int, state: Path) -> None:
 
 
 @pytest.mark.slow
-def test_installed_wheel_end_to_end(installed_venv, tmp_path):
+def test_installed_wheel_end_to_end(installed_venv, tmp_path, record_property):
+    for figure in FIGURES:
+        record_property("figure", figure)
     venv_python = installed_venv / "bin" / "python"
     binary = installed_venv / "bin" / "dcsupervisor"
     # Only the runner ships; dccontrol is a development tool.
