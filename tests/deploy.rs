@@ -149,6 +149,25 @@ fn unit() -> Sections {
     parse_unit(&read("deploy/systemd/dcsupervisor.service"))
 }
 
+/// The same unit for systemd < 253 (no `Type=notify-reload`).
+const UNIT_BEFORE_253: &str = "deploy/systemd/systemd-before-253/dcsupervisor.service";
+
+#[test]
+fn the_unit_for_systemd_before_253_differs_only_in_how_it_reloads() {
+    let mut current = unit();
+    let mut before_253 = parse_unit(&read(UNIT_BEFORE_253));
+    assert_eq!(value(&current, "Service", "Type"), "notify-reload");
+    assert!(current["Service"].get("ExecReload").is_none(), "notify-reload sends SIGHUP itself");
+    assert_eq!(value(&before_253, "Service", "Type"), "notify");
+    assert_eq!(value(&before_253, "Service", "ExecReload"), "/bin/kill -HUP $MAINPID");
+    for sections in [&mut current, &mut before_253] {
+        let service = sections.get_mut("Service").unwrap();
+        service.remove("Type");
+        service.remove("ExecReload");
+    }
+    assert_eq!(current, before_253, "everything else is the same in both units");
+}
+
 #[test]
 fn unit_file_has_the_essentials() {
     let unit = unit();
@@ -268,6 +287,14 @@ fn systemd_analyze_accepts_the_unit() {
     assert_eq!(parse_unit(&alternative)["Service"]["ExecStart"].len(), 1);
     std::fs::write(&credential, alternative).unwrap();
     assert_verifies(&credential, version);
+
+    // The unit for systemd < 253: accepted as it is, with no warning at all.
+    let before_253 = dir.path().join("dcsupervisor-before-253.service");
+    let legacy_text = read(UNIT_BEFORE_253).replace(exec_start, &format!("ExecStart={BIN} "));
+    std::fs::write(&before_253, legacy_text).unwrap();
+    let (ok, stdout, stderr) = systemd_analyze(&["verify"], &before_253);
+    assert!(ok, "systemd-analyze verify failed:\n{stdout}{stderr}");
+    assert!(!format!("{stdout}{stderr}").contains("dcsupervisor-before-253"), "{stdout}{stderr}");
 
     let (ok, stdout, stderr) = systemd_analyze(&["security", "--offline=true"], &unit);
     let overall = stdout.lines().chain(stderr.lines()).find(|l| l.contains("Overall exposure level"));
