@@ -444,3 +444,42 @@ fn dockerfile_builds_and_runs_the_supervisor() {
     assert!(orderly_stop_bound(&config) < Duration::from_secs(90), "docker stop -t 90 is documented");
     assert!(read("deploy/docker/Dockerfile").contains("docker stop -t 90"));
 }
+
+/// hadolint from the test venv (requirements-dev.txt installs it), else PATH.
+fn hadolint() -> Option<PathBuf> {
+    let venv_bin = std::env::var_os("DCSUPERVISOR_TEST_PYTHON")
+        .map(|python| PathBuf::from(python).with_file_name("hadolint"))
+        .unwrap_or_else(|| repo_file(".venv/bin/hadolint"));
+    if venv_bin.is_file() {
+        return Some(venv_bin);
+    }
+    Command::new("hadolint").arg("--version").output().ok().map(|_| PathBuf::from("hadolint"))
+}
+
+/// No container engine here can pull the base images (only package
+/// registries are reachable), so the Dockerfile is linted rather than built;
+/// each rule it ignores says why on the line above.
+#[test]
+fn hadolint_accepts_the_dockerfile() {
+    let Some(hadolint) = hadolint() else {
+        println!("skipped: hadolint is not installed (scripts/venv installs it)");
+        return;
+    };
+    let output = Command::new(&hadolint)
+        .args(["--no-color", "--failure-threshold", "info"])
+        .arg(repo_file("deploy/docker/Dockerfile"))
+        .output()
+        .expect("run hadolint");
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "hadolint:\n{text}");
+    let dockerfile = read("deploy/docker/Dockerfile");
+    let lines: Vec<&str> = dockerfile.lines().collect();
+    for (index, line) in lines.iter().enumerate().filter(|(_, line)| line.starts_with("# hadolint ")) {
+        let above = if index > 0 { lines[index - 1] } else { "" };
+        assert!(
+            above.starts_with('#') && !above.starts_with("# hadolint"),
+            "{line}: say why on the line above"
+        );
+    }
+}
