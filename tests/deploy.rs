@@ -157,7 +157,7 @@ fn the_unit_for_systemd_before_253_differs_only_in_how_it_reloads() {
     let mut current = unit();
     let mut before_253 = parse_unit(&read(UNIT_BEFORE_253));
     assert_eq!(value(&current, "Service", "Type"), "notify-reload");
-    assert!(current["Service"].get("ExecReload").is_none(), "notify-reload sends SIGHUP itself");
+    assert!(!current["Service"].contains_key("ExecReload"), "notify-reload sends SIGHUP itself");
     assert_eq!(value(&before_253, "Service", "Type"), "notify");
     assert_eq!(value(&before_253, "Service", "ExecReload"), "/bin/kill -HUP $MAINPID");
     for sections in [&mut current, &mut before_253] {
