@@ -9,11 +9,14 @@ Three layers:
 * ``manage.py djangocommand`` driven against stand-in supervisors (small
   scripts that take the lock as dcsupervisor does), so the process control is
   tested without the Rust build;
-* end to end (marked ``slow``, still part of scripts/test): the wheel built
-  once per session with maturin, installed into a fresh venv with Django from
-  PyPI, a copy of the demo project using it, ``start -d``/``status``/
-  ``restart``/``stop``, an execution through the local control plane, and
-  ``Runner``'s ``run_once()`` and ``run()``.
+* end to end (marked ``slow``, still part of scripts/test): the wheels in
+  $DCSUPERVISOR_TEST_WHEEL_DIR (scripts/test's dev-profile wheel, or
+  scripts/wheels' release set; built here with the dev profile when unset),
+  installed offline into a fresh venv with no cargo on PATH (Django's wheels
+  fetched beforehand), a copy of the demo project using it, ``start -d``/
+  ``status``/``restart``/``stop``, an execution through the local control
+  plane, and ``Runner``'s ``run_once()`` and ``run()``; ``--target`` and
+  ``--user`` installs of the same wheel finding their binary.
 
 The fast layers import the package from ``python/`` (PYTHONPATH); the slow one
 runs the same variant checks again against the installed wheel.
