@@ -359,6 +359,8 @@ pub struct RunnerConfig {
     pub spool_max_bytes: u64,
     /// Bytes all output logs together may take in the state directory.
     pub state_dir_max_bytes: u64,
+    /// Serve /healthz, /readyz and /metrics on this address (off when unset).
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for RunnerConfig {
@@ -375,6 +377,7 @@ impl Default for RunnerConfig {
             outbox_memory_bytes: 4 * 1024 * 1024,
             spool_max_bytes: 256 * 1024 * 1024,
             state_dir_max_bytes: 1024 * 1024 * 1024,
+            health_listen: None,
         }
     }
 }

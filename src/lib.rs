@@ -5,10 +5,12 @@
 //! it in a fork of a preloaded Django process, and output flows back the same
 //! way. [`ipc`] is the language the supervisor and the worker speak;
 //! [`config`] is `dc.toml`; [`backoff`] is the one retry rhythm all of
-//! them use; [`logging`] keeps log lines unforgeable.
+//! them use; [`logging`] keeps log lines unforgeable; [`health`] is what
+//! operators' probes and Prometheus read.
 
 pub mod backoff;
 pub mod config;
+pub mod health;
 pub mod ipc;
 pub mod logging;
 pub mod supervisor;

@@ -149,6 +149,25 @@ fn unit() -> Sections {
     parse_unit(&read("deploy/systemd/dcsupervisor.service"))
 }
 
+/// The same unit for systemd < 253 (no `Type=notify-reload`).
+const UNIT_BEFORE_253: &str = "deploy/systemd/systemd-before-253/dcsupervisor.service";
+
+#[test]
+fn the_unit_for_systemd_before_253_differs_only_in_how_it_reloads() {
+    let mut current = unit();
+    let mut before_253 = parse_unit(&read(UNIT_BEFORE_253));
+    assert_eq!(value(&current, "Service", "Type"), "notify-reload");
+    assert!(!current["Service"].contains_key("ExecReload"), "notify-reload sends SIGHUP itself");
+    assert_eq!(value(&before_253, "Service", "Type"), "notify");
+    assert_eq!(value(&before_253, "Service", "ExecReload"), "/bin/kill -HUP $MAINPID");
+    for sections in [&mut current, &mut before_253] {
+        let service = sections.get_mut("Service").unwrap();
+        service.remove("Type");
+        service.remove("ExecReload");
+    }
+    assert_eq!(current, before_253, "everything else is the same in both units");
+}
+
 #[test]
 fn unit_file_has_the_essentials() {
     let unit = unit();
@@ -268,6 +287,14 @@ fn systemd_analyze_accepts_the_unit() {
     assert_eq!(parse_unit(&alternative)["Service"]["ExecStart"].len(), 1);
     std::fs::write(&credential, alternative).unwrap();
     assert_verifies(&credential, version);
+
+    // The unit for systemd < 253: accepted as it is, with no warning at all.
+    let before_253 = dir.path().join("dcsupervisor-before-253.service");
+    let legacy_text = read(UNIT_BEFORE_253).replace(exec_start, &format!("ExecStart={BIN} "));
+    std::fs::write(&before_253, legacy_text).unwrap();
+    let (ok, stdout, stderr) = systemd_analyze(&["verify"], &before_253);
+    assert!(ok, "systemd-analyze verify failed:\n{stdout}{stderr}");
+    assert!(!format!("{stdout}{stderr}").contains("dcsupervisor-before-253"), "{stdout}{stderr}");
 
     let (ok, stdout, stderr) = systemd_analyze(&["security", "--offline=true"], &unit);
     let overall = stdout.lines().chain(stderr.lines()).find(|l| l.contains("Overall exposure level"));
@@ -416,4 +443,43 @@ fn dockerfile_builds_and_runs_the_supervisor() {
     assert_eq!(config.runner.state_dir, Path::new("/var/lib/dcsupervisor"));
     assert!(orderly_stop_bound(&config) < Duration::from_secs(90), "docker stop -t 90 is documented");
     assert!(read("deploy/docker/Dockerfile").contains("docker stop -t 90"));
+}
+
+/// hadolint from the test venv (requirements-dev.txt installs it), else PATH.
+fn hadolint() -> Option<PathBuf> {
+    let venv_bin = std::env::var_os("DCSUPERVISOR_TEST_PYTHON")
+        .map(|python| PathBuf::from(python).with_file_name("hadolint"))
+        .unwrap_or_else(|| repo_file(".venv/bin/hadolint"));
+    if venv_bin.is_file() {
+        return Some(venv_bin);
+    }
+    Command::new("hadolint").arg("--version").output().ok().map(|_| PathBuf::from("hadolint"))
+}
+
+/// No container engine here can pull the base images (only package
+/// registries are reachable), so the Dockerfile is linted rather than built;
+/// each rule it ignores says why on the line above.
+#[test]
+fn hadolint_accepts_the_dockerfile() {
+    let Some(hadolint) = hadolint() else {
+        println!("skipped: hadolint is not installed (scripts/venv installs it)");
+        return;
+    };
+    let output = Command::new(&hadolint)
+        .args(["--no-color", "--failure-threshold", "info"])
+        .arg(repo_file("deploy/docker/Dockerfile"))
+        .output()
+        .expect("run hadolint");
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "hadolint:\n{text}");
+    let dockerfile = read("deploy/docker/Dockerfile");
+    let lines: Vec<&str> = dockerfile.lines().collect();
+    for (index, line) in lines.iter().enumerate().filter(|(_, line)| line.starts_with("# hadolint ")) {
+        let above = if index > 0 { lines[index - 1] } else { "" };
+        assert!(
+            above.starts_with('#') && !above.starts_with("# hadolint"),
+            "{line}: say why on the line above"
+        );
+    }
 }

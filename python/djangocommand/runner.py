@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ STATE_DIR_NAME = ".djangocommand"
 LOCK_FILE = "dcsupervisor.lock"
 CONFIG_FILE = "dc.toml"
 LOG_FILE = "dcsupervisor.log"
+#: Background mode's log is rotated by the supervisor past this size, keeping
+#: this many old files (dcsupervisor.log.1 is the newest).
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
 
 # DCSUPERVISOR_<SECTION>__<FIELD> variables override dc.toml. Those of the
 # sections the Django settings own are dropped, so that an exported variable
@@ -68,28 +73,53 @@ class RunnerError(RuntimeError):
 # --- where things are --------------------------------------------------------
 
 
+def binary_candidates() -> list[tuple[str, Path]]:
+    """Where a pip-installed dcsupervisor can be, in the order looked at, each
+    with what it is: the scripts directory of the running interpreter's
+    install scheme (a venv's or the system's bin/), the user scheme's (``pip
+    install --user``), ``bin/`` beside the package (``pip install --target``),
+    and the interpreter's own directory. The way ruff and uv find theirs."""
+    places: list[tuple[str, Path]] = []
+    scripts = sysconfig.get_path("scripts")
+    if scripts:
+        places.append(("the interpreter's scripts directory", Path(scripts)))
+    user_scheme = f"{os.name}_user"
+    if user_scheme in sysconfig.get_scheme_names():
+        user_scripts = sysconfig.get_path("scripts", scheme=user_scheme)
+        if user_scripts:
+            places.append(("the user scripts directory", Path(user_scripts)))
+    package_root = Path(__file__).resolve().parent.parent
+    places.append(("bin/ beside the package (pip --target)", package_root / "bin"))
+    if sys.executable:
+        # Not resolved: a venv's bin/python is often a symlink to the base
+        # interpreter, and the binary is in the venv's bin/.
+        places.append(("beside the interpreter", Path(sys.executable).parent))
+    return places
+
+
 def find_binary() -> str:
     """The dcsupervisor executable: $DCSUPERVISOR_BIN when set (an explicit
-    choice wins), else next to the interpreter (where the wheel installs it),
-    else on PATH."""
+    choice wins), else where pip installs it (binary_candidates), else on
+    PATH. When it is nowhere, the error lists every place looked at."""
     from_env = os.environ.get(BINARY_ENV)
     if from_env:
         if _is_executable(Path(from_env)):
             return from_env
         raise RunnerError(f"{BINARY_ENV}={from_env} is not an executable file")
-    if sys.executable:
-        # Not resolved: a venv's bin/python is often a symlink to the base
-        # interpreter, and the binary is in the venv's bin/.
-        beside = Path(sys.executable).parent / BINARY_NAME
-        if _is_executable(beside):
-            return str(beside)
+    places = binary_candidates()
+    for _, directory in places:
+        candidate = directory / BINARY_NAME
+        if _is_executable(candidate):
+            return str(candidate)
     on_path = shutil.which(BINARY_NAME)
     if on_path:
         return on_path
+    looked = "".join(f"\n  {directory} ({what})" for what, directory in places)
     raise RunnerError(
-        f"cannot find the {BINARY_NAME} executable: not next to {sys.executable}, "
-        f"not on PATH, and {BINARY_ENV} is not set. It is installed with the "
-        "djangocommand package (pip install djangocommand)."
+        f"cannot find the {BINARY_NAME} executable. Looked in:{looked}\n"
+        f"  PATH={os.environ.get('PATH', '')}\n"
+        f"and {BINARY_ENV} is not set. It is installed with the djangocommand "
+        "package (pip install djangocommand)."
     )
 
 
@@ -370,13 +400,26 @@ class Runner:
     def write_config(self) -> Path:
         return self.state.write_config(self.config_text())
 
-    def command(self, subcommand: str) -> list[str]:
+    def command(self, subcommand: str, *options: str) -> list[str]:
         return [
             self.binary,
             "--config",
             str(self.state.config_path),
             *verbosity_flags(self.verbosity),
+            *options,
             subcommand,
+        ]
+
+    def log_options(self) -> list[str]:
+        """Background mode: the supervisor writes its log itself, rotating it
+        by size, so it cannot grow forever."""
+        return [
+            "--log-file",
+            str(self.state.log_path),
+            "--log-max-bytes",
+            str(LOG_MAX_BYTES),
+            "--log-keep",
+            str(LOG_BACKUPS),
         ]
 
     def environment(self) -> dict[str, str]:
@@ -472,8 +515,10 @@ class Runner:
         os.execve(argv[0], argv, self.environment())
 
     def start_detached(self, timeout: float = START_TIMEOUT) -> int:
-        """Starts the supervisor in the background (its own session, output
-        appended to the log) and returns its pid once it holds the lock."""
+        """Starts the supervisor in the background (its own session, logging
+        to the rotated log) and returns its pid once it holds the lock. Its
+        stdout and stderr are appended to the log too, for what comes before
+        logging is set up (an unusable dc.toml) or outside it (a crash)."""
         self.write_config()
         log_fd = os.open(
             self.state.log_path,
@@ -482,7 +527,7 @@ class Runner:
         )
         try:
             process = subprocess.Popen(
-                self.command("run"),
+                self.command("run", *self.log_options()),
                 env=self.environment(),
                 cwd=self.project_dir,
                 stdin=subprocess.DEVNULL,

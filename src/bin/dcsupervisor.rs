@@ -9,12 +9,18 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use dcsupervisor::config::Config;
+use dcsupervisor::health;
 use dcsupervisor::supervisor::commands::{commands_hash, synced_commands};
 use dcsupervisor::supervisor::journal::Journal;
 use dcsupervisor::supervisor::runner::Runner;
 use dcsupervisor::supervisor::{control, state, systemd};
 use dcsupervisor::worker::{Isolation, Job, JobEnd, Output, Stop, Worker, FORK_HAZARD_FIX};
+use file_rotate::compression::Compression;
+use file_rotate::suffix::AppendCount;
+use file_rotate::{ContentLimit, FileRotate};
 use nix::sys::signal::Signal;
+use std::os::unix::fs::OpenOptionsExt;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
 
 /// Exit status of `exec` when the policy refuses the command (like a shell's
@@ -42,6 +48,17 @@ struct Cli {
     /// Less logging (-q: warnings and errors only, -qq: errors only).
     #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
     quiet: u8,
+    /// Log to this file instead of stderr, rotated by size (FILE.1 is the
+    /// newest old one). For background runs without journald or a process
+    /// manager (`manage.py djangocommand start -d` uses it).
+    #[arg(long, global = true, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// With --log-file: rotate once the file passes this many bytes.
+    #[arg(long, global = true, default_value_t = 10 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    log_max_bytes: u64,
+    /// With --log-file: rotated files kept besides the current one.
+    #[arg(long, global = true, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+    log_keep: u64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -92,7 +109,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli);
+    if let Err(err) = init_logging(&cli) {
+        eprintln!("dcsupervisor: {err:#}");
+        return ExitCode::FAILURE;
+    }
     exit_on_panic();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -125,7 +145,7 @@ fn exit_on_panic() {
     }));
 }
 
-fn init_logging(cli: &Cli) {
+fn init_logging(cli: &Cli) -> Result<()> {
     // One-shot local commands keep the terminal for the command's own
     // output; `exec` adds nothing to it but its own failures (warnings such
     // as fork hazards belong to the runner's log and to `check`).
@@ -142,9 +162,17 @@ fn init_logging(cli: &Cli) {
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     // Colours only for a person at a terminal, not in journald or log files.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let ansi = cli.log_file.is_none()
+        && std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
+    let writer = match &cli.log_file {
+        Some(path) => {
+            BoxMakeWriter::new(std::sync::Mutex::new(rotating_log(path, cli.log_max_bytes, cli.log_keep)?))
+        }
+        None => BoxMakeWriter::new(std::io::stderr),
+    };
     // Every line is escaped: log lines carry data from the control plane and the worker.
-    let writer = dcsupervisor::logging::Escaping::new(std::io::stderr, ansi);
+    let writer = dcsupervisor::logging::Escaping::new(writer, ansi);
     // A log line that cannot be written (stderr on a full disk) is dropped:
     // reporting it with eprintln! would panic, wherever the event was logged.
     let builder = tracing_subscriber::fmt()
@@ -156,6 +184,23 @@ fn init_logging(cli: &Cli) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
+}
+
+/// `path`, rotated once it passes `max_bytes`, keeping `keep` old files
+/// (PATH.1 the newest), created 0600 like everything in the state directory.
+fn rotating_log(path: &Path, max_bytes: u64, keep: u64) -> Result<FileRotate<AppendCount>> {
+    let path = std::path::absolute(path).with_context(|| format!("log file {}", path.display()))?;
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    // file-rotate panics when it cannot create the directory: check first.
+    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).create(true).append(true).mode(0o600);
+    options.open(&path).with_context(|| format!("cannot open the log file {}", path.display()))?;
+    let max_bytes = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+    let keep = usize::try_from(keep).unwrap_or(usize::MAX);
+    let limit = ContentLimit::BytesSurpassed(max_bytes);
+    Ok(FileRotate::new(path, AppendCount::new(keep), limit, Compression::None, Some(options)))
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -186,6 +231,11 @@ async fn run_runner(config_path: &Path, config: &Config, once: bool) -> Result<E
     let journal =
         if once { None } else { Some(Journal::open(&state_dir).context("cannot open the journal")?) };
     let runner = Runner::new(worker.clone(), setup, journal).await.context("command discovery failed")?;
+    if let (Some(addr), false) = (config.runner.health_listen, once) {
+        // The runner spills undelivered output to <state_dir>/spill (runner.rs).
+        let probe = health::Probe { worker: worker.clone(), spill_dir: state_dir.join("outbox") };
+        health::start(addr, probe).await?;
+    }
     if once {
         let result = runner.run_once().await;
         worker.shutdown().await;

@@ -53,6 +53,7 @@ impl AuthGate {
 
     /// Returns whether the state changed.
     pub fn set(&self, state: AuthState) -> bool {
+        crate::health::metrics().set_authenticated(state == AuthState::Valid);
         self.state.send_if_modified(|current| std::mem::replace(current, state) != state)
     }
 
@@ -82,6 +83,13 @@ pub enum Message {
 /// Sends one message until it is acknowledged or definitively refused.
 /// The client makes one attempt per call; the waits are here, and only here.
 pub(super) async fn deliver(client: &Client, gate: &AuthGate, id: &ExecutionId, message: &Message) {
+    let weight = message.weight();
+    crate::health::metrics().message_queued(weight);
+    deliver_until_settled(client, gate, id, message).await;
+    crate::health::metrics().message_done(weight);
+}
+
+async fn deliver_until_settled(client: &Client, gate: &AuthGate, id: &ExecutionId, message: &Message) {
     let mut backoff = Backoff::exponential(FIRST_REDELIVERY_DELAY, MAX_REDELIVERY_DELAY);
     loop {
         gate.wait_valid().await;
@@ -107,6 +115,16 @@ pub(super) async fn deliver(client: &Client, gate: &AuthGate, id: &ExecutionId, 
         let delay = backoff.next_delay(error.retry_after());
         tracing::warn!("could not deliver {} ({error}); retrying in {delay:?}", describe(message));
         tokio::time::sleep(delay).await;
+    }
+}
+
+impl Message {
+    /// Roughly what the message weighs on the wire (for the backlog metric).
+    fn weight(&self) -> usize {
+        match self {
+            Message::Output(chunk) => 64 + chunk.segments.iter().map(|s| 32 + s.content.len()).sum::<usize>(),
+            Message::Complete(_) => 64,
+        }
     }
 }
 

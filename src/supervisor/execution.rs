@@ -105,6 +105,7 @@ pub enum Outcome {
 /// execution's id and command, so the log lines here do not repeat them.
 pub async fn run(ctx: ExecutionContext, execution: Execution) -> Outcome {
     let started_at = Instant::now();
+    let mut tracked = crate::health::metrics().track_execution();
     let id = execution.id.clone();
     let command = execution.command.clone();
     let settings = ctx.settings.clone();
@@ -141,6 +142,7 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) -> Outcome {
     let limits = settings.limits.of(&command);
     let completion = match ctx.worker.spawn_limited(&command, &args, output, limits).await {
         Ok(job) => {
+            tracked.job_started();
             entry.pid = Some(job.pid);
             entry.pid_start_time = process_start_time(job.pid);
             if let Some(journal) = journal {
@@ -153,6 +155,7 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) -> Outcome {
             CompleteRequest { exit_code: -1, status: CompletionStatus::Failed }
         }
     };
+    tracked.finished(completion.status);
     outbox.finish(completion).await;
     if let Some(journal) = journal {
         journal.remove(&id);
@@ -263,6 +266,7 @@ fn mask(settings: &ExecutionSettings, text: &str) -> String {
 
 /// The rejection flow: start, one stderr chunk saying why, complete as failed.
 pub async fn reject(ctx: &ExecutionContext, execution: &Execution, rejection: Rejection) -> Outcome {
+    crate::health::metrics().execution_rejected();
     tracing::warn!(rule = %rejection.rule, reason = rejection.reason, "rejected by the runner's policy");
     let message = rejection.render(&execution.command);
     let started = start(ctx, execution).await;

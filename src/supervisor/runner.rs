@@ -357,6 +357,7 @@ impl Runner {
             commands_hash: live.lock_hash().clone(),
         };
         let answer = live.client.heartbeat(&request).await.inspect_err(|e| self.gate.observe(e))?;
+        crate::health::metrics().heartbeat_answered(live.opts.heartbeat_interval);
         if self.gate.set(AuthState::Valid) {
             tracing::info!("authenticated with the control plane");
         }

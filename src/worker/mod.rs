@@ -365,6 +365,7 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
             _ = shared.shutdown.notified() => return,
         };
         connection = start_with_backoff(&shared, &mut restarts, crashed).await;
+        crate::health::metrics().worker_restarted();
         started = tokio::time::Instant::now();
         if shared.stopping.load(Ordering::Acquire) {
             connection.close().await;
@@ -404,7 +405,7 @@ async fn data_corrupting_hazard(connection: &Connection, opts: &WorkerOptions) -
 }
 
 /// A process's resident set size, from /proc.
-fn resident_bytes(pid: u32) -> Option<u64> {
+pub(crate) fn resident_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

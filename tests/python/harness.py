@@ -33,6 +33,9 @@ PUBLISHED_VENV = ROOT / "target" / "published-runner-venv"
 PUBLISHED_PYTHON = PUBLISHED_VENV / "bin" / "python"
 PUBLISHED_VERSION = "0.1.0"
 STOP_GRACE = 10  # seconds between SIGTERM and SIGKILL
+# Figures measured in session fixtures, for the test using the fixture to
+# record (record_property("figure", ...)); conftest.py prints them.
+FIGURES: list[str] = []
 
 
 def target_binary(name: str, profile: str = "debug") -> Path:

@@ -9,11 +9,14 @@ Three layers:
 * ``manage.py djangocommand`` driven against stand-in supervisors (small
   scripts that take the lock as dcsupervisor does), so the process control is
   tested without the Rust build;
-* end to end (marked ``slow``, still part of scripts/test): the wheel built
-  once per session with maturin, installed into a fresh venv with Django from
-  PyPI, a copy of the demo project using it, ``start -d``/``status``/
-  ``restart``/``stop``, an execution through the local control plane, and
-  ``Runner``'s ``run_once()`` and ``run()``.
+* end to end (marked ``slow``, still part of scripts/test): the wheels in
+  $DCSUPERVISOR_TEST_WHEEL_DIR (scripts/test's dev-profile wheel, or
+  scripts/wheels' release set; built here with the dev profile when unset),
+  installed offline into a fresh venv with no cargo on PATH (Django's wheels
+  fetched beforehand), a copy of the demo project using it, ``start -d``/
+  ``status``/``restart``/``stop``, an execution through the local control
+  plane, and ``Runner``'s ``run_once()`` and ``run()``; ``--target`` and
+  ``--user`` installs of the same wheel finding their binary.
 
 The fast layers import the package from ``python/`` (PYTHONPATH); the slow one
 runs the same variant checks again against the installed wheel.
@@ -28,10 +31,11 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from harness import DEMO_DIR, ROOT, ControlPlane, target_binary, wait_for
+from harness import DEMO_DIR, FIGURES, ROOT, ControlPlane, target_binary, wait_for
 
 PACKAGE_SRC = ROOT / "python"
 DEFAULTS = json.loads(
@@ -639,7 +643,15 @@ def test_start_detached_status_stop_with_a_stand_in(fake_site):
         for line in (state / "fake-calls").read_text().splitlines()
     ]
     assert key == API_KEY
-    assert argv[1:] == ["--config", str(state / "dc.toml"), "-v", "run"]
+    log = str(state / "dcsupervisor.log")
+    rotation = ["--log-max-bytes", "10485760", "--log-keep", "5"]
+    assert argv[1:] == [
+        "--config",
+        str(state / "dc.toml"),
+        "-v",
+        *["--log-file", log, *rotation],
+        "run",
+    ]
     assert API_KEY not in (state / "dc.toml").read_text()
 
     again = manage(TEST_PYTHON, project, "start", "-d", env=env)
@@ -730,31 +742,77 @@ def test_foreground_start_becomes_the_supervisor(fake_site):
 # --- end to end: the wheel in a fresh venv ------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def installed_venv(tmp_path_factory) -> Path:
-    """The wheel, built once per session, installed into a fresh venv."""
-    work = tmp_path_factory.mktemp("wheel")
-    build = [TEST_PYTHON, "-m", "pip", "wheel", ROOT, "--no-deps", "-w", work / "dist"]
-    build += ["--disable-pip-version-check", "--quiet"]
-    # maturin from requirements-dev.txt, when there, spares a download per
-    # build; its PEP 517 hooks run the `maturin` executable found on PATH.
+# Where scripts/test (fast profile) or scripts/wheels (release set) put the
+# wheels to test; when unset, the fixture builds one itself (fast profile).
+WHEEL_DIR_ENV = "DCSUPERVISOR_TEST_WHEEL_DIR"
+
+
+def build_test_wheel(out: Path) -> Path:
+    """The wheel, built like scripts/test does: maturin with cargo's dev
+    profile (target/debug, shared with `cargo test`) and stripped, which costs
+    seconds once the tests are built instead of minutes of fat LTO."""
     build_env = child_env(False)
     build_env["PATH"] = os.pathsep.join(
         [str(Path(TEST_PYTHON).parent), build_env["PATH"]]
     )
-    if run([TEST_PYTHON, "-c", "import maturin"], ROOT, build_env).returncode == 0:
-        build.append("--no-build-isolation")
-    result = run(build, ROOT, build_env, timeout=1800)
+    build = [TEST_PYTHON, "-m", "maturin", "build", "--profile", "dev", "--strip"]
+    result = run([*build, "--out", out], ROOT, build_env, timeout=1800)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    (wheel,) = (work / "dist").glob("djangocommand-*.whl")
+    return out
+
+
+def path_without_cargo() -> str:
+    """This PATH minus every directory holding cargo or rustc: the install
+    must not be able to fall back to building from source."""
+    kept = [
+        entry
+        for entry in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)
+        if entry
+        and not any((Path(entry) / tool).exists() for tool in ("cargo", "rustc"))
+    ]
+    return os.pathsep.join(kept)
+
+
+@pytest.fixture(scope="session")
+def wheel_dir(tmp_path_factory) -> Path:
+    """The folder holding the djangocommand wheel under test."""
+    given = os.environ.get(WHEEL_DIR_ENV)
+    if given:
+        wheels = Path(given)
+    else:
+        wheels = build_test_wheel(tmp_path_factory.mktemp("wheels"))
+    assert list(wheels.glob("djangocommand-*.whl")), f"no wheel in {wheels}"
+    return wheels
+
+
+@pytest.fixture(scope="session")
+def installed_venv(tmp_path_factory, wheel_dir) -> Path:
+    """A fresh venv with djangocommand installed from a wheel, offline
+    (`--no-index`), with no Rust toolchain on PATH."""
+    work = tmp_path_factory.mktemp("wheel")
+    wheels = wheel_dir
+    # Django and its dependencies, from the registry (or pip's cache), into a
+    # folder of their own: the install itself then needs no network.
+    deps = work / "deps"
+    download = [TEST_PYTHON, "-m", "pip", "download", "--quiet", "--dest", deps]
+    download += ["--only-binary", ":all:", "--disable-pip-version-check"]
+    result = run([*download, "Django>=4.2"], work, child_env(False), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+
     venv = work / "venv"
     result = run([TEST_PYTHON, "-m", "venv", venv], work, child_env(False))
     assert result.returncode == 0, result.stderr
-    install = [venv / "bin" / "python", "-m", "pip", "install", "--quiet", wheel]
-    result = run(
-        [*install, "--disable-pip-version-check"], work, child_env(False), timeout=600
-    )
+    env = child_env(False, PATH=path_without_cargo())
+    assert shutil.which("cargo", path=env["PATH"]) is None
+    install = [venv / "bin" / "python", "-m", "pip", "install", "--quiet"]
+    install += ["--disable-pip-version-check", "--no-index"]
+    install += ["--find-links", wheels, "--find-links", deps, "djangocommand"]
+    started = time.monotonic()
+    result = run(install, work, env, timeout=600)
+    seconds = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
+    # A figure, not an assertion (no timed assertions): the target is 15 s.
+    FIGURES.append(f"pip install of the wheel: {seconds:.1f} s (target <= 15 s)")
     return venv
 
 
@@ -861,7 +919,9 @@ def assert_key_not_exposed(pid: int, state: Path) -> None:
 
 
 @pytest.mark.slow
-def test_installed_wheel_end_to_end(installed_venv, tmp_path):
+def test_installed_wheel_end_to_end(installed_venv, tmp_path, record_property):
+    for figure in FIGURES:
+        record_property("figure", figure)
     venv_python = installed_venv / "bin" / "python"
     binary = installed_venv / "bin" / "dcsupervisor"
     # Only the runner ships; dccontrol is a development tool.
@@ -979,3 +1039,67 @@ def test_installed_wheel_end_to_end(installed_venv, tmp_path):
         if leftover:
             os.kill(leftover, signal.SIGKILL)
         plane.close()
+
+
+# --- finding the binary -------------------------------------------------------------
+
+FIND_BINARY = "from djangocommand.runner import find_binary; print(find_binary())"
+
+
+def test_missing_binary_error_says_where_it_looked(tmp_path):
+    result = run(
+        [TEST_PYTHON, "-c", FIND_BINARY], tmp_path, child_env(PATH="/usr/bin:/bin")
+    )
+    assert result.returncode == 1
+    assert "RunnerError: cannot find the dcsupervisor executable. Looked in:" in (
+        result.stderr
+    )
+    scripts = run(
+        [TEST_PYTHON, "-c", "import sysconfig; print(sysconfig.get_path('scripts'))"],
+        tmp_path,
+        child_env(),
+    ).stdout.strip()
+    for place in (
+        f"{scripts} (the interpreter's scripts directory)",
+        "(the user scripts directory)",
+        f"{PACKAGE_SRC / 'bin'} (bin/ beside the package (pip --target))",
+        f"{Path(TEST_PYTHON).parent} (beside the interpreter)",
+        "PATH=/usr/bin:/bin",
+        "DCSUPERVISOR_BIN is not set",
+    ):
+        assert place in result.stderr, place
+
+
+def base_python() -> str | None:
+    """The interpreter the test venv was made from, if it has pip: `--user`
+    installs are refused inside a venv."""
+    code = "import sys, os; print(os.path.join(sys.base_prefix, 'bin', 'python3'))"
+    base = run([TEST_PYTHON, "-c", code], ROOT, child_env(False)).stdout.strip()
+    has_pip = run([base, "-m", "pip", "--version"], ROOT, child_env(False))
+    return base if has_pip.returncode == 0 else None
+
+
+@pytest.mark.slow
+def test_binary_found_after_target_and_user_installs(wheel_dir, tmp_path):
+    """pip's --target and --user put the binary where no PATH or interpreter
+    directory points; the package still finds its own."""
+    pip = ["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    pip += ["--no-index", "--no-deps", "--find-links", wheel_dir]
+    target = tmp_path / "target"
+    result = run(
+        [TEST_PYTHON, *pip, "--target", target, "djangocommand"], tmp_path, child_env()
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    env = child_env(False, PYTHONPATH=str(target), PATH="/usr/bin:/bin")
+    found = run([TEST_PYTHON, "-c", FIND_BINARY], tmp_path, env)
+    assert found.stdout.strip() == str(target / "bin" / "dcsupervisor"), found.stderr
+
+    base = base_python()
+    if base is None:
+        pytest.skip("the base interpreter has no pip: --user not tested")
+    user_base = tmp_path / "userbase"
+    env = child_env(False, PYTHONUSERBASE=str(user_base), PATH="/usr/bin:/bin")
+    result = run([base, *pip, "--user", "djangocommand"], tmp_path, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = run([base, "-c", FIND_BINARY], tmp_path, env)
+    assert found.stdout.strip() == str(user_base / "bin" / "dcsupervisor"), found.stderr

@@ -2,7 +2,7 @@
 
 python manage.py djangocommand                  # status
 python manage.py djangocommand start            # foreground: this process becomes dcsupervisor
-python manage.py djangocommand start -d         # background; output in the state directory's log
+python manage.py djangocommand start -d         # background; logs in the state directory (rotated)
 python manage.py djangocommand start -v 2       # more logging (-v 0: errors only)
 python manage.py djangocommand stop [--force]   # SIGTERM (SIGKILL) to the running runner
 python manage.py djangocommand restart [-d]
@@ -64,7 +64,7 @@ class Command(BaseCommand):
             "-d",
             "--detach",
             action="store_true",
-            help="Run in the background; output goes to dcsupervisor.log in the state directory",
+            help="Run in the background; logs go to dcsupervisor.log in the state directory, rotated at 10 MB, 5 old files kept",
         )
         parser.add_argument(
             "-v",
