@@ -34,6 +34,7 @@ use tokio::net::TcpListener;
 
 use crate::supervisor::api::CompletionStatus;
 use crate::supervisor::outbox::LOG_EXTENSION;
+use crate::sync::LockExt as _;
 use crate::worker::Worker;
 
 /// The content type of the OpenMetrics text format, which Prometheus reads.
@@ -193,7 +194,7 @@ impl Metrics {
 
     /// The control plane answered a heartbeat; `interval` is the configured one.
     pub fn heartbeat_answered(&self, interval: Duration) {
-        *self.last_heartbeat.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), interval));
+        *self.last_heartbeat.locked() = Some((Instant::now(), interval));
     }
 
     /// Whether the control plane currently accepts our key.
@@ -207,7 +208,7 @@ impl Metrics {
     }
 
     fn heartbeat(&self) -> Option<(Instant, Duration)> {
-        *self.last_heartbeat.lock().unwrap_or_else(|e| e.into_inner())
+        *self.last_heartbeat.locked()
     }
 
     /// Sets the gauges that are readings of the present, then encodes.

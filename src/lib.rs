@@ -6,12 +6,15 @@
 //! way. [`ipc`] is the language the supervisor and the worker speak;
 //! [`config`] is `dc.toml`; [`backoff`] is the one retry rhythm all of
 //! them use; [`logging`] keeps log lines unforgeable; [`health`] is what
-//! operators' probes and Prometheus read.
+//! operators' probes and Prometheus read; [`procfs`] reads `/proc/<pid>/stat`
+//! and [`sync`] holds locks that survive a panicked holder.
 
 pub mod backoff;
 pub mod config;
 pub mod health;
 pub mod ipc;
 pub mod logging;
+pub mod procfs;
 pub mod supervisor;
+pub mod sync;
 pub mod worker;

@@ -155,8 +155,7 @@ fn invalid_configuration_names_the_field_the_value_and_the_fix() {
 }
 
 fn parent_of(pid: u32) -> u32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+    dcsupervisor::procfs::stat(pid).expect("the process exists").parent
 }
 
 #[tokio::test]

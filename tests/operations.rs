@@ -159,10 +159,7 @@ fn children_of(pid: u32) -> Vec<u32> {
     let mut children = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
-        let parent: Option<u32> =
-            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
-        if parent == Some(pid) {
+        if dcsupervisor::procfs::stat(child).is_some_and(|stat| stat.parent == pid) {
             children.push(child);
         }
     }

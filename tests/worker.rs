@@ -284,11 +284,10 @@ async fn spawn_can_be_chosen_per_command() {
     let worker = Worker::start(opts).await.unwrap();
     let worker_pid = worker.info().unwrap().pid;
     let job = worker.spawn_job("noop", &[], Output::Capture).await.unwrap();
-    let parent = std::fs::read_to_string(format!("/proc/{}/stat", job.pid)).ok();
+    let parent = dcsupervisor::procfs::stat(job.pid).map(|stat| stat.parent);
     assert_eq!(finish(job).await.end, code(0));
     // A spawned job is our child, not the worker's (when we caught it alive).
-    if let Some(stat) = parent {
-        let ppid: u32 = stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    if let Some(ppid) = parent {
         assert_ne!(ppid, worker_pid);
     }
 }

@@ -13,7 +13,7 @@ use dcsupervisor::health;
 use dcsupervisor::supervisor::commands::{commands_hash, synced_commands};
 use dcsupervisor::supervisor::journal::Journal;
 use dcsupervisor::supervisor::runner::Runner;
-use dcsupervisor::supervisor::{control, state, systemd};
+use dcsupervisor::supervisor::{signals, state, systemd};
 use dcsupervisor::worker::{Isolation, Job, JobEnd, Output, Stop, Worker, FORK_HAZARD_FIX};
 use file_rotate::compression::Compression;
 use file_rotate::suffix::AppendCount;
@@ -223,7 +223,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 
 async fn run_runner(config_path: &Path, config: &Config, once: bool) -> Result<ExitCode> {
     let state_dir = state::prepare(&config.runner.state_dir)?;
-    control::survive_file_size_limit().context("cannot handle SIGXFSZ")?;
+    signals::survive_file_size_limit().context("cannot handle SIGXFSZ")?;
     // `once` may run beside a running supervisor; only one may run executions.
     let _lock = if once { None } else { Some(state::InstanceLock::acquire(&state_dir)?) };
     let setup = config.runner_setup()?;
@@ -246,7 +246,7 @@ async fn run_runner(config_path: &Path, config: &Config, once: bool) -> Result<E
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let events = control::listen(config_path.to_path_buf(), config.runner.reload_touch_file.clone())
+    let events = signals::listen(config_path.to_path_buf(), config.runner.reload_touch_file.clone())
         .context("cannot listen for signals")?;
     systemd::spawn_watchdog();
     runner.run(events).await;

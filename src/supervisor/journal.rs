@@ -87,9 +87,7 @@ impl Journal {
 
 /// A process's start time, field 22 of /proc/<pid>/stat.
 pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces; fields resume after ')'.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+    crate::procfs::stat(pid).map(|stat| stat.start_time)
 }
 
 /// Kills the job's process group if the pid is still the job's.

@@ -12,7 +12,7 @@
 //!   [`replay`] (records to chunks, the same every time).
 //! * What may run: [`admission`] (the one pipeline: policy, signature,
 //!   arguments, concurrency), [`commands`] (what is synced, the hash).
-//! * The process: [`control`] (signals and the reload file), [`state`] (the
+//! * The process: [`signals`] (signals and the reload file), [`state`] (the
 //!   state directory and instance lock), [`journal`] (executions in flight,
 //!   for crash recovery), [`systemd`] (notify protocol).
 
@@ -20,7 +20,6 @@ pub mod admission;
 pub mod api;
 pub mod client;
 pub mod commands;
-pub mod control;
 pub mod delivery;
 pub mod execution;
 pub mod journal;
@@ -29,6 +28,7 @@ pub mod output;
 pub mod redact;
 pub mod replay;
 pub mod runner;
+pub mod signals;
 pub mod state;
 pub mod supervise;
 pub mod systemd;

@@ -36,6 +36,7 @@ use super::delivery::{deliver, AuthGate, Message};
 use super::replay::{Pipeline, Shaping};
 use super::systemd;
 use super::wal::{Meta, Record, WalReader};
+use crate::sync::LockExt as _;
 
 /// Held records are offered to the disk again at most this often.
 const RETRY_WRITE_EVERY: Duration = Duration::from_millis(500);
@@ -338,7 +339,7 @@ impl Shared {
     }
 
     fn lock(&self) -> MutexGuard<'_, Log> {
-        self.log.lock().unwrap_or_else(|e| e.into_inner())
+        self.log.locked()
     }
 
     /// Adds a record after every other: to the file if it can, else held.

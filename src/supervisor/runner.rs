@@ -38,6 +38,7 @@ use super::redact::{Redactor, MIN_SECRET_LEN};
 use super::systemd;
 use crate::backoff::Backoff;
 use crate::ipc::CommandInfo;
+use crate::sync::{LockExt as _, RwLockExt as _};
 use crate::worker::{JobError, Worker, WorkerOptions};
 
 /// Retry schedule of the heartbeat after an authentication failure.
@@ -246,7 +247,7 @@ impl Runner {
         add_setting_secrets(&self.worker, &mut setup.settings).await;
         let live = Live::new(setup, &discovered);
         let changed = *live.lock_hash() != *self.live().lock_hash();
-        *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
+        *self.live.write_locked() = Arc::new(live);
         if changed {
             self.heartbeat_now.notify_one();
         }
@@ -556,27 +557,27 @@ impl Runner {
     }
 
     fn live(&self) -> Arc<Live> {
-        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.live.read_locked().clone()
     }
 
     fn lock_discovered(&self) -> std::sync::MutexGuard<'_, Vec<CommandInfo>> {
-        self.discovered.lock().unwrap_or_else(|e| e.into_inner())
+        self.discovered.locked()
     }
 
     fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<ExecutionId, String>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
+        self.running.locked()
     }
 
     fn lock_backlog(&self) -> std::sync::MutexGuard<'_, VecDeque<Execution>> {
-        self.backlog.lock().unwrap_or_else(|e| e.into_inner())
+        self.backlog.locked()
     }
 
     fn lock_pacing(&self) -> std::sync::MutexGuard<'_, Pacing> {
-        self.pacing.lock().unwrap_or_else(|e| e.into_inner())
+        self.pacing.locked()
     }
 
     fn lock_tasks(&self) -> std::sync::MutexGuard<'_, JoinSet<()>> {
-        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+        self.tasks.locked()
     }
 }
 
@@ -656,7 +657,7 @@ impl Live {
     }
 
     fn lock_hash(&self) -> std::sync::MutexGuard<'_, String> {
-        self.hash.lock().unwrap_or_else(|e| e.into_inner())
+        self.hash.locked()
     }
 }
 

@@ -118,10 +118,7 @@ pub fn run_manage_py(db: &TestDb, command: &str, args: &[&str]) -> std::process:
 
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
-        Err(_) => false,
-    }
+    dcsupervisor::procfs::stat(pid).is_some_and(|stat| !stat.is_zombie())
 }
 
 /// Polls until `pid` is gone; true if it went within `limit`.

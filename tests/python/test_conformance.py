@@ -61,7 +61,7 @@ RUN_COMMANDS = ("noop", "noisy", "fail")  # the ones the policy lets run
 STARTUP_LIMIT = 60
 EXECUTIONS_LIMIT = 90
 REQUEST_TIMEOUT = 10  # one call to dccontrol's operator API
-# Both runners' protocol rhythms (PROTOCOL.md).
+# Both runners' protocol rhythms (the published protocol).
 FLUSH_INTERVAL = 1.5
 POLL_INTERVAL = 2.0
 
@@ -233,7 +233,7 @@ def both(published, ours) -> tuple[Capture, Capture]:
 
 
 def commands_hash(commands: list[dict]) -> str:
-    """PROTOCOL.md's commands hash, computed the way the protocol defines it."""
+    """The published protocol's commands hash, computed the way the protocol defines it."""
     canonical = json.dumps(
         sorted(commands, key=lambda c: c["name"]), sort_keys=True, separators=(",", ":")
     )
@@ -248,10 +248,11 @@ def by_name(commands: list[dict]) -> dict[str, dict]:
     return {command["name"]: command for command in commands}
 
 
-# PROTOCOL.md: where the published runner's default lists and SEED-README.md
-# differ, SEED-README.md wins. Its allowlist table names these three, which
-# the published DEFAULT_ALLOWED_COMMANDS leaves out (and its blocklist names
-# dbrestore and loaddata, which SEED-README's blocklist table does not).
+# The published protocol: where the published runner's default lists and the
+# published package README differ, the README wins. Its allowlist table names
+# these three, which the published DEFAULT_ALLOWED_COMMANDS leaves out (and its
+# blocklist names dbrestore and loaddata, which the README's blocklist table
+# does not).
 SEED_README_ONLY_ALLOWED = {"dbrestore", "loaddata", "print_settings"}
 PUBLISHED_ONLY_DISALLOWED = {"dbrestore", "loaddata"}
 
@@ -618,8 +619,8 @@ def test_published_completes_a_flush_interval_after_start(both):
 def test_cancel_status_polling_starts_later(both):
     """The published runner asks at once after `start`, then every 2 s;
     dcsupervisor every 2 s from the start of the command, so a command that
-    ends sooner is never asked about. PROTOCOL.md only says "polled every
-    2 s"; an execution that ends within 2 s leaves nothing to cancel."""
+    ends sooner is never asked about. The published protocol only says "polled
+    every 2 s"; an execution that ends within 2 s leaves nothing to cancel."""
     published, ours = both
     for command in RUN_COMMANDS:
         assert published.kinds(command)[:2] == ["start", "cancel-status"], command

@@ -1,5 +1,5 @@
 //! What each endpoint does, once the request is known to be authentic:
-//! the runner API exactly as PROTOCOL.md describes it, and the operator API.
+//! the runner API exactly as the published protocol (docs/protocol.md) describes it, and the operator API.
 //! Pure functions of (store, method, path, body) → answer; HTTP plumbing,
 //! authentication and faults live in `server`.
 

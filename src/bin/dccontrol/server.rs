@@ -25,6 +25,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 
+use dcsupervisor::sync::LockExt as _;
+
 use crate::reply::Reply;
 use crate::routes::{self, OPERATOR_PREFIX, RUNNER_PREFIX};
 use crate::store::{unix_now, Store};
@@ -50,7 +52,7 @@ impl App {
     fn store(&self) -> MutexGuard<'_, Store> {
         // A panic while holding the lock leaves plain data behind, still
         // usable: better to keep serving than to fail every later request.
-        self.store.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.store.locked()
     }
 
     fn is_authorized(&self, headers: &HeaderMap) -> bool {

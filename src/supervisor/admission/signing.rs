@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Rejection, Rule};
 use crate::supervisor::api::{Execution, ExecutionId};
+use crate::sync::LockExt as _;
 
 /// Seconds an issue time may lie ahead of this host's clock (clock skew).
 pub const MAX_CLOCK_SKEW: i64 = 60;
@@ -213,7 +214,7 @@ struct SeenState {
 impl SeenIds {
     fn for_file(path: &Path) -> Arc<SeenIds> {
         static OPEN: Mutex<BTreeMap<PathBuf, Arc<SeenIds>>> = Mutex::new(BTreeMap::new());
-        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = OPEN.locked();
         let seen = open
             .entry(path.to_path_buf())
             .or_insert_with(|| Arc::new(SeenIds { path: path.to_path_buf(), state: Mutex::new(None) }));
@@ -225,7 +226,7 @@ impl SeenIds {
     fn claim(&self, id: &ExecutionId, issued_at: i64, oldest: i64) -> Result<(), SignatureRefusal> {
         let unrecorded =
             |error: std::io::Error| SignatureRefusal::Unrecorded(format!("{}: {error}", self.path.display()));
-        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.state.locked();
         let state = match &mut *guard {
             Some(state) => state,
             None => guard.insert(self.load(oldest).map_err(unrecorded)?),
@@ -249,7 +250,7 @@ impl SeenIds {
     }
 
     fn forget(&self, id: &ExecutionId) {
-        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.state.locked();
         if let Some(state) = &mut *guard {
             if state.ids.remove(&id.as_str().to_ascii_lowercase()).is_some() {
                 match self.rewrite(&state.ids) {
