@@ -6,26 +6,23 @@
 //! environment overrides the file: `DJANGOCOMMAND_API_KEY` for the key (so
 //! it need not sit in a file), and `DCSUPERVISOR_<SECTION>__<FIELD>` for
 //! anything else (e.g. `DCSUPERVISOR_SERVER__URL`).
+//!
+//! Schema and validation only: what the runner is built from a `Config` is
+//! `supervisor::setup`. This module uses the supervisor's vocabulary it
+//! parses into (policy, argument rules, keys, isolation), never what runs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::ipc::JobLimits;
 use crate::supervisor::admission::arguments::{AllowedOption, ArgumentRules};
-use crate::supervisor::admission::concurrency::{CommandLimit, WhenBusy};
+use crate::supervisor::admission::concurrency::WhenBusy;
 use crate::supervisor::admission::policy::{self, ConfiguredIn, Mode, Policy};
-use crate::supervisor::admission::signing::{self, Signing};
-use crate::supervisor::admission::Admission;
-use crate::supervisor::client::{ApiKey, Client, ClientOptions};
-use crate::supervisor::commands::BoundArgs;
-use crate::supervisor::execution::{CommandLimits, ExecutionSettings};
-use crate::supervisor::redact::{Redactor, MIN_SECRET_LEN};
-use crate::supervisor::runner::{RunnerOptions, RunnerSetup};
-use crate::worker::{Isolation, WorkerOptions};
+use crate::supervisor::admission::signing;
+use crate::supervisor::client::ApiKey;
+use crate::worker::Isolation;
 
 /// The variable that carries the API key (to the supervisor, and to the
 /// worker while Django sets up, since `settings.py` may read it).
@@ -39,7 +36,11 @@ pub enum ConfigError {
     Invalid { field: &'static str, value: String, fix: String },
 }
 
-fn invalid(field: &'static str, value: impl std::fmt::Display, fix: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(
+    field: &'static str,
+    value: impl std::fmt::Display,
+    fix: impl Into<String>,
+) -> ConfigError {
     ConfigError::Invalid { field, value: value.to_string(), fix: fix.into() }
 }
 
@@ -83,7 +84,7 @@ pub struct LimitValues {
 }
 
 impl LimitValues {
-    fn over(self, base: JobLimits) -> JobLimits {
+    pub fn over(self, base: JobLimits) -> JobLimits {
         JobLimits {
             cpu_seconds: self.cpu_seconds.unwrap_or(base.cpu_seconds),
             address_space_bytes: self.memory_mb.map_or(base.address_space_bytes, |mb| mb * 1024 * 1024),
@@ -513,116 +514,6 @@ impl Config {
         self.policy.build()
     }
 
-    pub fn worker_options(&self) -> WorkerOptions {
-        WorkerOptions {
-            python: self.django.python.clone(),
-            project_dir: self.django.project_dir.clone(),
-            settings_module: self.django.settings_module.clone(),
-            env: self
-                .django
-                .env
-                .iter()
-                .filter(|(name, _)| *name != API_KEY_ENV)
-                .map(|(n, v)| (n.clone(), v.clone()))
-                .collect(),
-            setup_env: self.setup_env(),
-            startup_timeout: Duration::from_secs(self.worker.startup_timeout),
-            isolation: self.worker.isolation,
-            spawn_commands: self.worker.spawn_commands.iter().cloned().collect(),
-            recycle_after_jobs: (self.worker.recycle_after_jobs > 0)
-                .then_some(self.worker.recycle_after_jobs),
-            recycle_above_rss: (self.worker.recycle_above_rss_mb > 0)
-                .then_some(self.worker.recycle_above_rss_mb * 1024 * 1024),
-            caller_dir: None,
-        }
-    }
-
-    /// What the worker needs for Django's set-up only: the API key (from
-    /// the supervisor's environment, dc.toml or `django.env`).
-    fn setup_env(&self) -> BTreeMap<String, String> {
-        let key = self.server.api_key.clone().or_else(|| self.django.env.get(API_KEY_ENV).cloned());
-        key.map(|key| (API_KEY_ENV.to_string(), key)).into_iter().collect()
-    }
-
-    pub fn cancel_grace(&self) -> Duration {
-        Duration::from_secs(self.worker.cancel_grace)
-    }
-
-    /// What the control-plane client needs; fails if the key or URL is unusable.
-    pub fn client_options(&self) -> Result<ClientOptions, ConfigError> {
-        let server = self.server.settings()?;
-        Ok(ClientOptions {
-            base_url: server.base_url,
-            api_key: server.api_key,
-            request_timeout: Duration::from_secs(self.server.request_timeout),
-            ca_file: self.server.ca_file.clone(),
-            user_agent: format!("dcsupervisor/{}", env!("CARGO_PKG_VERSION")),
-        })
-    }
-
-    /// The limits of every job and of each named command.
-    pub fn job_limits(&self) -> CommandLimits {
-        let all = self.limits.all.over(JobLimits::default());
-        let commands =
-            self.limits.commands.iter().map(|(name, values)| (name.clone(), values.over(all))).collect();
-        CommandLimits { all, commands }
-    }
-
-    /// Every secret to mask: the listed values and the named variables' values.
-    pub fn redactor(&self) -> Option<Arc<Redactor>> {
-        Redactor::new(self.secrets()).map(Arc::new)
-    }
-
-    /// The secrets known without asking the worker: the listed values and
-    /// the named environment variables' values.
-    /// The API key is always one of them, whatever `[redaction]` says.
-    pub fn secrets(&self) -> Vec<String> {
-        let mut secrets = self.redaction.values.clone();
-        secrets.extend(self.setup_env().into_values().filter(|key| key.len() >= MIN_SECRET_LEN));
-        for name in &self.redaction.from_env {
-            let value = self.django.env.get(name).cloned().or_else(|| std::env::var(name).ok());
-            match value {
-                Some(value) if value.len() >= MIN_SECRET_LEN => secrets.push(value),
-                Some(_) => {
-                    tracing::warn!(variable = %name, "not masking a value shorter than {MIN_SECRET_LEN} characters")
-                }
-                None => {
-                    tracing::warn!(variable = %name, "redaction.from_env names a variable that is not set")
-                }
-            }
-        }
-        secrets
-    }
-
-    pub fn execution_settings(&self) -> Result<ExecutionSettings, ConfigError> {
-        let mut bound_args: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
-        for bound in &self.policy.bound_args {
-            // Validated at load: the split succeeds.
-            let args = shlex::split(&bound.args).unwrap_or_default();
-            bound_args.entry(bound.command.clone()).or_default().push(args);
-        }
-        Ok(ExecutionSettings {
-            admission: Admission {
-                policy: self.policy(),
-                signing: self.signing()?,
-                bound_args,
-                argument_rules: self.argument_rules()?,
-                allow_code_loading_options: self.policy.allow_code_loading_options,
-            },
-            metadata_only: self.policy.metadata_only(),
-            cancel_grace: self.cancel_grace(),
-            cancel_poll_interval: Duration::from_secs(2),
-            start_retries: self.server.max_retries,
-            flush_interval: Duration::from_secs_f64(self.runner.output_flush_interval),
-            chunk_max_bytes: self.runner.chunk_max_bytes,
-            output_cap: (self.runner.output_cap_bytes > 0).then_some(self.runner.output_cap_bytes),
-            redactor: self.redactor(),
-            secrets: self.secrets(),
-            secret_settings: self.redaction.from_django_settings.clone(),
-            limits: self.job_limits(),
-        })
-    }
-
     /// `[[policy.arguments]]` by command (one entry per command).
     pub fn argument_rules(&self) -> Result<BTreeMap<String, ArgumentRules>, ConfigError> {
         let mut rules = BTreeMap::new();
@@ -636,66 +527,6 @@ impl Config {
             }
         }
         Ok(rules)
-    }
-
-    /// The checks of `[policy.signing]`, if it is set.
-    pub fn signing(&self) -> Result<Option<Arc<Signing>>, ConfigError> {
-        let Some(signing) = &self.policy.signing else {
-            return Ok(None);
-        };
-        let key = signing.verifying_key()?;
-        Ok(Some(Arc::new(Signing::new(key, signing.max_age, &self.runner.state_dir))))
-    }
-
-    /// The labelled argument sets synced for bound commands.
-    pub fn bound_args_labels(&self) -> BTreeMap<String, Vec<BoundArgs>> {
-        let mut labels: BTreeMap<String, Vec<BoundArgs>> = BTreeMap::new();
-        for bound in &self.policy.bound_args {
-            let entry = BoundArgs { args: bound.args.clone(), label: bound.label.clone() };
-            labels.entry(bound.command.clone()).or_default().push(entry);
-        }
-        labels
-    }
-
-    /// Everything the runner is built from (and rebuilt from on reload).
-    pub fn runner_setup(&self) -> Result<RunnerSetup, ConfigError> {
-        let client = Client::new(self.client_options()?).map_err(|error| {
-            invalid(
-                "server.ca_file",
-                self.server.ca_file.as_deref().unwrap_or(Path::new("")).display(),
-                error.to_string(),
-            )
-        })?;
-        Ok(RunnerSetup {
-            client,
-            settings: self.execution_settings()?,
-            opts: self.runner_options(),
-            bound_args_labels: self.bound_args_labels(),
-        })
-    }
-
-    pub fn runner_options(&self) -> RunnerOptions {
-        RunnerOptions {
-            runner_version: format!("{}+dcsupervisor", env!("CARGO_PKG_VERSION")),
-            heartbeat_interval: Duration::from_secs(self.server.heartbeat_interval),
-            poll_interval: Duration::from_secs_f64(self.runner.poll_interval),
-            max_concurrent: self.runner.max_concurrent,
-            shutdown_grace: Duration::from_secs(self.runner.shutdown_grace),
-            delivery_deadline: Duration::from_secs(30),
-            state_dir: self.runner.state_dir.clone(),
-            outbox_memory_bytes: self.runner.outbox_memory_bytes,
-            spool_max_bytes: self.runner.spool_max_bytes,
-            state_dir_max_bytes: self.runner.state_dir_max_bytes,
-            command_limits: self
-                .policy
-                .concurrency
-                .iter()
-                .map(|rule| {
-                    let limit = CommandLimit { max_running: rule.max_running, when_busy: rule.when_busy };
-                    (rule.command.clone(), limit)
-                })
-                .collect(),
-        }
     }
 }
 
@@ -956,6 +787,6 @@ mod tests {
             }
         }
         let defaults = load("").unwrap();
-        assert_eq!(defaults.runner_options().poll_interval, Duration::from_secs(2));
+        assert_eq!(defaults.runner.poll_interval, 2.0);
     }
 }

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use dcsupervisor::config::Config;
+use dcsupervisor::supervisor::setup;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dcsupervisor");
 
@@ -141,8 +142,8 @@ fn load_example_config(path: &str, project_dir: &str) -> (Config, tempfile::Temp
 /// The longest orderly stop of a configuration: running executions' grace,
 /// then the cancel grace, then the delivery deadline.
 fn orderly_stop_bound(config: &Config) -> Duration {
-    let opts = config.runner_options();
-    opts.shutdown_grace + config.cancel_grace() + opts.delivery_deadline
+    let opts = setup::runner_options(config);
+    opts.shutdown_grace + setup::cancel_grace(config) + opts.delivery_deadline
 }
 
 fn unit() -> Sections {
@@ -211,7 +212,7 @@ fn unit_file_matches_its_example_config() {
     assert!(stop > bound, "TimeoutStopSec={stop:?} is not above the orderly stop ({bound:?})");
     // The start timeout covers at least the worker's start-up.
     let start = parse_timespan(value(&unit, "Service", "TimeoutStartSec"));
-    assert!(start > config.worker_options().startup_timeout, "TimeoutStartSec={start:?}");
+    assert!(start > setup::worker_options(&config).startup_timeout, "TimeoutStartSec={start:?}");
     // runner.state_dir is the unit's StateDirectory=.
     let state_dir = Path::new("/var/lib").join(value(&unit, "Service", "StateDirectory"));
     assert_eq!(config.runner.state_dir, state_dir);

@@ -9,11 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use dcsupervisor::config::Config;
-use dcsupervisor::health;
 use dcsupervisor::supervisor::commands::{commands_hash, synced_commands};
-use dcsupervisor::supervisor::journal::Journal;
 use dcsupervisor::supervisor::runner::Runner;
-use dcsupervisor::supervisor::{signals, state, systemd};
+use dcsupervisor::supervisor::{self, setup, signals, state};
 use dcsupervisor::worker::{Isolation, Job, JobEnd, Output, Stop, Worker, FORK_HAZARD_FIX};
 use file_rotate::compression::Compression;
 use file_rotate::suffix::AppendCount;
@@ -207,8 +205,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let config = Config::load(&cli.config)
         .with_context(|| format!("configuration {} is not usable", cli.config.display()))?;
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run_runner(&cli.config, &config, false).await,
-        Command::Once => run_runner(&cli.config, &config, true).await,
+        Command::Run => {
+            // SIGTERM and SIGINT stop it (signals.rs): nothing else to wait for.
+            supervisor::serve(&cli.config, std::future::pending()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Once => run_once(&config).await,
         Command::Check => check(&cli.config, &config).await,
         Command::Exec { timeout, command_line } => match command_line.split_first() {
             Some((command, _)) if command.starts_with('-') => {
@@ -221,36 +223,21 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-async fn run_runner(config_path: &Path, config: &Config, once: bool) -> Result<ExitCode> {
-    let state_dir = state::prepare(&config.runner.state_dir)?;
+/// `once`: one heartbeat (and sync), beside a running supervisor if there
+/// is one, so without the instance lock and the journal.
+async fn run_once(config: &Config) -> Result<ExitCode> {
+    state::prepare(&config.runner.state_dir)?;
     signals::survive_file_size_limit().context("cannot handle SIGXFSZ")?;
-    // `once` may run beside a running supervisor; only one may run executions.
-    let _lock = if once { None } else { Some(state::InstanceLock::acquire(&state_dir)?) };
-    let setup = config.runner_setup()?;
-    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
-    let journal =
-        if once { None } else { Some(Journal::open(&state_dir).context("cannot open the journal")?) };
-    let runner = Runner::new(worker.clone(), setup, journal).await.context("command discovery failed")?;
-    if let (Some(addr), false) = (config.runner.health_listen, once) {
-        // The runner spills undelivered output to <state_dir>/spill (runner.rs).
-        let probe = health::Probe { worker: worker.clone(), spill_dir: state_dir.join("outbox") };
-        health::start(addr, probe).await?;
-    }
-    if once {
-        let result = runner.run_once().await;
-        worker.shutdown().await;
-        let answer = result.context("the heartbeat failed")?;
-        println!(
-            "heartbeat ok: commands in sync: {}, pending executions: {}, runner state: {:?}",
-            answer.commands_in_sync, answer.pending_executions, answer.runner_state
-        );
-        return Ok(ExitCode::SUCCESS);
-    }
-    let events = signals::listen(config_path.to_path_buf(), config.runner.reload_touch_file.clone())
-        .context("cannot listen for signals")?;
-    systemd::spawn_watchdog();
-    runner.run(events).await;
-    tracing::info!("stopped");
+    let setup = setup::build(config)?;
+    let worker = Worker::start(setup.worker).await.context("the Python worker did not start")?;
+    let runner = Runner::new(worker.clone(), setup.runner, None).await.context("command discovery failed")?;
+    let result = runner.run_once().await;
+    worker.shutdown().await;
+    let answer = result.context("the heartbeat failed")?;
+    println!(
+        "heartbeat ok: commands in sync: {}, pending executions: {}, runner state: {:?}",
+        answer.commands_in_sync, answer.pending_executions, answer.runner_state
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -286,8 +273,8 @@ fn check_state_dir(dir: &Path) -> bool {
 async fn check(config_path: &Path, config: &Config) -> Result<ExitCode> {
     println!("ok   configuration {} is valid", config_path.display());
     let state_ok = check_state_dir(&config.runner.state_dir);
-    let setup = config.runner_setup().context("the control-plane settings are not usable")?;
-    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
+    let setup = setup::build(config).context("the control-plane settings are not usable")?;
+    let worker = Worker::start(setup.worker).await.context("the Python worker did not start")?;
     if let Some(info) = worker.info() {
         println!(
             "ok   worker started: Python {}, Django {} (pid {})",
@@ -306,7 +293,7 @@ async fn check(config_path: &Path, config: &Config) -> Result<ExitCode> {
         names.join(", ")
     );
     print_fork_hazards(&worker, config).await?;
-    let runner = Runner::new(worker.clone(), setup, None).await.context("command discovery failed")?;
+    let runner = Runner::new(worker.clone(), setup.runner, None).await.context("command discovery failed")?;
     let heartbeat = runner.run_once().await;
     worker.shutdown().await;
     match heartbeat {
@@ -355,7 +342,7 @@ async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u
         eprint!("{}", policy.rejection(command, &refusal).render(command));
         return Ok(ExitCode::from(REFUSED_EXIT_CODE));
     }
-    let mut opts = config.worker_options();
+    let mut opts = setup::worker_options(config);
     if let Some(message) = settings_env_conflict(&opts.settings_module) {
         eprintln!("dcsupervisor: {message}");
         return Ok(ExitCode::from(REFUSED_EXIT_CODE));
@@ -367,7 +354,8 @@ async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u
     // A job asking for other settings runs as a fresh manage.py (Worker::spawn_job).
     let started = worker.spawn_job(command, args, Output::Inherit).await;
     let mut job = started.context("could not start the command")?;
-    let end = wait_interruptibly(&mut job, timeout.map(Duration::from_secs), config.cancel_grace()).await;
+    let end =
+        wait_interruptibly(&mut job, timeout.map(Duration::from_secs), setup::cancel_grace(config)).await;
     worker.shutdown().await;
     if let JobEnd::Lost(reason) = &end {
         eprintln!("dcsupervisor: the command's worker died: {reason}");
@@ -416,7 +404,8 @@ fn settings_env_conflict(settings_module: &str) -> Option<String> {
 }
 
 async fn list_commands(config: &Config, json: bool) -> Result<ExitCode> {
-    let worker = Worker::start(config.worker_options()).await.context("the Python worker did not start")?;
+    let worker =
+        Worker::start(setup::worker_options(config)).await.context("the Python worker did not start")?;
     let discovered = worker.discover().await.context("command discovery failed")?;
     worker.shutdown().await;
     let policy = config.policy();

@@ -28,8 +28,12 @@ pub mod output;
 pub mod redact;
 pub mod replay;
 pub mod runner;
+mod serve;
+pub mod setup;
 pub mod signals;
 pub mod state;
 pub mod supervise;
 pub mod systemd;
 pub mod wal;
+
+pub use serve::{serve, ServeError};

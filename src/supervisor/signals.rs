@@ -3,7 +3,7 @@
 //! reloads it, and so does a change of the optional touch file's
 //! modification time (deploy scripts `touch` it). A reload re-reads dc.toml;
 //! an invalid file is refused with the reason, and the runner goes on with
-//! the configuration it has.
+//! the configuration it has. What is rebuilt is `setup`'s to say.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -14,7 +14,7 @@ use signal_hook_tokio::Signals;
 use tokio::sync::mpsc;
 
 use super::runner::Event;
-use crate::config::Config;
+use super::setup;
 
 const TOUCH_FILE_CHECK: Duration = Duration::from_secs(2);
 
@@ -27,15 +27,18 @@ pub fn survive_file_size_limit() -> std::io::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGXFSZ, hit).map(drop)
 }
 
-/// Starts listening; the returned channel carries the runner's events.
-pub fn listen(config_path: PathBuf, touch_file: Option<PathBuf>) -> std::io::Result<mpsc::Receiver<Event>> {
-    let (events, receiver) = mpsc::channel(8);
+/// Starts listening; what is heard is sent to `events` as runner events.
+pub fn listen(
+    config_path: PathBuf,
+    touch_file: Option<PathBuf>,
+    events: mpsc::Sender<Event>,
+) -> std::io::Result<()> {
     let signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     tokio::spawn(forward_signals(signals, config_path.clone(), events.clone()));
     if let Some(touch_file) = touch_file {
         tokio::spawn(watch_touch_file(touch_file, config_path, events));
     }
-    Ok(receiver)
+    Ok(())
 }
 
 async fn forward_signals(mut signals: Signals, config_path: PathBuf, events: mpsc::Sender<Event>) {
@@ -82,9 +85,8 @@ fn modified(path: &Path) -> Option<SystemTime> {
 
 /// A reload event for a valid configuration; `None` (logged) otherwise.
 fn reload_event(config_path: &Path) -> Option<Event> {
-    let loaded = Config::load(config_path).and_then(|config| Ok((config.runner_setup()?, config)));
-    match loaded {
-        Ok((setup, config)) => Some(Event::Reload(Box::new(setup), Box::new(config.worker_options()))),
+    match setup::load(config_path) {
+        Ok((_, setup)) => Some(Event::Reload(Box::new(setup.runner), Box::new(setup.worker))),
         Err(error) => {
             tracing::error!("reload refused, still running with the previous configuration: {error}");
             // Under Type=notify-reload, systemd waits for the reload to end.
