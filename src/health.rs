@@ -32,7 +32,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::supervisor::api::CompletionStatus;
+use crate::protocol::api::CompletionStatus;
 use crate::supervisor::outbox::LOG_EXTENSION;
 use crate::sync::LockExt as _;
 use crate::worker::Worker;

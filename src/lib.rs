@@ -15,6 +15,7 @@ pub mod health;
 pub mod ipc;
 pub mod logging;
 pub mod procfs;
+pub mod protocol;
 pub mod supervisor;
 pub mod sync;
 pub mod worker;

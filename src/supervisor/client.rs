@@ -28,7 +28,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::api::{self, CancelStatus, ExecutionId};
+use crate::protocol::api::{self, CancelStatus, ExecutionId};
+use crate::protocol::route::{ExecutionAction, Route};
 
 /// Answers above this size are refused rather than buffered.
 pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
@@ -161,33 +162,40 @@ impl Client {
     }
 
     pub async fn heartbeat(&self, body: &api::HeartbeatRequest) -> Result<api::HeartbeatResponse, ApiError> {
-        self.call(Method::POST, api::HEARTBEAT_PATH, Some(body)).await
+        let (method, path) = endpoint(Route::Heartbeat);
+        self.call(method, &path, Some(body)).await
     }
 
     pub async fn sync_commands(&self, body: &api::SyncRequest) -> Result<api::SyncResponse, ApiError> {
-        self.call(Method::POST, api::SYNC_PATH, Some(body)).await
+        let (method, path) = endpoint(Route::Sync);
+        self.call(method, &path, Some(body)).await
     }
 
     pub async fn pending(&self) -> Result<api::PendingResponse, ApiError> {
-        self.call::<(), _>(Method::GET, api::PENDING_PATH, None).await
+        let (method, path) = endpoint(Route::Pending);
+        self.call::<(), _>(method, &path, None).await
     }
 
     /// Any 2xx counts: what `start`, `output` and `complete` answer is not
     /// needed, so a body a proxy mangled does not undo a delivery.
     pub async fn start(&self, id: &ExecutionId) -> Result<(), ApiError> {
-        self.send::<()>(Method::POST, &api::start_path(id), None).await.map(drop)
+        let (method, path) = endpoint(Route::Execution(&id.to_string(), ExecutionAction::Start));
+        self.send::<()>(method, &path, None).await.map(drop)
     }
 
     pub async fn output(&self, id: &ExecutionId, body: &api::OutputRequest) -> Result<(), ApiError> {
-        self.send(Method::POST, &api::output_path(id), Some(body)).await.map(drop)
+        let (method, path) = endpoint(Route::Execution(&id.to_string(), ExecutionAction::Output));
+        self.send(method, &path, Some(body)).await.map(drop)
     }
 
     pub async fn complete(&self, id: &ExecutionId, body: &api::CompleteRequest) -> Result<(), ApiError> {
-        self.send(Method::POST, &api::complete_path(id), Some(body)).await.map(drop)
+        let (method, path) = endpoint(Route::Execution(&id.to_string(), ExecutionAction::Complete));
+        self.send(method, &path, Some(body)).await.map(drop)
     }
 
     pub async fn cancel_status(&self, id: &ExecutionId) -> Result<CancelStatus, ApiError> {
-        self.call::<(), _>(Method::GET, &api::cancel_status_path(id), None).await
+        let (method, path) = endpoint(Route::Execution(&id.to_string(), ExecutionAction::CancelStatus));
+        self.call::<(), _>(method, &path, None).await
     }
 
     /// One attempt whose 2xx answer must parse as `T`.
@@ -285,6 +293,11 @@ impl Client {
             .body(Full::new(body))
             .map_err(|e| ApiError::Request(e.to_string()))
     }
+}
+
+/// The method and path of one runner-API endpoint.
+fn endpoint(route: Route<'_>) -> (Method, String) {
+    (route.method(), route.path())
 }
 
 fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, ClientSetupError> {

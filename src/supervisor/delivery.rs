@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::api::{CompleteRequest, ExecutionId, OutputRequest};
 use super::client::{ApiError, Client};
 use crate::backoff::Backoff;
+use crate::protocol::api::{CompleteRequest, ExecutionId, OutputRequest};
 
 /// The first retry comes soon (most failures are a single odd answer);
 /// later ones double up to the maximum.

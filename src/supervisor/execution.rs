@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::admission::{self, Admission, Rejection};
-use super::api::{CompleteRequest, CompletionStatus, Execution};
 use super::client::Client;
 use super::delivery::AuthGate;
 use super::journal::{kill_leftover, process_start_time, Entry, Journal};
@@ -20,6 +19,7 @@ use super::replay::Shaping;
 use super::supervise::supervise;
 use crate::backoff::Backoff;
 use crate::ipc::JobLimits;
+use crate::protocol::api::{CompleteRequest, CompletionStatus, Execution};
 use crate::worker::{Output, Worker};
 
 /// What metadata-only executions send instead of their output.
@@ -238,7 +238,7 @@ pub async fn recover(
 /// Whether an execution the runner was starting when it stopped is
 /// running on the control plane: `start` again says so (refused: it was;
 /// accepted: it is now). `false` only when the execution is gone.
-async fn started_before(client: &Client, gate: &AuthGate, id: &super::api::ExecutionId) -> bool {
+async fn started_before(client: &Client, gate: &AuthGate, id: &crate::protocol::api::ExecutionId) -> bool {
     let mut backoff = Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         gate.wait_valid().await;

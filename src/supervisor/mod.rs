@@ -17,7 +17,6 @@
 //!   for crash recovery), [`systemd`] (notify protocol).
 
 pub mod admission;
-pub mod api;
 pub mod client;
 pub mod commands;
 pub mod delivery;

@@ -30,12 +30,12 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
-use super::api::{CompleteRequest, CompletionStatus, ExecutionId};
 use super::client::Client;
 use super::delivery::{deliver, AuthGate, Message};
 use super::replay::{Pipeline, Shaping};
 use super::systemd;
 use super::wal::{Meta, Record, WalReader};
+use crate::protocol::api::{CompleteRequest, CompletionStatus, ExecutionId};
 use crate::sync::LockExt as _;
 
 /// Held records are offered to the disk again at most this often.

@@ -14,9 +14,9 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::api::Segment;
 use super::redact::Redactor;
 use super::wal::Carry;
+use crate::protocol::api::Segment;
 
 /// One stream's text not yet sent.
 #[derive(Debug, Default)]

@@ -8,11 +8,11 @@
 
 use std::sync::Arc;
 
-use super::api::{CompleteRequest, OutputRequest, Segment};
 use super::delivery::Message;
 use super::output::{OutputCap, StreamBuffer};
 use super::redact::Redactor;
 use super::wal::{Checkpoint, Meta, Record};
+use crate::protocol::api::{CompleteRequest, OutputRequest, Segment};
 
 /// How an execution's output is shaped into chunks.
 #[derive(Debug, Clone)]
@@ -166,7 +166,7 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::supervisor::api::CompletionStatus;
+    use crate::protocol::api::CompletionStatus;
 
     fn read(stderr: bool, text: &[u8]) -> Record {
         Record::Read { stderr, at: 1.0, bytes: text.to_vec() }

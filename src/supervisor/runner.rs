@@ -27,9 +27,8 @@ use tracing::Instrument as _;
 
 use super::admission::concurrency::{self, CommandLimit, Slot};
 use super::admission::Rejection;
-use super::api::{Execution, ExecutionId, HeartbeatRequest, HeartbeatResponse, RunnerState, SyncRequest};
 use super::client::{ApiError, Client};
-use super::commands::{commands_hash, synced_commands, BoundArgs, SyncedCommand};
+use super::commands::synced_commands;
 use super::delivery::{AuthGate, AuthState};
 use super::execution::{self, ExecutionContext, ExecutionSettings, Outcome};
 use super::journal::Journal;
@@ -38,6 +37,10 @@ use super::redact::{Redactor, MIN_SECRET_LEN};
 use super::systemd;
 use crate::backoff::Backoff;
 use crate::ipc::CommandInfo;
+use crate::protocol::api::{
+    Execution, ExecutionId, HeartbeatRequest, HeartbeatResponse, RunnerState, SyncRequest,
+};
+use crate::protocol::commands::{commands_hash, BoundArgs, SyncedCommand};
 use crate::sync::{LockExt as _, RwLockExt as _};
 use crate::worker::{JobError, Worker, WorkerOptions};
 

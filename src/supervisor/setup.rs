@@ -13,12 +13,12 @@ use super::admission::concurrency::CommandLimit;
 use super::admission::signing::Signing;
 use super::admission::Admission;
 use super::client::{Client, ClientOptions};
-use super::commands::BoundArgs;
 use super::execution::{CommandLimits, ExecutionSettings};
 use super::redact::{Redactor, MIN_SECRET_LEN};
 use super::runner::{RunnerOptions, RunnerSetup};
 use crate::config::{invalid, Config, ConfigError, API_KEY_ENV};
 use crate::ipc::JobLimits;
+use crate::protocol::commands::BoundArgs;
 use crate::worker::WorkerOptions;
 
 /// Everything a (re)start builds from one configuration.

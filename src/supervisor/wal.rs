@@ -15,7 +15,7 @@ use std::io::{self, Read};
 
 use serde::{Deserialize, Serialize};
 
-use super::api::CompleteRequest;
+use crate::protocol::api::CompleteRequest;
 
 /// A frame longer than this is corruption, not a record (reads are 64 KiB).
 pub const MAX_PAYLOAD: usize = 4 * 1024 * 1024;
@@ -215,7 +215,7 @@ fn read_full(source: &mut impl Read, buffer: &mut [u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::supervisor::api::CompletionStatus;
+    use crate::protocol::api::CompletionStatus;
 
     fn records() -> Vec<Record> {
         vec![

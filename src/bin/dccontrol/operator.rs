@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::time::Duration;
 
-use dcsupervisor::supervisor::api::{ExecutionId, InvalidExecutionId};
+use dcsupervisor::protocol::api::{ExecutionId, InvalidExecutionId};
 
 use crate::client::{ClientError, ControlClient};
 use crate::store::unix_now;
@@ -254,7 +254,7 @@ fn age(seconds: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use dcsupervisor::supervisor::api::Segment;
+    use dcsupervisor::protocol::api::Segment;
 
     use super::*;
 

@@ -3,9 +3,10 @@
 //! Pure functions of (store, method, path, body) → answer; HTTP plumbing,
 //! authentication and faults live in `server`.
 
-use dcsupervisor::supervisor::api::{
+use dcsupervisor::protocol::api::{
     CompleteRequest, ExecutionId, HeartbeatRequest, OutputRequest, RunnerState, SyncRequest,
 };
+use dcsupervisor::protocol::route::{ExecutionAction, Route};
 use http::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -20,95 +21,42 @@ use crate::wire::{
 /// Either outcome is an answer; `Err` lets `?` end an endpoint early.
 type Answer = Result<Reply, Reply>;
 
-pub const RUNNER_PREFIX: &str = "/api/runner/";
 pub const OPERATOR_PREFIX: &str = "/api/operator/";
 
-/// The runner API's endpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RunnerRoute<'a> {
-    Heartbeat,
-    Sync,
-    Pending,
-    Execution(&'a str, ExecutionAction),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ExecutionAction {
-    Start,
-    Output,
-    Complete,
-    CancelStatus,
-}
-
-impl<'a> RunnerRoute<'a> {
-    /// Paths end with a slash, as in the hosted service (a Django app); one
-    /// without it is unknown, which catches a runner building paths wrongly.
-    fn parse(path: &'a str) -> Option<Self> {
-        let inner = path.strip_prefix(RUNNER_PREFIX)?.strip_suffix('/')?;
-        let segments: Vec<&str> = inner.split('/').collect();
-        let route = match segments.as_slice() {
-            ["heartbeat"] => Self::Heartbeat,
-            ["commands", "sync"] => Self::Sync,
-            ["pending"] => Self::Pending,
-            ["executions", id, action] => Self::Execution(id, ExecutionAction::parse(action)?),
-            _ => return None,
-        };
-        Some(route)
-    }
-
-    fn endpoint(self) -> Endpoint {
-        match self {
-            Self::Heartbeat => Endpoint::Heartbeat,
-            Self::Sync => Endpoint::Sync,
-            Self::Pending => Endpoint::Pending,
-            Self::Execution(_, ExecutionAction::Start) => Endpoint::Start,
-            Self::Execution(_, ExecutionAction::Output) => Endpoint::Output,
-            Self::Execution(_, ExecutionAction::Complete) => Endpoint::Complete,
-            Self::Execution(_, ExecutionAction::CancelStatus) => Endpoint::CancelStatus,
-        }
-    }
-
-    fn method(self) -> Method {
-        match self {
-            Self::Pending | Self::Execution(_, ExecutionAction::CancelStatus) => Method::GET,
-            _ => Method::POST,
-        }
-    }
-}
-
-impl ExecutionAction {
-    fn parse(segment: &str) -> Option<Self> {
-        Some(match segment {
-            "start" => Self::Start,
-            "output" => Self::Output,
-            "complete" => Self::Complete,
-            "cancel-status" => Self::CancelStatus,
-            _ => return None,
-        })
+/// The fault-matching name of a runner-API endpoint.
+fn endpoint_of(route: Route<'_>) -> Endpoint {
+    match route {
+        Route::Heartbeat => Endpoint::Heartbeat,
+        Route::Sync => Endpoint::Sync,
+        Route::Pending => Endpoint::Pending,
+        Route::Execution(_, ExecutionAction::Start) => Endpoint::Start,
+        Route::Execution(_, ExecutionAction::Output) => Endpoint::Output,
+        Route::Execution(_, ExecutionAction::Complete) => Endpoint::Complete,
+        Route::Execution(_, ExecutionAction::CancelStatus) => Endpoint::CancelStatus,
     }
 }
 
 /// Which endpoint of the runner API `path` is, if any (for matching faults).
 pub fn endpoint(path: &str) -> Option<Endpoint> {
-    RunnerRoute::parse(path).map(RunnerRoute::endpoint)
+    Route::parse(path).map(endpoint_of)
 }
 
 /// A runner-API request that passed authentication and replay checks.
 pub fn runner(store: &mut Store, method: &Method, path: &str, body: &[u8], now: f64) -> Reply {
-    let Some(route) = RunnerRoute::parse(path) else {
+    let Some(route) = Route::parse(path) else {
         return Reply::not_found(method, path);
     };
     if *method != route.method() {
         return method_not_allowed(method);
     }
     let answer = match route {
-        RunnerRoute::Heartbeat => parse_body(body)
+        Route::Heartbeat => parse_body(body)
             .map(|report: HeartbeatRequest| Reply::json(StatusCode::OK, &store.heartbeat(report, now))),
-        RunnerRoute::Sync => {
+        Route::Sync => {
             parse_body(body).map(|sync: SyncRequest| Reply::json(StatusCode::OK, &store.sync(sync.commands)))
         }
-        RunnerRoute::Pending => Ok(Reply::json(StatusCode::OK, &store.pending())),
-        RunnerRoute::Execution(id, action) => execution(store, id, action, body, now),
+        Route::Pending => Ok(Reply::json(StatusCode::OK, &store.pending())),
+        Route::Execution(id, action) => execution(store, id, action, body, now),
     };
     answer.unwrap_or_else(|refusal| refusal)
 }
@@ -228,10 +176,10 @@ mod tests {
     #[test]
     fn runner_paths_are_parsed_strictly() {
         let id = "3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b";
-        assert_eq!(RunnerRoute::parse("/api/runner/heartbeat/"), Some(RunnerRoute::Heartbeat));
+        assert_eq!(Route::parse("/api/runner/heartbeat/"), Some(Route::Heartbeat));
         assert_eq!(
-            RunnerRoute::parse(&format!("/api/runner/executions/{id}/cancel-status/")),
-            Some(RunnerRoute::Execution(id, ExecutionAction::CancelStatus))
+            Route::parse(&format!("/api/runner/executions/{id}/cancel-status/")),
+            Some(Route::Execution(id, ExecutionAction::CancelStatus))
         );
         for unknown in [
             "/api/runner/heartbeat",
@@ -239,7 +187,7 @@ mod tests {
             "/api/runner/executions/x/stop/",
             "/api/runner/executions/../../admin/start/",
         ] {
-            assert_eq!(RunnerRoute::parse(unknown), None, "{unknown}");
+            assert_eq!(Route::parse(unknown), None, "{unknown}");
         }
     }
 

@@ -25,10 +25,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 
+use dcsupervisor::protocol::route::RUNNER_PREFIX;
 use dcsupervisor::sync::LockExt as _;
 
 use crate::reply::Reply;
-use crate::routes::{self, OPERATOR_PREFIX, RUNNER_PREFIX};
+use crate::routes::{self, OPERATOR_PREFIX};
 use crate::store::{unix_now, Store};
 use crate::wire::{FaultSpec, LoggedRequest};
 

@@ -10,12 +10,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dcsupervisor::supervisor::admission::signing;
-use dcsupervisor::supervisor::api::{
+use dcsupervisor::protocol::api::{
     CancelStatus, CompleteRequest, Execution, ExecutionId, HeartbeatRequest, HeartbeatResponse,
     OutputRequest, PendingResponse, RunnerState, Segment, SyncResponse,
 };
-use dcsupervisor::supervisor::commands::{commands_hash, SyncedCommand};
+use dcsupervisor::protocol::commands::{commands_hash, SyncedCommand};
+use dcsupervisor::supervisor::admission::signing;
 use ed25519_dalek::SigningKey;
 
 use crate::wire::{
@@ -394,7 +394,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use dcsupervisor::supervisor::api::CompletionStatus;
+    use dcsupervisor::protocol::api::CompletionStatus;
     use serde_json::json;
 
     use super::*;

@@ -4,14 +4,14 @@
 //! (`operator`), so both sides always agree on the field names.
 //!
 //! The runner API's bodies are not here: they are the library's
-//! `dcsupervisor::supervisor::api` types, the same ones the runner sends.
+//! `dcsupervisor::protocol::api` types, the same ones the runner sends.
 
 use std::collections::BTreeMap;
 
-use dcsupervisor::supervisor::api::{
+use dcsupervisor::protocol::api::{
     CompletionStatus, ExecutionId, RunnerState, Segment, DEFAULT_EXECUTION_TIMEOUT,
 };
-use dcsupervisor::supervisor::commands::SyncedCommand;
+use dcsupervisor::protocol::commands::SyncedCommand;
 use serde::{Deserialize, Serialize};
 
 /// `POST /api/operator/executions`: queue a command for the runner.
@@ -312,7 +312,7 @@ pub enum Endpoint {
 }
 
 fn every_runner_path() -> String {
-    "/api/runner/".into()
+    dcsupervisor::protocol::route::RUNNER_PREFIX.into()
 }
 
 /// `POST /api/operator/inject-pending`: raw entries the next `/pending/`

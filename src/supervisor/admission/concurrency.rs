@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::{Rejection, Rule};
-use crate::supervisor::api::ExecutionId;
+use crate::protocol::api::ExecutionId;
 
 /// At most `max_running` executions of a command at once on this runner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,8 +24,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use self::arguments::ArgumentRules;
 use self::policy::Policy;
 use self::signing::Signing;
-use super::api::{Execution, ExecutionId};
 use crate::ipc::ParseOutcome;
+use crate::protocol::api::{Execution, ExecutionId};
 use crate::worker::Worker;
 
 /// The longest `args` string an execution may have (a management command's

@@ -22,7 +22,7 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use super::{Rejection, Rule};
-use crate::supervisor::api::{Execution, ExecutionId};
+use crate::protocol::api::{Execution, ExecutionId};
 use crate::sync::LockExt as _;
 
 /// Seconds an issue time may lie ahead of this host's clock (clock skew).

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tracing::Instrument as _;
 
 use crate::backoff::Backoff;
-use crate::supervisor::api::ExecutionId;
+use crate::protocol::api::ExecutionId;
 use crate::supervisor::client::Client;
 use crate::supervisor::delivery::AuthGate;
 

@@ -14,10 +14,10 @@ use std::time::Duration;
 use self::cancel::CancelPoller;
 use self::pump::Pump;
 use self::stopper::{StopReason, StopTriggers};
-use super::api::{CompleteRequest, CompletionStatus};
 use super::execution::ExecutionContext;
 use super::outbox::Outbox;
 use crate::ipc::{ExitStatus, JobLimits};
+use crate::protocol::api::{CompleteRequest, CompletionStatus};
 use crate::worker::{Job, JobEnd};
 
 /// Output still arriving this long after the command ended is abandoned (a

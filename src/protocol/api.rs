@@ -1,4 +1,5 @@
-//! The JSON bodies of the DjangoCommand runner API (see docs/protocol.md):
+//! The JSON bodies of the DjangoCommand runner API (see docs/protocol.md;
+//! the paths are [`super::route`]):
 //! the one definition of the wire messages, used by the runner's client and
 //! by `dccontrol`, the local control plane.
 //!
@@ -9,23 +10,6 @@
 use serde::{Deserialize, Serialize};
 
 use super::commands::SyncedCommand;
-
-pub const HEARTBEAT_PATH: &str = "/api/runner/heartbeat/";
-pub const SYNC_PATH: &str = "/api/runner/commands/sync/";
-pub const PENDING_PATH: &str = "/api/runner/pending/";
-
-pub fn start_path(id: &ExecutionId) -> String {
-    format!("/api/runner/executions/{id}/start/")
-}
-pub fn output_path(id: &ExecutionId) -> String {
-    format!("/api/runner/executions/{id}/output/")
-}
-pub fn complete_path(id: &ExecutionId) -> String {
-    format!("/api/runner/executions/{id}/complete/")
-}
-pub fn cancel_status_path(id: &ExecutionId) -> String {
-    format!("/api/runner/executions/{id}/cancel-status/")
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatRequest {
