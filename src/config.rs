@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::ipc::JobLimits;
+use crate::protocol::signed;
 use crate::supervisor::admission::arguments::{AllowedOption, ArgumentRules};
 use crate::supervisor::admission::concurrency::WhenBusy;
 use crate::supervisor::admission::policy::{self, ConfiguredIn, Mode, Policy};
@@ -200,7 +201,7 @@ fn default_max_age() -> u64 {
 
 impl SigningConfig {
     pub fn verifying_key(&self) -> Result<ed25519_dalek::VerifyingKey, ConfigError> {
-        signing::parse_public_key(&self.public_key).map_err(|error| {
+        signed::parse_public_key(&self.public_key).map_err(|error| {
             invalid(
                 "policy.signing.public_key",
                 format!("{:?} ({error})", self.public_key),

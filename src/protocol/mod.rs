@@ -4,10 +4,10 @@
 //! * [`api`] — the JSON bodies of every request and answer.
 //! * [`route`] — the endpoints' paths and methods.
 //! * [`commands`] — the command catalog and its hash.
-//!
-//! The signed-message format of `[policy.signing]` is
-//! `supervisor::admission::signing` (the check and its canonical message).
+//! * [`signed`] — the signed-message format of `[policy.signing]` and its keys
+//!   (the runner's check is `supervisor::admission::signing`).
 
 pub mod api;
 pub mod commands;
 pub mod route;
+pub mod signed;

@@ -21,7 +21,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use dcsupervisor::supervisor::admission::signing;
+use dcsupervisor::protocol::signed;
 use ed25519_dalek::SigningKey;
 
 use crate::client::ControlClient;
@@ -170,7 +170,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     anyhow::ensure!(!args.api_key.is_empty(), "the API key must not be empty");
     let signing_key = args.signing_key.as_deref().map(read_signing_key).transpose()?;
     if let Some(key) = &signing_key {
-        let public = signing::encode_public_key(&key.verifying_key());
+        let public = signed::encode_public_key(&key.verifying_key());
         tracing::info!("signing executions; the runner pins [policy.signing] public_key = {public:?}");
     }
     server::serve(args.listen, args.api_key, signing_key).await?;
@@ -180,7 +180,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
 fn read_signing_key(path: &Path) -> anyhow::Result<SigningKey> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the signing key {}", path.display()))?;
-    signing::parse_secret_seed(&text).with_context(|| {
+    signed::parse_secret_seed(&text).with_context(|| {
         format!(
             "{} is not a signing key (the base64 of a 32-byte seed; `dccontrol keygen` writes one)",
             path.display()
@@ -203,9 +203,9 @@ fn keygen(path: &Path) -> anyhow::Result<u8> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot create {}", path.display()))?;
-    writeln!(file, "{}", signing::encode_secret_seed(&key))
+    writeln!(file, "{}", signed::encode_secret_seed(&key))
         .with_context(|| format!("cannot write {}", path.display()))?;
-    println!("{}", signing::encode_public_key(&key.verifying_key()));
+    println!("{}", signed::encode_public_key(&key.verifying_key()));
     Ok(0)
 }
 

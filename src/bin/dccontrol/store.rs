@@ -15,7 +15,7 @@ use dcsupervisor::protocol::api::{
     OutputRequest, PendingResponse, RunnerState, Segment, SyncResponse,
 };
 use dcsupervisor::protocol::commands::{commands_hash, SyncedCommand};
-use dcsupervisor::supervisor::admission::signing;
+use dcsupervisor::protocol::signed;
 use ed25519_dalek::SigningKey;
 
 use crate::wire::{
@@ -138,7 +138,7 @@ impl ExecutionRecord {
         };
         if let Some(key) = key {
             let issued_at = self.created_at as i64;
-            execution.signature = Some(signing::sign(key, &execution, issued_at));
+            execution.signature = Some(signed::sign(key, &execution, issued_at));
             execution.issued_at = Some(issued_at);
         }
         let mut entry = serde_json::to_value(&execution).expect("an execution serializes");
@@ -517,7 +517,8 @@ mod tests {
         assert_eq!(entry["issued_at"], 1);
         let execution: Execution = serde_json::from_value(entry).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let checks = signing::Signing::new(key.verifying_key(), 300, dir.path());
+        let checks =
+            dcsupervisor::supervisor::admission::signing::Signing::new(key.verifying_key(), 300, dir.path());
         assert_eq!(checks.accept(&execution, 2), Ok(()));
 
         // A chosen id, and fields replaced after signing.
