@@ -3,7 +3,8 @@
 //! Data flows one way: the control plane queues executions, the
 //! [`supervisor`] decides what may run and schedules it, the [`worker`] runs
 //! it in a fork of a preloaded Django process, and output flows back the same
-//! way. [`ipc`] is the language the supervisor and the worker speak;
+//! way. [`protocol`] is the runner API the supervisor and the control plane
+//! share; [`ipc`] is the language the supervisor and the worker speak;
 //! [`config`] is `dc.toml`; [`backoff`] is the one retry rhythm all of
 //! them use; [`logging`] keeps log lines unforgeable; [`health`] is what
 //! operators' probes and Prometheus read; [`procfs`] reads `/proc/<pid>/stat`
