@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use common::plane::{output, status_and_code, ControlPlane, Supervisor, LIMIT};
+use common::plane::{demo_config, output, status_and_code, ControlPlane, Supervisor, LIMIT};
 use nix::sys::signal::Signal;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,4 +265,29 @@ async fn systemd_hears_ready_reloading_and_stopping() {
         );
     }
     let _ = quiet.terminate(LIMIT).await;
+}
+
+/// `supervisor::serve` is the whole of `dcsupervisor run`, callable
+/// in-process: its shutdown future stops it as SIGTERM would, letting the
+/// running execution finish and deliver first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_in_process_until_its_shutdown_future_resolves() {
+    let plane = ControlPlane::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = common::TestDb::new();
+    let config = dir.path().join("dc.toml");
+    common::write_file(&config, &demo_config(&plane.url, &common::demo_project(), &db, "", ""));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async {
+        let _ = stopped.await;
+    };
+    let serving = tokio::spawn(async move { dcsupervisor::supervisor::serve(&config, shutdown).await });
+    let id = plane.queue("sleep", "1").await;
+    plane.wait_status(&id, LIMIT, |s| s == "running").await;
+    stop.send(()).unwrap();
+    let served = tokio::time::timeout(LIMIT, serving).await.expect("serve returned").unwrap();
+    assert!(served.is_ok(), "{served:?}");
+    let done = plane.execution(&id).await;
+    assert_eq!(status_and_code(&done), ("success".into(), 0), "finished and delivered before serve returned");
+    assert_eq!(output(&done, false), "sleeping 1\ndone\n");
 }

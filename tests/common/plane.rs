@@ -174,6 +174,20 @@ pub struct Supervisor {
 const FAST: &str = "[runner]\npoll_interval = 0.1\noutput_flush_interval = 0.2\n";
 const DEMO_COMMANDS: &str = r#"add_allowed_commands = ["noop", "sleep", "noisy", "fail", "exit_with", "spin", "grandchild", "bad_utf8", "boom", "prompt", "hello", "say", "hog", "chaos"]"#;
 
+/// The dc.toml a [`Supervisor`] runs: `project` (the demo's commands
+/// allowed) against `url`; `policy` and `extra` as for [`Supervisor::start`].
+pub fn demo_config(url: &str, project: &std::path::Path, db: &TestDb, policy: &str, extra: &str) -> String {
+    let runner = if extra.contains("[runner]") { String::new() } else { FAST.to_string() };
+    format!(
+        "[server]\nurl = {url:?}\napi_key = {KEY:?}\nheartbeat_interval = 5\nrequest_timeout = 5\n\n\
+         [django]\nproject_dir = {project:?}\nsettings_module = \"demo_project.settings\"\npython = {python:?}\n\
+         env = {{ DEMO_DB_PATH = {db:?} }}\n\n[policy]\n{DEMO_COMMANDS}\n{policy}\n\n{runner}\n{extra}\n",
+        project = project.display().to_string(),
+        python = python().display().to_string(),
+        db = db.path().display().to_string(),
+    )
+}
+
 impl Supervisor {
     /// `policy` and `extra` are TOML appended to the [policy] section and
     /// to the file (`extra` may replace the fast [runner] defaults).
@@ -203,16 +217,7 @@ impl Supervisor {
 
     /// Rewrites dc.toml (takes effect on the next start or reload).
     pub fn write_config(&self, policy: &str, extra: &str) {
-        let runner = if extra.contains("[runner]") { String::new() } else { FAST.to_string() };
-        let config = format!(
-            "[server]\nurl = {url:?}\napi_key = {KEY:?}\nheartbeat_interval = 5\nrequest_timeout = 5\n\n\
-             [django]\nproject_dir = {project:?}\nsettings_module = \"demo_project.settings\"\npython = {python:?}\n\
-             env = {{ DEMO_DB_PATH = {db:?} }}\n\n[policy]\n{DEMO_COMMANDS}\n{policy}\n\n{runner}\n{extra}\n",
-            url = self.url,
-            project = self.project.display().to_string(),
-            python = python().display().to_string(),
-            db = self.db.path().display().to_string(),
-        );
+        let config = demo_config(&self.url, &self.project, &self.db, policy, extra);
         super::write_file(&self.config_path(), &config);
     }
 
