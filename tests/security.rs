@@ -347,16 +347,16 @@ async fn the_state_directory_and_everything_in_it_is_private() {
     let mut runner = Supervisor::start(&plane.url, "", "");
     assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
     let state = runner.dir.path().join(".dcsupervisor");
-    assert!(state.join("journal").is_dir() && state.join("spill").is_dir());
+    assert!(state.join("journal").is_dir() && state.join("outbox").is_dir());
     assert_eq!(not_private(&state), Vec::<String>::new());
 
     // What an older version left wide open is narrowed at the next start.
     assert_eq!(runner.terminate(LIMIT).await, Some(0));
-    for (path, mode) in [(state.join("journal"), 0o755), (state.join("spill"), 0o755)] {
+    for (path, mode) in [(state.join("journal"), 0o755), (state.join("outbox"), 0o755)] {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
-    std::fs::write(state.join("spill/old.jsonl"), "").unwrap();
-    std::fs::set_permissions(state.join("spill/old.jsonl"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(state.join("outbox/old.jsonl"), "").unwrap();
+    std::fs::set_permissions(state.join("outbox/old.jsonl"), std::fs::Permissions::from_mode(0o644)).unwrap();
     runner.restart();
     wait_for_log_count(&runner, "worker ready", 2).await;
     assert_eq!(not_private(&state), Vec::<String>::new());
