@@ -162,6 +162,9 @@ while data := sock.recv(65536):
         if request == "Discover":
             noop = {"name": "noop", "app_label": "demo", "help_text": ""}
             w.send_frame(sock, "Event", {"Commands": {"commands": [noop]}})
+        elif "InspectFork" in request:
+            inspected = {"request": request["InspectFork"]["request"], "hazards": []}
+            w.send_frame(sock, "Event", {"ForkHazards": inspected})
         elif "Run" in request:
             pid = {"supervisor": os.getppid(), "itself": os.getpid()}[os.environ["STANDIN_JOB_PID"]]
             w.send_frame(sock, "Event", {"JobStarted": {"job": request["Run"]["job"], "pid": pid}})
@@ -355,8 +358,12 @@ async fn the_state_directory_and_everything_in_it_is_private() {
     for (path, mode) in [(state.join("journal"), 0o755), (state.join("outbox"), 0o755)] {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
-    std::fs::write(state.join("outbox/old.jsonl"), "").unwrap();
-    std::fs::set_permissions(state.join("outbox/old.jsonl"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(state.join("left-by-an-older-version.log"), "").unwrap();
+    std::fs::set_permissions(
+        state.join("left-by-an-older-version.log"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     runner.restart();
     wait_for_log_count(&runner, "worker ready", 2).await;
     assert_eq!(not_private(&state), Vec::<String>::new());

@@ -13,9 +13,7 @@ use dcsupervisor::supervisor::commands::{commands_hash, synced_commands};
 use dcsupervisor::supervisor::journal::Journal;
 use dcsupervisor::supervisor::runner::Runner;
 use dcsupervisor::supervisor::{control, state, systemd};
-use dcsupervisor::worker::{
-    other_setup_asked, Isolation, Job, JobEnd, Output, Stop, Worker, FORK_HAZARD_FIX,
-};
+use dcsupervisor::worker::{Isolation, Job, JobEnd, Output, Stop, Worker, FORK_HAZARD_FIX};
 use nix::sys::signal::Signal;
 use tracing_subscriber::EnvFilter;
 
@@ -315,16 +313,9 @@ async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u
     // As `python manage.py` run here: the caller's directory, and the
     // caller's own stdin, stdout and stderr (no copy in between).
     opts.caller_dir = Some(std::env::current_dir().context("the current directory is not usable")?);
-    let other_setup = other_setup_asked(args, &opts.settings_module);
     let worker = Worker::start(opts).await.context("the Python worker did not start")?;
-    let started = match &other_setup {
-        // The preloaded worker has one set-up; this job asks for another.
-        Some(asked) => {
-            tracing::info!("{asked}: running the command as a fresh manage.py");
-            worker.spawn_subprocess(command, args, Output::Inherit).await
-        }
-        None => worker.spawn_job(command, args, Output::Inherit).await,
-    };
+    // A job asking for other settings runs as a fresh manage.py (Worker::spawn_job).
+    let started = worker.spawn_job(command, args, Output::Inherit).await;
     let mut job = started.context("could not start the command")?;
     let end = wait_interruptibly(&mut job, timeout.map(Duration::from_secs), config.cancel_grace()).await;
     worker.shutdown().await;

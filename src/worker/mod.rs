@@ -235,6 +235,13 @@ impl Worker {
             return subprocess::start(&opts, id, command, args, outputs, limits)
                 .map_err(JobError::Subprocess);
         }
+        // The preloaded worker has one set-up; a job asking for another
+        // (`--settings`, `--pythonpath`) runs exactly as manage.py would.
+        if let Some(asked) = other_setup_asked(args, &opts.settings_module) {
+            tracing::info!(job = id, "{asked}: {command} runs as a fresh manage.py, not forked");
+            return subprocess::start(&opts, id, command, args, outputs, limits)
+                .map_err(JobError::Subprocess);
+        }
         let connection = self.connection().await?;
         if let Some(hazard) = data_corrupting_hazard(&connection, &opts).await {
             tracing::warn!(
@@ -250,21 +257,6 @@ impl Worker {
         let (pid, end) = connection.run(id, command, args, limits, stdio).await?;
         self.count_job_for_recycling();
         Ok(Job::new(id, pid, (stdout, stderr), end, Control::Worker(connection)))
-    }
-
-    /// Starts `command` as a fresh `python manage.py` subprocess whatever the
-    /// isolation mode: for a job that must not run in the preloaded worker
-    /// (other settings asked for, or a fork hazard that would corrupt data).
-    pub async fn spawn_subprocess(
-        &self,
-        command: &str,
-        args: &[String],
-        output: Output,
-    ) -> Result<Job, JobError> {
-        let id = self.shared.next_job.fetch_add(1, Ordering::Relaxed);
-        let outputs = JobOutputs::new(output).map_err(JobError::Pipes)?;
-        subprocess::start(&self.shared.opts(), id, command, args, outputs, JobLimits::default())
-            .map_err(JobError::Subprocess)
     }
 
     /// Starts a fresh worker for new jobs; the current one finishes its jobs

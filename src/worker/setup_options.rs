@@ -1,7 +1,7 @@
 //! Which job arguments ask Django for another set-up than the preloaded
 //! worker's: `--settings` naming another module, or `--pythonpath`. Such a
 //! job must not run in the worker (it would silently run on the worker's
-//! settings); `exec` runs it as a fresh `manage.py`, and the worker's child
+//! settings); the worker runs it as a fresh `manage.py`, and the worker's child
 //! refuses it as a last line of defence.
 //!
 //! The check reads the arguments as text and errs on the safe side: argparse
