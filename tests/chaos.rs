@@ -123,10 +123,16 @@ fn fault_kind(rng: &mut fastrand::Rng) -> Value {
 /// Sets the runner's file size limit (None: unlimited). A runner that is
 /// gone meanwhile is not an error.
 fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
-    let limit =
-        libc::rlimit { rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY), rlim_max: libc::RLIM_INFINITY };
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a null new limit only reads the current one into `old`.
+    unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, std::ptr::null(), &mut old) };
+    // The hard limit stays as it is: raising the soft one again needs no privilege.
+    let soft = bytes.map_or(old.rlim_max, |bytes| bytes.min(old.rlim_max));
+    let limit = libc::rlimit { rlim_cur: soft, rlim_max: old.rlim_max };
     // SAFETY: prlimit reads `limit` and writes nothing (null old-limit pointer).
-    let _ = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+    let result =
+        unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+    let _ = result; // the runner may be gone meanwhile
 }
 
 #[derive(Default, Debug)]
