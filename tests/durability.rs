@@ -51,6 +51,20 @@ async fn wait_job_ended(plane: &ControlPlane, runner: &Supervisor, id: &str) {
     }
 }
 
+/// Waits until the output log of `id` holds `needle`.
+async fn wait_for_record(runner: &Supervisor, id: &str, needle: &[u8]) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !std::fs::read(log_path(runner, id)).unwrap_or_default().windows(needle.len()).any(|w| w == needle)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?} never reached the log of {id}",
+            String::from_utf8_lossy(needle)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The bodies of every `complete` request the runner made for `id`.
 async fn completions(plane: &ControlPlane, id: &str) -> Vec<Value> {
     let suffix = format!("{id}/complete/");
@@ -119,12 +133,10 @@ async fn after_kill_9_a_restart_sends_the_rest_in_order_and_exactly_one_completi
     let ended = plane.queue("noisy", "--lines 300 --flush").await;
     let running = plane.queue("sleep", "30").await;
     wait_job_ended(&plane, &runner, &ended).await;
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while !std::fs::read(log_path(&runner, &running)).unwrap_or_default().windows(8).any(|w| w == b"sleeping")
-    {
-        assert!(tokio::time::Instant::now() < deadline, "the long command printed nothing");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The job's exit is in its log (a moment after the process ended): only
+    // then is there a real completion for the restart to send.
+    wait_for_record(&runner, &ended, br#""kind":"end""#).await;
+    wait_for_record(&runner, &running, b"sleeping").await;
     runner.signal(Signal::SIGKILL);
     assert!(runner.wait_exit(LIMIT).await.is_none() || !runner.is_running());
 
