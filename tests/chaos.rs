@@ -120,21 +120,6 @@ fn fault_kind(rng: &mut fastrand::Rng) -> Value {
     }
 }
 
-/// Sets the runner's file size limit (None: unlimited). A runner that is
-/// gone meanwhile is not an error.
-fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
-    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: a null new limit only reads the current one into `old`.
-    unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, std::ptr::null(), &mut old) };
-    // The hard limit stays as it is: raising the soft one again needs no privilege.
-    let soft = bytes.map_or(old.rlim_max, |bytes| bytes.min(old.rlim_max));
-    let limit = libc::rlimit { rlim_cur: soft, rlim_max: old.rlim_max };
-    // SAFETY: prlimit reads `limit` and writes nothing (null old-limit pointer).
-    let result =
-        unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
-    let _ = result; // the runner may be gone meanwhile
-}
-
 #[derive(Default, Debug)]
 struct Figures {
     faults: usize,
@@ -223,12 +208,12 @@ async fn chaos() {
         let now = Instant::now();
         let restart_due = restarts_due.peek().is_some_and(|&due| EXECUTIONS - pending - running >= due);
         if full_until.is_some_and(|until| now >= until || restart_due) {
-            set_file_size_limit(runner.pid(), None);
+            common::set_file_size_limit(runner.pid(), None);
             full_until = None;
             freed_at = now;
         }
         if full_until.is_none() && now >= next_fill && !restart_due && !draining {
-            set_file_size_limit(runner.pid(), Some(4096));
+            common::set_file_size_limit(runner.pid(), Some(4096));
             figures.disk_fills += 1;
             full_until = Some(now + DISK_FULL_FOR);
             next_fill = now + DISK_FULL_EVERY;
@@ -244,7 +229,7 @@ async fn chaos() {
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    set_file_size_limit(runner.pid(), None);
+    common::set_file_size_limit(runner.pid(), None);
     plane.clear_faults().await;
 
     let requests = plane.requests().await;

@@ -84,21 +84,6 @@ async fn assert_one_completion(plane: &ControlPlane, id: &str, status: &str) {
     assert!(sent.iter().all(|c| c["status"] == status), "contradicting completions: {sent:?}");
 }
 
-/// Sets the runner's file size limit (None: unlimited), like a disk that
-/// fills (writes fail with EFBIG, possibly half-way) and frees.
-fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
-    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: a null new limit only reads the current one into `old`.
-    unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, std::ptr::null(), &mut old) };
-    // The hard limit stays as it is: raising the soft one again needs no privilege.
-    let soft = bytes.map_or(old.rlim_max, |bytes| bytes.min(old.rlim_max));
-    let limit = libc::rlimit { rlim_cur: soft, rlim_max: old.rlim_max };
-    // SAFETY: prlimit reads `limit` and writes nothing (null old-limit pointer).
-    let result =
-        unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
-    assert_eq!(result, 0, "prlimit: {}", std::io::Error::last_os_error());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_output_fails_keeps_every_line_and_the_real_exit() {
     let plane = ControlPlane::start();
@@ -178,7 +163,7 @@ async fn a_full_disk_holds_output_in_memory_in_order_and_writes_it_when_space_re
     output_outage(&plane).await;
     // Room for the runner's own log to grow a little, not for the output.
     let room = std::fs::metadata(runner.log_path()).unwrap().len() + 48 * 1024;
-    set_file_size_limit(runner.pid(), Some(room));
+    assert!(common::set_file_size_limit(runner.pid(), Some(room)), "prlimit");
     let id = plane.queue("noisy", "--lines 4000 --flush").await;
     runner.wait_for_log("cannot write output logs in the state directory", LIMIT).await;
     let status = degraded.join().unwrap();
@@ -186,7 +171,7 @@ async fn a_full_disk_holds_output_in_memory_in_order_and_writes_it_when_space_re
     wait_job_ended(&plane, &runner, &id).await;
     assert!(std::fs::metadata(log_path(&runner, &id)).unwrap().len() <= room);
 
-    set_file_size_limit(runner.pid(), None);
+    assert!(common::set_file_size_limit(runner.pid(), None), "prlimit");
     runner.wait_for_log("the state directory takes writes again", LIMIT).await;
     // Everything held is on disk now, after the cut-off torn record: a
     // runner killed here loses nothing.
