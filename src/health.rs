@@ -393,9 +393,9 @@ mod tests {
     }
 
     #[test]
-    fn spill_bytes_count_only_spill_files() {
+    fn spill_bytes_count_only_output_logs() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("a.jsonl"), b"12345").unwrap();
+        std::fs::write(dir.path().join("a.wal"), b"12345").unwrap();
         std::fs::write(dir.path().join("journal.json"), b"1234567890").unwrap();
         assert_eq!(spilled_bytes(dir.path()), 5);
         assert_eq!(spilled_bytes(&dir.path().join("missing")), 0);

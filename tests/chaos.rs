@@ -120,15 +120,6 @@ fn fault_kind(rng: &mut fastrand::Rng) -> Value {
     }
 }
 
-/// Sets the runner's file size limit (None: unlimited). A runner that is
-/// gone meanwhile is not an error.
-fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
-    let limit =
-        libc::rlimit { rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY), rlim_max: libc::RLIM_INFINITY };
-    // SAFETY: prlimit reads `limit` and writes nothing (null old-limit pointer).
-    let _ = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
-}
-
 #[derive(Default, Debug)]
 struct Figures {
     faults: usize,
@@ -217,12 +208,12 @@ async fn chaos() {
         let now = Instant::now();
         let restart_due = restarts_due.peek().is_some_and(|&due| EXECUTIONS - pending - running >= due);
         if full_until.is_some_and(|until| now >= until || restart_due) {
-            set_file_size_limit(runner.pid(), None);
+            common::set_file_size_limit(runner.pid(), None);
             full_until = None;
             freed_at = now;
         }
         if full_until.is_none() && now >= next_fill && !restart_due && !draining {
-            set_file_size_limit(runner.pid(), Some(4096));
+            common::set_file_size_limit(runner.pid(), Some(4096));
             figures.disk_fills += 1;
             full_until = Some(now + DISK_FULL_FOR);
             next_fill = now + DISK_FULL_EVERY;
@@ -238,7 +229,7 @@ async fn chaos() {
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    set_file_size_limit(runner.pid(), None);
+    common::set_file_size_limit(runner.pid(), None);
     plane.clear_faults().await;
 
     let requests = plane.requests().await;

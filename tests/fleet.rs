@@ -12,15 +12,6 @@ use common::plane::{output, status_and_code, ControlPlane, Supervisor, LIMIT};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
-fn requests_to(requests: &[Value], id: &str, endpoint: &str) -> Vec<Value> {
-    let suffix = format!("{}/{endpoint}/", id.to_ascii_lowercase());
-    requests
-        .iter()
-        .filter(|r| r["path"].as_str().unwrap().to_ascii_lowercase().ends_with(&suffix))
-        .cloned()
-        .collect()
-}
-
 fn answered(requests: &[Value], status: u64) -> usize {
     requests.iter().filter(|r| r["status"].as_u64() == Some(status)).count()
 }
@@ -60,10 +51,10 @@ async fn drain(runners: usize, count: usize) -> usize {
     let requests = plane.requests().await;
     let mut races = 0;
     for id in &ids {
-        let starts = requests_to(&requests, id, "start");
+        let starts = common::plane::requests_to(&requests, id, "start");
         assert_eq!(answered(&starts, 200), 1, "started exactly once: {starts:#?}");
         races += answered(&starts, 409);
-        let completes = requests_to(&requests, id, "complete");
+        let completes = common::plane::requests_to(&requests, id, "complete");
         assert_eq!((completes.len(), answered(&completes, 200)), (1, 1), "{completes:#?}");
     }
     // Each loser logged its refusal once per execution, inside the
@@ -116,6 +107,6 @@ async fn a_runner_killed_mid_job_is_reported_by_itself_after_its_restart() {
     assert!(output(&done, true).contains("the runner restarted while this command was running"), "{done:#}");
     assert!(first.log().contains("reporting an execution interrupted by a runner restart"));
     assert!(!second.log().contains("reporting an execution interrupted"), "{}", second.log());
-    let completes = requests_to(&plane.requests().await, &long, "complete");
+    let completes = common::plane::requests_to(&plane.requests().await, &long, "complete");
     assert_eq!(completes.len(), 1, "{completes:#?}");
 }

@@ -12,17 +12,6 @@ use std::time::Duration;
 use common::plane::{chunks, output, status_and_code, ControlPlane, Supervisor, LIMIT};
 use serde_json::{json, Value};
 
-/// The runner-API requests for one execution's `endpoint` (e.g. "output"),
-/// whatever the case of the id in their path.
-fn requests_to(requests: &[Value], id: &str, endpoint: &str) -> Vec<Value> {
-    let suffix = format!("{}/{endpoint}/", id.to_ascii_lowercase());
-    requests
-        .iter()
-        .filter(|r| r["path"].as_str().unwrap().to_ascii_lowercase().ends_with(&suffix))
-        .cloned()
-        .collect()
-}
-
 fn statuses(requests: &[Value]) -> Vec<u64> {
     requests.iter().map(|r| r["status"].as_u64().unwrap_or(u64::MAX)).collect()
 }
@@ -63,10 +52,14 @@ async fn odd_answers_are_retried_and_nothing_is_lost() {
     assert_eq!(output(&done, true), "err 0\nerr 1\nerr 2\n");
 
     let requests = plane.requests().await;
-    assert_eq!(statuses(&requests_to(&requests, &id, "start")), [200], "started once, on the HTML answer");
-    let outputs = statuses(&requests_to(&requests, &id, "output"));
+    assert_eq!(
+        statuses(&common::plane::requests_to(&requests, &id, "start")),
+        [200],
+        "started once, on the HTML answer"
+    );
+    let outputs = statuses(&common::plane::requests_to(&requests, &id, "output"));
     assert_eq!(outputs[..6], [524, 520, 503, 307, 0, 200], "every fault was met and retried: {outputs:?}");
-    let completes = statuses(&requests_to(&requests, &id, "complete"));
+    let completes = statuses(&common::plane::requests_to(&requests, &id, "complete"));
     assert_eq!(completes, [408, 502, 425, 200]);
     assert!(runner.is_running());
     let log = runner.log();
@@ -106,8 +99,8 @@ async fn a_stalled_cancel_status_never_delays_the_timeout_or_the_output() {
     assert_eq!(status_and_code(&done), ("timed_out".into(), -1));
     assert_eq!(output(&done, false), "sleeping 30\n");
     let requests = plane.requests().await;
-    let first_poll = requests_to(&requests, &id, "cancel-status")[0]["time"].as_f64().unwrap();
-    let completed = requests_to(&requests, &id, "complete")[0]["time"].as_f64().unwrap();
+    let first_poll = common::plane::requests_to(&requests, &id, "cancel-status")[0]["time"].as_f64().unwrap();
+    let completed = common::plane::requests_to(&requests, &id, "complete")[0]["time"].as_f64().unwrap();
     assert!(
         completed < first_poll + STALL,
         "the completion ({completed}) must arrive before the stalled cancel-status ({first_poll}) is answered"
@@ -124,7 +117,7 @@ async fn refused_starts_back_off() {
     plane.fault(json!({"endpoint": "start", "status": 409, "body": body, "count": 100_000})).await;
     let id = plane.queue("noop", "").await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let starts = requests_to(&plane.requests().await, &id, "start").len();
+    let starts = common::plane::requests_to(&plane.requests().await, &id, "start").len();
     // Backing off (1 s, 2 s, 4 s… per execution, plus a pause of the
     // polling) allows about three in 4 s; re-polling at once allowed dozens.
     assert!((1..=5).contains(&starts), "{starts} starts in 4 s");
@@ -150,7 +143,7 @@ async fn offered_executions_wait_for_a_slot_instead_of_being_dropped() {
     }
     let requests = plane.requests().await;
     for id in &ids {
-        assert_eq!(statuses(&requests_to(&requests, id, "start")), [200], "{id}");
+        assert_eq!(statuses(&common::plane::requests_to(&requests, id, "start")), [200], "{id}");
     }
 }
 
@@ -163,7 +156,7 @@ async fn an_id_in_two_spellings_runs_once() {
     offer_once(&plane, &[id.clone(), id.to_ascii_uppercase()]).await;
     let _runner = Supervisor::start(&plane.url, "", "");
     assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await), ("success".into(), 0));
-    let starts = requests_to(&plane.requests().await, &id, "start");
+    let starts = common::plane::requests_to(&plane.requests().await, &id, "start");
     assert_eq!(starts.len(), 1, "{starts:#?}");
 }
 
@@ -201,7 +194,7 @@ async fn output_after_a_quiet_spell_is_sent_at_once_and_sustained_output_is_pace
         .map(|s| (s["content"].as_str().unwrap().to_string(), s["timestamp"].as_f64().unwrap()))
         .collect();
     assert_eq!(chunks(&done).len(), 3, "one chunk per line: {done:#}");
-    let arrivals: Vec<f64> = requests_to(&plane.requests().await, &sparse, "output")
+    let arrivals: Vec<f64> = common::plane::requests_to(&plane.requests().await, &sparse, "output")
         .iter()
         .map(|r| r["time"].as_f64().unwrap())
         .collect();

@@ -100,19 +100,6 @@ async fn a_changed_allowlist_applies_on_reload_without_harming_running_execution
     }
 }
 
-/// A copy of the demo project whose code the test can change.
-fn project_copy() -> tempfile::TempDir {
-    let copy = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new("cp")
-        .arg("-r")
-        .arg(format!("{}/.", common::demo_project().display()))
-        .arg(copy.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    copy
-}
-
 fn write_hello(project: &std::path::Path, version: &str) {
     let code = format!(
         "from django.core.management.base import BaseCommand\n\n\nclass Command(BaseCommand):\n    \
@@ -123,7 +110,7 @@ fn write_hello(project: &std::path::Path, version: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_deploy_sighup_runs_the_new_code() {
-    let project = project_copy();
+    let project = common::project_copy();
     write_hello(project.path(), "v1");
     let plane = ControlPlane::start();
     let runner = Supervisor::start_with(&plane.url, "", "", project.path().to_path_buf(), &[]);
@@ -142,7 +129,7 @@ async fn after_a_deploy_sighup_runs_the_new_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn touching_the_reload_file_reloads() {
-    let project = project_copy();
+    let project = common::project_copy();
     write_hello(project.path(), "v1");
     let plane = ControlPlane::start();
     let extra =

@@ -59,14 +59,7 @@ async fn bad_numbers_are_refused_naming_the_field_at_start_and_on_reload() {
 
 /// A private copy of the demo project, with `settings` appended to its settings.py.
 fn project_with_settings(settings: &str) -> tempfile::TempDir {
-    let copy = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new("cp")
-        .arg("-r")
-        .arg(format!("{}/.", common::demo_project().display()))
-        .arg(copy.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let copy = common::project_copy();
     let path = copy.path().join("demo_project/settings.py");
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str(settings);

@@ -386,13 +386,22 @@ async fn parse_args_resolves_abbreviations_as_the_commands_parser_does() {
 async fn a_job_asking_for_other_settings_never_runs_on_the_workers() {
     let db = TestDb::new();
     let worker = start(&db).await;
-    // Abbreviated too: the command's parser resolves --sett to --settings.
-    for asked in ["--settings=demo_project.settings_broken", "--sett=demo_project.other", "--pythonpath=/tmp"]
-    {
+    // Another settings module: the job runs as a fresh manage.py on the
+    // settings it asked for (here a module whose import fails), never on
+    // the worker's (where `exit_with 0` would have succeeded).
+    let other = run(&worker, "exit_with", &["0", "--settings=demo_project.settings_broken"]).await;
+    assert_eq!(other.end, code(1), "{}", other.stderr_text());
+    assert!(
+        other.stderr_text().contains("No module named 'does_not_exist_module'"),
+        "{}",
+        other.stderr_text()
+    );
+    assert_eq!(other.stdout_text(), "", "the command never ran on the worker's settings");
+    // Abbreviated, or --pythonpath: a fresh manage.py too, which then does
+    // exactly what manage.py does with them.
+    for asked in ["--sett=demo_project.other", "--pythonpath=/tmp"] {
         let done = run(&worker, "exit_with", &["0", asked]).await;
-        assert_eq!(done.end, code(126), "{asked}: {}", done.stderr_text());
-        assert!(done.stderr_text().contains("the command was not run"), "{}", done.stderr_text());
-        assert_eq!(done.stdout_text(), "", "nothing ran");
+        assert_eq!(done.end, code(0), "{asked}: {}", done.stderr_text());
     }
     // The worker's own settings module is fine.
     let same = run(&worker, "exit_with", &["0", "--settings=demo_project.settings"]).await;

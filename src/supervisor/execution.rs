@@ -83,7 +83,7 @@ pub struct ExecutionContext {
     /// Turns true when running executions must be cancelled (shutdown).
     pub abort: watch::Receiver<bool>,
     /// Where undelivered output beyond the memory limit waits.
-    pub spill: SpoolOptions,
+    pub spool: SpoolOptions,
     /// Records executions in flight (absent for one-off runs).
     pub journal: Option<Journal>,
 }
@@ -133,7 +133,7 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) -> Outcome {
     let metadata_only = execution.use_metadata_only_mode || settings.metadata_only.contains(&command);
     tracing::info!(args = %mask(&settings, &execution.args), metadata_only, "execution started");
     let outbox =
-        Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spill, settings.shaping());
+        Outbox::new(ctx.client.clone(), ctx.gate.clone(), id.clone(), &ctx.spool, settings.shaping());
     if metadata_only {
         outbox.note(false, METADATA_ONLY_NOTICE);
         outbox.note(true, METADATA_ONLY_NOTICE);
@@ -160,7 +160,7 @@ pub async fn run(ctx: ExecutionContext, execution: Execution) -> Outcome {
     if let Some(journal) = journal {
         journal.remove(&id);
     }
-    ctx.spill.remove_log(&id);
+    ctx.spool.remove_log(&id);
     tracing::info!(
         status = ?completion.status,
         exit_code = completion.exit_code,
@@ -207,7 +207,7 @@ pub async fn recover(
     client: Client,
     gate: AuthGate,
     journal: Journal,
-    spill: SpoolOptions,
+    spool: SpoolOptions,
     shaping: Shaping,
     entry: Entry,
 ) {
@@ -219,20 +219,20 @@ pub async fn recover(
         );
     }
     tracing::warn!("reporting an execution interrupted by a runner restart");
-    match Outbox::recover(client.clone(), gate.clone(), id.clone(), &spill, shaping.clone(), RESTART_NOTICE) {
+    match Outbox::recover(client.clone(), gate.clone(), id.clone(), &spool, shaping.clone(), RESTART_NOTICE) {
         Recovered::Delivering(outbox) => outbox.delivered().await,
         Recovered::AlreadyDelivered => {}
         Recovered::NoLog if entry.pid.is_none() && !started_before(&client, &gate, &id).await => {
             tracing::info!("the control plane had not started it; it stays queued there");
         }
         Recovered::NoLog => {
-            let outbox = Outbox::new(client, gate, id.clone(), &spill, shaping);
+            let outbox = Outbox::new(client, gate, id.clone(), &spool, shaping);
             outbox.note(true, RESTART_NOTICE);
             outbox.finish(CompleteRequest { exit_code: -1, status: CompletionStatus::Failed }).await;
         }
     }
     journal.remove(&id);
-    spill.remove_log(&id);
+    spool.remove_log(&id);
 }
 
 /// Whether an execution the runner was starting when it stopped is
@@ -277,11 +277,11 @@ pub async fn reject(ctx: &ExecutionContext, execution: &Execution, rejection: Re
         ctx.client.clone(),
         ctx.gate.clone(),
         execution.id.clone(),
-        &ctx.spill,
+        &ctx.spool,
         ctx.settings.shaping(),
     );
     outbox.note(true, &message);
     outbox.finish(CompleteRequest { exit_code: -1, status: CompletionStatus::Failed }).await;
-    ctx.spill.remove_log(&execution.id);
+    ctx.spool.remove_log(&execution.id);
     Outcome::Ran
 }

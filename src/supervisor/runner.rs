@@ -554,7 +554,7 @@ impl Runner {
             gate: self.gate.clone(),
             settings: live.settings.clone(),
             abort: self.abort.subscribe(),
-            spill: self.spool_options(live),
+            spool: self.spool_options(live),
             journal: self.journal.clone(),
         }
     }

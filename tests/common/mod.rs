@@ -137,4 +137,31 @@ pub fn write_file(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write file");
 }
 
+/// A private copy of the demo project, whose code a test may change.
+pub fn project_copy() -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(format!("{}/.", demo_project().display()))
+        .arg(copy.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    copy
+}
+
+/// Sets the soft file size limit of process `pid` (None: back to the hard
+/// limit), like a disk that fills (writes fail with EFBIG, possibly half-way)
+/// and frees. Raising it again needs no privilege. `false` if the process is
+/// gone.
+pub fn set_file_size_limit(pid: u32, bytes: Option<u64>) -> bool {
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a null new limit only reads the current one into `old`.
+    unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, std::ptr::null(), &mut old) };
+    let soft = bytes.map_or(old.rlim_max, |bytes| bytes.min(old.rlim_max));
+    let limit = libc::rlimit { rlim_cur: soft, rlim_max: old.rlim_max };
+    // SAFETY: prlimit reads `limit` and writes nothing (null old-limit pointer).
+    unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) == 0 }
+}
+
 pub mod plane;

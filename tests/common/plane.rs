@@ -297,3 +297,14 @@ impl Drop for Supervisor {
         let _ = self.child.wait();
     }
 }
+
+/// The runner-API requests for one execution's `endpoint` (e.g. "output"),
+/// whatever the case of the id in their path.
+pub fn requests_to(requests: &[Value], id: &str, endpoint: &str) -> Vec<Value> {
+    let suffix = format!("{}/{endpoint}/", id.to_ascii_lowercase());
+    requests
+        .iter()
+        .filter(|r| r["path"].as_str().unwrap_or_default().to_ascii_lowercase().ends_with(&suffix))
+        .cloned()
+        .collect()
+}
