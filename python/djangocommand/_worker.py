@@ -368,8 +368,12 @@ def _decode_fields(reader: _Reader, fields: tuple) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# The job child. Nothing here may return into the worker's loop: every path
-# ends in os._exit.
+# The job child. It is forked ahead of time (a "spare", the prefork
+# technique): the worker keeps one waiting, so a job starts on a process that
+# already exists and the fork's cost is paid between jobs. A spare first does
+# everything that does not depend on the job (prefork time), then waits on its
+# private channel for the job: a `Run` frame with the two pipes (job time).
+# Nothing here may return into the worker's loop: every path ends in os._exit.
 # ---------------------------------------------------------------------------
 
 # The worker's own std streams, kept referenced in the child so that their
@@ -377,20 +381,21 @@ def _decode_fields(reader: _Reader, fields: tuple) -> dict:
 _RETIRED_STREAMS: list = []
 
 
-def _job_main(
-    worker_fds: list[int],
-    stdout_fd: int,
-    stderr_fd: int,
-    command: str,
-    args: list[str],
-    limits: dict | None = None,
-):
+def _spare_main(channel: socket.socket, worker_fds: list[int]) -> None:
+    """The whole life of a forked child: prefork set-up, wait, the job, exit."""
     status = 70  # EX_SOFTWARE, should anything below fail to set a status
+    me = os.getpid()
     try:
-        _become_job_process(worker_fds, stdout_fd, stderr_fd)
-        _apply_limits(limits or {})
+        _prefork_setup(worker_fds)
+        order = _await_order(channel)
+        if order is None:
+            status = 0  # discarded by the worker (reload, recycle, exit)
+            return
+        job, command, args, limits, stdout_fd, stderr_fd = order
+        _job_setup(stdout_fd, stderr_fd, limits)
         sys.argv = ["manage.py", command, *args]
-        status = _execute(sys.argv, limits or {})
+        status = _execute(sys.argv, limits)
+        _report_exit(channel, job, status, me)
     except KeyboardInterrupt:
         # A SIGINT sent before the command started: die of it as asked.
         _die_by_sigint()
@@ -399,6 +404,79 @@ def _job_main(
             traceback.print_exc()
     finally:
         os._exit(status)
+
+
+def _prefork_setup(worker_fds: list[int]) -> None:
+    """Prefork time: what makes a fresh process of a fork, whatever the job.
+
+    Every step here is the same for every job, so a spare does it before its
+    job is known. Steps that depend on the job belong in ``_job_setup``.
+    """
+    os.setsid()
+    _reset_signals()
+    for fd in worker_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    random.seed()
+    # Exit handlers registered in the worker belong to the worker.
+    atexit._clear()
+
+
+def _job_setup(stdout_fd: int, stderr_fd: int, limits: dict) -> None:
+    """Job time: the steps that depend on the job (its pipes, its limits)."""
+    _install_stdio(stdout_fd, stderr_fd)
+    _rebuild_std_streams()
+    _apply_limits(limits)
+
+
+def _await_order(channel: socket.socket):
+    """Blocks until the worker sends the job; None if it discards us instead.
+
+    The order is a `Run` frame (the supervisor's own request, passed on) with
+    the job's stdout and stderr as SCM_RIGHTS descriptors.
+    """
+    frames = FrameDecoder()
+    fds: list[int] = []
+    while True:
+        data, ancdata, _, _ = channel.recvmsg(
+            _RECV_SIZE, socket.CMSG_SPACE(2 * _FD_SIZE), _CMSG_FLAGS
+        )
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(cdata[: len(cdata) - len(cdata) % _FD_SIZE])
+                fds.extend(received)
+        if not data:
+            return None
+        payloads = frames.feed(data)
+        if payloads:
+            break
+    request = decode("Request", payloads[0])
+    run = request.get("Run") if isinstance(request, dict) else None
+    if run is None or len(fds) != 2:
+        raise ProtocolError(
+            f"a spare expects a Run with 2 descriptors, got {request!r:.80}"
+        )
+    return run["job"], run["command"], run["args"], run["limits"], fds[0], fds[1]
+
+
+def _report_exit(channel: socket.socket, job: int, status: int, me: int) -> None:
+    """Tells the worker the job's exit status before exiting.
+
+    The job's output is complete once the pipes are closed, and the exit
+    itself (tearing down the address space, then the reap) takes
+    milliseconds: the worker reports the job's end from this message and
+    reaps us off that path. A process forked by the command runs this code
+    too if it returns through it: only the job's own process reports.
+    """
+    if os.getpid() != me:
+        return
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    exited = {"JobExited": {"job": job, "status": {"Code": {"code": status}}}}
+    with contextlib.suppress(OSError):
+        channel.sendall(encode_frame("Event", exited))
 
 
 # Seconds between RLIMIT_CPU's SIGXCPU (soft) and its SIGKILL (hard).
@@ -418,19 +496,6 @@ def _apply_limits(limits: dict) -> None:
     nice = limits.get("nice", 0)
     if nice > 0:
         os.nice(nice)
-
-
-def _become_job_process(worker_fds: list[int], stdout_fd: int, stderr_fd: int) -> None:
-    os.setsid()
-    _reset_signals()
-    for fd in worker_fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    random.seed()
-    _install_stdio(stdout_fd, stderr_fd)
-    _rebuild_std_streams()
-    # Exit handlers registered in the worker belong to the worker.
-    atexit._clear()
 
 
 def _reset_signals() -> None:
@@ -722,7 +787,12 @@ class Worker:
         self.frames = FrameDecoder()
         self.fds: collections.deque[int] = collections.deque()
         self.jobs: dict[int, int] = {}  # job id -> pid (also its process group)
-        self.pids: dict[int, int] = {}  # pid -> job id
+        # pid -> job id, until reaped; a job whose end its child already
+        # reported has left self.jobs but stays here (and in self.reported).
+        self.pids: dict[int, int] = {}
+        self.reported: set[int] = set()
+        self.children: dict[int, _Child] = {}  # pid -> channel, spare or job
+        self.spare: _Child | None = None
         self.shutting_down = False
         self.wake_r, self.wake_w = os.pipe()
         self.selector = selectors.DefaultSelector()
@@ -745,6 +815,7 @@ class Worker:
             self._install_signals()
             self.selector.register(self.sock, selectors.EVENT_READ)
             self.selector.register(self.wake_r, selectors.EVENT_READ)
+            self._refill_spare()
             return self._loop()
         except ProtocolError as exc:
             print(
@@ -759,6 +830,7 @@ class Worker:
             return 0  # the supervisor is gone
         finally:
             self._kill_all_jobs()
+            self._discard_spare()
 
     def _install_signals(self) -> None:
         os.set_blocking(self.wake_r, False)
@@ -771,11 +843,14 @@ class Worker:
             signal.signal(signum, _ignore_signal)
 
     def _loop(self) -> int:
-        while not (self.shutting_down and not self.jobs):
+        # Reported jobs count until reaped: their leftovers are killed then.
+        while not (self.shutting_down and not self.pids):
             for key, _ in self.selector.select(timeout=_REAP_INTERVAL):
                 if key.fd == self.wake_r:
                     if signal.SIGTERM in self._drain_wakeups():
                         return 128 + signal.SIGTERM
+                elif key.data is not None:
+                    self._child_says(key.data)
                 elif not self._receive():
                     return 0  # EOF: the supervisor is gone
             self._reap()
@@ -818,6 +893,7 @@ class Worker:
                 self._discover()
             case "Shutdown":
                 self.shutting_down = True
+                self._discard_spare()
             case {
                 "Run": {"job": job, "command": command, "args": args, "limits": limits}
             }:
@@ -901,8 +977,9 @@ class Worker:
         elif job in self.jobs:
             error = f"job {job} is already running"
         if error is None:
+            order = {"job": job, "command": command, "args": args, "limits": limits}
             try:
-                pid = self._fork(job, command, args, fds, limits)
+                pid = self._start_on_a_child(order, fds)
             except OSError as exc:
                 error = f"fork failed: {exc}"
         # The child has its copies; ours would keep the pipes open past its death.
@@ -913,21 +990,67 @@ class Worker:
         self.jobs[job] = pid
         self.pids[pid] = job
         self.send("JobStarted", job=job, pid=pid)
+        # The next job's process is forked now, while this one runs.
+        self._refill_spare()
 
-    def _fork(
-        self, job: int, command: str, args: list[str], fds: list[int], limits: dict
-    ) -> int:
+    # --- prefork ---------------------------------------------------------
+
+    def _start_on_a_child(self, order: dict, fds: list[int]) -> int:
+        """Hands the job to the spare (or to a fresh fork); the child's pid."""
+        child = self.spare or self._fork_child(fds)
+        self.spare = None
+        try:
+            _send_order(child.channel, order, fds)
+        except OSError:
+            # The spare died while waiting (or cannot be reached): one fresh try.
+            self._abandon(child)
+            child = self._fork_child(fds)
+            try:
+                _send_order(child.channel, order, fds)
+            except OSError:
+                self._abandon(child)
+                raise
+        return child.pid
+
+    def _refill_spare(self) -> None:
+        if self.spare is not None or self.shutting_down:
+            return
+        try:
+            self.spare = self._fork_child()
+        except OSError as exc:
+            # Not fatal: the next job forks on demand.
+            self.log("Warning", f"could not fork a spare job process: {exc}")
+
+    def _discard_spare(self) -> None:
+        """Reload, settings change and recycle all end this worker: its spare
+        (forked from this worker's code and settings) must not run a job."""
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            self._abandon(spare)
+
+    def _abandon(self, child: _Child) -> None:
+        with contextlib.suppress(OSError):
+            _kill_group(child.pid, signal.SIGKILL)
+        self._forget_channel(child.pid)
+
+    def _fork_child(self, job_fds: tuple[int, ...] | list[int] = ()) -> _Child:
+        """Forks a child that sets itself up and waits for its job.
+
+        ``job_fds`` are the pipes of a job about to be handed over: the child
+        gets its own copies with the order, and must not keep these.
+        """
         from django.db import connections
 
         connections.close_all()
         threads = threading.active_count()
         if threads > 1:
-            message = f"job {job}: {threads} threads alive at fork; only this one"
+            message = f"{threads} threads alive at fork; only this one"
             self.log("Warning", message + " carries on in the job")
         # Anything still buffered would otherwise be written again by the child.
         _flush(sys.stdout)
         _flush(sys.stderr)
         gc.freeze()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Blocked until the child has reset its handlers: a signal meant for
         # the job must not run the worker's handlers (and wake the worker
         # through the shared wakeup pipe) in the child.
@@ -936,19 +1059,21 @@ class Worker:
             pid = os.fork()
             if pid == 0:
                 try:
-                    _job_main(
-                        self._fds_to_close_in_child(),
-                        fds[0],
-                        fds[1],
-                        command,
-                        args,
-                        limits,
-                    )
+                    worker_fds = [*self._fds_to_close_in_child(), *job_fds]
+                    ours.close()
+                    _spare_main(theirs, worker_fds)
                 finally:
                     os._exit(70)
+        except OSError:
+            ours.close()
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        return pid
+            theirs.close()
+        child = _Child(pid, ours)
+        self.children[pid] = child
+        self.selector.register(ours, selectors.EVENT_READ, data=pid)
+        return child
 
     def _fds_to_close_in_child(self) -> list[int]:
         # Closing the socket and selector objects (not just their numbers)
@@ -957,8 +1082,45 @@ class Worker:
         fds = [self.wake_r, self.wake_w, *self.fds]
         self.sock.close()
         self.selector.close()
+        for child in self.children.values():
+            child.channel.close()
         self.fds.clear()
         return fds
+
+    def _child_says(self, pid: int) -> None:
+        """A child's channel is readable: its exit status, or its end.
+
+        Whatever arrives, the reap still follows and has the last word for a
+        job that did not report; a channel that misbehaves is only closed.
+        """
+        child = self.children.get(pid)
+        if child is None:
+            return
+        try:
+            data = child.channel.recv(_RECV_SIZE)
+            payloads = child.frames.feed(data)
+            reported = [decode("Event", payload) for payload in payloads]
+        except (OSError, ProtocolError):
+            data, reported = b"", []
+        for event in reported:
+            self._job_reported(pid, event)
+        if not data or reported:
+            self._forget_channel(pid)
+
+    def _job_reported(self, pid: int, event: object) -> None:
+        match event:
+            case {"JobExited": {"job": job, "status": {"Code": {"code": code}}}}:
+                if self.jobs.get(job) == pid and pid not in self.reported:
+                    del self.jobs[job]
+                    self.reported.add(pid)
+                    self.send("JobExited", job=job, status={"Code": {"code": code}})
+
+    def _forget_channel(self, pid: int) -> None:
+        child = self.children.pop(pid, None)
+        if child is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(child.channel)
+            child.channel.close()
 
     # --- Signal ----------------------------------------------------------
 
@@ -972,7 +1134,7 @@ class Worker:
             self.log("Warning", f"cannot send signal {signum} to job {job}: {exc}")
 
     def _kill_all_jobs(self) -> None:
-        for pid in self.jobs.values():
+        for pid in self.pids:
             with contextlib.suppress(OSError):
                 _kill_group(pid, signal.SIGKILL)
 
@@ -981,8 +1143,17 @@ class Worker:
     def _reap(self) -> None:
         while (reaped := self._reap_one()) is not None:
             pid, status = reaped
+            self._forget_channel(pid)
+            if self.spare is not None and self.spare.pid == pid:
+                # Died waiting (OOM killer, a stray signal). Not replaced here,
+                # so a spare that cannot start does not fork in a loop: the
+                # next job forks on demand and refills it.
+                self.spare = None
+                self.log("Warning", f"spare job process {pid} died: {status:#x}")
             job = self.pids.pop(pid, None)
-            if job is not None:
+            if pid in self.reported:
+                self.reported.discard(pid)
+            elif job is not None:
                 del self.jobs[job]
                 self.send("JobExited", job=job, status=_exit_status(status))
 
@@ -1033,6 +1204,33 @@ def _kill_group(pid: int, signum: int) -> None:
         # until it has its default handlers, so a direct kill is right.
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
+
+
+class _Child:
+    """A forked child and the worker's end of its private channel."""
+
+    __slots__ = ("channel", "frames", "pid")
+
+    def __init__(self, pid: int, channel: socket.socket) -> None:
+        self.pid = pid
+        self.channel = channel
+        self.frames = FrameDecoder()
+
+
+# Seconds a child has to take its order; only a stopped child takes longer.
+_ORDER_TIMEOUT = 10.0
+
+
+def _send_order(channel: socket.socket, order: dict, fds: list[int]) -> None:
+    """The job for a child: the `Run` frame with its two pipes attached."""
+    frame = encode_frame("Request", {"Run": order})
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+    channel.settimeout(_ORDER_TIMEOUT)
+    try:
+        sent = channel.sendmsg([frame], rights)
+        channel.sendall(frame[sent:])
+    finally:
+        channel.setblocking(True)
 
 
 def _exit_status(status: int) -> dict:
