@@ -322,3 +322,109 @@ def test_startup_failure_is_reported_with_the_traceback(tmp_path):
     assert "No module named 'does_not_exist_module'" in failed["error"]
     assert sup.proc.wait(timeout=TIMEOUT) == 1
     sup.sock.close()
+
+
+# --- prefork: the spare child forked ahead of time --------------------------
+
+
+def _children_of(pid: int) -> set[int]:
+    """Live (not zombie) children of ``pid``, from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _wait_for(predicate, what: str):
+    """Polls ``predicate`` until it returns something truthy (no timing asserted)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if result := predicate():
+            return result
+        time.sleep(0.01)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def _the_spare(supervisor, besides: set[int] = frozenset()) -> int:
+    """The worker's one idle child, waiting for its job."""
+    spares = _wait_for(
+        lambda: _children_of(supervisor.proc.pid) - set(besides), "a spare child"
+    )
+    assert len(spares) == 1, spares
+    return spares.pop()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_job_starts_on_the_child_forked_ahead_of_time(supervisor):
+    spare = _the_spare(supervisor)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    run = {"Run": {"job": 1, "command": "say", "args": ["hi"], "limits": NO_LIMITS}}
+    supervisor.send(run, fds=[out_w, err_w])
+    os.close(out_w)
+    os.close(err_w)
+    assert supervisor.event() == {"JobStarted": {"job": 1, "pid": spare}}
+    assert supervisor.event() == {
+        "JobExited": {"job": 1, "status": {"Code": {"code": 0}}}
+    }
+    assert (_read_all(out_r), _read_all(err_r)) == (b"hi", b"")
+    # A fresh spare waits for the next job, which starts on it in turn.
+    _wait_for(lambda: _gone(spare), "the finished job to be reaped")
+    second = _the_spare(supervisor)
+    out_r, out_w = os.pipe()
+    run = {"Run": {"job": 2, "command": "noop", "args": [], "limits": NO_LIMITS}}
+    supervisor.send(run, fds=[out_w, out_w])
+    os.close(out_w)
+    assert supervisor.event() == {"JobStarted": {"job": 2, "pid": second}}
+    assert "JobExited" in supervisor.event()
+    assert _read_all(out_r) == b""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_shutdown_discards_the_spare(supervisor):
+    # Shutdown is how the supervisor retires a worker on reload, on a
+    # settings change and on recycling: the spare has the old code and settings.
+    spare = _the_spare(supervisor)
+    supervisor.send("Shutdown")
+    assert supervisor.proc.wait(timeout=TIMEOUT) == 0
+    _wait_for(lambda: _gone(spare), "the spare to be discarded")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+@pytest.mark.parametrize("how", ["eof", "sigterm"])
+def test_the_spare_ends_with_the_worker(supervisor, how):
+    spare = _the_spare(supervisor)
+    if how == "eof":
+        supervisor.close()
+    else:
+        supervisor.proc.send_signal(15)
+        supervisor.proc.wait(timeout=TIMEOUT)
+    _wait_for(lambda: _gone(spare), "the spare to end with the worker")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_spare_that_died_is_replaced_by_a_fork_on_demand(supervisor):
+    spare = _the_spare(supervisor)
+    os.kill(spare, 9)
+    _wait_for(lambda: spare not in _children_of(supervisor.proc.pid), "the reap")
+    status, out, _ = supervisor.run(1, "say", "again")
+    assert (status, out) == ({"Code": {"code": 0}}, b"again")
+    assert any("died" in log["message"] for log in supervisor.logs), supervisor.logs
+    _the_spare(supervisor)
