@@ -5,6 +5,7 @@ on stdin and its end of a socketpair as fd 3, then speaks the protocol.
 """
 
 import os
+import platform
 import socket
 import struct
 import subprocess
@@ -362,13 +363,15 @@ def _wait_for(predicate, what: str):
     raise AssertionError(f"gave up waiting for {what}")
 
 
-def _the_spare(supervisor, besides: set[int] = frozenset()) -> int:
+def _the_spare(supervisor) -> int:
     """The worker's one idle child, waiting for its job."""
-    spares = _wait_for(
-        lambda: _children_of(supervisor.proc.pid) - set(besides), "a spare child"
-    )
-    assert len(spares) == 1, spares
-    return spares.pop()
+
+    def one_child():
+        # A finished job may still be tearing down: wait until it is gone.
+        children = _children_of(supervisor.proc.pid)
+        return children if len(children) == 1 else None
+
+    return _wait_for(one_child, "exactly one (spare) child").pop()
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
@@ -426,5 +429,49 @@ def test_a_spare_that_died_is_replaced_by_a_fork_on_demand(supervisor):
     _wait_for(lambda: spare not in _children_of(supervisor.proc.pid), "the reap")
     status, out, _ = supervisor.run(1, "say", "again")
     assert (status, out) == ({"Code": {"code": 0}}, b"again")
-    assert any("died" in log["message"] for log in supervisor.logs), supervisor.logs
+    # Said once, whether the worker reaped it before the job came or found
+    # it gone when handing the job over.
+    spare_logs = [
+        log for log in supervisor.logs if f"spare job process {spare}" in log["message"]
+    ]
+    assert len(spare_logs) == 1, supervisor.logs
     _the_spare(supervisor)
+
+
+def _private_dirty_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Private_Dirty for {pid}")
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    release = platform.release().split("-")[0].split(".")
+    try:
+        return (int(release[0]), int(release[1])) >= (major, minor)
+    except (IndexError, ValueError):
+        return False
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and _kernel_at_least(5, 14)),
+    reason="MADV_POPULATE_WRITE needs Linux 5.14",
+)
+def test_spares_copy_the_pages_jobs_write_before_their_job_comes(supervisor):
+    # The first spares scout: their jobs list the worker's pages they wrote.
+    scout = _the_spare(supervisor)
+    scout_dirty = _private_dirty_kib(scout)
+    assert supervisor.run(1, "noop")[0] == {"Code": {"code": 0}}
+    # It sends the list after its exit report: once it is reaped, the worker has it.
+    _wait_for(lambda: _gone(scout), "the first job to be reaped")
+    # The spare forked as job 2 starts copies those pages (a noop writes over a
+    # MiB of them) while it waits, so its job does not fault on them.
+    assert supervisor.run(2, "noop")[0] == {"Code": {"code": 0}}
+    spare = _the_spare(supervisor)
+    copied = _wait_for(
+        lambda: (kib := _private_dirty_kib(spare)) > scout_dirty + 1024 and kib,
+        "the spare to copy the pages jobs write",
+    )
+    assert copied > scout_dirty + 1024
+    status, out, err = supervisor.run(3, "noisy", "--lines", "1")
+    assert (status, out, err) == ({"Code": {"code": 0}}, b"out 0\n", b"err 0\n")
