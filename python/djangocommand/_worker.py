@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import random
+import select
 import selectors
 import signal
 import socket
@@ -390,7 +391,7 @@ def _spare_main(
     me = os.getpid()
     try:
         _prefork_setup(worker_fds)
-        regions = pages.before_job()
+        regions = pages.before_job(channel)
         order = _await_order(channel)
         if order is None:
             status = 0  # discarded by the worker (reload, recycle, exit)
@@ -506,6 +507,7 @@ def _report_exit(channel: socket.socket, job: int, status: int, me: int) -> bool
 _SCOUT_EVERY = 16
 _MADV_POPULATE_WRITE = 23
 _MAX_HOT_PAGES = 8192  # 32 MiB with 4 KiB pages: a bound on a spare's copies
+_PREFAULT_BATCH = 128  # runs between two looks for the job's order
 _MAX_REGION = 1 << 30  # bytes; larger mappings are not scanned
 _PM_PRESENT = 1 << 63
 _PM_EXCLUSIVE = 1 << 56
@@ -522,14 +524,15 @@ class _PagePlan:
         self.runs = runs
         self.scout = scout
 
-    def before_job(self) -> list[tuple[int, int]]:
-        """Prefork time: prefaults the runs; the regions a scout will report on."""
+    def before_job(self, channel: socket.socket) -> list[tuple[int, int]]:
+        """Prefork time: prefaults the runs (until the job arrives: then it
+        goes first); the regions a scout will report on."""
         if not (self.runs or self.scout):
             return []
         try:
             regions = _private_writable_regions()
             if self.runs:
-                _prefault(self.runs, regions)
+                _prefault(self.runs, regions, channel)
         except (OSError, ValueError, AttributeError):
             return []
         return regions
@@ -587,14 +590,19 @@ def _pages_written(regions: list[tuple[int, int]]) -> array.array:
     return runs
 
 
-def _prefault(runs: array.array, regions: list[tuple[int, int]]) -> None:
+def _prefault(
+    runs: array.array, regions: list[tuple[int, int]], channel: socket.socket
+) -> None:
     """Copies the pages of ``runs`` that lie in ``regions`` now, without
-    writing to them. The runs come from an earlier child: whatever the worker
-    has unmapped since is skipped, never touched."""
+    writing to them, stopping early once ``channel`` has the job's order.
+    The runs come from an earlier child: whatever the worker has unmapped
+    since is skipped, never touched."""
     if _madvise is None:
         return
     starts = [low for low, _ in regions]
     for i in range(0, len(runs) - 1, 2):
+        if i % _PREFAULT_BATCH == 0 and select.select([channel], [], [], 0)[0]:
+            return
         start, end = runs[i], runs[i] + runs[i + 1]
         # Regions are sorted and disjoint: from the last one starting at or
         # before `start`, on while they begin before `end`.
@@ -1248,18 +1256,21 @@ class Worker:
         self.fds.clear()
         return fds
 
-    def _child_says(self, pid: int) -> None:
+    def _child_says(self, pid: int) -> bool:
         """A child's channel is readable: its exit status, or its end.
+        True if something was read.
 
         Whatever arrives, the reap still follows and has the last word for a
         job that did not report; a channel that misbehaves is only closed.
         """
         child = self.children.get(pid)
         if child is None:
-            return
+            return False
         try:
             data = child.channel.recv(_RECV_SIZE)
             payloads = child.frames.feed(data)
+        except BlockingIOError:
+            return False
         except (OSError, ProtocolError):
             data, payloads = b"", []
         for payload in payloads:
@@ -1271,6 +1282,21 @@ class Worker:
                 self._job_reported(pid, decode("Event", payload))
         if not data:
             self._forget_channel(pid)
+        return bool(data)
+
+    def _drain_channel(self, pid: int) -> None:
+        """Reads what a reaped child sent before it died, then closes its
+        channel: it may have reported (and a scout listed its pages) after
+        the last time the loop looked."""
+        child = self.children.get(pid)
+        if child is None:
+            return
+        with contextlib.suppress(OSError):
+            child.channel.setblocking(False)
+        # Until EOF, or nothing more for now (a process it forked holds it open).
+        while self._child_says(pid):
+            pass
+        self._forget_channel(pid)
 
     def _learn_pages(self, payload: bytes) -> None:
         """A scout's list of the pages its job wrote, for the next spares."""
@@ -1316,7 +1342,7 @@ class Worker:
     def _reap(self) -> None:
         while (reaped := self._reap_one()) is not None:
             pid, status = reaped
-            self._forget_channel(pid)
+            self._drain_channel(pid)
             if self.spare is not None and self.spare.pid == pid:
                 # Died waiting (OOM killer, a stray signal). Not replaced here,
                 # so a spare that cannot start does not fork in a loop: the

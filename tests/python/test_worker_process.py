@@ -463,7 +463,7 @@ def test_spares_copy_the_pages_jobs_write_before_their_job_comes(supervisor):
     scout_dirty = _private_dirty_kib(scout)
     assert supervisor.run(1, "noop")[0] == {"Code": {"code": 0}}
     # It sends the list after its exit report: once it is reaped, the worker has it.
-    _wait_for(lambda: _gone(scout), "the first job to be reaped")
+    _wait_for(lambda: not Path(f"/proc/{scout}").exists(), "the first job's reap")
     # The spare forked as job 2 starts copies those pages (a noop writes over a
     # MiB of them) while it waits, so its job does not fault on them.
     assert supervisor.run(2, "noop")[0] == {"Code": {"code": 0}}
