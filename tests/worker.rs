@@ -445,3 +445,22 @@ async fn recycling_discards_the_spare_and_jobs_start_on_the_new_workers_spare() 
     assert_eq!(job.pid, new_spare, "the job did not start on the spare");
     assert_eq!(finish(job).await.end, code(0));
 }
+
+#[tokio::test]
+async fn without_prefork_each_job_is_forked_when_it_comes() {
+    let db = TestDb::new();
+    let mut opts = options(&db);
+    opts.prefork = false;
+    let worker = Worker::start(opts).await.unwrap();
+    let pid = worker.info().unwrap().pid;
+    assert_eq!(run(&worker, "noisy", &["--lines", "1"]).await.stdout_text(), "out 0\n");
+    assert_eq!(run(&worker, "noop", &[]).await.end, code(0));
+    // Once the jobs are reaped the worker has no child: nothing waits ahead of time.
+    for _ in 0..3000 {
+        if children_of(pid).is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("worker {pid} keeps children without prefork: {:?}", children_of(pid));
+}

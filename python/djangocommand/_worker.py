@@ -937,8 +937,9 @@ _LOG_LIMIT = 256 * 1024  # characters; keeps any Log far below the frame limit
 class Worker:
     """One supervisor connection: requests in, events out, jobs forked and reaped."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, prefork: bool = True) -> None:
         self.sock = sock
+        self.prefork = prefork  # keep a spare (False: fork each job on demand)
         self.frames = FrameDecoder()
         self.fds: collections.deque[int] = collections.deque()
         self.jobs: dict[int, int] = {}  # job id -> pid (also its process group)
@@ -1174,7 +1175,7 @@ class Worker:
         return child.pid
 
     def _refill_spare(self) -> None:
-        if self.spare is not None or self.shutting_down:
+        if self.spare is not None or self.shutting_down or not self.prefork:
             return
         try:
             self.spare = self._fork_child()
@@ -1487,6 +1488,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--settings", help="settings module (default: $DJANGO_SETTINGS_MODULE)"
     )
+    parser.add_argument(
+        "--no-prefork",
+        dest="prefork",
+        action="store_false",
+        help="fork each job's process when its job comes, not ahead of time",
+    )
     return parser.parse_args(argv)
 
 
@@ -1522,7 +1529,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"StartupFailed": {"protocol": PROTOCOL_VERSION, "error": error}},
             )
         return 1
-    worker = Worker(sock)
+    worker = Worker(sock, prefork=args.prefork)
     hello = {
         "protocol": PROTOCOL_VERSION,
         "pid": os.getpid(),
