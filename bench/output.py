@@ -70,6 +70,7 @@ class Flood:
     seconds: float  # dccontrol's start → complete
     hwm_before_kib: int | None = None
     hwm_after_kib: int | None = None
+    cpu: drain_bench.CpuTimes | None = None  # used during the run, per process
 
     @property
     def mb_per_s(self) -> float:
@@ -142,18 +143,21 @@ def sparse(plane: harness.ControlPlane, lines: int) -> Sparse:
 
 
 def flood(
-    plane: harness.ControlPlane, size: int, runner_pid: int | None = None
+    plane: harness.ControlPlane, size: int, read_cpu=None, runner_pid: int | None = None
 ) -> Flood:
+    """Floods `size` bytes; with `read_cpu`, the CPU each process used meanwhile."""
     plane.call("DELETE", "/api/operator/requests")
     before = peak_rss_kib(runner_pid)
+    cpu_before = read_cpu() if read_cpu else None
     execution = run_to_end(plane, "flood", f"--bytes {size}", 120 + size / MB * 10)
+    cpu = read_cpu() - cpu_before if read_cpu else None
     after = peak_rss_kib(runner_pid)
     requests = output_requests(plane, execution["id"])
     received = sum(len(text.encode()) for r in requests for text in contents(r))
     if received != size:
         raise RuntimeError(f"{received} of {size} bytes reached dccontrol")
     seconds = execution["completed_at"] - execution["started_at"]
-    return Flood(received, len(requests), seconds, before, after)
+    return Flood(received, len(requests), seconds, before, after, cpu)
 
 
 def peak_rss_kib(pid: int | None) -> int | None:
@@ -187,7 +191,12 @@ def bench(runner: drain_bench.Runner, options, workdir: Path) -> Result:
         big = None
         if runner.has_worker or options.published_100mb:
             print(f"{runner.name}: 100 MB end to end", file=sys.stderr)
-            big = flood(plane, int(100 * MB), process.pid)
+            worker = drain_bench.worker_pid(runner, process)
+
+            def read_cpu():
+                return drain_bench.read_cpu(process.pid, worker, plane.process.pid)
+
+            big = flood(plane, int(100 * MB), read_cpu, process.pid)
         return Result(runner.name, sparse_result, flood_result, big)
     except BaseException:
         print(
@@ -278,6 +287,17 @@ def table(results: list[Result], options) -> str:
             "100 MB: output requests",
             "",
             big(lambda f: f"{f.requests} ({f.requests_per_s:.1f}/s)"),
+        ),
+        (
+            "100 MB: CPU s, runner / dccontrol / the command",
+            "",
+            big(
+                lambda f: (
+                    "—"
+                    if f.cpu is None
+                    else f"{f.cpu.runner:.2f} / {f.cpu.dccontrol:.2f} / {f.cpu.commands:.2f}"
+                )
+            ),
         ),
         (
             "runner process peak RSS (VmHWM) before → after 100 MB",
