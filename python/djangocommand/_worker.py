@@ -417,6 +417,11 @@ def _prefork_setup(worker_fds: list[int]) -> None:
 
     Every step here is the same for every job, so a spare does it before its
     job is known. Steps that depend on the job belong in ``_job_setup``.
+    Prefork time: new session, signal dispositions, closing the worker's
+    descriptors, reseeding ``random``, forgetting the worker's exit handlers
+    (and any other step that reads nothing of the job, e.g. ``gc.unfreeze()``
+    or scrubbing the environment). Job time: the pipes, the std streams, the
+    resource limits, ``sys.argv``.
     """
     os.setsid()
     _reset_signals()
