@@ -390,6 +390,7 @@ def _spare_main(
     status = 70  # EX_SOFTWARE, should anything below fail to set a status
     me = os.getpid()
     try:
+        channel = _above_stdio(channel)
         _prefork_setup(worker_fds)
         regions = pages.before_job(channel)
         order = _await_order(channel)
@@ -431,6 +432,16 @@ def _prefork_setup(worker_fds: list[int]) -> None:
     random.seed()
     # Exit handlers registered in the worker belong to the worker.
     atexit._clear()
+
+
+def _above_stdio(channel: socket.socket) -> socket.socket:
+    """The channel on a descriptor above 2, which the job's stdio will take
+    (a worker started with fds 0-2 closed gets low numbers from socketpair)."""
+    if channel.fileno() > 2:
+        return channel
+    moved = fcntl.fcntl(channel.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
+    channel.close()
+    return socket.socket(fileno=moved)
 
 
 def _job_setup(stdout_fd: int, stderr_fd: int, limits: dict) -> None:
