@@ -136,7 +136,10 @@ def one_job(worker: Worker, job: int) -> tuple[int, int]:
     run = {
         "Run": {"job": job, "command": "sleep", "args": ["0.05"], "limits": NO_LIMITS}
     }
-    socket.send_fds(worker.sock, [codec.encode_frame("Request", run)], [out_w, out_w])
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    stdio = [stdin, out_w, out_w]
+    socket.send_fds(worker.sock, [codec.encode_frame("Request", run)], stdio)
+    os.close(stdin)
     os.close(out_w)
     assert worker.event()["JobStarted"]["pid"] == spare
     with os.fdopen(out_r, "rb") as out:

@@ -1562,6 +1562,8 @@ class Worker:
             self.wake_r,
             self.wake_w,
             *self.fds,
+            # The private channels to the spare and the running jobs.
+            *(child.channel.fileno() for child in self.children.values()),
         }
 
     def _fds_to_close_in_child(self) -> list[int]:
