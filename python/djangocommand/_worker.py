@@ -1768,7 +1768,11 @@ def _send_order(channel: socket.socket, order: dict, fds: list[int]) -> None:
     channel.settimeout(_ORDER_TIMEOUT)
     try:
         sent = channel.sendmsg([frame], rights)
-        channel.sendall(frame[sent:])
+        # Only the rest, if any: the child may have run its job and exited
+        # already, and even an empty send to a closed peer fails (EPIPE),
+        # which would have the job run again on another child.
+        if sent < len(frame):
+            channel.sendall(frame[sent:])
     finally:
         channel.setblocking(True)
 

@@ -477,3 +477,22 @@ def test_spares_copy_the_pages_jobs_write_before_their_job_comes(supervisor):
     assert copied > scout_dirty + 1024
     status, out, err = supervisor.run(3, "noisy", "--lines", "1")
     assert (status, out, err) == ({"Code": {"code": 0}}, b"out 0\n", b"err 0\n")
+
+
+def test_an_order_taken_and_done_before_the_send_returns_is_not_resent():
+    # Under load the child can read its whole order, run a short job and exit
+    # before the worker's send returns: the send must still count as done
+    # (a failure here made the worker run the job again on another child).
+    ours, child = socket.socketpair()
+
+    class FastChild(socket.socket):
+        def sendmsg(self, *args):
+            sent = super().sendmsg(*args)
+            child.recvmsg(1 << 16, socket.CMSG_SPACE(64))
+            child.close()  # the job ran and the child exited
+            return sent
+
+    channel = FastChild(fileno=ours.detach())
+    order = {"job": 1, "command": "noop", "args": [], "limits": NO_LIMITS}
+    with channel:
+        codec._send_order(channel, order, [NULL_STDIN])
