@@ -428,26 +428,38 @@ def cpu_bound(result: Result) -> str:
     )
 
 
-def environment(count: int, idle: float) -> str:
-    commit = subprocess.run(
+def commit() -> str:
+    """The short hash of HEAD, or "unknown"."""
+    found = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"],
         cwd=ROOT,
         check=False,
         capture_output=True,
         text=True,
     ).stdout.strip()
+    return found or "unknown"
+
+
+def machine() -> str:
+    """One line naming the machine and the versions measured (shared by bench/output.py)."""
     probe = "import django, platform; print(platform.python_version(), django.get_version())"
     versions = subprocess.run(
         [str(PROJECT_PYTHON), "-c", probe], check=True, capture_output=True, text=True
     )
     python_version, django_version = versions.stdout.split()
     return (
-        f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} at commit {commit or 'unknown'} "
+        f"Machine: {os.cpu_count()} CPUs, Linux {platform.release()}, Python {python_version}, "
+        f"Django {django_version}; demo project (examples/demo)."
+    )
+
+
+def environment(count: int, idle: float) -> str:
+    return (
+        f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} at commit {commit()} "
         f"with `bash bench/runner.sh`: {count} `noop` executions queued before the runner starts, "
         f"4 at a time, against `dccontrol` (release) on loopback; idle CPU over {idle:g} s "
         f"(one clock tick is {100 / CLOCK_TICKS / idle:.3f} % at this length).\n\n"
-        f"Machine: {os.cpu_count()} CPUs, Linux {platform.release()}, Python {python_version}, "
-        f"Django {django_version}; demo project (examples/demo)."
+        f"{machine()}"
     )
 
 

@@ -1,6 +1,8 @@
 //! Benchmark for the "preloaded worker" issue: what a job costs when forked
 //! from the worker (Django already set up) versus a fresh `python manage.py`
-//! subprocess (the published runner's way), on the demo project.
+//! subprocess (the published runner's way), on the demo project. Forking
+//! comes in two modes: on a spare forked ahead of time (the default) and on
+//! demand when the job comes (`prefork = false`); they take turns job by job.
 //!
 //! * Time: `noop` run repeatedly, from the `spawn_job` call to the job's end
 //!   with both pipes read to EOF, i.e. what a caller waits for.
@@ -56,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
         std::env::var_os("BENCH_PYTHON").map_or_else(|| repo.join(".venv/bin/python"), PathBuf::from);
     // A private SQLite path, as the tests do, so the demo's own db is untouched.
     let db = tempfile::tempdir()?;
-    let opts = |isolation| WorkerOptions {
+    let opts = |isolation, prefork| WorkerOptions {
         python: python.clone(),
         project_dir: repo.join("examples/demo"),
         settings_module: "demo_project.settings".into(),
@@ -65,44 +67,62 @@ async fn main() -> anyhow::Result<()> {
         startup_timeout: Duration::from_secs(60),
         isolation,
         spawn_commands: BTreeSet::new(),
+        prefork,
         recycle_after_jobs: None,
         recycle_above_rss: None,
         caller_dir: None,
     };
 
-    // One mode after the other, each with its own worker, shut down before
-    // the next mode so it cannot compete for the CPUs. (In spawn mode the
-    // worker sits idle: `spawn_job` bypasses it.)
-    let mut info = None;
+    // The two fork modes take turns, job by job, so that whatever else runs
+    // on the machine weighs on both alike. The subprocess mode runs after
+    // them, alone. (In spawn mode the worker sits idle: `spawn_job` bypasses it.)
     let mut results = Vec::new();
-    for (label, isolation) in
-        [("fork (preloaded worker)", Isolation::Fork), ("subprocess (python manage.py)", Isolation::Spawn)]
-    {
-        let worker = Worker::start(opts(isolation)).await?;
-        let worker_info = worker.info().context("the worker is not up")?;
-        eprintln!("{label}: {WARMUP_RUNS} warm-up + {runs} timed runs of `noop`");
+    let mut timed = Vec::new();
+    for (label, isolation, prefork) in MODES {
+        let worker = Worker::start(opts(isolation, prefork)).await?;
         for _ in 0..WARMUP_RUNS {
             run_noop(&worker).await?;
         }
-        let mut samples = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            samples.push(run_noop(&worker).await?);
+        timed.push((label, worker, Vec::with_capacity(runs)));
+    }
+    let (fork_modes, spawn_mode) = timed.split_at_mut(2);
+    eprintln!("fork modes, taking turns: {WARMUP_RUNS} warm-up + {runs} timed runs of `noop` each");
+    for _ in 0..runs {
+        for (_, worker, samples) in fork_modes.iter_mut() {
+            samples.push(run_noop(worker).await?);
         }
-        eprintln!("{label}: memory of {CONCURRENT_JOBS} concurrent `sleep 30` jobs");
-        // Forked jobs share the worker's pages, so the worker counts too.
-        let (processes, extra_pid) = match isolation {
-            Isolation::Fork => (format!("1 worker + {CONCURRENT_JOBS} jobs"), Some(worker_info.pid)),
-            Isolation::Spawn => (CONCURRENT_JOBS.to_string(), None),
-        };
-        let pss_kib = concurrent_pss(&worker, extra_pid).await?;
+    }
+    eprintln!("subprocess: {runs} timed runs of `noop`");
+    for (_, worker, samples) in spawn_mode.iter_mut() {
+        for _ in 0..runs {
+            samples.push(run_noop(worker).await?);
+        }
+    }
+    let info = timed[0].1.info().context("the worker is not up")?;
+    for (label, worker, samples) in timed {
         worker.shutdown().await;
-        results.push(Measured { label, samples, processes, pss_kib });
-        info.get_or_insert(worker_info);
+        results.push(Measured { label, samples, processes: String::new(), pss_kib: 0 });
     }
 
-    print_report(&info.context("no worker ran")?, runs, &mut results);
+    // Memory, one worker at a time.
+    for ((_, isolation, prefork), measured) in MODES.into_iter().zip(results.iter_mut()) {
+        eprintln!("{}: memory of {CONCURRENT_JOBS} concurrent `sleep 30` jobs", measured.label);
+        let worker = Worker::start(opts(isolation, prefork)).await?;
+        let (processes, pss_kib) = concurrent_pss(&worker, isolation).await?;
+        worker.shutdown().await;
+        (measured.processes, measured.pss_kib) = (processes, pss_kib);
+    }
+
+    print_report(&info, runs, &mut results);
     Ok(())
 }
+
+/// The modes compared: label, isolation, prefork.
+const MODES: [(&str, Isolation, bool); 3] = [
+    ("fork, prefork spare (default)", Isolation::Fork, true),
+    ("fork on demand (`prefork = false`)", Isolation::Fork, false),
+    ("subprocess (python manage.py)", Isolation::Spawn, false),
+];
 
 /// Runs `noop` once; the time until it ended and both pipes hit EOF.
 async fn run_noop(worker: &Worker) -> anyhow::Result<Duration> {
@@ -125,8 +145,9 @@ async fn read_all(pipe: Option<pipe::Receiver>) -> anyhow::Result<Vec<u8>> {
 
 /// Starts [`CONCURRENT_JOBS`] `sleep 30` jobs, waits until each has printed
 /// "sleeping 30" (Django fully loaded, the command running), sums the PSS
-/// of their processes plus `extra_pid`, then kills them.
-async fn concurrent_pss(worker: &Worker, extra_pid: Option<u32>) -> anyhow::Result<u64> {
+/// of their processes plus, for fork, the worker and its idle spare, then
+/// kills them. Which processes were counted, and the sum.
+async fn concurrent_pss(worker: &Worker, isolation: Isolation) -> anyhow::Result<(String, u64)> {
     let args: Vec<String> = SLEEP_ARGS.iter().map(|a| a.to_string()).collect();
     let mut jobs = Vec::new();
     for _ in 0..CONCURRENT_JOBS {
@@ -143,14 +164,38 @@ async fn concurrent_pss(worker: &Worker, extra_pid: Option<u32>) -> anyhow::Resu
         ensure!(line.trim_end() == "sleeping 30", "unexpected first line {line:?}");
         readers.push(reader);
     }
+    let job_pids: Vec<u32> = jobs.iter().map(|job| job.pid).collect();
+    // Forked jobs share the worker's pages, so the worker counts too, and so
+    // does the spare waiting for the next job (its own pages are its cost).
+    let (processes, extra) = match isolation {
+        Isolation::Fork => {
+            let pid = worker.info().context("the worker is not up")?.pid;
+            let spares: Vec<u32> = children(pid).into_iter().filter(|c| !job_pids.contains(c)).collect();
+            let label = match spares.len() {
+                0 => format!("1 worker + {CONCURRENT_JOBS} jobs"),
+                n => format!("1 worker + {CONCURRENT_JOBS} jobs + {n} spare"),
+            };
+            (label, [vec![pid], spares].concat())
+        }
+        Isolation::Spawn => (CONCURRENT_JOBS.to_string(), Vec::new()),
+    };
     let mut total = 0;
-    for pid in jobs.iter().map(|job| job.pid).chain(extra_pid) {
-        total += pss_kib(pid)?;
+    for pid in job_pids.iter().chain(&extra) {
+        total += pss_kib(*pid)?;
     }
     for job in &mut jobs {
         job.stop(Stop::Kill).await;
     }
-    Ok(total)
+    Ok((processes, total))
+}
+
+/// The children of `pid` (its main thread's list).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|child| child.parse().ok())
+        .collect()
 }
 
 /// The `Pss:` line of /proc/<pid>/smaps_rollup, in KiB.
@@ -182,7 +227,11 @@ fn print_report(info: &WorkerInfo, runs: usize, results: &mut [Measured]) {
         p50s.push(ms(p50));
     }
     println!();
-    println!("Speed-up at p50: {:.0}× (subprocess p50 / fork p50).", p50s[1] / p50s[0]);
+    println!(
+        "Speed-up at p50: {:.0}× (subprocess p50 / prefork p50); prefork saves {:.1} ms at p50 over forking on demand.",
+        p50s[2] / p50s[0],
+        p50s[1] - p50s[0]
+    );
     println!();
     println!(
         "Memory, {CONCURRENT_JOBS} concurrent `sleep 30` jobs, sum of `Pss:` from /proc/<pid>/smaps_rollup:"

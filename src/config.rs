@@ -315,6 +315,8 @@ pub struct WorkerConfig {
     pub spawn_commands: Vec<String>,
     /// Seconds Django may take to set up in a fresh worker.
     pub startup_timeout: u64,
+    /// Keep a job process forked ahead of time (see docs/ipc.md, Jobs).
+    pub prefork: bool,
     /// Recycle the worker after this many jobs (0: never).
     pub recycle_after_jobs: u64,
     /// Recycle the worker once its RSS exceeds this many MiB (0: never).
@@ -329,6 +331,7 @@ impl Default for WorkerConfig {
             isolation: Isolation::Fork,
             spawn_commands: Vec::new(),
             startup_timeout: 60,
+            prefork: true,
             recycle_after_jobs: 0,
             recycle_above_rss_mb: 0,
             cancel_grace: 5,

@@ -418,3 +418,85 @@ async fn a_job_sees_the_whole_heap_though_the_worker_froze_it() {
     // contenttypes, auth, sessions, demo: every AppConfig, as in a fresh interpreter.
     assert_eq!(done.stdout_text().trim_end().lines().last(), Some("4"), "{}", done.stderr_text());
 }
+
+/// The live children of `pid`, from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            fields.len() > 1 && fields[0] != "Z" && fields[1] == pid.to_string()
+        })
+        .collect()
+}
+
+/// The worker's spare: the one child it forked ahead of time for the next job.
+async fn spare_of(worker: &Worker) -> u32 {
+    let pid = worker.info().expect("worker is up").pid;
+    for _ in 0..3000 {
+        if let [spare] = children_of(pid)[..] {
+            return spare;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("worker {pid} has no single spare child: {:?}", children_of(pid));
+}
+
+#[tokio::test]
+async fn a_settings_change_discards_the_spare_and_the_next_job_sees_the_new_settings() {
+    let (old_db, new_db) = (TestDb::new(), TestDb::new());
+    let worker = start(&old_db).await;
+    let before = run(&worker, "diffsettings", &[]).await;
+    assert_eq!(before.end, code(0));
+    assert!(before.stdout_text().contains(&old_db.path().display().to_string()), "{}", before.stdout_text());
+
+    // What a reload does: new options, so a fresh worker with its own spare.
+    let spare = spare_of(&worker).await;
+    worker.reconfigure(options(&new_db));
+    assert!(gone_within(spare, Duration::from_secs(20)).await, "the old spare {spare} was not discarded");
+    let after = run(&worker, "diffsettings", &[]).await;
+    assert_eq!(after.end, code(0));
+    assert!(after.stdout_text().contains(&new_db.path().display().to_string()), "{}", after.stdout_text());
+    assert!(!after.stdout_text().contains(&old_db.path().display().to_string()), "{}", after.stdout_text());
+}
+
+#[tokio::test]
+async fn recycling_discards_the_spare_and_jobs_start_on_the_new_workers_spare() {
+    let db = TestDb::new();
+    let worker = start(&db).await;
+    let old_worker = worker.info().unwrap().pid;
+    let old_spare = spare_of(&worker).await;
+    worker.recycle();
+    assert!(
+        gone_within(old_spare, Duration::from_secs(20)).await,
+        "the old spare {old_spare} outlived its worker"
+    );
+    assert!(gone_within(old_worker, Duration::from_secs(20)).await, "retired worker exits");
+    let _ = worker.discover().await.expect("the new worker is up");
+    let new_spare = spare_of(&worker).await;
+    let job = worker.spawn_job("noop", &[], Output::Capture).await.unwrap();
+    assert_eq!(job.pid, new_spare, "the job did not start on the spare");
+    assert_eq!(finish(job).await.end, code(0));
+}
+
+#[tokio::test]
+async fn without_prefork_each_job_is_forked_when_it_comes() {
+    let db = TestDb::new();
+    let mut opts = options(&db);
+    opts.prefork = false;
+    let worker = Worker::start(opts).await.unwrap();
+    let pid = worker.info().unwrap().pid;
+    assert_eq!(run(&worker, "noisy", &["--lines", "1"]).await.stdout_text(), "out 0\n");
+    assert_eq!(run(&worker, "noop", &[]).await.end, code(0));
+    // Once the jobs are reaped the worker has no child: nothing waits ahead of time.
+    for _ in 0..3000 {
+        if children_of(pid).is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("worker {pid} keeps children without prefork: {:?}", children_of(pid));
+}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import array
 import atexit
+import bisect
 import collections
 import contextlib
 import fcntl
@@ -30,6 +31,7 @@ import os
 import platform
 import random
 import runpy
+import select
 import selectors
 import signal
 import socket
@@ -383,8 +385,13 @@ def _decode_fields(reader: _Reader, fields: tuple) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# The job child. Nothing here may return into the worker's loop: every path
-# ends in os._exit.
+# The job child. It is forked ahead of time (a "spare", the prefork
+# technique): the worker keeps one waiting, so a job starts on a process that
+# already exists and the fork's cost is paid between jobs. A spare first does
+# everything that does not depend on the job (prefork time), then waits on its
+# private channel for the job: a `Run` frame with the job's stdin, stdout and
+# stderr (job time).
+# Nothing here may return into the worker's loop: every path ends in os._exit.
 # ---------------------------------------------------------------------------
 
 # The worker's own std streams, kept referenced in the child so that their
@@ -392,21 +399,26 @@ def _decode_fields(reader: _Reader, fields: tuple) -> dict:
 _RETIRED_STREAMS: list = []
 
 
-def _job_main(
-    worker_fds: list[int],
-    stdio_fds: list[int],
-    command: str,
-    args: list[str],
-    limits: dict | None = None,
-):
+def _spare_main(
+    channel: socket.socket, worker_fds: list[int], pages: _PagePlan
+) -> None:
+    """The whole life of a forked child: prefork set-up, wait, the job, exit."""
     status = 70  # EX_SOFTWARE, should anything below fail to set a status
+    me = os.getpid()
     try:
-        _become_job_process(worker_fds, stdio_fds)
-        _see_the_whole_heap()
-        _refuse_other_settings()
-        _apply_limits(limits or {})
+        channel = _above_stdio(channel)
+        _prefork_setup(worker_fds)
+        regions = pages.before_job(channel)
+        order = _await_order(channel)
+        if order is None:
+            status = 0  # discarded by the worker (reload, recycle, exit)
+            return
+        job, command, args, limits, stdio_fds = order
+        _job_setup(stdio_fds, limits)
         sys.argv = ["manage.py", command, *args]
-        status = _execute(sys.argv, limits or {})
+        status = _execute(sys.argv, limits)
+        if _report_exit(channel, job, status, me):
+            pages.after_job(channel, regions)
     except KeyboardInterrupt:
         # A SIGINT sent before the command started: die of it as asked.
         _die_by_sigint()
@@ -415,6 +427,247 @@ def _job_main(
             traceback.print_exc()
     finally:
         os._exit(status)
+
+
+def _prefork_setup(worker_fds: list[int]) -> None:
+    """Prefork time: what makes a fresh process of a fork, whatever the job.
+
+    Every step here is the same for every job, so a spare does it before its
+    job is known. Steps that depend on the job belong in ``_job_setup``.
+    Prefork time: new session, signal dispositions, closing the worker's
+    descriptors, reseeding ``random`` (each spare gets its own seed),
+    forgetting the worker's exit handlers, and installing the hooks that
+    give the job the whole heap and refuse other settings (and any other
+    step that reads nothing of the job). Job time: the three stdio
+    descriptors, the std streams built on them, the resource limits,
+    ``sys.argv``.
+    """
+    os.setsid()
+    _reset_signals()
+    for fd in worker_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    random.seed()
+    # Exit handlers registered in the worker belong to the worker.
+    atexit._clear()
+    _see_the_whole_heap()
+    _refuse_other_settings()
+
+
+def _above_stdio(channel: socket.socket) -> socket.socket:
+    """The channel on a descriptor above 2, which the job's stdio will take
+    (a worker started with fds 0-2 closed gets low numbers from socketpair)."""
+    if channel.fileno() > 2:
+        return channel
+    moved = fcntl.fcntl(channel.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
+    channel.close()
+    return socket.socket(fileno=moved)
+
+
+def _job_setup(stdio_fds: list[int], limits: dict) -> None:
+    """Job time: the steps that depend on the job (its stdio, its limits)."""
+    _install_stdio(*stdio_fds)
+    _rebuild_std_streams()
+    _apply_limits(limits)
+
+
+def _await_order(channel: socket.socket):
+    """Blocks until the worker sends the job; None if it discards us instead.
+
+    The order is a `Run` frame (the supervisor's own request, passed on) with
+    the job's stdin, stdout and stderr as SCM_RIGHTS descriptors.
+    """
+    frames = FrameDecoder()
+    fds: list[int] = []
+    while True:
+        data, ancdata, _, _ = channel.recvmsg(
+            _RECV_SIZE, socket.CMSG_SPACE(_STDIO_FDS * _FD_SIZE), _CMSG_FLAGS
+        )
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(cdata[: len(cdata) - len(cdata) % _FD_SIZE])
+                fds.extend(received)
+        if not data:
+            return None
+        payloads = frames.feed(data)
+        if payloads:
+            break
+    request = decode("Request", payloads[0])
+    run = request.get("Run") if isinstance(request, dict) else None
+    if run is None or len(fds) != _STDIO_FDS:
+        raise ProtocolError(
+            f"a spare expects a Run with {_STDIO_FDS} descriptors, got {request!r:.80}"
+        )
+    return run["job"], run["command"], run["args"], run["limits"], fds
+
+
+def _report_exit(channel: socket.socket, job: int, status: int, me: int) -> bool:
+    """Tells the worker the job's exit status before exiting.
+
+    The job's output is complete once the pipes are closed, and the exit
+    itself (tearing down the address space, then the reap) takes
+    milliseconds: the worker reports the job's end from this message and
+    reaps us off that path. A process forked by the command runs this code
+    too if it returns through it: only the job's own process reports.
+    """
+    if os.getpid() != me:
+        return False
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    exited = {"JobExited": {"job": job, "status": {"Code": {"code": status}}}}
+    try:
+        channel.sendall(encode_frame("Event", exited))
+    except OSError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Copy-on-write, paid ahead. A job's first write to any page it shares with
+# the worker (mostly reference counts of the objects every command touches:
+# settings, apps, models, the management machinery) copies that page: about
+# 1,400 page faults for `noop` on the demo project, which cost more CPU than
+# the whole command in a warm process. Those pages are nearly the same for
+# every job, so a spare copies them before its job arrives, off the job's
+# path: every _SCOUT_EVERY-th spare does not, and after its job reports it
+# lists the worker's pages the job wrote (/proc/self/pagemap: present and now
+# exclusive to it) for the worker; the next spares prefault that list with
+# madvise(MADV_POPULATE_WRITE), which copies a page without changing a byte.
+# Memory is the same as before (the job would have copied those pages); an
+# idle spare just holds them early. Linux only; elsewhere, or on a kernel
+# without MADV_POPULATE_WRITE (< 5.14), nothing happens and jobs pay as before.
+# ---------------------------------------------------------------------------
+
+_SCOUT_EVERY = 16
+_MADV_POPULATE_WRITE = 23
+_MAX_HOT_PAGES = 8192  # 32 MiB with 4 KiB pages: a bound on a spare's copies
+_PREFAULT_BATCH = 128  # runs between two looks for the job's order
+_MAX_REGION = 1 << 30  # bytes; larger mappings are not scanned
+_PM_PRESENT = 1 << 63
+_PM_EXCLUSIVE = 1 << 56
+
+
+class _PagePlan:
+    """What a child does about copy-on-write: prefault ``runs`` (flat
+    ``[start, length, ...]`` in bytes), scout for the next spares, or neither
+    (a child forked on demand: its job is waiting, so nothing may delay it)."""
+
+    __slots__ = ("runs", "scout")
+
+    def __init__(self, runs: array.array | None, scout: bool) -> None:
+        self.runs = runs
+        self.scout = scout
+
+    def before_job(self, channel: socket.socket) -> list[tuple[int, int]]:
+        """Prefork time: prefaults the runs (until the job arrives: then it
+        goes first); the regions a scout will report on."""
+        if not (self.runs or self.scout):
+            return []
+        try:
+            regions = _private_writable_regions()
+            if self.runs:
+                _prefault(self.runs, regions, channel)
+        except (OSError, ValueError, AttributeError):
+            return []
+        return regions
+
+    def after_job(self, channel: socket.socket, regions: list) -> None:
+        """After the exit report, off the job's path: a scout's findings."""
+        if not (self.scout and regions):
+            return
+        with contextlib.suppress(OSError, ValueError):
+            runs = _pages_written(regions)
+            channel.sendall(_U32.pack(len(runs) * 8) + runs.tobytes())
+
+
+def _private_writable_regions() -> list[tuple[int, int]]:
+    """(start, end) of every private writable mapping: what a fork shares
+    copy-on-write (the heap, pymalloc's arenas, the data of shared libraries)."""
+    regions = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, perms = line.split(None, 2)[:2]
+            if perms == "rw-p":
+                start, end = span.split("-")
+                regions.append((int(start, 16), int(end, 16)))
+    return regions
+
+
+def _pages_written(regions: list[tuple[int, int]]) -> array.array:
+    """Runs of pages in ``regions`` that are present and exclusive to us: the
+    ones copied (or first written) since the fork."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    runs = array.array("Q")
+    pages = 0
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        for start, end in regions:
+            if end - start > _MAX_REGION:
+                continue  # a reservation, not Python's heap
+            entries = array.array("Q")
+            entries.frombytes(
+                os.pread(fd, (end - start) // page * 8, start // page * 8)
+            )
+            for index, entry in enumerate(entries):
+                if not (entry & _PM_PRESENT and entry & _PM_EXCLUSIVE):
+                    continue
+                address = start + index * page
+                if runs and runs[-2] + runs[-1] == address:
+                    runs[-1] += page
+                else:
+                    runs.extend((address, page))
+                pages += 1
+                if pages >= _MAX_HOT_PAGES:
+                    return runs
+    finally:
+        os.close(fd)
+    return runs
+
+
+def _prefault(
+    runs: array.array, regions: list[tuple[int, int]], channel: socket.socket
+) -> None:
+    """Copies the pages of ``runs`` that lie in ``regions`` now, without
+    writing to them, stopping early once ``channel`` has the job's order.
+    The runs come from an earlier child: whatever the worker has unmapped
+    since is skipped, never touched."""
+    if _madvise is None:
+        return
+    starts = [low for low, _ in regions]
+    for i in range(0, len(runs) - 1, 2):
+        if i % _PREFAULT_BATCH == 0 and select.select([channel], [], [], 0)[0]:
+            return
+        start, end = runs[i], runs[i] + runs[i + 1]
+        # Regions are sorted and disjoint: from the last one starting at or
+        # before `start`, on while they begin before `end`.
+        at = max(bisect.bisect_right(starts, start) - 1, 0)
+        while at < len(regions) and regions[at][0] < end:
+            low, high = max(regions[at][0], start), min(regions[at][1], end)
+            if low < high and _madvise(low, high - low, _MADV_POPULATE_WRITE) != 0:
+                return  # EINVAL on a kernel without it: nothing more to gain
+            at += 1
+
+
+# madvise(2) through ctypes, loaded once in the worker (so no child pays
+# for the import); None where it cannot be had.
+_madvise = None
+
+
+def _load_madvise() -> None:
+    global _madvise
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (ImportError, OSError, AttributeError):
+        return
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    _madvise = madvise
 
 
 # Seconds between RLIMIT_CPU's SIGXCPU (soft) and its SIGKILL (hard).
@@ -434,19 +687,6 @@ def _apply_limits(limits: dict) -> None:
     nice = limits.get("nice", 0)
     if nice > 0:
         os.nice(nice)
-
-
-def _become_job_process(worker_fds: list[int], stdio_fds: list[int]) -> None:
-    os.setsid()
-    _reset_signals()
-    for fd in worker_fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    random.seed()
-    _install_stdio(*stdio_fds)
-    _rebuild_std_streams()
-    # Exit handlers registered in the worker belong to the worker.
-    atexit._clear()
 
 
 def _reset_signals() -> None:
@@ -982,6 +1222,7 @@ def _module_names_of(ids: set[int]) -> dict[int, str]:
 
 _REAP_INTERVAL = 1.0  # seconds; a safety net should a SIGCHLD wakeup be lost
 _RECV_SIZE = 64 * 1024
+_STDIO_FDS = 3  # a Run carries the job's stdin, stdout and stderr
 _MAX_FDS_PER_RECV = 16  # the supervisor sends 3 per Run; room for a bad peer
 _FD_SIZE = array.array("i").itemsize
 _CMSG_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
@@ -991,14 +1232,25 @@ _LOG_LIMIT = 256 * 1024  # characters; keeps any Log far below the frame limit
 class Worker:
     """One supervisor connection: requests in, events out, jobs forked and reaped."""
 
-    def __init__(self, sock: socket.socket, warm_up: bool = True) -> None:
+    def __init__(
+        self, sock: socket.socket, warm_up: bool = True, prefork: bool = True
+    ) -> None:
         self.sock = sock
         # Worth it for a worker that forks many jobs; `exec` forks one.
         self.warm_up = warm_up
+        self.prefork = prefork  # keep a spare (False: fork each job on demand)
         self.frames = FrameDecoder()
         self.fds: collections.deque[int] = collections.deque()
         self.jobs: dict[int, int] = {}  # job id -> pid (also its process group)
-        self.pids: dict[int, int] = {}  # pid -> job id
+        # pid -> job id, until reaped; a job whose end its child already
+        # reported has left self.jobs but stays here (and in self.reported).
+        self.pids: dict[int, int] = {}
+        self.reported: set[int] = set()
+        self.children: dict[int, _Child] = {}  # pid -> channel, spare or job
+        self.spare: _Child | None = None
+        # Copy-on-write prefault: the pages a scout's job wrote, and spares so far.
+        self.hot_runs: array.array | None = None
+        self.spares_forked = 0
         self.shutting_down = False
         self.wake_r, self.wake_w = os.pipe()
         self.selector = selectors.DefaultSelector()
@@ -1023,6 +1275,7 @@ class Worker:
             self._install_signals()
             self.selector.register(self.sock, selectors.EVENT_READ)
             self.selector.register(self.wake_r, selectors.EVENT_READ)
+            self._refill_spare()
             return self._loop()
         except ProtocolError as exc:
             print(
@@ -1037,6 +1290,7 @@ class Worker:
             return 0  # the supervisor is gone
         finally:
             self._kill_all_jobs()
+            self._discard_spare()
 
     def _install_signals(self) -> None:
         os.set_blocking(self.wake_r, False)
@@ -1049,11 +1303,14 @@ class Worker:
             signal.signal(signum, _ignore_signal)
 
     def _loop(self) -> int:
-        while not (self.shutting_down and not self.jobs):
+        # Reported jobs count until reaped: their leftovers are killed then.
+        while not (self.shutting_down and not self.pids):
             for key, _ in self.selector.select(timeout=_REAP_INTERVAL):
                 if key.fd == self.wake_r:
                     if signal.SIGTERM in self._drain_wakeups():
                         return 128 + signal.SIGTERM
+                elif key.data is not None:
+                    self._child_says(key.data)
                 elif not self._receive():
                     return 0  # EOF: the supervisor is gone
             self._reap()
@@ -1096,6 +1353,7 @@ class Worker:
                 self._discover()
             case "Shutdown":
                 self.shutting_down = True
+                self._discard_spare()
             case {
                 "Run": {"job": job, "command": command, "args": args, "limits": limits}
             }:
@@ -1128,6 +1386,8 @@ class Worker:
         from django.db import connections
 
         self.commands = self._describe_all()
+        _prime_command_line_parser()
+        _load_madvise()
         try:
             checks.run_checks()
         except Exception:  # noqa: BLE001 - a job will report it properly
@@ -1176,17 +1436,18 @@ class Worker:
     # --- Run -------------------------------------------------------------
 
     def _run(self, job: int, command: str, args: list[str], limits: dict) -> None:
-        fds = [self.fds.popleft() for _ in range(min(3, len(self.fds)))]
+        fds = [self.fds.popleft() for _ in range(min(_STDIO_FDS, len(self.fds)))]
         error = None
-        if len(fds) < 3:
+        if len(fds) < _STDIO_FDS:
             error = f"Run needs 3 descriptors (stdin, stdout, stderr), got {len(fds)}"
         elif self.shutting_down:
             error = "worker is shutting down"
         elif job in self.jobs:
             error = f"job {job} is already running"
         if error is None:
+            order = {"job": job, "command": command, "args": args, "limits": limits}
             try:
-                pid = self._fork(job, command, args, fds, limits)
+                pid = self._start_on_a_child(order, fds)
             except OSError as exc:
                 error = f"fork failed: {exc}"
         # The child has its copies; ours would keep the pipes open past its death.
@@ -1197,22 +1458,71 @@ class Worker:
         self.jobs[job] = pid
         self.pids[pid] = job
         self.send("JobStarted", job=job, pid=pid)
+        # The next job's process is forked now, while this one runs.
+        self._refill_spare()
 
-    def _fork(
-        self, job: int, command: str, args: list[str], fds: list[int], limits: dict
-    ) -> int:
+    # --- prefork ---------------------------------------------------------
+
+    def _start_on_a_child(self, order: dict, fds: list[int]) -> int:
+        """Hands the job to the spare (or to a fresh fork); the child's pid."""
+        child = self.spare or self._fork_child(fds)
+        self.spare = None
+        try:
+            _send_order(child.channel, order, fds)
+        except OSError as exc:
+            # The spare died while waiting (or cannot be reached): one fresh try.
+            self.log("Warning", f"spare job process {child.pid} is gone ({exc})")
+            self._abandon(child)
+            child = self._fork_child(fds)
+            try:
+                _send_order(child.channel, order, fds)
+            except OSError:
+                self._abandon(child)
+                raise
+        return child.pid
+
+    def _refill_spare(self) -> None:
+        if self.spare is not None or self.shutting_down or not self.prefork:
+            return
+        try:
+            self.spare = self._fork_child()
+        except OSError as exc:
+            # Not fatal: the next job forks on demand.
+            self.log("Warning", f"could not fork a spare job process: {exc}")
+
+    def _discard_spare(self) -> None:
+        """Reload, settings change and recycle all end this worker: its spare
+        (forked from this worker's code and settings) must not run a job."""
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            self._abandon(spare)
+
+    def _abandon(self, child: _Child) -> None:
+        with contextlib.suppress(OSError):
+            _kill_group(child.pid, signal.SIGKILL)
+        self._forget_channel(child.pid)
+
+    def _fork_child(self, job_fds: tuple[int, ...] | list[int] = ()) -> _Child:
+        """Forks a child that sets itself up and waits for its job.
+
+        ``job_fds`` are the stdio descriptors of a job about to be handed
+        over: the child gets its own copies with the order, and must not keep
+        these.
+        """
         from django.db import connections
 
         connections.close_all()
         threads = threading.active_count()
         if threads > 1:
             # Reported with the other fork hazards at start-up and by `check`.
-            message = f"job {job}: {threads} threads alive at fork; only this one"
+            message = f"{threads} threads alive at fork; only this one"
             self.log("Debug", message + " carries on in the job")
         # Anything still buffered would otherwise be written again by the child.
         _flush(sys.stdout)
         _flush(sys.stderr)
+        plan = self._page_plan(on_demand=bool(job_fds))
         gc.freeze()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Blocked until the child has reset its handlers: a signal meant for
         # the job must not run the worker's handlers (and wake the worker
         # through the shared wakeup pipe) in the child.
@@ -1221,18 +1531,28 @@ class Worker:
             pid = os.fork()
             if pid == 0:
                 try:
-                    _job_main(
-                        self._fds_to_close_in_child(),
-                        fds,
-                        command,
-                        args,
-                        limits,
-                    )
+                    worker_fds = [*self._fds_to_close_in_child(), *job_fds]
+                    ours.close()
+                    _spare_main(theirs, worker_fds, plan)
                 finally:
                     os._exit(70)
+        except OSError:
+            ours.close()
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        return pid
+            theirs.close()
+        child = _Child(pid, ours)
+        self.children[pid] = child
+        self.selector.register(ours, selectors.EVENT_READ, data=pid)
+        return child
+
+    def _page_plan(self, on_demand: bool) -> _PagePlan:
+        if on_demand:
+            return _PagePlan(None, scout=False)  # its job is already waiting
+        self.spares_forked += 1
+        scout = self.hot_runs is None or self.spares_forked % _SCOUT_EVERY == 0
+        return _PagePlan(None if scout else self.hot_runs, scout)
 
     def _own_fds(self) -> set[int]:
         """The worker's own descriptors: never a hazard, closed in every job."""
@@ -1242,6 +1562,8 @@ class Worker:
             self.wake_r,
             self.wake_w,
             *self.fds,
+            # The private channels to the spare and the running jobs.
+            *(child.channel.fileno() for child in self.children.values()),
         }
 
     def _fds_to_close_in_child(self) -> list[int]:
@@ -1251,8 +1573,75 @@ class Worker:
         fds = [self.wake_r, self.wake_w, *self.fds]
         self.sock.close()
         self.selector.close()
+        for child in self.children.values():
+            child.channel.close()
         self.fds.clear()
         return fds
+
+    def _child_says(self, pid: int) -> bool:
+        """A child's channel is readable: its exit status, or its end.
+        True if something was read.
+
+        Whatever arrives, the reap still follows and has the last word for a
+        job that did not report; a channel that misbehaves is only closed.
+        """
+        child = self.children.get(pid)
+        if child is None:
+            return False
+        try:
+            data = child.channel.recv(_RECV_SIZE)
+            payloads = child.frames.feed(data)
+        except BlockingIOError:
+            return False
+        except (OSError, ProtocolError):
+            data, payloads = b"", []
+        for payload in payloads:
+            if child.reported:
+                self._learn_pages(payload)
+                continue
+            child.reported = True
+            with contextlib.suppress(ProtocolError):
+                self._job_reported(pid, decode("Event", payload))
+        if not data:
+            self._forget_channel(pid)
+        return bool(data)
+
+    def _drain_channel(self, pid: int) -> None:
+        """Reads what a reaped child sent before it died, then closes its
+        channel: it may have reported (and a scout listed its pages) after
+        the last time the loop looked."""
+        child = self.children.get(pid)
+        if child is None:
+            return
+        with contextlib.suppress(OSError):
+            child.channel.setblocking(False)
+        # Until EOF, or nothing more for now (a process it forked holds it open).
+        while self._child_says(pid):
+            pass
+        self._forget_channel(pid)
+
+    def _learn_pages(self, payload: bytes) -> None:
+        """A scout's list of the pages its job wrote, for the next spares."""
+        if not payload or len(payload) % 16 or len(payload) > _MAX_HOT_PAGES * 16:
+            return
+        runs = array.array("Q")
+        runs.frombytes(payload)
+        self.hot_runs = runs
+
+    def _job_reported(self, pid: int, event: object) -> None:
+        match event:
+            case {"JobExited": {"job": job, "status": {"Code": {"code": code}}}}:
+                if self.jobs.get(job) == pid and pid not in self.reported:
+                    del self.jobs[job]
+                    self.reported.add(pid)
+                    self.send("JobExited", job=job, status={"Code": {"code": code}})
+
+    def _forget_channel(self, pid: int) -> None:
+        child = self.children.pop(pid, None)
+        if child is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(child.channel)
+            child.channel.close()
 
     # --- Signal ----------------------------------------------------------
 
@@ -1266,7 +1655,7 @@ class Worker:
             self.log("Warning", f"cannot send signal {signum} to job {job}: {exc}")
 
     def _kill_all_jobs(self) -> None:
-        for pid in self.jobs.values():
+        for pid in self.pids:
             with contextlib.suppress(OSError):
                 _kill_group(pid, signal.SIGKILL)
 
@@ -1275,8 +1664,17 @@ class Worker:
     def _reap(self) -> None:
         while (reaped := self._reap_one()) is not None:
             pid, status = reaped
+            self._drain_channel(pid)
+            if self.spare is not None and self.spare.pid == pid:
+                # Died waiting (OOM killer, a stray signal). Not replaced here,
+                # so a spare that cannot start does not fork in a loop: the
+                # next job forks on demand and refills it.
+                self.spare = None
+                self.log("Warning", f"spare job process {pid} died: {status:#x}")
             job = self.pids.pop(pid, None)
-            if job is not None:
+            if pid in self.reported:
+                self.reported.discard(pid)
+            elif job is not None:
                 del self.jobs[job]
                 self.send("JobExited", job=job, status=_exit_status(status))
 
@@ -1329,6 +1727,56 @@ def _kill_group(pid: int, signum: int) -> None:
             os.kill(pid, signum)
 
 
+def _prime_command_line_parser() -> None:
+    """Parses once with a parser built like ``ManagementUtility.execute``'s.
+
+    argparse compiles a regular expression for its catch-all positional on
+    first use; compiled here, it is in the ``re`` cache every child inherits
+    instead of being compiled again in each job (measured as the only Python
+    work a job's first run does beyond a warm second run).
+    """
+    from django.core.management.base import CommandParser
+
+    parser = CommandParser(usage="%(prog)s subcommand", add_help=False)
+    parser.add_argument("--settings")
+    parser.add_argument("--pythonpath")
+    parser.add_argument("args", nargs="*")
+    with contextlib.suppress(Exception, SystemExit):
+        parser.parse_known_args(["help"])
+
+
+class _Child:
+    """A forked child and the worker's end of its private channel."""
+
+    __slots__ = ("channel", "frames", "pid", "reported")
+
+    def __init__(self, pid: int, channel: socket.socket) -> None:
+        self.pid = pid
+        self.channel = channel
+        self.frames = FrameDecoder()
+        self.reported = False  # its first frame (the exit report) has come
+
+
+# Seconds a child has to take its order; only a stopped child takes longer.
+_ORDER_TIMEOUT = 10.0
+
+
+def _send_order(channel: socket.socket, order: dict, fds: list[int]) -> None:
+    """The job for a child: the `Run` frame with its stdio descriptors attached."""
+    frame = encode_frame("Request", {"Run": order})
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+    channel.settimeout(_ORDER_TIMEOUT)
+    try:
+        sent = channel.sendmsg([frame], rights)
+        # Only the rest, if any: the child may have run its job and exited
+        # already, and even an empty send to a closed peer fails (EPIPE),
+        # which would have the job run again on another child.
+        if sent < len(frame):
+            channel.sendall(frame[sent:])
+    finally:
+        channel.setblocking(True)
+
+
 def _exit_status(status: int) -> dict:
     if os.WIFSIGNALED(status):
         return {"Signal": {"signal": os.WTERMSIG(status)}}
@@ -1368,7 +1816,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--caller-mode",
         action="store_true",
-        help="jobs for `exec`: buffered streams as a fresh interpreter has them",
+        help="jobs for `exec`: buffered streams as a fresh interpreter has them"
+        " (and no spare: `exec` runs one job)",
+    )
+    parser.add_argument(
+        "--no-prefork",
+        dest="prefork",
+        action="store_false",
+        help="fork each job's process when its job comes, not ahead of time",
     )
     return parser.parse_args(argv)
 
@@ -1442,7 +1897,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _drop_setup_env(setup_only)
-    worker = Worker(sock, warm_up=not args.caller_mode)
+    # `exec` runs one job: neither warm-up nor a spare would pay for itself.
+    worker = Worker(
+        sock,
+        warm_up=not args.caller_mode,
+        prefork=args.prefork and not args.caller_mode,
+    )
     hello = {
         "protocol": PROTOCOL_VERSION,
         "pid": os.getpid(),

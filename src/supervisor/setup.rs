@@ -56,6 +56,7 @@ pub fn worker_options(config: &Config) -> WorkerOptions {
         startup_timeout: Duration::from_secs(config.worker.startup_timeout),
         isolation: config.worker.isolation,
         spawn_commands: config.worker.spawn_commands.iter().cloned().collect(),
+        prefork: config.worker.prefork,
         recycle_after_jobs: (config.worker.recycle_after_jobs > 0)
             .then_some(config.worker.recycle_after_jobs),
         recycle_above_rss: (config.worker.recycle_above_rss_mb > 0)

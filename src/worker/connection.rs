@@ -225,8 +225,8 @@ impl Connection {
         }
     }
 
-    /// Asks the worker to fork `command`; the two descriptors become the
-    /// child's stdout and stderr. Returns the child's pid and a receiver for
+    /// Asks the worker to fork `command`; the three descriptors become the
+    /// child's stdin, stdout and stderr. Returns the child's pid and a receiver for
     /// how the job ends.
     pub async fn run(
         &self,

@@ -72,6 +72,9 @@ pub struct WorkerOptions {
     pub isolation: Isolation,
     /// Commands that always use [`Isolation::Spawn`].
     pub spawn_commands: BTreeSet<String>,
+    /// Keep a job process forked ahead of time in the worker, so a job
+    /// starts on a process that already exists (see docs/ipc.md, Jobs).
+    pub prefork: bool,
     /// Start a fresh worker after this many jobs (`None`: never).
     pub recycle_after_jobs: Option<u64>,
     /// Start a fresh worker once the worker's own RSS exceeds this many

@@ -79,6 +79,7 @@ pub(super) async fn spawn(opts: &WorkerOptions) -> std::io::Result<Spawned> {
         .arg(&opts.project_dir)
         .arg("--settings")
         .arg(&opts.settings_module)
+        .args((!opts.prefork).then_some("--no-prefork"))
         .current_dir(opts.caller_dir.as_ref().unwrap_or(&opts.project_dir))
         .env("DJANGOCOMMAND_WORKER_FD", WORKER_FD.to_string())
         .env("DJANGO_SETTINGS_MODULE", &opts.settings_module)

@@ -57,6 +57,7 @@ pub fn options(db: &TestDb) -> WorkerOptions {
         startup_timeout: Duration::from_secs(60),
         isolation: Isolation::Fork,
         spawn_commands: BTreeSet::new(),
+        prefork: true,
         recycle_after_jobs: None,
         recycle_above_rss: None,
         caller_dir: None,

@@ -5,6 +5,7 @@ on stdin and its end of a socketpair as fd 3, then speaks the protocol.
 """
 
 import os
+import platform
 import socket
 import struct
 import subprocess
@@ -324,3 +325,174 @@ def test_startup_failure_is_reported_with_the_traceback(tmp_path):
     assert "No module named 'does_not_exist_module'" in failed["error"]
     assert sup.proc.wait(timeout=TIMEOUT) == 1
     sup.sock.close()
+
+
+# --- prefork: the spare child forked ahead of time --------------------------
+
+
+def _children_of(pid: int) -> set[int]:
+    """Live (not zombie) children of ``pid``, from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _wait_for(predicate, what: str):
+    """Polls ``predicate`` until it returns something truthy (no timing asserted)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if result := predicate():
+            return result
+        time.sleep(0.01)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def _the_spare(supervisor) -> int:
+    """The worker's one idle child, waiting for its job."""
+
+    def one_child():
+        # A finished job may still be tearing down: wait until it is gone.
+        children = _children_of(supervisor.proc.pid)
+        return children if len(children) == 1 else None
+
+    return _wait_for(one_child, "exactly one (spare) child").pop()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_job_starts_on_the_child_forked_ahead_of_time(supervisor):
+    spare = _the_spare(supervisor)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    run = {"Run": {"job": 1, "command": "say", "args": ["hi"], "limits": NO_LIMITS}}
+    supervisor.send(run, fds=[NULL_STDIN, out_w, err_w])
+    os.close(out_w)
+    os.close(err_w)
+    assert supervisor.event() == {"JobStarted": {"job": 1, "pid": spare}}
+    assert supervisor.event() == {
+        "JobExited": {"job": 1, "status": {"Code": {"code": 0}}}
+    }
+    assert (_read_all(out_r), _read_all(err_r)) == (b"hi", b"")
+    # A fresh spare waits for the next job, which starts on it in turn.
+    _wait_for(lambda: _gone(spare), "the finished job to be reaped")
+    second = _the_spare(supervisor)
+    out_r, out_w = os.pipe()
+    run = {"Run": {"job": 2, "command": "noop", "args": [], "limits": NO_LIMITS}}
+    supervisor.send(run, fds=[NULL_STDIN, out_w, out_w])
+    os.close(out_w)
+    assert supervisor.event() == {"JobStarted": {"job": 2, "pid": second}}
+    assert "JobExited" in supervisor.event()
+    assert _read_all(out_r) == b""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_shutdown_discards_the_spare(supervisor):
+    # Shutdown is how the supervisor retires a worker on reload, on a
+    # settings change and on recycling: the spare has the old code and settings.
+    spare = _the_spare(supervisor)
+    supervisor.send("Shutdown")
+    assert supervisor.proc.wait(timeout=TIMEOUT) == 0
+    _wait_for(lambda: _gone(spare), "the spare to be discarded")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+@pytest.mark.parametrize("how", ["eof", "sigterm"])
+def test_the_spare_ends_with_the_worker(supervisor, how):
+    spare = _the_spare(supervisor)
+    if how == "eof":
+        supervisor.close()
+    else:
+        supervisor.proc.send_signal(15)
+        supervisor.proc.wait(timeout=TIMEOUT)
+    _wait_for(lambda: _gone(spare), "the spare to end with the worker")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_spare_that_died_is_replaced_by_a_fork_on_demand(supervisor):
+    spare = _the_spare(supervisor)
+    os.kill(spare, 9)
+    _wait_for(lambda: spare not in _children_of(supervisor.proc.pid), "the reap")
+    status, out, _ = supervisor.run(1, "say", "again")
+    assert (status, out) == ({"Code": {"code": 0}}, b"again")
+    # Said once, whether the worker reaped it before the job came or found
+    # it gone when handing the job over.
+    spare_logs = [
+        log for log in supervisor.logs if f"spare job process {spare}" in log["message"]
+    ]
+    assert len(spare_logs) == 1, supervisor.logs
+    _the_spare(supervisor)
+
+
+def _private_dirty_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Private_Dirty for {pid}")
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    release = platform.release().split("-")[0].split(".")
+    try:
+        return (int(release[0]), int(release[1])) >= (major, minor)
+    except (IndexError, ValueError):
+        return False
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and _kernel_at_least(5, 14)),
+    reason="MADV_POPULATE_WRITE needs Linux 5.14",
+)
+def test_spares_copy_the_pages_jobs_write_before_their_job_comes(supervisor):
+    # The first spares scout: their jobs list the worker's pages they wrote.
+    scout = _the_spare(supervisor)
+    scout_dirty = _private_dirty_kib(scout)
+    assert supervisor.run(1, "noop")[0] == {"Code": {"code": 0}}
+    # It sends the list after its exit report: once it is reaped, the worker has it.
+    _wait_for(lambda: not Path(f"/proc/{scout}").exists(), "the first job's reap")
+    # The spare forked as job 2 starts copies those pages (a noop writes over a
+    # MiB of them) while it waits, so its job does not fault on them.
+    assert supervisor.run(2, "noop")[0] == {"Code": {"code": 0}}
+    spare = _the_spare(supervisor)
+    copied = _wait_for(
+        lambda: (kib := _private_dirty_kib(spare)) > scout_dirty + 1024 and kib,
+        "the spare to copy the pages jobs write",
+    )
+    assert copied > scout_dirty + 1024
+    status, out, err = supervisor.run(3, "noisy", "--lines", "1")
+    assert (status, out, err) == ({"Code": {"code": 0}}, b"out 0\n", b"err 0\n")
+
+
+def test_an_order_taken_and_done_before_the_send_returns_is_not_resent():
+    # Under load the child can read its whole order, run a short job and exit
+    # before the worker's send returns: the send must still count as done
+    # (a failure here made the worker run the job again on another child).
+    ours, child = socket.socketpair()
+
+    class FastChild(socket.socket):
+        def sendmsg(self, *args):
+            sent = super().sendmsg(*args)
+            child.recvmsg(1 << 16, socket.CMSG_SPACE(64))
+            child.close()  # the job ran and the child exited
+            return sent
+
+    channel = FastChild(fileno=ours.detach())
+    order = {"job": 1, "command": "noop", "args": [], "limits": NO_LIMITS}
+    with channel:
+        codec._send_order(channel, order, [NULL_STDIN])
