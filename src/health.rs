@@ -217,7 +217,7 @@ impl Metrics {
         self.heartbeat_age.set(age);
         let worker_pid = probe.worker.info().map(|info| info.pid);
         self.worker_up.set(i64::from(worker_pid.is_some()));
-        let rss = worker_pid.and_then(crate::worker::resident_bytes).unwrap_or(0);
+        let rss = worker_pid.and_then(crate::procfs::resident_bytes).unwrap_or(0);
         self.worker_rss.set(saturating_i64(rss));
         self.spill_bytes.set(saturating_i64(spilled_bytes(&probe.spill_dir)));
         let mut text = String::new();

@@ -1,5 +1,7 @@
-//! What Linux says about a process in `/proc/<pid>/stat`: one reader and
-//! one parser, for the journal's pid checks and the tests.
+//! What Linux says about a process under `/proc/<pid>`: one reader and
+//! parser for `stat` (the journal's pid checks, the worker's pid checks, the
+//! tests) and one for the resident set size in `status` (worker recycling,
+//! metrics).
 //!
 //! The command name (field 2) is in parentheses and may itself contain
 //! spaces or ')', so the fields are counted from the last ')'.
@@ -38,6 +40,14 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
     Some(Stat { state, parent, start_time })
 }
 
+/// The process's resident set size (`VmRSS` in `/proc/<pid>/status`).
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +66,6 @@ mod tests {
         assert_eq!(me.parent, std::os::unix::process::parent_id());
         assert_eq!(parse_stat("no parenthesis"), None);
         assert_eq!(parse_stat("1 (x) S"), None);
+        assert!(resident_bytes(std::process::id()).is_some_and(|bytes| bytes > 0));
     }
 }

@@ -13,6 +13,7 @@
 //! told so with the reason, and the job's process groups are killed so
 //! nothing the dead worker started keeps running unsupervised.
 
+use crate::sync::LockExt;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -293,7 +294,7 @@ impl Connection {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 }
 
@@ -345,7 +346,7 @@ async fn read_events(
 /// Hands an event to whoever waits for it; `Err` when the worker broke the
 /// protocol (the conversation then ends).
 fn route(event: Event, state: &Mutex<State>, worker_pid: u32) -> Result<(), String> {
-    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    let mut state = state.locked();
     match event {
         Event::JobStarted { job, pid } => {
             check_job_pid(pid, worker_pid)?;
@@ -406,7 +407,7 @@ fn check_job_pid(pid: u32, worker_pid: u32) -> Result<(), String> {
     if pid <= 1 || pid == worker_pid || pid == std::process::id() || i32::try_from(pid).is_err() {
         return Err(format!("job pid {pid} cannot be a job of this worker"));
     }
-    match parent_pid(pid) {
+    match crate::procfs::stat(pid).map(|stat| stat.parent) {
         Some(parent) if parent != worker_pid => {
             Err(format!("job pid {pid} is not a child of the worker (its parent is {parent})"))
         }
@@ -424,14 +425,6 @@ fn check_exit_status(status: ExitStatus) -> Result<(), String> {
     }
 }
 
-/// The parent of `pid` (field 4 of /proc/<pid>/stat), if it exists.
-fn parent_pid(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: skip past its last ')'.
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn log_from_worker(level: LogLevel, message: &str) {
     match level {
         LogLevel::Debug => tracing::debug!(target: "dcsupervisor::worker::python", "{message}"),
@@ -443,7 +436,7 @@ fn log_from_worker(level: LogLevel, message: &str) {
 
 /// Fails every job still waiting on this worker and kills what it left.
 fn end_all_jobs(state: &Mutex<State>, reason: &str) {
-    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    let mut state = state.locked();
     state.ended = Some(reason.to_string());
     state.discovery = None;
     state.parses.clear();
@@ -491,7 +484,7 @@ mod tests {
             assert!(check_job_pid(pid, worker).is_err(), "{pid}");
         }
         // Our parent is not our child.
-        let parent = parent_pid(worker).unwrap();
+        let parent = crate::procfs::stat(worker).unwrap().parent;
         assert!(check_job_pid(parent, worker).unwrap_err().contains("not a child of the worker"));
         let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
         assert_eq!(check_job_pid(child.id(), worker), Ok(()));

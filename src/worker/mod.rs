@@ -14,6 +14,7 @@ mod process;
 mod setup_options;
 mod subprocess;
 
+use crate::sync::LockExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -274,7 +275,7 @@ impl Worker {
     /// code (and changed settings) are picked up; running jobs finish on the
     /// old worker.
     pub fn reconfigure(&self, opts: WorkerOptions) {
-        *self.shared.opts.lock().unwrap_or_else(|e| e.into_inner()) = opts;
+        *self.shared.opts.locked() = opts;
         self.recycle();
     }
 
@@ -306,7 +307,7 @@ impl Worker {
         match live {
             Some(connection) => Ok(connection),
             None => {
-                let last = self.shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let last = self.shared.last_start_error.locked().clone();
                 Err(JobError::NoWorker(last.unwrap_or_else(|| "the worker is restarting".into())))
             }
         }
@@ -315,7 +316,7 @@ impl Worker {
 
 impl Shared {
     fn opts(&self) -> WorkerOptions {
-        self.opts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.opts.locked().clone()
     }
 }
 
@@ -333,7 +334,7 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
         let crashed = tokio::select! {
             _ = rss_check.tick(), if rss_limit.is_some() => {
                 let pid = connection.info.pid;
-                match (resident_bytes(pid), rss_limit) {
+                match (crate::procfs::resident_bytes(pid), rss_limit) {
                     (Some(rss), Some(limit)) if rss > limit => {
                         tracing::info!(pid, rss, limit, "worker above its memory limit; recycling it");
                         shared.current.send_replace(None);
@@ -407,14 +408,6 @@ async fn data_corrupting_hazard(connection: &Connection, opts: &WorkerOptions) -
     }
 }
 
-/// A process's resident set size, from /proc.
-pub(crate) fn resident_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 /// Starts a worker (after a wait if `crashed`), waiting longer between
 /// attempts the more have failed.
 async fn start_with_backoff(shared: &Shared, restarts: &mut Backoff, crashed: bool) -> Arc<Connection> {
@@ -426,14 +419,14 @@ async fn start_with_backoff(shared: &Shared, restarts: &mut Backoff, crashed: bo
         wait = true;
         match Connection::open(&shared.opts()).await {
             Ok(connection) => {
-                *shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *shared.last_start_error.locked() = None;
                 tracing::info!(pid = connection.info.pid, "worker ready");
                 report_fork_hazards(&connection, &shared.opts()).await;
                 return connection;
             }
             Err(err) => {
                 tracing::error!("worker failed to start: {err}");
-                *shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(err.to_string());
+                *shared.last_start_error.locked() = Some(err.to_string());
             }
         }
     }

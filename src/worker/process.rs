@@ -3,6 +3,7 @@
 //! it needs for Django's set-up only (the API key) over a pipe, and a task
 //! that turns the worker's own stdout/stderr into log lines.
 
+use crate::sync::LockExt;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::process::Stdio;
@@ -48,7 +49,7 @@ pub(super) struct StderrTail(Arc<Mutex<VecDeque<String>>>);
 
 impl StderrTail {
     fn push(&self, line: String) {
-        let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lines = self.0.locked();
         if lines.len() == STDERR_TAIL_LINES {
             lines.pop_front();
         }
@@ -56,7 +57,7 @@ impl StderrTail {
     }
 
     pub fn text(&self) -> String {
-        let lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let lines = self.0.locked();
         lines.iter().map(|l| format!("{l}\n")).collect()
     }
 }
