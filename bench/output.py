@@ -4,7 +4,10 @@ dcsupervisor and the published Python runner side by side in one run.
 Each runner gets a fresh `dccontrol serve` (release build) on loopback and
 runs, one after the other:
 
-* sparse output: `ticker` prints "tick <i> <unix time>" every 0.2 s. A line's
+* sparse output: `ticker` prints "tick <i> <unix time>" every --interval
+  seconds (0.5 by default: slower than the runner's 4 flushes a second, so
+  each line follows a quiet spell; at 0.2 s lines come faster than that
+  budget and wait for the next flush slot). A line's
   latency is the time dccontrol logged the request that carried it minus the
   time the command printed it (same machine, same clock): what a person
   watching the dashboard waits. Reported: p50, p95, max, and the output
@@ -126,10 +129,10 @@ def run_to_end(plane: harness.ControlPlane, command: str, args: str, limit: floa
     return execution
 
 
-def sparse(plane: harness.ControlPlane, lines: int) -> Sparse:
+def sparse(plane: harness.ControlPlane, lines: int, interval: float) -> Sparse:
     plane.call("DELETE", "/api/operator/requests")
     execution = run_to_end(
-        plane, "ticker", f"--lines {lines} --interval 0.2", 60 + lines
+        plane, "ticker", f"--lines {lines} --interval {interval:g}", 60 + lines
     )
     arrived: dict[int, float] = {}
     requests = output_requests(plane, execution["id"])
@@ -188,7 +191,7 @@ def bench(runner: drain_bench.Runner, options, workdir: Path) -> Result:
         # A first execution, untimed: the runner is up and has synced.
         run_to_end(plane, "noop", "", drain_bench.STARTUP_LIMIT)
         print(f"{runner.name}: sparse output", file=sys.stderr)
-        sparse_result = sparse(plane, options.lines)
+        sparse_result = sparse(plane, options.lines, options.interval)
         print(f"{runner.name}: flood of {options.flood_mb:g} MB", file=sys.stderr)
         flood_result = flood(plane, int(options.flood_mb * MB))
         big = None
@@ -246,7 +249,7 @@ def table(results: list[Result], options) -> str:
     flood_label = f"{options.flood_mb:g} MB"
     rows = [
         (
-            f"sparse: line latency p50 ({options.lines} lines, 0.2 s apart)",
+            f"sparse: line latency p50 ({options.lines} lines, {options.interval:g} s apart)",
             f"≤ {t['p50']:g} ms",
             latency(50, t["p50"]),
         ),
@@ -351,6 +354,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--lines", type=int, default=50, help="sparse lines (default 50)"
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=0.5,
+        help="seconds between sparse lines (default 0.5)",
     )
     parser.add_argument(
         "--flood-mb", type=float, default=20.0, help="flood size in MB (default 20)"
