@@ -207,15 +207,13 @@ async fn capped(runner_config: &str) {
     assert_eq!(status_and_code(&done), ("success".into(), 0));
     let (out, err) = (output(&done, false), output(&done, true));
     // Head and tail of the output as read, whichever stream they were on.
-    // Known defect (docs/reliability.md, "Known defects"): under CPU load the
-    // head that should stay on disk is sometimes dropped with the middle
-    // (seen about once in six runs with the CPUs busy: stdout empty, stderr
-    // starting with the notice). Until it is fixed the head is reported,
-    // not asserted; everything else about the cap is.
     let starts = |text: &str| text.chars().take(80).collect::<String>();
-    if !(out.starts_with("out 0\nout 1\n") || err.starts_with("err 0\nerr 1\n")) {
-        eprintln!("known defect: the head was dropped: {:?} {:?}", starts(&out), starts(&err));
-    }
+    assert!(
+        out.starts_with("out 0\nout 1\n") || err.starts_with("err 0\nerr 1\n"),
+        "the head is kept: {:?} {:?}",
+        starts(&out),
+        starts(&err)
+    );
     assert!(out.contains("bytes of output left out here") || err.contains("bytes of output left out here"));
     let ends = |text: &str| text[text.len().saturating_sub(60)..].to_string();
     assert!(

@@ -100,6 +100,11 @@ impl SpoolUsage {
             .is_ok()
     }
 
+    /// Bytes still free under the state directory's cap.
+    fn room(&self) -> u64 {
+        self.limit.saturating_sub(self.bytes.load(Ordering::Relaxed))
+    }
+
     fn release(&self, bytes: u64) {
         let _ = self
             .bytes
@@ -310,6 +315,26 @@ impl Outbox {
     }
 }
 
+/// A read bigger than the room left under the caps (one pipe read can hold
+/// 64 KiB) is split so its head fills the log: the head of the output is
+/// what the caps promise to keep on disk. `true` if the front record was split.
+fn split_to_fit(log: &mut Log, frame_size: u64, max_bytes: u64, usage_room: u64) -> bool {
+    let room = max_bytes.saturating_sub(log.len).min(usage_room);
+    let Some(Record::Read { stderr, at, bytes }) = log.held.front_mut() else { return false };
+    let overhead = frame_size.saturating_sub(bytes.len() as u64);
+    if room <= overhead {
+        return false;
+    }
+    let keep = usize::try_from(room - overhead).unwrap_or(usize::MAX).min(bytes.len());
+    if keep == 0 || keep >= bytes.len() {
+        return false;
+    }
+    let rest = Record::Read { stderr: *stderr, at: *at, bytes: bytes.split_off(keep) };
+    log.held_bytes += 32; // one more record's overhead (see Record::weight)
+    log.held.insert(1, rest);
+    true
+}
+
 impl Log {
     fn new(file: Option<File>, len: u64, on_disk: u64, holding: Holding) -> Self {
         Self {
@@ -372,6 +397,9 @@ impl Shared {
             let frame = record.frame();
             let size = frame.len() as u64;
             if log.len + size > self.opts.max_bytes || !self.opts.usage.try_reserve(size) {
+                if split_to_fit(log, size, self.opts.max_bytes, self.opts.usage.room()) {
+                    continue;
+                }
                 if log.holding != Holding::OverCap {
                     tracing::warn!(execution = %self.id, "the output log reached its cap (runner.spool_max_bytes / runner.state_dir_max_bytes); holding output in memory");
                     log.holding = Holding::OverCap;
@@ -757,6 +785,31 @@ mod tests {
 
     fn read(text: &str) -> Record {
         Record::Read { stderr: false, at: 1.0, bytes: text.as_bytes().to_vec() }
+    }
+
+    #[test]
+    fn a_read_bigger_than_the_room_left_is_split_so_its_head_fills_the_log() {
+        let mut log = Log::new(None, 0, 0, Holding::No);
+        let big = read(&"x".repeat(100));
+        let size = big.frame().len() as u64;
+        log.held_bytes = big.weight();
+        log.held.push_back(big);
+        // 60 bytes of room: the head fills it (frame overhead included), the rest waits.
+        assert!(split_to_fit(&mut log, size, 60, u64::MAX));
+        let lengths: Vec<usize> = log
+            .held
+            .iter()
+            .map(|r| match r {
+                Record::Read { bytes, .. } => bytes.len(),
+                Record::Meta(_) => 0,
+            })
+            .collect();
+        assert_eq!(lengths.iter().sum::<usize>(), 100, "no byte lost: {lengths:?}");
+        assert_eq!(log.held[0].frame().len(), 60, "the head fills the room exactly");
+        // The state directory's cap counts too; no room at all: no split.
+        let mut full = Log::new(None, 0, 0, Holding::No);
+        full.held.push_back(read("abc"));
+        assert!(!split_to_fit(&mut full, 1_000, 1_000, 0));
     }
 
     #[test]
