@@ -340,14 +340,10 @@ def report(results: list[Result], options) -> str:
 
 
 def write_doc(block: str) -> None:
-    """Puts `block` between the output markers, adding them at the end if missing."""
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if START_MARK not in text or END_MARK not in text:
-        section = "\n## Output: line latency and throughput\n\n"
-        text = text.rstrip("\n") + "\n" + section + f"{START_MARK}\n{END_MARK}\n"
-    head, rest = text.split(START_MARK, 1)
-    _, tail = rest.split(END_MARK, 1)
-    DOC.write_text(f"{head}{START_MARK}\n\n{block}\n\n{END_MARK}{tail}")
+    """Puts `block` between the output markers."""
+    drain_bench.write_marked_section(
+        DOC, START_MARK, END_MARK, "Output: line latency and throughput", block
+    )
 
 
 def main() -> int:

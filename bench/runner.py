@@ -474,15 +474,29 @@ def report(results: list[Result], count: int, idle: float) -> str:
     return block
 
 
+def write_marked_section(
+    doc: Path, start: str, end: str, heading: str, block: str
+) -> None:
+    """Puts `block` between `start` and `end` in `doc`, adding them (under
+    `heading`) at the end if missing; the rest of the file stays as it is."""
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if start not in text or end not in text:
+        section = f"\n## {heading}\n\n"
+        text = text.rstrip("\n") + "\n" + section + f"{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{start}\n\n{block}\n\n{end}{tail}")
+
+
 def write_doc(block: str) -> None:
-    """Puts `block` between the runner markers, adding them at the end if missing."""
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if START_MARK not in text or END_MARK not in text:
-        section = "\n## Runner: dcsupervisor vs the published Python runner\n\n"
-        text = text.rstrip("\n") + "\n" + section + f"{START_MARK}\n{END_MARK}\n"
-    head, rest = text.split(START_MARK, 1)
-    _, tail = rest.split(END_MARK, 1)
-    DOC.write_text(f"{head}{START_MARK}\n\n{block}\n\n{END_MARK}{tail}")
+    """Puts `block` between the runner markers."""
+    write_marked_section(
+        DOC,
+        START_MARK,
+        END_MARK,
+        "Runner: dcsupervisor vs the published Python runner",
+        block,
+    )
 
 
 def main() -> int:
