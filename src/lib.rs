@@ -5,7 +5,8 @@
 //! it in a fork of a preloaded Django process, and output flows back the same
 //! way. [`protocol`] is the runner API the supervisor and the control plane
 //! share; [`ipc`] is the language the supervisor and the worker speak;
-//! [`config`] is `dc.toml`; [`backoff`] is the one retry rhythm all of
+//! [`config`] is `dc.toml`; [`local_plane`] is `dccontrol`, the control plane
+//! the tests and the demo run against; [`backoff`] is the one retry rhythm all of
 //! them use; [`logging`] keeps log lines unforgeable; [`health`] is what
 //! operators' probes and Prometheus read; [`procfs`] reads `/proc/<pid>/stat`
 //! and [`sync`] holds locks that survive a panicked holder.
@@ -14,6 +15,7 @@ pub mod backoff;
 pub mod config;
 pub mod health;
 pub mod ipc;
+pub mod local_plane;
 pub mod logging;
 pub mod procfs;
 pub mod protocol;

@@ -1,17 +1,19 @@
 //! Harness for end-to-end tests: a real `dccontrol serve` on loopback, a
-//! real `dcsupervisor` pointed at it, and a small HTTP client for the
-//! control plane's operator API.
+//! real `dcsupervisor` pointed at it, and the library's typed operator
+//! client (`dcsupervisor::local_plane::OperatorClient`) to drive the first
+//! and read what the second did.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use serde_json::{json, Value};
+use dcsupervisor::local_plane::wire::{
+    ChunkView, ExecutionDetail, ExecutionStatus, ExecutionSummary, FaultSpec, LoggedRequest, NewExecution,
+    StateView,
+};
+use dcsupervisor::local_plane::{ClientError, OperatorClient};
+use dcsupervisor::protocol::api::{ExecutionId, RunnerState};
 
 use super::{demo_project, python, TestDb};
 
@@ -20,17 +22,17 @@ pub const KEY: &str = "dc_e2e_test_key";
 /// How long an end-to-end step may take before the test gives up.
 pub const LIMIT: Duration = Duration::from_secs(60);
 
-/// An execution's final status and exit code, as the control plane recorded them.
-pub fn status_and_code(execution: &Value) -> (String, i64) {
-    (
-        execution["status"].as_str().unwrap_or("").to_string(),
-        execution["exit_code"].as_i64().unwrap_or(i64::MIN),
-    )
+/// An execution's final status and exit code (`i64::MIN` for none), as the
+/// control plane recorded them: `("success", 0)`.
+pub fn status_and_code(execution: &ExecutionDetail) -> (&'static str, i64) {
+    (execution.summary.status.as_str(), execution.summary.exit_code.map_or(i64::MIN, i64::from))
 }
 
+/// A `dccontrol serve` process and a client of its operator API.
 pub struct ControlPlane {
     child: Child,
     pub url: String,
+    pub client: OperatorClient,
 }
 
 impl ControlPlane {
@@ -60,82 +62,105 @@ impl ControlPlane {
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let url =
             line.trim().strip_prefix("listening on ").expect("dccontrol announces its address").to_string();
-        Self { child, url }
+        let client = OperatorClient::new(&url, KEY).expect("a loopback URL");
+        Self { child, url, client }
     }
 
-    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let request = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{}", self.url, path))
-            .header("Authorization", format!("Bearer {KEY}"))
-            .header("Content-Type", "application/json")
-            .body(Full::new(body))
-            .unwrap();
-        let response = client.request(request).await.expect("operator API reachable");
-        let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    /// Queues `command` with `args` (one string, split like a shell would).
+    pub async fn queue(&self, command: &str, args: &str) -> ExecutionId {
+        self.queue_with(NewExecution::new(command, args)).await
     }
 
-    pub async fn queue(&self, command: &str, args: &str) -> String {
-        self.queue_with(json!({"command": command, "args": args})).await
+    pub async fn queue_with(&self, request: NewExecution) -> ExecutionId {
+        self.client.queue(&request).await.expect("the execution is queued")
     }
 
-    pub async fn queue_with(&self, body: Value) -> String {
-        let (status, answer) = self.call("POST", "/api/operator/executions", Some(body)).await;
-        assert_eq!(status, 201, "{answer}");
-        answer["id"].as_str().unwrap().to_string()
+    pub async fn executions(&self) -> Vec<ExecutionSummary> {
+        self.client.list().await.expect("the execution list")
     }
 
-    pub async fn executions(&self) -> Vec<Value> {
-        let list = self.call("GET", "/api/operator/executions", None).await.1;
-        list["executions"].as_array().cloned().expect("an execution list")
-    }
-
-    pub async fn execution(&self, id: &str) -> Value {
-        self.call("GET", &format!("/api/operator/executions/{id}"), None).await.1
+    pub async fn execution(&self, id: &ExecutionId) -> ExecutionDetail {
+        self.client.detail(id).await.expect("the execution")
     }
 
     /// Polls until the execution reaches a final status.
-    pub async fn wait_done(&self, id: &str, limit: Duration) -> Value {
-        self.wait_status(id, limit, |s| !matches!(s, "pending" | "running")).await
+    pub async fn wait_done(&self, id: &ExecutionId, limit: Duration) -> ExecutionDetail {
+        self.wait_status(id, limit, ExecutionStatus::is_finished).await
     }
 
-    pub async fn wait_status(&self, id: &str, limit: Duration, wanted: impl Fn(&str) -> bool) -> Value {
+    pub async fn wait_status(
+        &self,
+        id: &ExecutionId,
+        limit: Duration,
+        wanted: impl Fn(ExecutionStatus) -> bool,
+    ) -> ExecutionDetail {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let execution = self.execution(id).await;
-            if wanted(execution["status"].as_str().unwrap_or("")) {
+            if wanted(execution.summary.status) {
                 return execution;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "execution did not get there in time: {execution:#}"
+                "execution did not get there in time: {execution:#?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    pub async fn requests(&self) -> Vec<Value> {
-        let (status, log) = self.call("GET", "/api/operator/requests", None).await;
-        log["requests"].as_array().cloned().unwrap_or_else(|| panic!("no request log: {status} {log}"))
+    /// What the runner last reported.
+    pub async fn state(&self) -> StateView {
+        self.client.state().await.expect("the control plane's state")
     }
 
-    pub async fn fault(&self, spec: Value) {
-        let (status, answer) = self.call("POST", "/api/operator/faults", Some(spec)).await;
-        assert!(status < 300, "{answer}");
+    /// Polls the control plane's view of the runner until `wanted` holds:
+    /// what the runner did, seen from outside, instead of its log.
+    pub async fn wait_state(&self, limit: Duration, wanted: impl Fn(&StateView) -> bool) -> StateView {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let state = self.state().await;
+            if wanted(&state) {
+                return state;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the runner did not get there in time: {state:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for a heartbeat the control plane processed after `heartbeats`
+    /// earlier ones: the runner is authenticated and talking.
+    pub async fn wait_heartbeat_after(&self, heartbeats: u64, limit: Duration) -> StateView {
+        self.wait_state(limit, |state| state.heartbeats > heartbeats).await
+    }
+
+    pub async fn requests(&self) -> Vec<LoggedRequest> {
+        self.client.requests().await.expect("the request log")
+    }
+
+    pub async fn fault(&self, spec: FaultSpec) {
+        self.client.add_fault(&spec).await.expect("the fault is accepted");
     }
 
     pub async fn clear_faults(&self) {
-        self.call("DELETE", "/api/operator/faults", None).await;
+        self.client.clear_faults().await.expect("the faults are cleared");
     }
 
-    pub async fn set_state(&self, state: &str, reason: Option<&str>) {
-        let body = json!({"state": state, "reason": reason});
-        let (status, answer) = self.call("POST", "/api/operator/runner-state", Some(body)).await;
-        assert!(status < 300, "{answer}");
+    pub async fn set_state(&self, state: RunnerState, reason: Option<&str>) {
+        self.client.set_runner_state(state, reason).await.expect("the runner state is set");
+    }
+
+    pub async fn cancel(&self, id: &ExecutionId, force: bool) {
+        self.client.cancel(id, force).await.expect("the cancel is recorded");
+    }
+
+    /// The entry `/pending/` hands out for `id`, as raw JSON.
+    pub async fn signed_entry(&self, id: &ExecutionId) -> serde_json::Value {
+        self.client.signed_entry(id).await.expect("the pending entry")
+    }
+
+    /// Raw entries for the next `/pending/` answer; the refusal if any.
+    pub async fn inject_pending(&self, entries: Vec<serde_json::Value>) -> Result<(), ClientError> {
+        self.client.inject_pending(entries).await
     }
 }
 
@@ -147,17 +172,17 @@ impl Drop for ControlPlane {
 }
 
 /// The text of one stream of an execution, chunks in order.
-pub fn output(execution: &Value, stderr: bool) -> String {
-    chunks(execution)
+pub fn output(execution: &ExecutionDetail, stderr: bool) -> String {
+    execution
+        .chunks
         .iter()
-        .filter(|c| c["is_stderr"].as_bool() == Some(stderr))
-        .flat_map(|c| c["segments"].as_array().cloned().unwrap_or_default())
-        .map(|s| s["content"].as_str().unwrap_or("").to_string())
+        .filter(|chunk| chunk.is_stderr == stderr)
+        .flat_map(|chunk| chunk.segments.iter().map(|segment| segment.content.as_str()))
         .collect()
 }
 
-pub fn chunks(execution: &Value) -> Vec<Value> {
-    execution["chunks"].as_array().cloned().unwrap_or_default()
+pub fn chunks(execution: &ExecutionDetail) -> &[ChunkView] {
+    &execution.chunks
 }
 
 /// A `dcsupervisor` process running a Django project against a control plane.
@@ -300,11 +325,7 @@ impl Drop for Supervisor {
 
 /// The runner-API requests for one execution's `endpoint` (e.g. "output"),
 /// whatever the case of the id in their path.
-pub fn requests_to(requests: &[Value], id: &str, endpoint: &str) -> Vec<Value> {
-    let suffix = format!("{}/{endpoint}/", id.to_ascii_lowercase());
-    requests
-        .iter()
-        .filter(|r| r["path"].as_str().unwrap_or_default().to_ascii_lowercase().ends_with(&suffix))
-        .cloned()
-        .collect()
+pub fn requests_to(requests: &[LoggedRequest], id: &ExecutionId, endpoint: &str) -> Vec<LoggedRequest> {
+    let suffix = format!("{}/{endpoint}/", id.as_str().to_ascii_lowercase());
+    requests.iter().filter(|r| r.path.to_ascii_lowercase().ends_with(&suffix)).cloned().collect()
 }

@@ -1,19 +1,13 @@
-//! `dccontrol`: a local DjangoCommand control plane, for tests and demos.
+//! `dccontrol`: the command line of the local control plane
+//! (`dcsupervisor::local_plane`), for tests and demos.
 //!
-//! `dccontrol serve` answers the runner API on a loopback address the way the
-//! hosted service does (same paths, bodies, authentication and replay
-//! checks), with state in memory, plus an operator API to queue commands,
-//! read their output and inject faults; with `--signing-key` it signs the
-//! executions it hands out (`keygen` makes a key). The other subcommands are
-//! clients of that operator API. Nothing leaves the machine.
+//! `dccontrol serve` runs it on a loopback address until SIGTERM or SIGINT;
+//! with `--signing-key` it signs the executions it hands out (`keygen` makes
+//! a key). The other subcommands are clients of its operator API, through
+//! the library's typed `OperatorClient`; `operator.rs` is how they print.
+//! Nothing leaves the machine.
 
-mod client;
 mod operator;
-mod reply;
-mod routes;
-mod server;
-mod store;
-mod wire;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -21,10 +15,11 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use dcsupervisor::local_plane::{LocalPlane, OperatorClient, PlaneError};
 use dcsupervisor::protocol::signed;
 use ed25519_dalek::SigningKey;
+use tokio::signal::unix::{signal, SignalKind};
 
-use crate::client::ControlClient;
 use crate::operator::{OperatorError, RunOptions};
 
 const DEFAULT_API_KEY: &str = "dc_local_demo_key";
@@ -121,7 +116,9 @@ struct ShowArgs {
     server: ServerArgs,
 }
 
-/// `--listen`: an IP socket address, or `localhost:PORT`, on loopback only.
+/// `--listen`: an IP socket address, or `localhost:PORT`. Loopback only:
+/// the check is `LocalPlane::bind`'s, made here too so a mistake is a usage
+/// error.
 fn loopback_address(text: &str) -> Result<SocketAddr, String> {
     let address = match text.strip_prefix("localhost:") {
         Some(port) => port
@@ -133,10 +130,7 @@ fn loopback_address(text: &str) -> Result<SocketAddr, String> {
         }
     };
     if !address.ip().is_loopback() {
-        return Err(format!(
-            "{address} is not a loopback address: dccontrol is a local test tool \
-             and listens on 127.0.0.1 or ::1 only"
-        ));
+        return Err(PlaneError::NotLoopback(address).to_string());
     }
     Ok(address)
 }
@@ -167,14 +161,34 @@ async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    anyhow::ensure!(!args.api_key.is_empty(), "the API key must not be empty");
     let signing_key = args.signing_key.as_deref().map(read_signing_key).transpose()?;
     if let Some(key) = &signing_key {
         let public = signed::encode_public_key(&key.verifying_key());
         tracing::info!("signing executions; the runner pins [policy.signing] public_key = {public:?}");
     }
-    server::serve(args.listen, args.api_key, signing_key).await?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let plane = LocalPlane::bind(args.listen, args.api_key, signing_key).await?;
+    announce(plane.local_addr())?;
+    plane
+        .serve(async {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        })
+        .await;
     Ok(0)
+}
+
+/// The first stdout line is the bound address, so a caller that asked for
+/// port 0 learns the real one.
+fn announce(local: SocketAddr) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on http://{local}")
+        .and_then(|()| stdout.flush())
+        .context("cannot write to stdout")
 }
 
 fn read_signing_key(path: &Path) -> anyhow::Result<SigningKey> {
@@ -230,8 +244,8 @@ async fn operate(command: Command) -> Result<u8, OperatorError> {
     }
 }
 
-fn connect(server: &ServerArgs) -> Result<ControlClient, OperatorError> {
-    Ok(ControlClient::new(&server.server, &server.api_key)?)
+fn connect(server: &ServerArgs) -> Result<OperatorClient, OperatorError> {
+    Ok(OperatorClient::new(&server.server, &server.api_key)?)
 }
 
 #[cfg(test)]

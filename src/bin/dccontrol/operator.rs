@@ -8,12 +8,9 @@ use std::time::Duration;
 
 use dcsupervisor::protocol::api::{ExecutionId, InvalidExecutionId};
 
-use crate::client::{ClientError, ControlClient};
-use crate::store::unix_now;
-use crate::wire::{
-    CancelAnswer, CancelRequest, ChunkView, Created, ExecutionDetail, ExecutionList, ExecutionSummary,
-    NewExecution,
-};
+use dcsupervisor::local_plane::route::OperatorRoute;
+use dcsupervisor::local_plane::wire::{ChunkView, ExecutionDetail, ExecutionSummary, NewExecution};
+use dcsupervisor::local_plane::{unix_now, ClientError, OperatorClient};
 
 /// How often `run --follow` looks for new output.
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(100);
@@ -41,7 +38,7 @@ pub struct RunOptions {
 
 /// Queues the command; with `follow`, streams its output and returns its exit
 /// code (1 when it has none that fits an exit status).
-pub async fn run(client: &ControlClient, options: RunOptions) -> Result<u8, OperatorError> {
+pub async fn run(client: &OperatorClient, options: RunOptions) -> Result<u8, OperatorError> {
     // Quoted word by word, so the runner's shell-like split gives the same
     // words back; nothing is ever given to a shell.
     let args = shlex::try_join(options.args.iter().map(String::as_str))?;
@@ -53,24 +50,23 @@ pub async fn run(client: &ControlClient, options: RunOptions) -> Result<u8, Oper
         id: None,
         pending_overrides: None,
     };
-    let created: Created = client.post("/api/operator/executions", &request).await?;
+    let id = client.queue(&request).await?;
     if !options.follow {
-        println!("{}", created.id);
+        println!("{id}");
         return Ok(0);
     }
     // stdout belongs to the command's output now.
-    eprintln!("queued {}", created.id);
-    let detail = follow(client, &created.id).await?;
+    eprintln!("queued {id}");
+    let detail = follow(client, &id).await?;
     eprintln!("{}", status_line(&detail.summary));
     Ok(exit_status(detail.summary.exit_code))
 }
 
 /// Prints new output as it arrives until the execution is finished.
-async fn follow(client: &ControlClient, id: &ExecutionId) -> Result<ExecutionDetail, OperatorError> {
+async fn follow(client: &OperatorClient, id: &ExecutionId) -> Result<ExecutionDetail, OperatorError> {
     let mut printer = ChunkPrinter::default();
-    let path = detail_path(id);
     loop {
-        let detail: ExecutionDetail = client.get(&path).await?;
+        let detail = client.detail(id).await?;
         let finished = detail.summary.status.is_finished();
         printer.print_new(&detail.chunks, finished)?;
         if finished {
@@ -129,24 +125,23 @@ fn status_line(summary: &ExecutionSummary) -> String {
     format!("[{}, {code}{duration}]", summary.status.as_str())
 }
 
-pub async fn cancel(client: &ControlClient, id: &str, force: bool) -> Result<u8, OperatorError> {
+pub async fn cancel(client: &OperatorClient, id: &str, force: bool) -> Result<u8, OperatorError> {
     let id = ExecutionId::parse(id)?;
-    let path = format!("{}/cancel", detail_path(&id));
-    let answer: CancelAnswer = client.post(&path, &CancelRequest { force }).await?;
+    let answer = client.cancel(&id, force).await?;
     let how = if answer.force_kill { "kill" } else { "cancel" };
     println!("{how} requested for {id}; the runner acts on it at its next cancel-status poll");
     Ok(0)
 }
 
-pub async fn list(client: &ControlClient) -> Result<u8, OperatorError> {
-    let list: ExecutionList = client.get("/api/operator/executions").await?;
-    if list.executions.is_empty() {
+pub async fn list(client: &OperatorClient) -> Result<u8, OperatorError> {
+    let executions = client.list().await?;
+    if executions.is_empty() {
         println!("no executions");
         return Ok(0);
     }
     let now = unix_now();
     println!("{:<36}  {:<9}  {:>4}  {:>6}  COMMAND", "ID", "STATUS", "EXIT", "AGE");
-    for execution in &list.executions {
+    for execution in &executions {
         println!(
             "{:<36}  {:<9}  {:>4}  {:>6}  {}",
             execution.id,
@@ -159,15 +154,14 @@ pub async fn list(client: &ControlClient) -> Result<u8, OperatorError> {
     Ok(0)
 }
 
-pub async fn show(client: &ControlClient, id: &str, json: bool) -> Result<u8, OperatorError> {
+pub async fn show(client: &OperatorClient, id: &str, json: bool) -> Result<u8, OperatorError> {
     let id = ExecutionId::parse(id)?;
-    let path = detail_path(&id);
     if json {
-        let raw: serde_json::Value = client.get(&path).await?;
+        let raw: serde_json::Value = client.request(OperatorRoute::Detail(id.as_str()), None::<&()>).await?;
         println!("{}", serde_json::to_string_pretty(&raw).expect("a JSON value serializes"));
         return Ok(0);
     }
-    let detail: ExecutionDetail = client.get(&path).await?;
+    let detail = client.detail(&id).await?;
     print!("{}", summary_text(&detail));
     print!("{}", output_text(&detail.chunks));
     std::io::stdout().flush()?;
@@ -227,10 +221,6 @@ fn output_text(chunks: &[ChunkView]) -> String {
         text.push('\n');
     }
     text
-}
-
-fn detail_path(id: &ExecutionId) -> String {
-    format!("/api/operator/executions/{id}")
 }
 
 fn command_line(summary: &ExecutionSummary) -> String {

@@ -3,25 +3,24 @@
 //! Pure functions of (store, method, path, body) → answer; HTTP plumbing,
 //! authentication and faults live in `server`.
 
-use dcsupervisor::protocol::api::{
+use crate::protocol::api::{
     CompleteRequest, ExecutionId, HeartbeatRequest, OutputRequest, RunnerState, SyncRequest,
 };
-use dcsupervisor::protocol::route::{ExecutionAction, Route};
+use crate::protocol::route::{ExecutionAction, Route};
 use http::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::reply::Reply;
-use crate::store::Store;
-use crate::wire::{
+use super::reply::Reply;
+use super::route::OperatorRoute;
+use super::store::Store;
+use super::wire::{
     CancelAnswer, CancelRequest, Created, Endpoint, ExecutionList, FaultSpec, InjectPending, NewExecution,
     RequestLog, RunnerStateRequest,
 };
 
 /// Either outcome is an answer; `Err` lets `?` end an endpoint early.
 type Answer = Result<Reply, Reply>;
-
-pub const OPERATOR_PREFIX: &str = "/api/operator/";
 
 /// The fault-matching name of a runner-API endpoint.
 fn endpoint_of(route: Route<'_>) -> Endpoint {
@@ -77,42 +76,35 @@ fn execution(store: &mut Store, id: &str, action: ExecutionAction, body: &[u8], 
 
 /// An operator-API request with a valid key.
 pub fn operator(store: &mut Store, method: &Method, path: &str, body: &[u8], now: f64) -> Reply {
-    let Some(inner) = path.strip_prefix(OPERATOR_PREFIX) else {
+    let Some(route) = OperatorRoute::parse(method, path) else {
         return Reply::not_found(method, path);
     };
-    // Forgiving about a trailing slash: people type these by hand.
-    let segments: Vec<&str> = inner.trim_end_matches('/').split('/').collect();
-    let answer = match (method.as_str(), segments.as_slice()) {
-        ("POST", ["executions"]) => {
-            parse_body(body).and_then(|request: NewExecution| queue(store, request, now))
-        }
-        ("GET", ["executions"]) => {
-            Ok(Reply::json(StatusCode::OK, &ExecutionList { executions: store.list() }))
-        }
-        ("GET", ["executions", id]) => parse_id(id)
+    let answer = match route {
+        OperatorRoute::Queue => parse_body(body).and_then(|request: NewExecution| queue(store, request, now)),
+        OperatorRoute::List => Ok(Reply::json(StatusCode::OK, &ExecutionList { executions: store.list() })),
+        OperatorRoute::Detail(id) => parse_id(id)
             .and_then(|id| Ok(store.detail(&id)?))
             .map(|detail| Reply::json(StatusCode::OK, &detail)),
-        ("GET", ["executions", id, "signed"]) => parse_id(id)
+        OperatorRoute::SignedEntry(id) => parse_id(id)
             .and_then(|id| Ok(store.pending_entry(&id)?))
             .map(|entry| Reply::json(StatusCode::OK, &entry)),
-        ("POST", ["executions", id, "cancel"]) => cancel(store, id, body),
-        ("POST", ["runner-state"]) => set_runner_state(store, body),
-        ("GET", ["state"]) => Ok(Reply::json(StatusCode::OK, &store.state())),
-        ("GET", ["requests"]) => Ok(Reply::json(StatusCode::OK, &RequestLog { requests: store.requests() })),
-        ("DELETE", ["requests"]) => {
+        OperatorRoute::Cancel(id) => cancel(store, id, body),
+        OperatorRoute::SetRunnerState => set_runner_state(store, body),
+        OperatorRoute::State => Ok(Reply::json(StatusCode::OK, &store.state())),
+        OperatorRoute::Requests => Ok(Reply::json(StatusCode::OK, &RequestLog { requests: store.requests() })),
+        OperatorRoute::ClearRequests => {
             store.clear_requests();
             Ok(Reply::ok())
         }
-        ("POST", ["faults"]) => add_fault(store, body, now),
-        ("DELETE", ["faults"]) => {
+        OperatorRoute::AddFault => add_fault(store, body, now),
+        OperatorRoute::ClearFaults => {
             store.clear_faults();
             Ok(Reply::ok())
         }
-        ("POST", ["inject-pending"]) => parse_body(body).map(|inject: InjectPending| {
+        OperatorRoute::InjectPending => parse_body(body).map(|inject: InjectPending| {
             store.inject_pending(inject.executions);
             Reply::ok()
         }),
-        _ => Err(Reply::not_found(method, path)),
     };
     answer.unwrap_or_else(|refusal| refusal)
 }

@@ -11,7 +11,7 @@ use http_body_util::Full;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::store::StoreError;
+use super::store::StoreError;
 
 #[derive(Debug, Clone)]
 pub struct Reply {

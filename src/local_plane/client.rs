@@ -1,4 +1,4 @@
-//! The operator subcommands' HTTP client for the operator API: plain HTTP to
+//! The typed client of the operator API: plain HTTP to
 //! a loopback address only (dccontrol is a local tool and the key would
 //! otherwise travel in clear), a 10 s limit per call, and errors that say
 //! what went wrong in words rather than in hyper's types.
@@ -16,7 +16,17 @@ use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::route::OperatorRoute;
+use super::wire::{
+    CancelAnswer, CancelRequest, Created, ExecutionDetail, ExecutionList, ExecutionSummary, FaultSpec,
+    InjectPending, LoggedRequest, NewExecution, RequestLog, RunnerStateRequest, StateView,
+};
+use crate::protocol::api::{ExecutionId, RunnerState};
+
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The body of a request that has none.
+const NO_BODY: Option<&()> = None;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -32,15 +42,17 @@ pub enum ClientError {
     BadAnswer { method: Method, path: String, reason: String },
 }
 
-/// A client of one control plane, with its key.
-pub struct ControlClient {
+/// A typed client of one local control plane's operator API, with its key:
+/// what the `dccontrol` subcommands and the integration tests use.
+#[derive(Clone)]
+pub struct OperatorClient {
     /// `http://host:port`, no trailing slash.
     base: String,
     authorization: String,
     http: Client<HttpConnector, Full<Bytes>>,
 }
 
-impl ControlClient {
+impl OperatorClient {
     pub fn new(url: &str, api_key: &str) -> Result<Self, ClientError> {
         Ok(Self {
             base: base_url(url)?,
@@ -49,45 +61,89 @@ impl ControlClient {
         })
     }
 
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.call(Method::GET, path, None).await
+    /// The control plane's origin, `http://host:port`.
+    pub fn url(&self) -> &str {
+        &self.base
     }
 
-    pub async fn post<T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &impl Serialize,
-    ) -> Result<T, ClientError> {
-        let body = serde_json::to_vec(body).expect("requests are plain JSON data");
-        self.call(Method::POST, path, Some(body)).await
+    /// Queues a command; its id.
+    pub async fn queue(&self, request: &NewExecution) -> Result<ExecutionId, ClientError> {
+        let created: Created = self.request(OperatorRoute::Queue, Some(request)).await?;
+        Ok(created.id)
     }
 
-    async fn call<T: DeserializeOwned>(
+    /// Every execution, oldest first.
+    pub async fn list(&self) -> Result<Vec<ExecutionSummary>, ClientError> {
+        let list: ExecutionList = self.request(OperatorRoute::List, NO_BODY).await?;
+        Ok(list.executions)
+    }
+
+    /// One execution with its output.
+    pub async fn detail(&self, id: &ExecutionId) -> Result<ExecutionDetail, ClientError> {
+        self.request(OperatorRoute::Detail(id.as_str()), NO_BODY).await
+    }
+
+    /// The entry `/pending/` hands out for the execution (signed, when the
+    /// plane signs), as raw JSON: tests tamper with it.
+    pub async fn signed_entry(&self, id: &ExecutionId) -> Result<serde_json::Value, ClientError> {
+        self.request(OperatorRoute::SignedEntry(id.as_str()), NO_BODY).await
+    }
+
+    pub async fn cancel(&self, id: &ExecutionId, force: bool) -> Result<CancelAnswer, ClientError> {
+        self.request(OperatorRoute::Cancel(id.as_str()), Some(&CancelRequest { force })).await
+    }
+
+    /// What the next heartbeats answer.
+    pub async fn set_runner_state(&self, state: RunnerState, reason: Option<&str>) -> Result<(), ClientError> {
+        let request = RunnerStateRequest { state, reason: reason.map(str::to_string) };
+        self.request::<serde_json::Value>(OperatorRoute::SetRunnerState, Some(&request)).await.map(drop)
+    }
+
+    /// What the runner last reported.
+    pub async fn state(&self) -> Result<StateView, ClientError> {
+        self.request(OperatorRoute::State, NO_BODY).await
+    }
+
+    /// The runner-API requests, in arrival order.
+    pub async fn requests(&self) -> Result<Vec<LoggedRequest>, ClientError> {
+        let log: RequestLog = self.request(OperatorRoute::Requests, NO_BODY).await?;
+        Ok(log.requests)
+    }
+
+    pub async fn clear_requests(&self) -> Result<(), ClientError> {
+        self.request::<serde_json::Value>(OperatorRoute::ClearRequests, NO_BODY).await.map(drop)
+    }
+
+    pub async fn add_fault(&self, fault: &FaultSpec) -> Result<(), ClientError> {
+        self.request::<serde_json::Value>(OperatorRoute::AddFault, Some(fault)).await.map(drop)
+    }
+
+    pub async fn clear_faults(&self) -> Result<(), ClientError> {
+        self.request::<serde_json::Value>(OperatorRoute::ClearFaults, NO_BODY).await.map(drop)
+    }
+
+    /// Raw entries the next `/pending/` answer carries once.
+    pub async fn inject_pending(&self, executions: Vec<serde_json::Value>) -> Result<(), ClientError> {
+        let request = InjectPending { executions };
+        self.request::<serde_json::Value>(OperatorRoute::InjectPending, Some(&request)).await.map(drop)
+    }
+
+    /// One call, its answer read as `T` (`serde_json::Value` for the raw JSON).
+    pub async fn request<T: DeserializeOwned>(
         &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
+        route: OperatorRoute<'_>,
+        body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<T, ClientError> {
-        let (status, answer) = tokio::time::timeout(CALL_TIMEOUT, self.exchange(&method, path, body))
+        let method = route.method();
+        let path = route.path();
+        let body = body.map(|body| serde_json::to_vec(body).expect("requests are plain JSON data"));
+        let (status, answer) = tokio::time::timeout(CALL_TIMEOUT, self.exchange(&method, &path, body))
             .await
-            .map_err(|_| ClientError::Timeout {
-                url: self.base.clone(),
-                method: method.clone(),
-                path: path.to_string(),
-            })??;
+            .map_err(|_| ClientError::Timeout { url: self.base.clone(), method: method.clone(), path: path.clone() })??;
         if !status.is_success() {
-            return Err(ClientError::Refused {
-                method,
-                path: path.to_string(),
-                status,
-                detail: error_detail(&answer),
-            });
+            return Err(ClientError::Refused { method, path, status, detail: error_detail(&answer) });
         }
-        serde_json::from_slice(&answer).map_err(|e| ClientError::BadAnswer {
-            method,
-            path: path.to_string(),
-            reason: e.to_string(),
-        })
+        serde_json::from_slice(&answer).map_err(|e| ClientError::BadAnswer { method, path, reason: e.to_string() })
     }
 
     /// One request and its whole answer.

@@ -1,15 +1,15 @@
-//! `dccontrol serve`: the HTTP side. Accepts connections on a loopback
+//! The local control plane's HTTP side. Accepts connections on a loopback
 //! address, reads each request's body (capped), and runs it through what a
 //! strict hosted control plane does before its views: the bearer key, the
 //! replay checks (timestamp window, one-time nonce), then the test hooks
 //! (request log, injected faults: see `wire::FaultSpec`), and finally
 //! `routes`.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH};
@@ -23,15 +23,15 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::signal::unix::{signal, SignalKind};
 
-use dcsupervisor::protocol::route::RUNNER_PREFIX;
-use dcsupervisor::sync::LockExt as _;
+use crate::protocol::route::RUNNER_PREFIX;
+use crate::sync::LockExt as _;
 
-use crate::reply::Reply;
-use crate::routes::{self, OPERATOR_PREFIX};
-use crate::store::{unix_now, Store};
-use crate::wire::{FaultSpec, LoggedRequest};
+use super::reply::Reply;
+use super::route::OPERATOR_PREFIX;
+use super::routes;
+use super::store::{unix_now, Store};
+use super::wire::{FaultSpec, LoggedRequest};
 
 /// Larger request bodies are refused with 413: the runner's biggest is an
 /// output chunk of 1.5 s of output, far below this.
@@ -62,48 +62,78 @@ impl App {
     }
 }
 
-/// Serves until SIGTERM or SIGINT. The first stdout line is the bound address,
-/// so a caller that asked for port 0 learns the real one.
-/// With `signing_key`, every execution `/pending/` hands out is signed.
-pub async fn serve(
-    listen: SocketAddr,
-    api_key: String,
-    signing_key: Option<ed25519_dalek::SigningKey>,
-) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-    let local = listener.local_addr().context("cannot read the bound address")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    announce(local)?;
-    tracing::info!(
-        "runner API on http://{local}{RUNNER_PREFIX}, operator API on http://{local}{OPERATOR_PREFIX}"
-    );
-
-    let app = Arc::new(App { api_key, store: Mutex::new(Store::new(signing_key)) });
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => spawn_connection(Arc::clone(&app), stream),
-                Err(error) => {
-                    // Typically out of file descriptors: wait instead of spinning.
-                    tracing::warn!("accept failed: {error}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-        }
-    }
-    tracing::info!("stopping (state is not kept)");
-    Ok(())
+/// Why the local control plane cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaneError {
+    #[error("the API key must not be empty")]
+    EmptyApiKey,
+    #[error(
+        "{0} is not a loopback address: the local control plane is a test tool \
+         and listens on 127.0.0.1 or ::1 only"
+    )]
+    NotLoopback(SocketAddr),
+    #[error("cannot listen on {address}: {source}")]
+    Bind { address: SocketAddr, source: std::io::Error },
 }
 
-fn announce(local: SocketAddr) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "listening on http://{local}")
-        .and_then(|()| stdout.flush())
-        .context("cannot write to stdout")
+/// A control plane bound to its address, not serving yet: the caller learns
+/// the real port (when it asked for port 0) before any runner connects.
+pub struct LocalPlane {
+    listener: TcpListener,
+    address: SocketAddr,
+    app: Arc<App>,
+}
+
+impl LocalPlane {
+    /// Binds `listen`, a loopback address (the operator API can queue
+    /// commands: it must not be reachable from elsewhere). With `signing_key`, every execution `/pending/` hands
+    /// out is signed.
+    pub async fn bind(
+        listen: SocketAddr,
+        api_key: String,
+        signing_key: Option<ed25519_dalek::SigningKey>,
+    ) -> Result<Self, PlaneError> {
+        if api_key.is_empty() {
+            return Err(PlaneError::EmptyApiKey);
+        }
+        if !listen.ip().is_loopback() {
+            return Err(PlaneError::NotLoopback(listen));
+        }
+        let bind_error = |source| PlaneError::Bind { address: listen, source };
+        let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
+        let address = listener.local_addr().map_err(bind_error)?;
+        let app = Arc::new(App { api_key, store: Mutex::new(Store::new(signing_key)) });
+        Ok(Self { listener, address, app })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Answers requests until `shutdown` completes. State lives in memory
+    /// only and is gone with it.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let local = self.address;
+        tracing::info!(
+            "runner API on http://{local}{RUNNER_PREFIX}, operator API on http://{local}{OPERATOR_PREFIX}"
+        );
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _peer)) => spawn_connection(Arc::clone(&self.app), stream),
+                    Err(error) => {
+                        // Typically out of file descriptors: wait instead of spinning.
+                        tracing::warn!("accept failed: {error}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                () = &mut shutdown => break,
+            }
+        }
+        tracing::info!("stopping (state is not kept)");
+    }
 }
 
 fn spawn_connection(app: Arc<App>, stream: TcpStream) {

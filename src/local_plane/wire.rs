@@ -4,14 +4,14 @@
 //! (`operator`), so both sides always agree on the field names.
 //!
 //! The runner API's bodies are not here: they are the library's
-//! `dcsupervisor::protocol::api` types, the same ones the runner sends.
+//! `crate::protocol::api` types, the same ones the runner sends.
 
 use std::collections::BTreeMap;
 
-use dcsupervisor::protocol::api::{
+use crate::protocol::api::{
     CompletionStatus, ExecutionId, RunnerState, Segment, DEFAULT_EXECUTION_TIMEOUT,
 };
-use dcsupervisor::protocol::commands::SyncedCommand;
+use crate::protocol::commands::SyncedCommand;
 use serde::{Deserialize, Serialize};
 
 /// `POST /api/operator/executions`: queue a command for the runner.
@@ -34,6 +34,21 @@ pub struct NewExecution {
     /// plane while the execution still exists here to be started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_overrides: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl NewExecution {
+    /// `command` with its arguments (one string, split like a POSIX shell
+    /// would) and the defaults: the default timeout, output captured, a new id.
+    pub fn new(command: &str, args: &str) -> Self {
+        Self {
+            command: command.into(),
+            args: args.into(),
+            timeout: DEFAULT_EXECUTION_TIMEOUT,
+            use_metadata_only_mode: false,
+            id: None,
+            pending_overrides: None,
+        }
+    }
 }
 
 fn default_timeout() -> u64 {
@@ -267,6 +282,28 @@ pub struct FaultSpec {
     pub after_processing: bool,
 }
 
+impl Default for FaultSpec {
+    /// Matches every runner request once and changes nothing: set the fields
+    /// that make it a fault.
+    fn default() -> Self {
+        Self {
+            path_prefix: every_runner_path(),
+            endpoint: None,
+            status: 0,
+            count: None,
+            duration_ms: None,
+            body: None,
+            html: false,
+            location: None,
+            delay_ms: None,
+            retry_after: None,
+            reset: false,
+            cut_body: false,
+            after_processing: false,
+        }
+    }
+}
+
 impl FaultSpec {
     /// How many requests it may take (`u64::MAX`: until its time is up).
     pub fn uses(&self) -> u64 {
@@ -312,7 +349,7 @@ pub enum Endpoint {
 }
 
 fn every_runner_path() -> String {
-    dcsupervisor::protocol::route::RUNNER_PREFIX.into()
+    crate::protocol::route::RUNNER_PREFIX.into()
 }
 
 /// `POST /api/operator/inject-pending`: raw entries the next `/pending/`

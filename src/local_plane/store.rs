@@ -10,15 +10,15 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dcsupervisor::protocol::api::{
+use crate::protocol::api::{
     CancelStatus, CompleteRequest, Execution, ExecutionId, HeartbeatRequest, HeartbeatResponse,
     OutputRequest, PendingResponse, RunnerState, Segment, SyncResponse,
 };
-use dcsupervisor::protocol::commands::{commands_hash, SyncedCommand};
-use dcsupervisor::protocol::signed;
+use crate::protocol::commands::{commands_hash, SyncedCommand};
+use crate::protocol::signed;
 use ed25519_dalek::SigningKey;
 
-use crate::wire::{
+use super::wire::{
     ChunkView, Endpoint, ExecutionDetail, ExecutionStatus, ExecutionSummary, FaultSpec, LoggedRequest,
     NewExecution, RunnerView, StateView,
 };
@@ -394,7 +394,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use dcsupervisor::protocol::api::CompletionStatus;
+    use crate::protocol::api::CompletionStatus;
     use serde_json::json;
 
     use super::*;
@@ -518,7 +518,7 @@ mod tests {
         let execution: Execution = serde_json::from_value(entry).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let checks =
-            dcsupervisor::supervisor::admission::signing::Signing::new(key.verifying_key(), 300, dir.path());
+            crate::supervisor::admission::signing::Signing::new(key.verifying_key(), 300, dir.path());
         assert_eq!(checks.accept(&execution, 2), Ok(()));
 
         // A chosen id, and fields replaced after signing.
