@@ -8,6 +8,7 @@ use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use common::plane::{demo_config, output, status_and_code, ControlPlane, Supervisor, LIMIT};
+use dcsupervisor::local_plane::wire::ExecutionStatus;
 use nix::sys::signal::Signal;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -15,7 +16,7 @@ async fn sigterm_lets_running_executions_finish_then_exits_zero() {
     let plane = ControlPlane::start();
     let mut runner = Supervisor::start(&plane.url, "", "");
     let id = plane.queue("sleep", "2").await;
-    plane.wait_status(&id, LIMIT, |s| s == "running").await;
+    plane.wait_status(&id, LIMIT, |s| s == ExecutionStatus::Running).await;
     assert_eq!(runner.terminate(LIMIT).await, Some(0));
     let done = plane.execution(&id).await;
     assert_eq!(status_and_code(&done), ("success".into(), 0), "finished within the grace and delivered");
@@ -28,7 +29,7 @@ async fn past_the_grace_period_executions_are_cancelled_and_reported() {
     let extra = "[runner]\npoll_interval = 0.1\noutput_flush_interval = 0.2\nshutdown_grace = 1\n";
     let mut runner = Supervisor::start(&plane.url, "", extra);
     let id = plane.queue("sleep", "60").await;
-    plane.wait_status(&id, LIMIT, |s| s == "running").await;
+    plane.wait_status(&id, LIMIT, |s| s == ExecutionStatus::Running).await;
     assert_eq!(runner.terminate(LIMIT).await, Some(0));
     assert_eq!(status_and_code(&plane.execution(&id).await), ("cancelled".into(), -15));
 }
@@ -38,9 +39,9 @@ async fn a_second_signal_stops_at_once() {
     let plane = ControlPlane::start();
     let mut runner = Supervisor::start(&plane.url, "", "");
     let id = plane.queue("sleep", "60").await;
-    plane.wait_status(&id, LIMIT, |s| s == "running").await;
+    plane.wait_status(&id, LIMIT, |s| s == ExecutionStatus::Running).await;
     runner.signal(Signal::SIGTERM);
-    runner.wait_for_log("waiting for running executions", LIMIT).await;
+    runner.wait_notified("STOPPING=1", LIMIT).await;
     runner.signal(Signal::SIGINT);
     assert_eq!(runner.wait_exit(Duration::from_secs(20)).await, Some(0));
     assert!(runner.log().contains("stopping at once"));
@@ -54,7 +55,7 @@ async fn a_broken_config_on_reload_keeps_the_old_one() {
     std::fs::write(runner.config_path(), "[server]\nheartbeat_interval = 1\n[policy]\nmode = \"anything\"\n")
         .unwrap();
     runner.signal(Signal::SIGHUP);
-    runner.wait_for_log("reload refused", LIMIT).await;
+    runner.wait_reload_refused(1).await;
     assert!(runner.is_running());
     // The old policy is still in force: noop runs, shell is still refused.
     assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
@@ -69,13 +70,13 @@ async fn a_changed_allowlist_applies_on_reload_without_harming_running_execution
     let plane = ControlPlane::start();
     let runner = Supervisor::start(&plane.url, "", "");
     let long = plane.queue("sleep", "3").await;
-    plane.wait_status(&long, LIMIT, |s| s == "running").await;
-    let before = plane.call("GET", "/api/operator/state", None).await.1;
+    plane.wait_status(&long, LIMIT, |s| s == ExecutionStatus::Running).await;
+    let before = plane.state().await;
 
     // check becomes refused, dbshell... stays refused, diffsettings stays allowed.
     runner.write_config("remove_allowed_commands = [\"check\"]", "");
     runner.signal(Signal::SIGHUP);
-    runner.wait_for_log("reload applied", LIMIT).await;
+    runner.wait_reloaded(1).await;
 
     let check = plane.wait_done(&plane.queue("check", "").await, LIMIT).await;
     assert_eq!(status_and_code(&check), ("failed".into(), -1));
@@ -83,21 +84,11 @@ async fn a_changed_allowlist_applies_on_reload_without_harming_running_execution
     assert_eq!(status_and_code(&plane.wait_done(&long, LIMIT).await), ("success".into(), 0));
 
     // The new list was synced: the hash changed and `check` is gone.
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        let state = plane.call("GET", "/api/operator/state", None).await.1;
-        let names: Vec<String> = state["commands"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["name"].as_str().unwrap().to_string())
-            .collect();
-        if state["commands_hash"] != before["commands_hash"] && !names.contains(&"check".to_string()) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "not resynced: {state}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    plane
+        .wait_state(LIMIT, |state| {
+            state.commands_hash != before.commands_hash && state.commands.iter().all(|c| c.name != "check")
+        })
+        .await;
 }
 
 fn write_hello(project: &std::path::Path, version: &str) {
@@ -122,7 +113,7 @@ async fn after_a_deploy_sighup_runs_the_new_code() {
     let stale = plane.wait_done(&plane.queue("hello", "").await, LIMIT).await;
     assert_eq!(output(&stale, false), "hello v1\n");
     runner.signal(Signal::SIGHUP);
-    runner.wait_for_log("reload applied", LIMIT).await;
+    runner.wait_reloaded(1).await;
     let fresh = plane.wait_done(&plane.queue("hello", "").await, LIMIT).await;
     assert_eq!(output(&fresh, false), "hello v2\n");
 }
@@ -138,7 +129,7 @@ async fn touching_the_reload_file_reloads() {
     assert_eq!(output(&plane.wait_done(&plane.queue("hello", "").await, LIMIT).await, false), "hello v1\n");
     write_hello(project.path(), "v2");
     std::fs::write(runner.dir.path().join("deployed"), "now").unwrap();
-    runner.wait_for_log("reload applied", LIMIT).await;
+    runner.wait_reloaded(1).await;
     assert_eq!(output(&plane.wait_done(&plane.queue("hello", "").await, LIMIT).await, false), "hello v2\n");
 }
 
@@ -158,7 +149,7 @@ async fn after_sigkill_a_restart_reports_the_interrupted_execution_and_kills_its
     let plane = ControlPlane::start();
     let mut runner = Supervisor::start(&plane.url, "", "");
     let id = plane.queue("grandchild", "").await;
-    plane.wait_status(&id, LIMIT, |s| s == "running").await;
+    plane.wait_status(&id, LIMIT, |s| s == ExecutionStatus::Running).await;
     let deadline = tokio::time::Instant::now() + LIMIT;
     let job = loop {
         let execution = plane.execution(&id).await;
@@ -184,7 +175,7 @@ async fn after_sigkill_a_restart_reports_the_interrupted_execution_and_kills_its
     runner.restart();
     let done = plane.wait_done(&id, LIMIT).await;
     assert_eq!(status_and_code(&done), ("failed".into(), -1));
-    assert!(output(&done, true).contains("the runner restarted while this command was running"), "{done:#}");
+    assert!(output(&done, true).contains("the runner restarted while this command was running"), "{done:#?}");
     assert!(
         common::gone_within(grandchild, Duration::from_secs(10)).await,
         "orphan killed after the restart"
@@ -197,7 +188,7 @@ async fn after_sigkill_a_restart_reports_the_interrupted_execution_and_kills_its
 async fn a_second_instance_is_refused_with_the_running_pid() {
     let plane = ControlPlane::start();
     let runner = Supervisor::start(&plane.url, "", "");
-    runner.wait_for_log("commands synced", LIMIT).await;
+    plane.wait_state(LIMIT, |state| state.commands_hash.is_some()).await;
     let second = std::process::Command::new(env!("CARGO_BIN_EXE_dcsupervisor"))
         .arg("--config")
         .arg(runner.config_path())
@@ -243,7 +234,8 @@ async fn systemd_hears_ready_reloading_and_stopping() {
     // The worker never inherits the notify socket.
     let mut quiet =
         Supervisor::start_with(&plane.url, "", "", common::demo_project(), &[("NOTIFY_SOCKET", &notify)]);
-    quiet.wait_for_log("authenticated with the control plane", LIMIT).await;
+    let heartbeats = plane.state().await.heartbeats;
+    plane.wait_heartbeat_after(heartbeats, LIMIT).await;
     for worker in children_of(quiet.pid()) {
         let environ = std::fs::read(format!("/proc/{worker}/environ")).unwrap_or_default();
         assert!(
@@ -270,7 +262,7 @@ async fn serve_runs_in_process_until_its_shutdown_future_resolves() {
     };
     let serving = tokio::spawn(async move { dcsupervisor::supervisor::serve(&config, shutdown).await });
     let id = plane.queue("sleep", "1").await;
-    plane.wait_status(&id, LIMIT, |s| s == "running").await;
+    plane.wait_status(&id, LIMIT, |s| s == ExecutionStatus::Running).await;
     stop.send(()).unwrap();
     let served = tokio::time::timeout(LIMIT, serving).await.expect("serve returned").unwrap();
     assert!(served.is_ok(), "{served:?}");

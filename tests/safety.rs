@@ -5,10 +5,14 @@
 mod common;
 
 use common::plane::{output, status_and_code, ControlPlane, Supervisor, LIMIT};
-use serde_json::Value;
+use dcsupervisor::local_plane::wire::{ExecutionDetail, ExecutionStatus};
 
-fn time(execution: &Value, field: &str) -> f64 {
-    execution[field].as_f64().unwrap_or_else(|| panic!("no {field}: {execution}"))
+fn started(execution: &ExecutionDetail) -> f64 {
+    execution.summary.started_at.unwrap_or_else(|| panic!("not started: {execution:#?}"))
+}
+
+fn completed(execution: &ExecutionDetail) -> f64 {
+    execution.summary.completed_at.unwrap_or_else(|| panic!("not completed: {execution:#?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,15 +25,9 @@ async fn two_migrates_queued_together_run_one_after_the_other() {
     let (first, second) = (plane.wait_done(&first, LIMIT).await, plane.wait_done(&second, LIMIT).await);
     assert_eq!(status_and_code(&first), ("success".into(), 0));
     assert_eq!(status_and_code(&second), ("success".into(), 0));
-    let (earlier, later) = if time(&first, "started_at") <= time(&second, "started_at") {
-        (&first, &second)
-    } else {
-        (&second, &first)
-    };
-    assert!(
-        time(later, "started_at") >= time(earlier, "completed_at"),
-        "they overlapped: {earlier:#} {later:#}"
-    );
+    let (earlier, later) =
+        if started(&first) <= started(&second) { (&first, &second) } else { (&second, &first) };
+    assert!(started(later) >= completed(earlier), "they overlapped: {earlier:#?} {later:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,7 +36,7 @@ async fn a_busy_command_can_be_refused_instead() {
     let rule = "[[policy.concurrency]]\ncommand = \"sleep\"\nmax_running = 1\nwhen_busy = \"refuse\"\n";
     let _runner = Supervisor::start(&plane.url, "", rule);
     let first = plane.queue("sleep", "2").await;
-    plane.wait_status(&first, LIMIT, |s| s == "running").await;
+    plane.wait_status(&first, LIMIT, |s| s == ExecutionStatus::Running).await;
     let second = plane.wait_done(&plane.queue("sleep", "1").await, LIMIT).await;
     assert_eq!(status_and_code(&second), ("failed".into(), -1));
     assert!(
@@ -58,7 +56,7 @@ async fn a_command_that_prompts_fails_fast_instead_of_hanging() {
     let prompt = plane.wait_done(&plane.queue("prompt", "").await, LIMIT).await;
     assert_eq!(status_and_code(&prompt), ("failed".into(), 1));
     assert!(output(&prompt, true).contains("EOFError"), "{}", output(&prompt, true));
-    let seconds = time(&prompt, "completed_at") - time(&prompt, "started_at");
+    let seconds = completed(&prompt) - started(&prompt);
     assert!(seconds < 30.0, "it did not wait for the 300 s timeout ({seconds} s)");
 }
 
@@ -77,7 +75,7 @@ async fn secrets_are_masked_across_chunks_streams_and_line_breaks() {
     let args = "--delay 0.5 'a first line that goes out at once\\ntoken=abcdef' '123-secret\\n'";
     let split = plane.wait_done(&plane.queue("say", args).await, LIMIT).await;
     assert_eq!(output(&split, false), "a first line that goes out at once\ntoken=[REDACTED]\n");
-    assert!(common::plane::chunks(&split).len() >= 2, "the output did span chunks: {split:#}");
+    assert!(common::plane::chunks(&split).len() >= 2, "the output did span chunks: {split:#?}");
 
     let stderr =
         plane.wait_done(&plane.queue("say", "--stderr 'err: abcdef123-secret\\n'").await, LIMIT).await;
@@ -105,7 +103,7 @@ async fn resource_limits_end_runaway_jobs_and_say_which_limit() {
         "[limits]\ncpu_seconds = 1\nnice = 5\n[limits.commands.hog]\nmemory_mb = 1024\ncpu_seconds = 0\n";
     let _runner = Supervisor::start_with(&plane.url, "", limits, common::demo_project(), &[]);
     let spin = plane.wait_done(&plane.queue("spin", "").await, LIMIT).await;
-    assert_eq!(status_and_code(&spin), ("failed".into(), -24), "SIGXCPU: {spin:#}");
+    assert_eq!(status_and_code(&spin), ("failed".into(), -24), "SIGXCPU: {spin:#?}");
     assert!(output(&spin, true).contains("reached its CPU time limit (1 s)"), "{}", output(&spin, true));
 
     // A job allocating without bound gets a MemoryError, not the box's memory.
@@ -134,8 +132,8 @@ allow_options = { lines = "^[0-9]{1,3}$" }
 /// Queues `command args` and waits for it to be refused: its stderr.
 async fn refused(plane: &ControlPlane, command: &str, args: &str) -> String {
     let execution = plane.wait_done(&plane.queue(command, args).await, LIMIT).await;
-    assert_eq!(status_and_code(&execution), ("failed".into(), -1), "{execution:#}");
-    assert_eq!(output(&execution, false), "", "a refused command never runs: {execution:#}");
+    assert_eq!(status_and_code(&execution), ("failed".into(), -1), "{execution:#?}");
+    assert_eq!(output(&execution, false), "", "a refused command never runs: {execution:#?}");
     let stderr = output(&execution, true);
     assert!(
         stderr.starts_with(&format!("Command '{command}' rejected by runner security policy.")),
@@ -167,7 +165,7 @@ async fn argument_rules_refuse_options_and_positionals_even_abbreviated() {
     );
     // What the rules leave alone runs.
     let fine = plane.wait_done(&plane.queue("migrate", "--verbosity 0").await, LIMIT).await;
-    assert_eq!(status_and_code(&fine), ("success".into(), 0), "{fine:#}");
+    assert_eq!(status_and_code(&fine), ("success".into(), 0), "{fine:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,7 +173,7 @@ async fn allow_options_lets_only_listed_options_with_matching_values_through() {
     let plane = ControlPlane::start();
     let _runner = Supervisor::start(&plane.url, ARGUMENT_RULES, "");
     let five = plane.wait_done(&plane.queue("noisy", "--lines 5").await, LIMIT).await;
-    assert_eq!(status_and_code(&five), ("success".into(), 0), "{five:#}");
+    assert_eq!(status_and_code(&five), ("success".into(), 0), "{five:#?}");
     assert_eq!(output(&five, false), "out 0\nout 1\nout 2\nout 3\nout 4\n");
 
     let stderr = refused(&plane, "noisy", "--lines 5000").await;

@@ -49,7 +49,7 @@ async fn bad_numbers_are_refused_naming_the_field_at_start_and_on_reload() {
     for (round, (extra, field)) in bad.iter().enumerate() {
         runner.write_config("", extra);
         runner.signal(Signal::SIGHUP);
-        wait_for_log_count(&runner, "reload refused", round + 1).await;
+        runner.wait_reload_refused(round + 1).await;
         assert!(runner.log().contains(field), "{field} not named:\n{}", runner.log());
         assert!(runner.is_running());
     }
@@ -79,7 +79,7 @@ const SHELL_ALLOWED: &str = "mode = \"blocklist\"\nremove_disallowed_commands = 
 async fn shell(plane: &ControlPlane, python: &str) -> String {
     let args = shlex::try_quote(python).unwrap().to_string();
     let execution = plane.wait_done(&plane.queue("shell", &format!("-v 0 -c {args}")).await, LIMIT).await;
-    assert_eq!(status_and_code(&execution), ("success".into(), 0), "{execution:#}");
+    assert_eq!(status_and_code(&execution), ("success".into(), 0), "{execution:#?}");
     output(&execution, false)
 }
 
@@ -93,7 +93,7 @@ async fn the_api_key_never_leaves_the_host_nor_reaches_a_job_environment() {
 
     // Masked although [redaction] does not name it.
     let diff = plane.wait_done(&plane.queue("diffsettings", "").await, LIMIT).await;
-    assert_eq!(status_and_code(&diff).0, "success", "{diff:#}");
+    assert_eq!(status_and_code(&diff).0, "success", "{diff:#?}");
     let out = output(&diff, false);
     assert!(out.contains("DJANGOCOMMAND_API_KEY = '[REDACTED]'"), "{out}");
     assert!(!out.contains(KEY), "{out}");
@@ -183,7 +183,7 @@ async fn a_worker_reporting_a_pid_that_is_not_its_child_is_restarted_not_trusted
         let mut runner = Supervisor::start_with(&plane.url, "", "", common::demo_project(), &env);
         runner.wait_for_log("worker ready", LIMIT).await;
         let failed = plane.wait_done(&plane.queue("noop", "").await, LIMIT).await;
-        assert_eq!(status_and_code(&failed), ("failed".into(), -1), "{failed:#}");
+        assert_eq!(status_and_code(&failed), ("failed".into(), -1), "{failed:#?}");
         let stderr = output(&failed, true);
         assert!(stderr.contains("protocol violation by worker"), "{claim}: {stderr}");
         // The worker was killed and a fresh one started; the supervisor lives on.
@@ -204,14 +204,14 @@ async fn a_worker_that_logs_latin_1_keeps_its_log_and_keeps_working() {
     runner.wait_for_log("after the Latin-1 line", LIMIT).await;
     assert!(runner.log().contains("caf\u{fffd} au lait"), "{}", runner.log());
     let noop = plane.wait_done(&plane.queue("noop", "").await, LIMIT).await;
-    assert_eq!(status_and_code(&noop), ("success".into(), 0), "{noop:#}");
+    assert_eq!(status_and_code(&noop), ("success".into(), 0), "{noop:#?}");
 }
 
 /// Queues `command args` and waits for it to be refused: its stderr.
 async fn refused(plane: &ControlPlane, command: &str, args: &str) -> String {
     let execution = plane.wait_done(&plane.queue(command, args).await, LIMIT).await;
-    assert_eq!(status_and_code(&execution), ("failed".into(), -1), "{execution:#}");
-    assert_eq!(output(&execution, false), "", "a refused command never runs: {execution:#}");
+    assert_eq!(status_and_code(&execution), ("failed".into(), -1), "{execution:#?}");
+    assert_eq!(output(&execution, false), "", "a refused command never runs: {execution:#?}");
     output(&execution, true)
 }
 
@@ -254,10 +254,10 @@ async fn options_that_load_code_are_refused_unless_allowed() {
     // refusal was what stood in the way.
     runner.write_config("allow_code_loading_options = true", "");
     runner.signal(Signal::SIGHUP);
-    runner.wait_for_log("reload applied", LIMIT).await;
+    runner.wait_reloaded(1).await;
     let args = format!("--pythonpath={dir} --default=evil_settings");
     let diff = plane.wait_done(&plane.queue("diffsettings", &args).await, LIMIT).await;
-    assert_eq!(status_and_code(&diff), ("success".into(), 0), "{diff:#}");
+    assert_eq!(status_and_code(&diff), ("success".into(), 0), "{diff:#?}");
     assert!(marker.exists());
     assert_eq!(runner.terminate(LIMIT).await, Some(0));
 }
@@ -277,7 +277,7 @@ async fn huge_args_are_refused_and_control_characters_never_reach_the_log_raw() 
     // A newline, a carriage return, NUL, an escape sequence and a C1 control.
     let hostile = "'one\nFAKE LINE\r\u{0}\u{1b}[31mred\u{9b}'";
     let said = plane.wait_done(&plane.queue("say", hostile).await, LIMIT).await;
-    assert_eq!(status_and_code(&said).0, "success", "{said:#}");
+    assert_eq!(status_and_code(&said).0, "success", "{said:#?}");
     let refused_too = plane.wait_done(&plane.queue("shell", hostile).await, LIMIT).await;
     assert_eq!(status_and_code(&refused_too).0, "failed");
     let log = runner.log();
@@ -316,8 +316,8 @@ async fn the_recommended_rules_keep_file_paths_out_of_the_control_planes_hands()
     assert!(stderr.contains("does not match"), "{stderr}");
     // What the rules leave alone runs (a fixture name; there is no such fixture).
     let load = plane.wait_done(&plane.queue("loaddata", "no_such_fixture.json").await, LIMIT).await;
-    assert_eq!(status_and_code(&load), ("failed".into(), 1), "{load:#}");
-    assert!(output(&load, true).contains("No fixture named 'no_such_fixture'"), "{load:#}");
+    assert_eq!(status_and_code(&load), ("failed".into(), 1), "{load:#?}");
+    assert!(output(&load, true).contains("No fixture named 'no_such_fixture'"), "{load:#?}");
 }
 
 /// Every entry under `dir` whose mode gives anything to group or others.
@@ -393,9 +393,9 @@ async fn spawned_commands_get_the_key_for_set_up_only_and_the_same_tracebacks() 
         .env("DEMO_DB_PATH", project.path().join("unused.sqlite3"))
         .output()
         .unwrap();
-    assert_eq!(output(&boom, true), String::from_utf8_lossy(&reference.stderr), "{boom:#}");
+    assert_eq!(output(&boom, true), String::from_utf8_lossy(&reference.stderr), "{boom:#?}");
     assert_eq!(status_and_code(&boom).1, i64::from(reference.status.code().unwrap()));
     // sys.exit() codes pass through.
     let failed = plane.wait_done(&plane.queue("fail", "--code 5").await, LIMIT).await;
-    assert_eq!(status_and_code(&failed), ("failed".into(), 5), "{failed:#}");
+    assert_eq!(status_and_code(&failed), ("failed".into(), 5), "{failed:#?}");
 }

@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use common::plane::{chunks, output, status_and_code, ControlPlane, Supervisor, LIMIT};
+use dcsupervisor::local_plane::wire::{ExecutionDetail, NewExecution};
+use dcsupervisor::protocol::api::ExecutionId;
 use ed25519_dalek::{Signer as _, SigningKey};
 use serde_json::{json, Value};
 
@@ -45,9 +47,24 @@ fn sign_by_hand(key_file: &Path, id: &str, command: &str, issued_at: i64) -> Str
     BASE64.encode(key.sign(message.as_bytes()).to_bytes())
 }
 
-async fn refused_because(plane: &ControlPlane, request: Value, reason: &str) -> Value {
+/// `command` (no arguments) whose `/pending/` entry has `overrides`
+/// replaced after signing, and the id to queue it under if given.
+fn overridden(command: &str, args: &str, id: Option<&ExecutionId>, overrides: Value) -> NewExecution {
+    let Value::Object(overrides) = overrides else { panic!("overrides are a JSON object") };
+    NewExecution { id: id.cloned(), pending_overrides: Some(overrides), ..NewExecution::new(command, args) }
+}
+
+/// An execution the plane queues under `id`, handed out with `issued_at`
+/// and a signature made by hand with `key_file`.
+fn signed_by_hand(key_file: &Path, command: &str, issued_at: i64) -> NewExecution {
+    let id = ExecutionId::parse(&uuid::Uuid::new_v4().to_string()).unwrap();
+    let signature = sign_by_hand(key_file, id.as_str(), command, issued_at);
+    overridden(command, "", Some(&id), json!({"issued_at": issued_at, "signature": signature}))
+}
+
+async fn refused_because(plane: &ControlPlane, request: NewExecution, reason: &str) -> ExecutionDetail {
     let execution = plane.wait_done(&plane.queue_with(request).await, LIMIT).await;
-    assert_eq!(status_and_code(&execution), ("failed".into(), -1), "{execution:#}");
+    assert_eq!(status_and_code(&execution), ("failed".into(), -1), "{execution:#?}");
     let stderr = output(&execution, true);
     assert!(stderr.contains(reason), "expected {reason:?} in:\n{stderr}");
     assert!(stderr.contains("[policy.signing]"), "{stderr}");
@@ -73,33 +90,23 @@ async fn only_executions_signed_by_the_pinned_key_within_the_window_run() {
     assert_eq!(output(&valid, false), "signed and sound\n");
 
     // The control plane (or something on the way) changes the arguments after signing.
-    let tampered =
-        json!({"command": "say", "args": "'as signed\\n'", "pending_overrides": {"args": "'tampered\\n'"}});
+    let tampered = overridden("say", "'as signed\\n'", None, json!({"args": "'tampered\\n'"}));
     refused_because(&plane, tampered, "signature does not verify").await;
 
     // Properly signed with the right key, but issued too long ago, or ahead of the clock.
-    let id = uuid::Uuid::new_v4().to_string();
-    let issued_at = unix_now() - 412;
-    let signature = sign_by_hand(&key_file, &id, "noop", issued_at);
-    let stale = json!({"id": id, "command": "noop", "pending_overrides": {"issued_at": issued_at, "signature": signature}});
+    let stale = signed_by_hand(&key_file, "noop", unix_now() - 412);
     refused_because(&plane, stale, "s ago, outside the 300 s window").await;
-    let id = uuid::Uuid::new_v4().to_string();
-    let issued_at = unix_now() + 3600;
-    let signature = sign_by_hand(&key_file, &id, "noop", issued_at);
-    let future = json!({"id": id, "command": "noop", "pending_overrides": {"issued_at": issued_at, "signature": signature}});
+    let future = signed_by_hand(&key_file, "noop", unix_now() + 3600);
     refused_because(&plane, future, "s in the future").await;
 
     // The same hand-made signature with a current issue time is accepted:
     // the documented message is the one the runner checks.
-    let id = uuid::Uuid::new_v4().to_string();
-    let issued_at = unix_now();
-    let signature = sign_by_hand(&key_file, &id, "noop", issued_at);
-    let fresh = json!({"id": id, "command": "noop", "pending_overrides": {"issued_at": issued_at, "signature": signature}});
+    let fresh = signed_by_hand(&key_file, "noop", unix_now());
     let fresh = plane.wait_done(&plane.queue_with(fresh).await, LIMIT).await;
-    assert_eq!(status_and_code(&fresh), ("success".into(), 0), "{fresh:#}");
+    assert_eq!(status_and_code(&fresh), ("success".into(), 0), "{fresh:#?}");
 
     // Signature (and issue time) stripped.
-    let stripped = json!({"command": "noop", "pending_overrides": {"signature": null, "issued_at": null}});
+    let stripped = overridden("noop", "", None, json!({"signature": null, "issued_at": null}));
     refused_because(&plane, stripped, "signature missing").await;
 }
 
@@ -113,25 +120,21 @@ async fn a_replayed_execution_is_refused_also_after_a_restart() {
     let id = plane.queue("noop", "").await;
     let original = plane.wait_done(&id, LIMIT).await;
     assert_eq!(status_and_code(&original), ("success".into(), 0));
-    let (status, entry) = plane.call("GET", &format!("/api/operator/executions/{id}/signed"), None).await;
-    assert_eq!(status, 200, "{entry}");
+    let entry = plane.signed_entry(&id).await;
     assert!(entry["signature"].is_string() && entry["issued_at"].is_i64(), "{entry}");
-    let replay = json!({"executions": [entry]});
 
     // The same signed entry, handed out again.
-    let (status, _) = plane.call("POST", "/api/operator/inject-pending", Some(replay.clone())).await;
-    assert!(status < 300);
+    plane.inject_pending(vec![entry.clone()]).await.unwrap();
     runner.wait_for_log("already seen (replay)", LIMIT).await;
 
     // After a restart, the id is still remembered (state_dir/signing-seen.jsonl).
     assert_eq!(runner.terminate(LIMIT).await, Some(0));
     let seen = std::fs::read_to_string(runner.dir.path().join(".dcsupervisor/signing-seen.jsonl")).unwrap();
-    assert!(seen.contains(&id), "{seen}");
+    assert!(seen.contains(id.as_str()), "{seen}");
     runner.restart();
     let after_restart = plane.queue("noop", "").await;
     assert_eq!(status_and_code(&plane.wait_done(&after_restart, LIMIT).await).0, "success");
-    let (status, _) = plane.call("POST", "/api/operator/inject-pending", Some(replay)).await;
-    assert!(status < 300);
+    plane.inject_pending(vec![entry]).await.unwrap();
     let deadline = tokio::time::Instant::now() + LIMIT;
     while occurrences(&runner.log(), "already seen (replay)") < 2 {
         assert!(tokio::time::Instant::now() < deadline, "the replay was not refused:\n{}", runner.log());
@@ -140,7 +143,7 @@ async fn a_replayed_execution_is_refused_also_after_a_restart() {
 
     // Neither replay ran: the execution is as it was.
     let now = plane.execution(&id).await;
-    assert_eq!(now["completed_at"], original["completed_at"]);
+    assert_eq!(now.summary.completed_at, original.summary.completed_at);
     assert_eq!(chunks(&now), chunks(&original));
 }
 
@@ -150,7 +153,7 @@ async fn unsigned_executions_run_only_without_policy_signing() {
     let (_, public_key) = keygen(keys.path());
     let unsigned_plane = ControlPlane::start();
     let _strict = Supervisor::start(&unsigned_plane.url, &signing_policy(&public_key), "");
-    refused_because(&unsigned_plane, json!({"command": "noop"}), "signature missing").await;
+    refused_because(&unsigned_plane, NewExecution::new("noop", ""), "signature missing").await;
 
     let plane = ControlPlane::start();
     let _plain = Supervisor::start(&plane.url, "", "");

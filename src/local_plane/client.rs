@@ -94,7 +94,11 @@ impl OperatorClient {
     }
 
     /// What the next heartbeats answer.
-    pub async fn set_runner_state(&self, state: RunnerState, reason: Option<&str>) -> Result<(), ClientError> {
+    pub async fn set_runner_state(
+        &self,
+        state: RunnerState,
+        reason: Option<&str>,
+    ) -> Result<(), ClientError> {
         let request = RunnerStateRequest { state, reason: reason.map(str::to_string) };
         self.request::<serde_json::Value>(OperatorRoute::SetRunnerState, Some(&request)).await.map(drop)
     }
@@ -139,11 +143,19 @@ impl OperatorClient {
         let body = body.map(|body| serde_json::to_vec(body).expect("requests are plain JSON data"));
         let (status, answer) = tokio::time::timeout(CALL_TIMEOUT, self.exchange(&method, &path, body))
             .await
-            .map_err(|_| ClientError::Timeout { url: self.base.clone(), method: method.clone(), path: path.clone() })??;
+            .map_err(|_| ClientError::Timeout {
+                url: self.base.clone(),
+                method: method.clone(),
+                path: path.clone(),
+            })??;
         if !status.is_success() {
             return Err(ClientError::Refused { method, path, status, detail: error_detail(&answer) });
         }
-        serde_json::from_slice(&answer).map_err(|e| ClientError::BadAnswer { method, path, reason: e.to_string() })
+        serde_json::from_slice(&answer).map_err(|e| ClientError::BadAnswer {
+            method,
+            path,
+            reason: e.to_string(),
+        })
     }
 
     /// One request and its whole answer.

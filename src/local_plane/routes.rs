@@ -91,7 +91,9 @@ pub fn operator(store: &mut Store, method: &Method, path: &str, body: &[u8], now
         OperatorRoute::Cancel(id) => cancel(store, id, body),
         OperatorRoute::SetRunnerState => set_runner_state(store, body),
         OperatorRoute::State => Ok(Reply::json(StatusCode::OK, &store.state())),
-        OperatorRoute::Requests => Ok(Reply::json(StatusCode::OK, &RequestLog { requests: store.requests() })),
+        OperatorRoute::Requests => {
+            Ok(Reply::json(StatusCode::OK, &RequestLog { requests: store.requests() }))
+        }
         OperatorRoute::ClearRequests => {
             store.clear_requests();
             Ok(Reply::ok())

@@ -8,9 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::protocol::api::{
-    CompletionStatus, ExecutionId, RunnerState, Segment, DEFAULT_EXECUTION_TIMEOUT,
-};
+use crate::protocol::api::{CompletionStatus, ExecutionId, RunnerState, Segment, DEFAULT_EXECUTION_TIMEOUT};
 use crate::protocol::commands::SyncedCommand;
 use serde::{Deserialize, Serialize};
 
@@ -134,7 +132,7 @@ pub struct ExecutionDetail {
     pub force_kill: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChunkView {
     pub chunk_number: u64,
     pub is_stderr: bool,

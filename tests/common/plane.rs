@@ -122,7 +122,10 @@ impl ControlPlane {
             if wanted(&state) {
                 return state;
             }
-            assert!(tokio::time::Instant::now() < deadline, "the runner did not get there in time: {state:#?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the runner did not get there in time: {state:#?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -188,6 +191,11 @@ pub fn chunks(execution: &ExecutionDetail) -> &[ChunkView] {
 /// A `dcsupervisor` process running a Django project against a control plane.
 pub struct Supervisor {
     child: Child,
+    /// Where it sends systemd's notifications (`NOTIFY_SOCKET`): ready,
+    /// reloaded or reload refused, stopping. Tests wait on these, the
+    /// service manager's own interface, rather than on log text.
+    notify: std::os::unix::net::UnixDatagram,
+    notifications: std::sync::Mutex<Vec<String>>,
     pub dir: tempfile::TempDir,
     pub project: PathBuf,
     url: String,
@@ -223,8 +231,12 @@ impl Supervisor {
     pub fn start_with(url: &str, policy: &str, extra: &str, project: PathBuf, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let notify = std::os::unix::net::UnixDatagram::bind(dir.path().join("notify.sock")).unwrap();
+        notify.set_nonblocking(true).unwrap();
         let mut supervisor = Self {
             child: Command::new("true").spawn().unwrap(),
+            notify,
+            notifications: std::sync::Mutex::new(Vec::new()),
             dir,
             project,
             url: url.to_string(),
@@ -257,6 +269,7 @@ impl Supervisor {
             .arg("-v")
             .env_remove("DJANGOCOMMAND_API_KEY")
             .env("NO_COLOR", "1")
+            .env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"))
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -268,7 +281,53 @@ impl Supervisor {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal);
     }
 
-    /// Waits for a line containing `needle` in the log.
+    /// Every systemd notification received so far, oldest first (each is
+    /// its `KEY=value` lines, e.g. `"READY=1\nSTATUS=reloaded"`).
+    pub fn notifications(&self) -> Vec<String> {
+        let mut received = self.notifications.lock().unwrap();
+        let mut buffer = [0u8; 4096];
+        while let Ok(length) = self.notify.recv(&mut buffer) {
+            received.push(String::from_utf8_lossy(&buffer[..length]).into_owned());
+        }
+        received.clone()
+    }
+
+    /// Waits until `times` notifications contain `needle`.
+    pub async fn wait_notified_times(&self, needle: &str, times: usize, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let received = self.notifications();
+            if received.iter().filter(|n| n.contains(needle)).count() >= times {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{needle:?} not notified {times} time(s): {received:#?}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for a notification containing `needle`.
+    pub async fn wait_notified(&self, needle: &str, limit: Duration) {
+        self.wait_notified_times(needle, 1, limit).await;
+    }
+
+    /// Waits for the `times`-th reload to be applied (systemd's
+    /// `READY=1` + `STATUS=reloaded`).
+    pub async fn wait_reloaded(&self, times: usize) {
+        self.wait_notified_times("STATUS=reloaded", times, LIMIT).await;
+    }
+
+    /// Waits for the `times`-th reload to be refused, the previous
+    /// configuration kept.
+    pub async fn wait_reload_refused(&self, times: usize) {
+        self.wait_notified_times("STATUS=reload refused", times, LIMIT).await;
+    }
+
+    /// Waits for a line containing `needle` in the log: for tests of what
+    /// the log says, or of what nothing else shows.
     pub async fn wait_for_log(&self, needle: &str, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         while !self.log().contains(needle) {
