@@ -203,25 +203,29 @@ fn rotating_log(path: &Path, max_bytes: u64, keep: u64) -> Result<FileRotate<App
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let config = Config::load(&cli.config)
-        .with_context(|| format!("configuration {} is not usable", cli.config.display()))?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
-            // SIGTERM and SIGINT stop it (signals.rs): nothing else to wait for.
+            // `serve` reads the configuration itself, and again on each
+            // reload. SIGTERM and SIGINT stop it (signals.rs): nothing else
+            // to wait for.
             supervisor::serve(&cli.config, std::future::pending()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Once => run_once(&config).await,
-        Command::Check => check(&cli.config, &config).await,
+        Command::Once => run_once(&load_config(&cli.config)?).await,
+        Command::Check => check(&cli.config, &load_config(&cli.config)?).await,
         Command::Exec { timeout, command_line } => match command_line.split_first() {
             Some((command, _)) if command.starts_with('-') => {
                 anyhow::bail!("exec: {command:?} is not a command name; dcsupervisor's options go before the command, the command's after it")
             }
-            Some((command, args)) => exec(&config, command, args, timeout).await,
+            Some((command, args)) => exec(&load_config(&cli.config)?, command, args, timeout).await,
             None => anyhow::bail!("exec needs a command name"),
         },
-        Command::Commands { json } => list_commands(&config, json).await,
+        Command::Commands { json } => list_commands(&load_config(&cli.config)?, json).await,
     }
+}
+
+fn load_config(path: &Path) -> Result<Config> {
+    Config::load(path).with_context(|| format!("configuration {} is not usable", path.display()))
 }
 
 /// `once`: one heartbeat (and sync), beside a running supervisor if there
