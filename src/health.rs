@@ -77,6 +77,20 @@ struct StatusLabel {
     status: Outcome,
 }
 
+/// How a reload (SIGHUP, the reload file) ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values, as Prometheus shows them
+enum ReloadOutcome {
+    applied,
+    /// The new configuration was not valid; the previous one stays.
+    refused,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabel {
+    outcome: ReloadOutcome,
+}
+
 /// Everything `/metrics` shows and `/readyz` decides on.
 pub struct Metrics {
     registry: Registry,
@@ -90,6 +104,8 @@ pub struct Metrics {
     worker_restarts: Counter,
     worker_rss: Gauge,
     worker_up: Gauge,
+    reloads: Family<ReloadLabel, Counter>,
+    last_reload_successful: Gauge,
     start_latency: Histogram,
     authenticated: AtomicBool,
     last_heartbeat: Mutex<Option<(Instant, Duration)>>,
@@ -115,12 +131,16 @@ impl Metrics {
             worker_restarts: Counter::default(),
             worker_rss: Gauge::default(),
             worker_up: Gauge::default(),
+            reloads: Family::default(),
+            last_reload_successful: Gauge::default(),
             // 5 ms .. about 20 s.
             start_latency: Histogram::new(exponential_buckets(0.005, 2.0, 13)),
             authenticated: AtomicBool::new(false),
             last_heartbeat: Mutex::new(None),
             registry: Registry::default(),
         };
+        // No reload yet: the configuration in force is the one asked for.
+        metrics.last_reload_successful.set(1);
         let m = &metrics;
         registry.register("executions", "Executions ended, by status", m.executions.clone());
         registry.register("executions_running", "Executions whose command is running", m.running.clone());
@@ -160,6 +180,12 @@ impl Metrics {
             m.worker_rss.clone(),
         );
         registry.register("worker_up", "1 when a Python worker is ready to take jobs", m.worker_up.clone());
+        registry.register("reloads", "Reloads (SIGHUP, the reload file), by outcome", m.reloads.clone());
+        registry.register(
+            "config_last_reload_successful",
+            "0 when the last reload was refused (the previous configuration still runs), else 1",
+            m.last_reload_successful.clone(),
+        );
         registry.register(
             "job_start_latency_seconds",
             "From taking an execution to its command running",
@@ -200,6 +226,14 @@ impl Metrics {
     /// Whether the control plane currently accepts our key.
     pub fn set_authenticated(&self, authenticated: bool) {
         self.authenticated.store(authenticated, Ordering::Relaxed);
+    }
+
+    /// A reload ended: the new configuration is in force (`applied`) or
+    /// was refused and the previous one still runs.
+    pub fn reload_ended(&self, applied: bool) {
+        let outcome = if applied { ReloadOutcome::applied } else { ReloadOutcome::refused };
+        self.reloads.get_or_create(&ReloadLabel { outcome }).inc();
+        self.last_reload_successful.set(i64::from(applied));
     }
 
     /// The Python worker was started again (after a crash or a recycle).

@@ -13,9 +13,11 @@ mod common;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use common::plane::{output, status_and_code, ControlPlane, Supervisor};
+use common::plane::{output, requests_to, status_and_code, ControlPlane, Supervisor};
+use dcsupervisor::local_plane::wire::{Endpoint, ExecutionStatus, FaultSpec, LoggedRequest, NewExecution};
+use dcsupervisor::protocol::api::ExecutionId;
 use nix::sys::signal::Signal;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const EXECUTIONS: usize = 240;
 /// The whole run must end well within the test budget (120 s).
@@ -35,7 +37,6 @@ const RUNNER: &str =
 
 /// One execution of the `chaos` demo command and what it prints.
 struct Planned {
-    id: String,
     args: String,
     stdout: String,
     stderr: String,
@@ -61,62 +62,56 @@ fn plan(rng: &mut fastrand::Rng) -> Planned {
         if i % 3 == 2 { &mut stderr } else { &mut stdout }.push_str(&line);
     }
     let args = format!("--lines {lines} --text {text} --pause {pause} --exit {exit}");
-    Planned { id: String::new(), args, stdout, stderr, exit }
+    Planned { args, stdout, stderr, exit }
 }
 
 /// A control-plane fault the runner must ride out without losing anything.
-fn random_fault(rng: &mut fastrand::Rng) -> Value {
+fn random_fault(rng: &mut fastrand::Rng) -> FaultSpec {
     let mut fault = fault_kind(rng);
     // Unused faults expire: a backlog of them would hit the loops that back
     // off (heartbeat, poll) long after the moment they were meant for.
-    if let Some(fields) = fault.as_object_mut() {
-        fields.entry("duration_ms").or_insert(json!(FAULT_EXPIRES_MS));
-    }
+    fault.duration_ms.get_or_insert(FAULT_EXPIRES_MS);
     fault
 }
 
-fn fault_kind(rng: &mut fastrand::Rng) -> Value {
+fn fault_kind(rng: &mut fastrand::Rng) -> FaultSpec {
     let endpoints = [
-        "output",
-        "output",
-        "output",
-        "output",
-        "complete",
-        "complete",
-        "start",
-        "pending",
-        "heartbeat",
-        "cancel-status",
+        Endpoint::Output,
+        Endpoint::Output,
+        Endpoint::Output,
+        Endpoint::Output,
+        Endpoint::Complete,
+        Endpoint::Complete,
+        Endpoint::Start,
+        Endpoint::Pending,
+        Endpoint::Heartbeat,
+        Endpoint::CancelStatus,
     ];
     let endpoint = endpoints[rng.usize(..endpoints.len())];
-    let processed = matches!(endpoint, "output" | "complete");
+    let processed = matches!(endpoint, Endpoint::Output | Endpoint::Complete);
     // The loops (heartbeat, poll, cancel) back off: one fault each is plenty.
     let count = if processed { rng.u64(1..4) } else { 1 };
     let server_error = [500, 502, 503, 504, 520, 524][rng.usize(..6)];
+    // One endpoint, `count` times: what most faults below start from.
+    let on = FaultSpec { endpoint: Some(endpoint), count: Some(count), ..FaultSpec::default() };
     match rng.u32(0..10) {
-        0 => json!({"endpoint": endpoint, "status": server_error, "count": count}),
-        1 => json!({"endpoint": endpoint, "status": 429, "retry_after": 1, "count": count}),
-        2 => json!({"endpoint": endpoint, "status": 502, "html": true, "count": count}),
-        3 => json!({"endpoint": endpoint, "status": 307, "count": count}),
-        4 => json!({"endpoint": endpoint, "status": 503, "cut_body": true, "count": count}),
+        0 => FaultSpec { status: server_error, ..on },
+        1 => FaultSpec { status: 429, retry_after: Some(1), ..on },
+        2 => FaultSpec { status: 502, html: true, ..on },
+        3 => FaultSpec { status: 307, ..on },
+        4 => FaultSpec { status: 503, cut_body: true, ..on },
         // A reset after processing, except for `start`: a lost answer to a
         // `start` the server did process leaves that execution running for
         // good (the retry is refused as "already running"), a limit stated
         // in docs/reliability.md.
-        5 if endpoint == "start" => {
-            json!({"endpoint": endpoint, "status": 503, "reset": true, "count": count})
-        }
-        5 => json!({"endpoint": endpoint, "reset": true, "count": count}),
-        6 => json!({"endpoint": endpoint, "status": 0, "delay_ms": 1200, "count": 1}),
+        5 if endpoint == Endpoint::Start => FaultSpec { status: 503, reset: true, ..on },
+        5 => FaultSpec { reset: true, ..on },
+        6 => FaultSpec { status: 0, delay_ms: Some(1200), count: Some(1), ..on },
         // Processed, then the answer is lost or garbled: a retry must not duplicate.
-        7 if processed => {
-            json!({"endpoint": endpoint, "status": 503, "after_processing": true, "count": count})
-        }
-        8 if processed => {
-            json!({"endpoint": endpoint, "status": 200, "html": true, "after_processing": true, "count": count})
-        }
-        9 => json!({"status": 503, "duration_ms": rng.u64(300..800)}),
-        _ => json!({"endpoint": endpoint, "status": 504, "count": 1}),
+        7 if processed => FaultSpec { status: 503, after_processing: true, ..on },
+        8 if processed => FaultSpec { status: 200, html: true, after_processing: true, ..on },
+        9 => FaultSpec { status: 503, duration_ms: Some(rng.u64(300..800)), ..FaultSpec::default() },
+        _ => FaultSpec { status: 504, count: Some(1), ..on },
     }
 }
 
@@ -150,8 +145,8 @@ async fn restart(runner: &mut Supervisor, kill: bool) {
 /// How many executions are not finished yet, by status.
 async fn unfinished(plane: &ControlPlane) -> (usize, usize) {
     let executions = plane.executions().await;
-    let count = |status: &str| executions.iter().filter(|e| e["status"] == status).count();
-    (count("pending"), count("running"))
+    let count = |status: ExecutionStatus| executions.iter().filter(|e| e.status == status).count();
+    (count(ExecutionStatus::Pending), count(ExecutionStatus::Running))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,10 +160,11 @@ async fn chaos() {
     let started = Instant::now();
     let plane = ControlPlane::start();
     let mut runner = Supervisor::start(&plane.url, "", RUNNER);
-    let mut planned: Vec<Planned> = (0..EXECUTIONS).map(|_| plan(&mut rng)).collect();
-    for execution in &mut planned {
-        let body = json!({"command": "chaos", "args": execution.args, "timeout": 300});
-        execution.id = plane.queue_with(body).await;
+    let plans: Vec<Planned> = (0..EXECUTIONS).map(|_| plan(&mut rng)).collect();
+    let mut planned: Vec<(ExecutionId, Planned)> = Vec::with_capacity(plans.len());
+    for execution in plans {
+        let request = NewExecution { timeout: 300, ..NewExecution::new("chaos", &execution.args) };
+        planned.push((plane.queue_with(request).await, execution));
     }
 
     let mut figures = Figures::default();
@@ -187,8 +183,8 @@ async fn chaos() {
                 .executions()
                 .await
                 .iter()
-                .filter(|e| matches!(e["status"].as_str(), Some("pending" | "running")))
-                .map(|e| format!("{} {}", e["id"], e["args"]))
+                .filter(|e| matches!(e.status, ExecutionStatus::Pending | ExecutionStatus::Running))
+                .map(|e| format!("{:?} {:?}", e.id.as_str(), e.args))
                 .collect();
             println!("unfinished: {stuck:?}");
             let _ = std::fs::write("/tmp/chaos-runner.log", runner.log());
@@ -234,8 +230,8 @@ async fn chaos() {
 
     let requests = plane.requests().await;
     let mut failures = Vec::new();
-    for execution in &planned {
-        check(&plane, &requests, execution, &mut figures, &mut failures).await;
+    for (id, execution) in &planned {
+        check(&plane, &requests, id, execution, &mut figures, &mut failures).await;
     }
     // Straight to the stderr handle: shown even when the test harness
     // captures the output of passing tests (scripts/test prints the figures).
@@ -271,33 +267,29 @@ async fn chaos() {
 /// Checks one execution against what the control plane received.
 async fn check(
     plane: &ControlPlane,
-    requests: &[Value],
+    requests: &[LoggedRequest],
+    id: &ExecutionId,
     planned: &Planned,
     figures: &mut Figures,
     failures: &mut Vec<String>,
 ) {
-    let id = &planned.id;
     let done = plane.execution(id).await;
     let (status, code) = status_and_code(&done);
     let (out, err) = (output(&done, false), output(&done, true));
-    let to = |endpoint: &str| {
-        let suffix = format!("{id}/{endpoint}/");
-        requests.iter().filter(move |r| r["path"].as_str().is_some_and(|p| p.ends_with(&suffix)))
-    };
-    let starts = to("start").filter(|r| r["status"] == 200).count();
-    let completions: Vec<&Value> = to("complete").map(|r| &r["body"]).collect();
+    let starts = requests_to(requests, id, "start").iter().filter(|r| r.status == Some(200)).count();
+    let completions: Vec<Value> = requests_to(requests, id, "complete").into_iter().map(|r| r.body).collect();
     let mut wrong = |what: String| failures.push(format!("{id} ({}): {what}", planned.args));
     if starts != 1 {
         wrong(format!("started {starts} times"));
     }
-    if completions.is_empty() || completions.iter().any(|c| c["status"] != status.as_str()) {
+    if completions.is_empty() || completions.iter().any(|c| c["status"] != status) {
         wrong(format!("completions {completions:?} against the final status {status}"));
     }
     let expected_status = if planned.exit == 0 { "success" } else { "failed" };
     let expected_lines = planned.stdout.lines().count() + planned.stderr.lines().count();
     let delivered_lines = out.lines().count() + err.lines().count();
     figures.lines += delivered_lines;
-    if (status.as_str(), code) == (expected_status, i64::from(planned.exit)) {
+    if (status, code) == (expected_status, i64::from(planned.exit)) {
         if out != planned.stdout || err != planned.stderr {
             figures.lost += expected_lines.saturating_sub(delivered_lines);
             figures.duplicated += delivered_lines.saturating_sub(expected_lines);

@@ -7,11 +7,14 @@ mod common;
 use std::time::Duration;
 
 use common::plane::{chunks, output, status_and_code, ControlPlane, Supervisor, LIMIT};
-use serde_json::{json, Value};
+use dcsupervisor::local_plane::wire::{ExecutionDetail, ExecutionStatus, FaultSpec, NewExecution};
+use dcsupervisor::protocol::api::RunnerState;
+use dcsupervisor::protocol::commands::BoundArgs;
+use serde_json::json;
 
-fn assert_numbered_from_one(execution: &Value) {
-    let numbers: Vec<u64> = chunks(execution).iter().map(|c| c["chunk_number"].as_u64().unwrap()).collect();
-    assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>(), "{execution:#}");
+fn assert_numbered_from_one(execution: &ExecutionDetail) {
+    let numbers: Vec<u64> = chunks(execution).iter().map(|c| c.chunk_number).collect();
+    assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>(), "{execution:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,31 +28,30 @@ async fn runs_executions_and_reports_output_and_exit_codes() {
     let bad = plane.queue("bad_utf8", "").await;
 
     let noisy = plane.wait_done(&noisy, LIMIT).await;
-    assert_eq!(status_and_code(&noisy), ("success".into(), 0));
+    assert_eq!(status_and_code(&noisy), ("success", 0));
     assert_eq!(output(&noisy, false), "out 0\nout 1\nout 2\n");
     assert_eq!(output(&noisy, true), "err 0\nerr 1\nerr 2\n");
     assert_numbered_from_one(&noisy);
     for chunk in chunks(&noisy) {
-        for segment in chunk["segments"].as_array().unwrap() {
-            assert!(segment["timestamp"].as_f64().is_some(), "whole lines carry their timestamp: {segment}");
+        for segment in &chunk.segments {
+            assert!(segment.timestamp.is_some(), "whole lines carry their timestamp: {segment:?}");
         }
     }
 
     let fail = plane.wait_done(&fail, LIMIT).await;
-    assert_eq!(status_and_code(&fail), ("failed".into(), 3));
+    assert_eq!(status_and_code(&fail), ("failed", 3));
     assert_eq!(output(&fail, true), "CommandError: demo failure\n");
 
     let boom = plane.wait_done(&boom, LIMIT).await;
-    assert_eq!(status_and_code(&boom), ("failed".into(), 1));
+    assert_eq!(status_and_code(&boom), ("failed", 1));
     assert!(output(&boom, true).ends_with("ValueError: kaboom\n"));
 
     // Invalid UTF-8 is replaced, and what follows it is kept.
     let bad = plane.wait_done(&bad, LIMIT).await;
     assert_eq!(output(&bad, false), "héllo wörld ✓\nbad \u{FFFD}\u{FFFD} bytes\nafter\n");
 
-    let state = plane.call("GET", "/api/operator/state", None).await.1;
-    let names: Vec<&str> =
-        state["commands"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    let state = plane.state().await;
+    let names: Vec<&str> = state.commands.iter().map(|c| c.name.as_str()).collect();
     assert!(names.contains(&"migrate") && names.contains(&"noisy"));
     assert!(!names.contains(&"shell") && !names.contains(&"djangocommand"));
 }
@@ -65,7 +67,11 @@ async fn output_streams_while_the_command_runs() {
     loop {
         let execution = plane.execution(&id).await;
         if output(&execution, false).contains("sleeping 3") {
-            assert_eq!(execution["status"], "running", "the first line arrived before the end");
+            assert_eq!(
+                execution.summary.status,
+                ExecutionStatus::Running,
+                "the first line arrived before the end"
+            );
             break;
         }
         assert!(tokio::time::Instant::now() < deadline);
@@ -80,23 +86,19 @@ async fn timeouts_and_cancels() {
     let plane = ControlPlane::start();
     let _runner = Supervisor::start(&plane.url, "", "");
 
-    let timed = plane.queue_with(json!({"command": "spin", "args": "", "timeout": 1})).await;
+    let timed = plane.queue_with(NewExecution { timeout: 1, ..NewExecution::new("spin", "") }).await;
     let soft = plane.queue("sleep", "60").await;
     let hard = plane.queue("spin", "").await;
 
     let timed = plane.wait_done(&timed, LIMIT).await;
-    assert_eq!(status_and_code(&timed), ("timed_out".into(), -1));
+    assert_eq!(status_and_code(&timed), ("timed_out", -1));
 
-    plane.wait_status(&soft, LIMIT, |s| s == "running").await;
-    plane.wait_status(&hard, LIMIT, |s| s == "running").await;
-    plane
-        .call("POST", &format!("/api/operator/executions/{soft}/cancel"), Some(json!({"force": false})))
-        .await;
-    plane
-        .call("POST", &format!("/api/operator/executions/{hard}/cancel"), Some(json!({"force": true})))
-        .await;
-    assert_eq!(status_and_code(&plane.wait_done(&soft, LIMIT).await), ("cancelled".into(), -15));
-    assert_eq!(status_and_code(&plane.wait_done(&hard, LIMIT).await), ("cancelled".into(), -9));
+    plane.wait_status(&soft, LIMIT, |s| s == ExecutionStatus::Running).await;
+    plane.wait_status(&hard, LIMIT, |s| s == ExecutionStatus::Running).await;
+    plane.cancel(&soft, false).await;
+    plane.cancel(&hard, true).await;
+    assert_eq!(status_and_code(&plane.wait_done(&soft, LIMIT).await), ("cancelled", -15));
+    assert_eq!(status_and_code(&plane.wait_done(&hard, LIMIT).await), ("cancelled", -9));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +106,7 @@ async fn the_policy_is_enforced_whatever_the_server_asks() {
     let plane = ControlPlane::start();
     let _runner = Supervisor::start(&plane.url, "configured_in = \"django-settings\"", "");
     let shell = plane.wait_done(&plane.queue("shell", "").await, LIMIT).await;
-    assert_eq!(status_and_code(&shell), ("failed".into(), -1));
+    assert_eq!(status_and_code(&shell), ("failed", -1));
     assert_eq!(chunks(&shell).len(), 1);
     assert_eq!(
         output(&shell, true),
@@ -116,12 +118,12 @@ async fn the_policy_is_enforced_whatever_the_server_asks() {
          DJANGOCOMMAND_ALLOWED_COMMANDS = DEFAULT_ALLOWED_COMMANDS + ('shell',)\n"
     );
     let own = plane.wait_done(&plane.queue("djangocommand", "start").await, LIMIT).await;
-    assert_eq!(status_and_code(&own), ("failed".into(), -1));
+    assert_eq!(status_and_code(&own), ("failed", -1));
 
     let blocklist_plane = ControlPlane::start();
     let _blocklist = Supervisor::start(&blocklist_plane.url, "mode = \"blocklist\"", "");
     let flush = blocklist_plane.wait_done(&blocklist_plane.queue("flush", "--no-input").await, LIMIT).await;
-    assert_eq!(status_and_code(&flush), ("failed".into(), -1));
+    assert_eq!(status_and_code(&flush), ("failed", -1));
     assert!(output(&flush, true).contains("Reason: in DJANGOCOMMAND_DISALLOWED_COMMANDS blocklist\n"));
     assert!(output(&flush, true).contains("remove_disallowed_commands = [\"flush\"]"));
 }
@@ -130,18 +132,17 @@ async fn the_policy_is_enforced_whatever_the_server_asks() {
 async fn metadata_only_never_sends_the_output() {
     let plane = ControlPlane::start();
     let _runner = Supervisor::start(&plane.url, "metadata_only_commands = [\"exit_with\"]", "");
-    let flagged =
-        plane.queue_with(json!({"command": "noisy", "args": "", "use_metadata_only_mode": true})).await;
+    let flagged = plane
+        .queue_with(NewExecution { use_metadata_only_mode: true, ..NewExecution::new("noisy", "") })
+        .await;
     let configured = plane.queue("exit_with", "4").await;
-    for (id, expected) in [(flagged, ("success".to_string(), 0)), (configured, ("failed".to_string(), 4))] {
+    for (id, expected) in [(flagged, ("success", 0)), (configured, ("failed", 4))] {
         let execution = plane.wait_done(&id, LIMIT).await;
         assert_eq!(status_and_code(&execution), expected);
         let notice = "(metadata-only mode, no output captured)\n";
         assert_eq!((output(&execution, false), output(&execution, true)), (notice.into(), notice.into()));
-        let shape: Vec<(u64, bool)> = chunks(&execution)
-            .iter()
-            .map(|c| (c["chunk_number"].as_u64().unwrap(), c["is_stderr"].as_bool().unwrap()))
-            .collect();
+        let shape: Vec<(u64, bool)> =
+            chunks(&execution).iter().map(|c| (c.chunk_number, c.is_stderr)).collect();
         assert_eq!(shape, [(1, false), (2, true)]);
     }
 }
@@ -152,14 +153,17 @@ async fn bound_arguments_restrict_what_a_command_may_be_given() {
     let bound = "[[policy.bound_args]]\ncommand = \"noisy\"\nargs = \"--lines 2\"\nlabel = \"Two lines\"\n";
     let _runner = Supervisor::start(&plane.url, "", bound);
     let allowed = plane.wait_done(&plane.queue("noisy", "--lines  '2'").await, LIMIT).await;
-    assert_eq!(status_and_code(&allowed), ("success".into(), 0));
+    assert_eq!(status_and_code(&allowed), ("success", 0));
     let refused = plane.wait_done(&plane.queue("noisy", "--lines 3").await, LIMIT).await;
-    assert_eq!(status_and_code(&refused), ("failed".into(), -1));
+    assert_eq!(status_and_code(&refused), ("failed", -1));
     assert!(output(&refused, true).contains("not one of the argument sets"), "{}", output(&refused, true));
 
-    let state = plane.call("GET", "/api/operator/state", None).await.1;
-    let noisy = state["commands"].as_array().unwrap().iter().find(|c| c["name"] == "noisy").unwrap().clone();
-    assert_eq!(noisy["bound_args"], json!([{"args": "--lines 2", "label": "Two lines"}]));
+    let state = plane.state().await;
+    let noisy = state.commands.iter().find(|c| c.name == "noisy").unwrap();
+    assert_eq!(
+        noisy.bound_args,
+        Some(vec![BoundArgs { args: "--lines 2".into(), label: "Two lines".into() }])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,10 +179,9 @@ async fn busy_slots_leave_executions_queued_on_the_server() {
     let mut max_running = 0;
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
-        let statuses: Vec<String> =
-            plane.executions().await.iter().map(|e| e["status"].as_str().unwrap().to_string()).collect();
-        max_running = max_running.max(statuses.iter().filter(|s| *s == "running").count());
-        if statuses.iter().all(|s| s == "success") {
+        let statuses: Vec<ExecutionStatus> = plane.executions().await.iter().map(|e| e.status).collect();
+        max_running = max_running.max(statuses.iter().filter(|s| **s == ExecutionStatus::Running).count());
+        if statuses.iter().all(|s| *s == ExecutionStatus::Success) {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "{statuses:?}");
@@ -186,27 +189,26 @@ async fn busy_slots_leave_executions_queued_on_the_server() {
     }
     assert!(max_running <= 2, "at most max_concurrent at once, saw {max_running}");
     // Nothing was started and dropped: exactly one start per execution.
-    let starts =
-        plane.requests().await.iter().filter(|r| r["path"].as_str().unwrap().ends_with("/start/")).count();
+    let starts = plane.requests().await.iter().filter(|r| r.path.ends_with("/start/")).count();
     assert_eq!(starts, ids.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspension_pauses_polling_until_the_runner_is_active_again() {
     let plane = ControlPlane::start();
-    plane.set_state("suspended", Some("billing")).await;
+    plane.set_state(RunnerState::Suspended, Some("billing")).await;
     let mut runner = Supervisor::start(&plane.url, "", "");
     let id = plane.queue("noop", "").await;
     // Two heartbeats while suspended: the execution is never fetched.
     let deadline = tokio::time::Instant::now() + LIMIT;
-    while plane.requests().await.iter().filter(|r| r["path"] == "/api/runner/heartbeat/").count() < 2 {
+    while plane.requests().await.iter().filter(|r| r.path == "/api/runner/heartbeat/").count() < 2 {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(plane.requests().await.iter().all(|r| r["path"] != "/api/runner/pending/"));
-    assert_eq!(plane.execution(&id).await["status"], "pending");
-    plane.set_state("active", None).await;
-    assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await), ("success".into(), 0));
+    assert!(plane.requests().await.iter().all(|r| r.path != "/api/runner/pending/"));
+    assert_eq!(plane.execution(&id).await.summary.status, ExecutionStatus::Pending);
+    plane.set_state(RunnerState::Active, None).await;
+    assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await), ("success", 0));
     assert!(runner.is_running());
     assert!(runner.log().contains("billing"), "the reason is logged");
 }
@@ -214,24 +216,38 @@ async fn suspension_pauses_polling_until_the_runner_is_active_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_failures_back_off_and_recover() {
     let plane = ControlPlane::start();
-    plane.fault(json!({"status": 401, "count": 3, "body": "{\"detail\": \"Invalid API key\"}"})).await;
+    plane
+        .fault(FaultSpec {
+            status: 401,
+            count: Some(3),
+            body: Some("{\"detail\": \"Invalid API key\"}".into()),
+            ..FaultSpec::default()
+        })
+        .await;
     let mut runner = Supervisor::start(&plane.url, "", "");
     let id = plane.queue("noop", "").await;
-    assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await), ("success".into(), 0));
+    assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await), ("success", 0));
     let requests = plane.requests().await;
-    let first_ok = requests.iter().position(|r| r["status"] == 200).unwrap();
-    let before: Vec<&str> = requests[..first_ok].iter().map(|r| r["path"].as_str().unwrap()).collect();
+    let first_ok = requests.iter().position(|r| r.status == Some(200)).unwrap();
+    let before: Vec<&str> = requests[..first_ok].iter().map(|r| r.path.as_str()).collect();
     assert_eq!(before, ["/api/runner/heartbeat/"; 3], "only heartbeats while not authenticated");
     // The backoff schedule: 1 s, then 2 s between the refused heartbeats.
-    let times: Vec<f64> = requests[..=first_ok].iter().map(|r| r["time"].as_f64().unwrap()).collect();
+    let times: Vec<f64> = requests[..=first_ok].iter().map(|r| r.time).collect();
     assert!(times[1] - times[0] >= 0.9 && times[2] - times[1] >= 1.9, "{times:?}");
     assert!(runner.is_running());
 
     // A 403 on any later call pauses everything but heartbeats too.
-    plane.fault(json!({"status": 403, "count": 1, "path_prefix": "/api/runner/pending/"})).await;
+    plane
+        .fault(FaultSpec {
+            status: 403,
+            count: Some(1),
+            path_prefix: "/api/runner/pending/".into(),
+            ..FaultSpec::default()
+        })
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let second = plane.queue("noop", "").await;
-    assert_eq!(status_and_code(&plane.wait_done(&second, LIMIT).await), ("success".into(), 0));
+    assert_eq!(status_and_code(&plane.wait_done(&second, LIMIT).await), ("success", 0));
     assert!(runner.is_running());
 }
 
@@ -244,17 +260,24 @@ async fn server_errors_and_outages_lose_nothing() {
 
     // The command prints while every answer is a 503 for several seconds.
     let id = plane.queue("sleep", "2").await;
-    plane.wait_status(&id, LIMIT, |s| s == "running").await;
-    plane.fault(json!({"status": 503, "count": 100000})).await;
+    plane.wait_status(&id, LIMIT, |s| s == ExecutionStatus::Running).await;
+    plane.fault(FaultSpec { status: 503, count: Some(100000), ..FaultSpec::default() }).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     plane.clear_faults().await;
     let done = plane.wait_done(&id, LIMIT).await;
-    assert_eq!(status_and_code(&done), ("success".into(), 0));
+    assert_eq!(status_and_code(&done), ("success", 0));
     assert_eq!(output(&done, false), "sleeping 2\ndone\n");
     assert_numbered_from_one(&done);
 
     // Bursts of 500 and timeouts on the polling and heartbeat never end the process.
-    plane.fault(json!({"status": 500, "count": 8, "path_prefix": "/api/runner/pending/"})).await;
+    plane
+        .fault(FaultSpec {
+            status: 500,
+            count: Some(8),
+            path_prefix: "/api/runner/pending/".into(),
+            ..FaultSpec::default()
+        })
+        .await;
     let after = plane.queue("noisy", "--lines 2").await;
     assert_eq!(status_and_code(&plane.wait_done(&after, LIMIT).await).0, "success");
     assert!(runner.is_running());
@@ -262,7 +285,7 @@ async fn server_errors_and_outages_lose_nothing() {
     // Every retry carries a fresh nonce.
     let requests = plane.requests().await;
     let nonces: std::collections::HashSet<&str> =
-        requests.iter().map(|r| r["headers"]["x-request-nonce"].as_str().unwrap()).collect();
+        requests.iter().map(|r| r.headers["x-request-nonce"].as_str()).collect();
     assert_eq!(nonces.len(), requests.len());
 }
 
@@ -285,24 +308,27 @@ async fn malformed_answers_and_hostile_ids_are_refused() {
     let mut runner = Supervisor::start(&plane.url, "", "");
     assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
 
-    plane.fault(json!({"status": 200, "count": 3, "path_prefix": "/api/runner/pending/", "body": "this is not json"})).await;
-    let (status, _) = plane
-        .call(
-            "POST",
-            "/api/operator/inject-pending",
-            Some(json!({"executions": [
-                {"id": "../../admin", "command": "noop"},
-                {"id": "3f2b8c1e0a4d4e5f9b6a7c8d9e0f1a2b", "command": "noop"},
-                {"command": "noop"},
-                "not an object"
-            ]})),
-        )
+    plane
+        .fault(FaultSpec {
+            status: 200,
+            count: Some(3),
+            path_prefix: "/api/runner/pending/".into(),
+            body: Some("this is not json".into()),
+            ..FaultSpec::default()
+        })
         .await;
-    assert!(status < 300);
+    let injected = plane
+        .inject_pending(vec![
+            json!({"id": "../../admin", "command": "noop"}),
+            json!({"id": "3f2b8c1e0a4d4e5f9b6a7c8d9e0f1a2b", "command": "noop"}),
+            json!({"command": "noop"}),
+            json!("not an object"),
+        ])
+        .await;
+    assert!(injected.is_ok(), "{injected:?}");
     let id = plane.queue("noisy", "--lines 1").await;
     assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await).0, "success");
-    let paths: Vec<String> =
-        plane.requests().await.iter().map(|r| r["path"].as_str().unwrap().to_string()).collect();
+    let paths: Vec<String> = plane.requests().await.into_iter().map(|r| r.path).collect();
     assert!(paths.iter().all(|p| !p.contains("admin") && !p.contains("3f2b8c1e0a4d4e5f")), "{paths:?}");
     assert!(runner.is_running());
 }
@@ -317,8 +343,8 @@ async fn a_long_outage_spills_output_to_disk_and_delivers_it_all() {
 
     let lines = 20_000;
     let id = plane.queue("noisy", &format!("--lines {lines} --delay 1")).await;
-    plane.wait_status(&id, LIMIT, |s| s == "running").await;
-    plane.fault(json!({"status": 503, "count": 1_000_000})).await;
+    plane.wait_status(&id, LIMIT, |s| s == ExecutionStatus::Running).await;
+    plane.fault(FaultSpec { status: 503, count: Some(1_000_000), ..FaultSpec::default() }).await;
     // The command writes everything during the outage, into its output log.
     let log = runner.dir.path().join(".dcsupervisor/outbox").join(format!("{id}.wal"));
     let deadline = tokio::time::Instant::now() + LIMIT;
@@ -328,7 +354,7 @@ async fn a_long_outage_spills_output_to_disk_and_delivers_it_all() {
     }
     plane.clear_faults().await;
     let done = plane.wait_done(&id, LIMIT).await;
-    assert_eq!(status_and_code(&done), ("success".into(), 0));
+    assert_eq!(status_and_code(&done), ("success", 0));
     let expected_out: String = (0..lines).map(|i| format!("out {i}\n")).collect();
     let expected_err: String = (0..lines).map(|i| format!("err {i}\n")).collect();
     assert!(output(&done, false) == expected_out, "stdout incomplete or out of order");
@@ -348,10 +374,8 @@ async fn big_output_is_chunked_early_and_capped_head_and_tail() {
     let done = plane.wait_done(&id, LIMIT).await;
     let expected: String = (0..30000).map(|i| format!("out {i}\n")).collect();
     assert_eq!(output(&done, false), expected);
-    let sizes: Vec<usize> = chunks(&done)
-        .iter()
-        .map(|c| c["segments"].as_array().unwrap().iter().map(|s| s["content"].as_str().unwrap().len()).sum())
-        .collect();
+    let sizes: Vec<usize> =
+        chunks(&done).iter().map(|c| c.segments.iter().map(|s| s.content.len()).sum()).collect();
     assert!(sizes.len() >= 8, "flushed early, not once per 5 s: {} chunks", sizes.len());
     // chunk_max_bytes is a real maximum.
     assert!(sizes.iter().all(|size| *size <= 1024), "{sizes:?}");
@@ -367,5 +391,5 @@ async fn big_output_is_chunked_early_and_capped_head_and_tail() {
     assert!(err.contains("bytes of output left out"), "a notice says what was cut");
     assert!(out.ends_with("out 2999\n") || err.ends_with("err 2999\n"), "the tail is kept");
     assert!(out.len() + err.len() < 4000, "the cap holds: {} bytes", out.len() + err.len());
-    assert_eq!(status_and_code(&done), ("success".into(), 0));
+    assert_eq!(status_and_code(&done), ("success", 0));
 }

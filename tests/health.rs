@@ -76,7 +76,7 @@ async fn probes_and_metrics_follow_a_working_runner() {
     until(&base, "/readyz", |status, _| status == 200).await;
 
     let ran = plane.queue("noop", "").await;
-    assert_eq!(status_and_code(&plane.wait_done(&ran, LIMIT).await), ("success".into(), 0));
+    assert_eq!(status_and_code(&plane.wait_done(&ran, LIMIT).await), ("success", 0));
     let refused = plane.queue("shell", "").await;
     assert_eq!(status_and_code(&plane.wait_done(&refused, LIMIT).await).0, "failed");
 
@@ -121,4 +121,30 @@ async fn refused_key_is_alive_but_not_ready() {
     assert!(body.contains("not authenticated with the control plane"), "{body}");
     assert!(body.contains("no heartbeat answered yet"), "{body}");
     assert!(!body.contains("dc_refused_key") && !runner.log().contains("dc_refused_key"));
+}
+
+/// An operator who deployed and sent SIGHUP can tell from /metrics whether
+/// the new configuration is in force or was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_are_counted_by_outcome_and_a_refused_one_is_flagged() {
+    let plane = ControlPlane::start();
+    let runner = Supervisor::start_with(&plane.url, "", "", common::demo_project(), &[LISTEN_ON_ANY_PORT]);
+    let base = health_url(&runner).await;
+    let metrics = get(&base, "/metrics").await.1;
+    assert_eq!(sample(&metrics, "dcsupervisor_config_last_reload_successful"), Some(1.0), "{metrics}");
+    assert_eq!(sample(&metrics, "dcsupervisor_reloads_total{outcome=\"applied\"}"), None, "{metrics}");
+
+    std::fs::write(runner.config_path(), "[server]\nheartbeat_interval = 1\n").unwrap();
+    runner.signal(nix::sys::signal::Signal::SIGHUP);
+    runner.wait_reload_refused(1).await;
+    let metrics = get(&base, "/metrics").await.1;
+    assert_eq!(sample(&metrics, "dcsupervisor_reloads_total{outcome=\"refused\"}"), Some(1.0), "{metrics}");
+    assert_eq!(sample(&metrics, "dcsupervisor_config_last_reload_successful"), Some(0.0), "{metrics}");
+
+    runner.write_config("", "");
+    runner.signal(nix::sys::signal::Signal::SIGHUP);
+    runner.wait_reloaded(1).await;
+    let metrics = get(&base, "/metrics").await.1;
+    assert_eq!(sample(&metrics, "dcsupervisor_reloads_total{outcome=\"applied\"}"), Some(1.0), "{metrics}");
+    assert_eq!(sample(&metrics, "dcsupervisor_config_last_reload_successful"), Some(1.0), "{metrics}");
 }

@@ -19,7 +19,7 @@ async fn sigterm_lets_running_executions_finish_then_exits_zero() {
     plane.wait_status(&id, LIMIT, |s| s == ExecutionStatus::Running).await;
     assert_eq!(runner.terminate(LIMIT).await, Some(0));
     let done = plane.execution(&id).await;
-    assert_eq!(status_and_code(&done), ("success".into(), 0), "finished within the grace and delivered");
+    assert_eq!(status_and_code(&done), ("success", 0), "finished within the grace and delivered");
     assert_eq!(output(&done, false), "sleeping 2\ndone\n");
 }
 
@@ -31,7 +31,7 @@ async fn past_the_grace_period_executions_are_cancelled_and_reported() {
     let id = plane.queue("sleep", "60").await;
     plane.wait_status(&id, LIMIT, |s| s == ExecutionStatus::Running).await;
     assert_eq!(runner.terminate(LIMIT).await, Some(0));
-    assert_eq!(status_and_code(&plane.execution(&id).await), ("cancelled".into(), -15));
+    assert_eq!(status_and_code(&plane.execution(&id).await), ("cancelled", -15));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,7 +61,7 @@ async fn a_broken_config_on_reload_keeps_the_old_one() {
     assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
     assert_eq!(
         status_and_code(&plane.wait_done(&plane.queue("shell", "").await, LIMIT).await),
-        ("failed".into(), -1)
+        ("failed", -1)
     );
 }
 
@@ -79,9 +79,9 @@ async fn a_changed_allowlist_applies_on_reload_without_harming_running_execution
     runner.wait_reloaded(1).await;
 
     let check = plane.wait_done(&plane.queue("check", "").await, LIMIT).await;
-    assert_eq!(status_and_code(&check), ("failed".into(), -1));
+    assert_eq!(status_and_code(&check), ("failed", -1));
     assert!(output(&check, true).contains("not in DJANGOCOMMAND_ALLOWED_COMMANDS allowlist"));
-    assert_eq!(status_and_code(&plane.wait_done(&long, LIMIT).await), ("success".into(), 0));
+    assert_eq!(status_and_code(&plane.wait_done(&long, LIMIT).await), ("success", 0));
 
     // The new list was synced: the hash changed and `check` is gone.
     plane
@@ -174,7 +174,7 @@ async fn after_sigkill_a_restart_reports_the_interrupted_execution_and_kills_its
 
     runner.restart();
     let done = plane.wait_done(&id, LIMIT).await;
-    assert_eq!(status_and_code(&done), ("failed".into(), -1));
+    assert_eq!(status_and_code(&done), ("failed", -1));
     assert!(output(&done, true).contains("the runner restarted while this command was running"), "{done:#?}");
     assert!(
         common::gone_within(grandchild, Duration::from_secs(10)).await,
@@ -267,6 +267,6 @@ async fn serve_runs_in_process_until_its_shutdown_future_resolves() {
     let served = tokio::time::timeout(LIMIT, serving).await.expect("serve returned").unwrap();
     assert!(served.is_ok(), "{served:?}");
     let done = plane.execution(&id).await;
-    assert_eq!(status_and_code(&done), ("success".into(), 0), "finished and delivered before serve returned");
+    assert_eq!(status_and_code(&done), ("success", 0), "finished and delivered before serve returned");
     assert_eq!(output(&done, false), "sleeping 1\ndone\n");
 }

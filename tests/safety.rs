@@ -23,8 +23,8 @@ async fn two_migrates_queued_together_run_one_after_the_other() {
     let first = plane.queue("migrate", "--verbosity 0").await;
     let second = plane.queue("migrate", "--verbosity 0").await;
     let (first, second) = (plane.wait_done(&first, LIMIT).await, plane.wait_done(&second, LIMIT).await);
-    assert_eq!(status_and_code(&first), ("success".into(), 0));
-    assert_eq!(status_and_code(&second), ("success".into(), 0));
+    assert_eq!(status_and_code(&first), ("success", 0));
+    assert_eq!(status_and_code(&second), ("success", 0));
     let (earlier, later) =
         if started(&first) <= started(&second) { (&first, &second) } else { (&second, &first) };
     assert!(started(later) >= completed(earlier), "they overlapped: {earlier:#?} {later:#?}");
@@ -38,13 +38,13 @@ async fn a_busy_command_can_be_refused_instead() {
     let first = plane.queue("sleep", "2").await;
     plane.wait_status(&first, LIMIT, |s| s == ExecutionStatus::Running).await;
     let second = plane.wait_done(&plane.queue("sleep", "1").await, LIMIT).await;
-    assert_eq!(status_and_code(&second), ("failed".into(), -1));
+    assert_eq!(status_and_code(&second), ("failed", -1));
     assert!(
         output(&second, true).contains("at most 1 'sleep' may run at a time"),
         "{}",
         output(&second, true)
     );
-    assert_eq!(status_and_code(&plane.wait_done(&first, LIMIT).await), ("success".into(), 0));
+    assert_eq!(status_and_code(&plane.wait_done(&first, LIMIT).await), ("success", 0));
     // Other commands are not held back by the rule.
     assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
 }
@@ -54,7 +54,7 @@ async fn a_command_that_prompts_fails_fast_instead_of_hanging() {
     let plane = ControlPlane::start();
     let _runner = Supervisor::start(&plane.url, "", "");
     let prompt = plane.wait_done(&plane.queue("prompt", "").await, LIMIT).await;
-    assert_eq!(status_and_code(&prompt), ("failed".into(), 1));
+    assert_eq!(status_and_code(&prompt), ("failed", 1));
     assert!(output(&prompt, true).contains("EOFError"), "{}", output(&prompt, true));
     let seconds = completed(&prompt) - started(&prompt);
     assert!(seconds < 30.0, "it did not wait for the 300 s timeout ({seconds} s)");
@@ -90,7 +90,7 @@ async fn secrets_are_masked_across_chunks_streams_and_line_breaks() {
     assert_eq!(output(&env, false), "from env: [REDACTED]\n");
 
     for execution in [&split, &stderr, &lines, &env] {
-        assert_eq!(status_and_code(execution), ("success".into(), 0));
+        assert_eq!(status_and_code(execution), ("success", 0));
     }
     assert!(!runner.log().contains("abcdef123-secret") && !runner.log().contains("env-token-0987"));
 }
@@ -103,12 +103,12 @@ async fn resource_limits_end_runaway_jobs_and_say_which_limit() {
         "[limits]\ncpu_seconds = 1\nnice = 5\n[limits.commands.hog]\nmemory_mb = 1024\ncpu_seconds = 0\n";
     let _runner = Supervisor::start_with(&plane.url, "", limits, common::demo_project(), &[]);
     let spin = plane.wait_done(&plane.queue("spin", "").await, LIMIT).await;
-    assert_eq!(status_and_code(&spin), ("failed".into(), -24), "SIGXCPU: {spin:#?}");
+    assert_eq!(status_and_code(&spin), ("failed", -24), "SIGXCPU: {spin:#?}");
     assert!(output(&spin, true).contains("reached its CPU time limit (1 s)"), "{}", output(&spin, true));
 
     // A job allocating without bound gets a MemoryError, not the box's memory.
     let hog = plane.wait_done(&plane.queue("hog", "").await, LIMIT).await;
-    assert_eq!(status_and_code(&hog), ("failed".into(), 1));
+    assert_eq!(status_and_code(&hog), ("failed", 1));
     let stderr = output(&hog, true);
     assert!(
         stderr.contains("MemoryError") && stderr.contains("reached its memory limit (1024 MiB)"),
@@ -132,7 +132,7 @@ allow_options = { lines = "^[0-9]{1,3}$" }
 /// Queues `command args` and waits for it to be refused: its stderr.
 async fn refused(plane: &ControlPlane, command: &str, args: &str) -> String {
     let execution = plane.wait_done(&plane.queue(command, args).await, LIMIT).await;
-    assert_eq!(status_and_code(&execution), ("failed".into(), -1), "{execution:#?}");
+    assert_eq!(status_and_code(&execution), ("failed", -1), "{execution:#?}");
     assert_eq!(output(&execution, false), "", "a refused command never runs: {execution:#?}");
     let stderr = output(&execution, true);
     assert!(
@@ -165,7 +165,7 @@ async fn argument_rules_refuse_options_and_positionals_even_abbreviated() {
     );
     // What the rules leave alone runs.
     let fine = plane.wait_done(&plane.queue("migrate", "--verbosity 0").await, LIMIT).await;
-    assert_eq!(status_and_code(&fine), ("success".into(), 0), "{fine:#?}");
+    assert_eq!(status_and_code(&fine), ("success", 0), "{fine:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,7 +173,7 @@ async fn allow_options_lets_only_listed_options_with_matching_values_through() {
     let plane = ControlPlane::start();
     let _runner = Supervisor::start(&plane.url, ARGUMENT_RULES, "");
     let five = plane.wait_done(&plane.queue("noisy", "--lines 5").await, LIMIT).await;
-    assert_eq!(status_and_code(&five), ("success".into(), 0), "{five:#?}");
+    assert_eq!(status_and_code(&five), ("success", 0), "{five:#?}");
     assert_eq!(output(&five, false), "out 0\nout 1\nout 2\nout 3\nout 4\n");
 
     let stderr = refused(&plane, "noisy", "--lines 5000").await;
@@ -201,7 +201,7 @@ async fn secrets_from_django_settings_are_masked() {
     let _runner = Supervisor::start(&plane.url, "", redaction);
     // diffsettings prints every setting that differs from Django's defaults.
     let diff = plane.wait_done(&plane.queue("diffsettings", "").await, LIMIT).await;
-    assert_eq!(status_and_code(&diff), ("success".into(), 0));
+    assert_eq!(status_and_code(&diff), ("success", 0));
     let out = output(&diff, false);
     assert!(out.contains("SECRET_KEY = '[REDACTED]'"), "{out}");
     assert!(!out.contains("django-insecure-demo-only"), "{out}");

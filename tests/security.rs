@@ -79,7 +79,7 @@ const SHELL_ALLOWED: &str = "mode = \"blocklist\"\nremove_disallowed_commands = 
 async fn shell(plane: &ControlPlane, python: &str) -> String {
     let args = shlex::try_quote(python).unwrap().to_string();
     let execution = plane.wait_done(&plane.queue("shell", &format!("-v 0 -c {args}")).await, LIMIT).await;
-    assert_eq!(status_and_code(&execution), ("success".into(), 0), "{execution:#?}");
+    assert_eq!(status_and_code(&execution), ("success", 0), "{execution:#?}");
     output(&execution, false)
 }
 
@@ -183,7 +183,7 @@ async fn a_worker_reporting_a_pid_that_is_not_its_child_is_restarted_not_trusted
         let mut runner = Supervisor::start_with(&plane.url, "", "", common::demo_project(), &env);
         runner.wait_for_log("worker ready", LIMIT).await;
         let failed = plane.wait_done(&plane.queue("noop", "").await, LIMIT).await;
-        assert_eq!(status_and_code(&failed), ("failed".into(), -1), "{failed:#?}");
+        assert_eq!(status_and_code(&failed), ("failed", -1), "{failed:#?}");
         let stderr = output(&failed, true);
         assert!(stderr.contains("protocol violation by worker"), "{claim}: {stderr}");
         // The worker was killed and a fresh one started; the supervisor lives on.
@@ -204,13 +204,13 @@ async fn a_worker_that_logs_latin_1_keeps_its_log_and_keeps_working() {
     runner.wait_for_log("after the Latin-1 line", LIMIT).await;
     assert!(runner.log().contains("caf\u{fffd} au lait"), "{}", runner.log());
     let noop = plane.wait_done(&plane.queue("noop", "").await, LIMIT).await;
-    assert_eq!(status_and_code(&noop), ("success".into(), 0), "{noop:#?}");
+    assert_eq!(status_and_code(&noop), ("success", 0), "{noop:#?}");
 }
 
 /// Queues `command args` and waits for it to be refused: its stderr.
 async fn refused(plane: &ControlPlane, command: &str, args: &str) -> String {
     let execution = plane.wait_done(&plane.queue(command, args).await, LIMIT).await;
-    assert_eq!(status_and_code(&execution), ("failed".into(), -1), "{execution:#?}");
+    assert_eq!(status_and_code(&execution), ("failed", -1), "{execution:#?}");
     assert_eq!(output(&execution, false), "", "a refused command never runs: {execution:#?}");
     output(&execution, true)
 }
@@ -257,7 +257,7 @@ async fn options_that_load_code_are_refused_unless_allowed() {
     runner.wait_reloaded(1).await;
     let args = format!("--pythonpath={dir} --default=evil_settings");
     let diff = plane.wait_done(&plane.queue("diffsettings", &args).await, LIMIT).await;
-    assert_eq!(status_and_code(&diff), ("success".into(), 0), "{diff:#?}");
+    assert_eq!(status_and_code(&diff), ("success", 0), "{diff:#?}");
     assert!(marker.exists());
     assert_eq!(runner.terminate(LIMIT).await, Some(0));
 }
@@ -316,7 +316,7 @@ async fn the_recommended_rules_keep_file_paths_out_of_the_control_planes_hands()
     assert!(stderr.contains("does not match"), "{stderr}");
     // What the rules leave alone runs (a fixture name; there is no such fixture).
     let load = plane.wait_done(&plane.queue("loaddata", "no_such_fixture.json").await, LIMIT).await;
-    assert_eq!(status_and_code(&load), ("failed".into(), 1), "{load:#?}");
+    assert_eq!(status_and_code(&load), ("failed", 1), "{load:#?}");
     assert!(output(&load, true).contains("No fixture named 'no_such_fixture'"), "{load:#?}");
 }
 
@@ -397,5 +397,5 @@ async fn spawned_commands_get_the_key_for_set_up_only_and_the_same_tracebacks() 
     assert_eq!(status_and_code(&boom).1, i64::from(reference.status.code().unwrap()));
     // sys.exit() codes pass through.
     let failed = plane.wait_done(&plane.queue("fail", "--code 5").await, LIMIT).await;
-    assert_eq!(status_and_code(&failed), ("failed".into(), 5), "{failed:#?}");
+    assert_eq!(status_and_code(&failed), ("failed", 5), "{failed:#?}");
 }

@@ -64,7 +64,7 @@ fn signed_by_hand(key_file: &Path, command: &str, issued_at: i64) -> NewExecutio
 
 async fn refused_because(plane: &ControlPlane, request: NewExecution, reason: &str) -> ExecutionDetail {
     let execution = plane.wait_done(&plane.queue_with(request).await, LIMIT).await;
-    assert_eq!(status_and_code(&execution), ("failed".into(), -1), "{execution:#?}");
+    assert_eq!(status_and_code(&execution), ("failed", -1), "{execution:#?}");
     let stderr = output(&execution, true);
     assert!(stderr.contains(reason), "expected {reason:?} in:\n{stderr}");
     assert!(stderr.contains("[policy.signing]"), "{stderr}");
@@ -86,7 +86,7 @@ async fn only_executions_signed_by_the_pinned_key_within_the_window_run() {
     let _runner = Supervisor::start(&plane.url, &signing_policy(&public_key), "");
 
     let valid = plane.wait_done(&plane.queue("say", "'signed and sound\\n'").await, LIMIT).await;
-    assert_eq!(status_and_code(&valid), ("success".into(), 0));
+    assert_eq!(status_and_code(&valid), ("success", 0));
     assert_eq!(output(&valid, false), "signed and sound\n");
 
     // The control plane (or something on the way) changes the arguments after signing.
@@ -103,7 +103,7 @@ async fn only_executions_signed_by_the_pinned_key_within_the_window_run() {
     // the documented message is the one the runner checks.
     let fresh = signed_by_hand(&key_file, "noop", unix_now());
     let fresh = plane.wait_done(&plane.queue_with(fresh).await, LIMIT).await;
-    assert_eq!(status_and_code(&fresh), ("success".into(), 0), "{fresh:#?}");
+    assert_eq!(status_and_code(&fresh), ("success", 0), "{fresh:#?}");
 
     // Signature (and issue time) stripped.
     let stripped = overridden("noop", "", None, json!({"signature": null, "issued_at": null}));
@@ -119,7 +119,7 @@ async fn a_replayed_execution_is_refused_also_after_a_restart() {
 
     let id = plane.queue("noop", "").await;
     let original = plane.wait_done(&id, LIMIT).await;
-    assert_eq!(status_and_code(&original), ("success".into(), 0));
+    assert_eq!(status_and_code(&original), ("success", 0));
     let entry = plane.signed_entry(&id).await;
     assert!(entry["signature"].is_string() && entry["issued_at"].is_i64(), "{entry}");
 

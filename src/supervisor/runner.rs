@@ -256,6 +256,7 @@ impl Runner {
         }
         self.poll_now.notify_one();
         systemd::ready("reloaded");
+        crate::health::metrics().reload_ended(true);
         tracing::info!(commands_changed = changed, "reload applied");
     }
 

@@ -92,6 +92,7 @@ fn reload_event(config_path: &Path) -> Option<Event> {
             // Under Type=notify-reload, systemd waits for the reload to end.
             super::systemd::reloading();
             super::systemd::ready(&format!("reload refused: {error}"));
+            crate::health::metrics().reload_ended(false);
             None
         }
     }
