@@ -5,13 +5,14 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use common::plane::{output, status_and_code, ControlPlane, Supervisor, LIMIT};
+use dcsupervisor::local_plane::wire::{Endpoint, ExecutionStatus, FaultSpec};
+use dcsupervisor::protocol::api::ExecutionId;
 use nix::sys::signal::Signal;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const RUNNER: &str = "[runner]\npoll_interval = 0.1\noutput_flush_interval = 0.2\nshutdown_grace = 1\n";
 
@@ -19,18 +20,25 @@ fn lines(prefix: &str, count: usize) -> String {
     (0..count).map(|i| format!("{prefix} {i}\n")).collect()
 }
 
-fn log_path(runner: &Supervisor, id: &str) -> PathBuf {
+fn log_path(runner: &Supervisor, id: &ExecutionId) -> PathBuf {
     runner.dir.path().join(".dcsupervisor/outbox").join(format!("{id}.wal"))
 }
 
 /// Refuses every output chunk until the faults are cleared.
 async fn output_outage(plane: &ControlPlane) {
-    plane.fault(json!({"endpoint": "output", "status": 503, "duration_ms": 600_000})).await;
+    plane
+        .fault(FaultSpec {
+            endpoint: Some(Endpoint::Output),
+            status: 503,
+            duration_ms: Some(600_000),
+            ..FaultSpec::default()
+        })
+        .await;
 }
 
 /// Waits until the execution's job has run and exited (its pid is in the
 /// journal), or the execution is over.
-async fn wait_job_ended(plane: &ControlPlane, runner: &Supervisor, id: &str) {
+async fn wait_job_ended(plane: &ControlPlane, runner: &Supervisor, id: &ExecutionId) {
     let entry = runner.dir.path().join(".dcsupervisor/journal").join(format!("{id}.json"));
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
@@ -42,7 +50,10 @@ async fn wait_job_ended(plane: &ControlPlane, runner: &Supervisor, id: &str) {
             return;
         }
         if !entry.exists()
-            && !matches!(plane.execution(id).await["status"].as_str(), Some("pending" | "running"))
+            && !matches!(
+                plane.execution(id).await.summary.status,
+                ExecutionStatus::Pending | ExecutionStatus::Running
+            )
         {
             return;
         }
@@ -52,7 +63,7 @@ async fn wait_job_ended(plane: &ControlPlane, runner: &Supervisor, id: &str) {
 }
 
 /// Waits until the output log of `id` holds `needle`.
-async fn wait_for_record(runner: &Supervisor, id: &str, needle: &[u8]) {
+async fn wait_for_record(runner: &Supervisor, id: &ExecutionId, needle: &[u8]) {
     let deadline = tokio::time::Instant::now() + LIMIT;
     while !std::fs::read(log_path(runner, id)).unwrap_or_default().windows(needle.len()).any(|w| w == needle)
     {
@@ -66,19 +77,13 @@ async fn wait_for_record(runner: &Supervisor, id: &str, needle: &[u8]) {
 }
 
 /// The bodies of every `complete` request the runner made for `id`.
-async fn completions(plane: &ControlPlane, id: &str) -> Vec<Value> {
+async fn completions(plane: &ControlPlane, id: &ExecutionId) -> Vec<Value> {
     let suffix = format!("{id}/complete/");
-    plane
-        .requests()
-        .await
-        .into_iter()
-        .filter(|r| r["path"].as_str().is_some_and(|p| p.ends_with(&suffix)))
-        .map(|r| r["body"].clone())
-        .collect()
+    plane.requests().await.into_iter().filter(|r| r.path.ends_with(&suffix)).map(|r| r.body).collect()
 }
 
 /// Every completion sent for `id` says the same: never a contradicting one.
-async fn assert_one_completion(plane: &ControlPlane, id: &str, status: &str) {
+async fn assert_one_completion(plane: &ControlPlane, id: &ExecutionId, status: &str) {
     let sent = completions(plane, id).await;
     assert!(!sent.is_empty());
     assert!(sent.iter().all(|c| c["status"] == status), "contradicting completions: {sent:?}");
@@ -93,15 +98,19 @@ async fn sigterm_while_output_fails_keeps_every_line_and_the_real_exit() {
     wait_job_ended(&plane, &runner, &id).await;
     // Stop now: a second signal skips the wait for delivery.
     runner.signal(Signal::SIGTERM);
-    runner.wait_for_log("stop requested", LIMIT).await;
+    runner.wait_notified("STOPPING=1", LIMIT).await;
     runner.signal(Signal::SIGTERM);
     assert!(runner.wait_exit(LIMIT).await.is_some(), "the runner stopped");
-    assert_eq!(plane.execution(&id).await["status"], "running", "nothing was completed before the restart");
+    assert_eq!(
+        plane.execution(&id).await.summary.status,
+        ExecutionStatus::Running,
+        "nothing was completed before the restart"
+    );
 
     plane.clear_faults().await;
     runner.restart();
     let done = plane.wait_done(&id, LIMIT).await;
-    assert_eq!(status_and_code(&done), ("success".into(), 0), "the real exit, not a made-up failure");
+    assert_eq!(status_and_code(&done), ("success", 0), "the real exit, not a made-up failure");
     assert_eq!(output(&done, false), lines("out", 200));
     assert_eq!(output(&done, true), lines("err", 200));
     assert_one_completion(&plane, &id, "success").await;
@@ -113,7 +122,15 @@ async fn after_kill_9_a_restart_sends_the_rest_in_order_and_exactly_one_completi
     let plane = ControlPlane::start();
     let mut runner = Supervisor::start(&plane.url, "", RUNNER);
     // The first two chunks get through (slowly), then output fails.
-    plane.fault(json!({"endpoint": "output", "status": 0, "delay_ms": 300, "count": 2})).await;
+    plane
+        .fault(FaultSpec {
+            endpoint: Some(Endpoint::Output),
+            status: 0,
+            delay_ms: Some(300),
+            count: Some(2),
+            ..FaultSpec::default()
+        })
+        .await;
     output_outage(&plane).await;
     let ended = plane.queue("noisy", "--lines 300 --flush").await;
     let running = plane.queue("sleep", "30").await;
@@ -128,13 +145,13 @@ async fn after_kill_9_a_restart_sends_the_rest_in_order_and_exactly_one_completi
     plane.clear_faults().await;
     runner.restart();
     let done = plane.wait_done(&ended, LIMIT).await;
-    assert_eq!(status_and_code(&done), ("success".into(), 0));
+    assert_eq!(status_and_code(&done), ("success", 0));
     assert_eq!(output(&done, false), lines("out", 300), "every line once, in order");
     assert_eq!(output(&done, true), lines("err", 300));
     assert_one_completion(&plane, &ended, "success").await;
 
     let stopped = plane.wait_done(&running, LIMIT).await;
-    assert_eq!(status_and_code(&stopped), ("failed".into(), -1));
+    assert_eq!(status_and_code(&stopped), ("failed", -1));
     assert_eq!(output(&stopped, false), "sleeping 30\n", "what it printed before the kill is kept");
     assert!(output(&stopped, true).contains("the runner restarted while this command was running"));
     assert_one_completion(&plane, &running, "failed").await;
@@ -143,36 +160,24 @@ async fn after_kill_9_a_restart_sends_the_rest_in_order_and_exactly_one_completi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_holds_output_in_memory_in_order_and_writes_it_when_space_returns() {
     let plane = ControlPlane::start();
-    // systemd hears of it too (STATUS=).
-    let socket_dir = tempfile::tempdir().unwrap();
-    let socket_path = socket_dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket.set_read_timeout(Some(LIMIT)).unwrap();
-    let notify = socket_path.display().to_string();
-    let env = [("NOTIFY_SOCKET", notify.as_str())];
-    let mut runner = Supervisor::start_with(&plane.url, "", RUNNER, common::demo_project(), &env);
-    let degraded = std::thread::spawn(move || {
-        let (mut received, mut buffer) = (String::new(), [0u8; 4096]);
-        while !received.contains("STATUS=DEGRADED") {
-            let Ok(read) = socket.recv(&mut buffer) else { break };
-            received.push_str(&String::from_utf8_lossy(&buffer[..read]));
-        }
-        received
-    });
+    let mut runner = Supervisor::start(&plane.url, "", RUNNER);
     assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
     output_outage(&plane).await;
     // Room for the runner's own log to grow a little, not for the output.
     let room = std::fs::metadata(runner.log_path()).unwrap().len() + 48 * 1024;
     assert!(common::set_file_size_limit(runner.pid(), Some(room)), "prlimit");
     let id = plane.queue("noisy", "--lines 4000 --flush").await;
-    runner.wait_for_log("cannot write output logs in the state directory", LIMIT).await;
-    let status = degraded.join().unwrap();
-    assert!(status.contains("STATUS=DEGRADED: cannot write to the state directory"), "{status}");
+    // systemd hears of it (STATUS=), and the log says it.
+    runner.wait_notified("STATUS=DEGRADED: cannot write to the state directory", LIMIT).await;
+    let log = runner.log();
+    assert!(log.contains("cannot write output logs in the state directory"), "{log}");
     wait_job_ended(&plane, &runner, &id).await;
     assert!(std::fs::metadata(log_path(&runner, &id)).unwrap().len() <= room);
 
     assert!(common::set_file_size_limit(runner.pid(), None), "prlimit");
-    runner.wait_for_log("the state directory takes writes again", LIMIT).await;
+    runner.wait_notified("STATUS=active", LIMIT).await;
+    let log = runner.log();
+    assert!(log.contains("the state directory takes writes again"), "{log}");
     // Everything held is on disk now, after the cut-off torn record: a
     // runner killed here loses nothing.
     runner.signal(Signal::SIGKILL);
@@ -180,7 +185,7 @@ async fn a_full_disk_holds_output_in_memory_in_order_and_writes_it_when_space_re
     plane.clear_faults().await;
     runner.restart();
     let done = plane.wait_done(&id, LIMIT).await;
-    assert_eq!(status_and_code(&done), ("success".into(), 0));
+    assert_eq!(status_and_code(&done), ("success", 0));
     assert!(output(&done, false) == lines("out", 4000), "stdout incomplete or out of order");
     assert!(output(&done, true) == lines("err", 4000), "stderr incomplete or out of order");
     assert_one_completion(&plane, &id, "success").await;
@@ -204,7 +209,7 @@ async fn capped(runner_config: &str) {
     assert!(std::fs::metadata(&path).unwrap().len() <= 32 * 1024);
     plane.clear_faults().await;
     let done = plane.wait_done(&id, LIMIT).await;
-    assert_eq!(status_and_code(&done), ("success".into(), 0));
+    assert_eq!(status_and_code(&done), ("success", 0));
     let (out, err) = (output(&done, false), output(&done, true));
     // Head and tail of the output as read, whichever stream they were on.
     let starts = |text: &str| text.chars().take(80).collect::<String>();

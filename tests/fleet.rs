@@ -9,11 +9,12 @@ mod common;
 use std::time::Duration;
 
 use common::plane::{output, status_and_code, ControlPlane, Supervisor, LIMIT};
+use dcsupervisor::local_plane::wire::{Endpoint, ExecutionStatus, FaultSpec, LoggedRequest};
 use nix::sys::signal::Signal;
-use serde_json::{json, Value};
+use serde_json::json;
 
-fn answered(requests: &[Value], status: u64) -> usize {
-    requests.iter().filter(|r| r["status"].as_u64() == Some(status)).count()
+fn answered(requests: &[LoggedRequest], status: u16) -> usize {
+    requests.iter().filter(|r| r.status == Some(status)).count()
 }
 
 /// Starts `runners` runners on one control plane, then offers the same
@@ -23,11 +24,17 @@ fn answered(requests: &[Value], status: u64) -> usize {
 async fn drain(runners: usize, count: usize) -> usize {
     let plane = ControlPlane::start();
     let mut fleet: Vec<Supervisor> = (0..runners).map(|_| Supervisor::start(&plane.url, "", "")).collect();
+    // Every runner is authenticated: its first heartbeat was answered.
     for runner in &fleet {
-        runner.wait_for_log("authenticated with the control plane", LIMIT).await;
+        runner.wait_notified("STATUS=connected to the control plane", LIMIT).await;
     }
-    let nothing =
-        json!({"endpoint": "pending", "status": 200, "body": "{\"executions\": []}", "count": 1_000_000});
+    let nothing = FaultSpec {
+        endpoint: Some(Endpoint::Pending),
+        status: 200,
+        body: Some("{\"executions\": []}".into()),
+        count: Some(1_000_000),
+        ..FaultSpec::default()
+    };
     plane.fault(nothing.clone()).await;
     let mut ids = Vec::new();
     for n in 0..count {
@@ -35,17 +42,17 @@ async fn drain(runners: usize, count: usize) -> usize {
     }
     let mut entries = Vec::new();
     for id in &ids {
-        entries.push(plane.call("GET", &format!("/api/operator/executions/{id}/signed"), None).await.1);
+        entries.push(plane.signed_entry(id).await);
     }
     // Every runner's next poll gets all of them (a runner with a backlog
     // does not poll again until it is nearly drained).
     plane.clear_faults().await;
     let everything = json!({"executions": entries}).to_string();
-    plane.fault(json!({"endpoint": "pending", "status": 200, "body": everything, "count": runners})).await;
+    plane.fault(FaultSpec { body: Some(everything), count: Some(runners as u64), ..nothing.clone() }).await;
     plane.fault(nothing).await;
     for (n, id) in ids.iter().enumerate() {
         let done = plane.wait_done(id, LIMIT).await;
-        assert_eq!(status_and_code(&done), ("success".into(), 0), "{done:#}");
+        assert_eq!(status_and_code(&done), ("success", 0), "{done:#?}");
         assert_eq!(output(&done, false), format!("run {n}\n"), "ran once, output once");
     }
     let requests = plane.requests().await;
@@ -87,7 +94,7 @@ async fn a_runner_killed_mid_job_is_reported_by_itself_after_its_restart() {
     let plane = ControlPlane::start();
     let mut first = Supervisor::start(&plane.url, "", "");
     let long = plane.queue("sleep", "60").await;
-    plane.wait_status(&long, LIMIT, |s| s == "running").await;
+    plane.wait_status(&long, LIMIT, |s| s == ExecutionStatus::Running).await;
     let mut second = Supervisor::start(&plane.url, "", "");
 
     first.signal(Signal::SIGKILL);
@@ -98,13 +105,17 @@ async fn a_runner_killed_mid_job_is_reported_by_itself_after_its_restart() {
         let id = plane.queue("noop", "").await;
         assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await).0, "success");
     }
-    assert_eq!(plane.execution(&long).await["status"], "running", "not touched by the other runner");
+    assert_eq!(
+        plane.execution(&long).await.summary.status,
+        ExecutionStatus::Running,
+        "not touched by the other runner"
+    );
     assert!(second.is_running());
 
     first.restart();
     let done = plane.wait_done(&long, LIMIT).await;
-    assert_eq!(status_and_code(&done), ("failed".into(), -1));
-    assert!(output(&done, true).contains("the runner restarted while this command was running"), "{done:#}");
+    assert_eq!(status_and_code(&done), ("failed", -1));
+    assert!(output(&done, true).contains("the runner restarted while this command was running"), "{done:#?}");
     assert!(first.log().contains("reporting an execution interrupted by a runner restart"));
     assert!(!second.log().contains("reporting an execution interrupted"), "{}", second.log());
     let completes = common::plane::requests_to(&plane.requests().await, &long, "complete");

@@ -10,10 +10,23 @@ mod common;
 use std::time::Duration;
 
 use common::plane::{chunks, output, status_and_code, ControlPlane, Supervisor, LIMIT};
-use serde_json::{json, Value};
+use dcsupervisor::local_plane::wire::{Endpoint, FaultSpec, LoggedRequest, NewExecution};
+use dcsupervisor::protocol::api::ExecutionId;
+use serde_json::json;
 
-fn statuses(requests: &[Value]) -> Vec<u64> {
-    requests.iter().map(|r| r["status"].as_u64().unwrap_or(u64::MAX)).collect()
+/// What each request was answered (0 for a reset, `u64::MAX` while unanswered).
+fn statuses(requests: &[LoggedRequest]) -> Vec<u64> {
+    requests.iter().map(|r| r.status.map_or(u64::MAX, u64::from)).collect()
+}
+
+/// A fault on one endpoint; the other fields as `FaultSpec::default()`.
+fn on(endpoint: Endpoint) -> FaultSpec {
+    FaultSpec { endpoint: Some(endpoint), ..FaultSpec::default() }
+}
+
+/// A new random id, chosen before queueing (the tests sign entries by hand).
+fn new_id() -> ExecutionId {
+    ExecutionId::parse(&uuid::Uuid::new_v4().to_string()).expect("a UUID")
 }
 
 async fn warmed_up(plane: &ControlPlane, extra: &str) -> Supervisor {
@@ -31,23 +44,23 @@ async fn odd_answers_are_retried_and_nothing_is_lost() {
     let plane = ControlPlane::start();
     let mut runner = warmed_up(&plane, "").await;
     for fault in [
-        json!({"endpoint": "pending", "status": 200, "html": true}),
-        json!({"endpoint": "start", "status": 200, "html": true, "after_processing": true}),
-        json!({"endpoint": "output", "status": 524}),
-        json!({"endpoint": "output", "status": 520}),
-        json!({"endpoint": "output", "status": 503, "cut_body": true}),
-        json!({"endpoint": "output", "status": 307}),
-        json!({"endpoint": "output", "reset": true}),
-        json!({"endpoint": "output", "status": 200, "after_processing": true, "cut_body": true}),
-        json!({"endpoint": "complete", "status": 408}),
-        json!({"endpoint": "complete", "status": 502, "html": true}),
-        json!({"endpoint": "complete", "status": 425, "retry_after": 1}),
+        FaultSpec { status: 200, html: true, ..on(Endpoint::Pending) },
+        FaultSpec { status: 200, html: true, after_processing: true, ..on(Endpoint::Start) },
+        FaultSpec { status: 524, ..on(Endpoint::Output) },
+        FaultSpec { status: 520, ..on(Endpoint::Output) },
+        FaultSpec { status: 503, cut_body: true, ..on(Endpoint::Output) },
+        FaultSpec { status: 307, ..on(Endpoint::Output) },
+        FaultSpec { reset: true, ..on(Endpoint::Output) },
+        FaultSpec { status: 200, after_processing: true, cut_body: true, ..on(Endpoint::Output) },
+        FaultSpec { status: 408, ..on(Endpoint::Complete) },
+        FaultSpec { status: 502, html: true, ..on(Endpoint::Complete) },
+        FaultSpec { status: 425, retry_after: Some(1), ..on(Endpoint::Complete) },
     ] {
         plane.fault(fault).await;
     }
     let id = plane.queue("noisy", "--lines 3").await;
     let done = plane.wait_done(&id, LIMIT).await;
-    assert_eq!(status_and_code(&done), ("success".into(), 0));
+    assert_eq!(status_and_code(&done), ("success", 0));
     assert_eq!(output(&done, false), "out 0\nout 1\nout 2\n");
     assert_eq!(output(&done, true), "err 0\nerr 1\nerr 2\n");
 
@@ -73,13 +86,17 @@ async fn odd_answers_are_retried_and_nothing_is_lost() {
 async fn a_definitive_refusal_drops_one_message_and_logs_the_execution() {
     let plane = ControlPlane::start();
     let runner = warmed_up(&plane, "").await;
-    plane.fault(json!({"endpoint": "output", "status": 422, "body": "{\"detail\": \"bad chunk\"}"})).await;
+    let body = "{\"detail\": \"bad chunk\"}";
+    plane.fault(FaultSpec { status: 422, body: Some(body.into()), ..on(Endpoint::Output) }).await;
     let id = plane.queue("noisy", "--lines 1").await;
     let done = plane.wait_done(&id, LIMIT).await;
-    assert_eq!(status_and_code(&done), ("success".into(), 0), "the completion still arrives");
+    assert_eq!(status_and_code(&done), ("success", 0), "the completion still arrives");
     runner.wait_for_log("dropped, not retrying", LIMIT).await;
     let line = runner.log().lines().find(|l| l.contains("dropped, not retrying")).unwrap().to_string();
-    assert!(line.contains(&id) && line.contains("bad chunk") && line.contains("command=noisy"), "{line}");
+    assert!(
+        line.contains(id.as_str()) && line.contains("bad chunk") && line.contains("command=noisy"),
+        "{line}"
+    );
 }
 
 /// Defect 10.5: a stalled `cancel-status` was awaited inside the job's loop,
@@ -89,18 +106,22 @@ async fn a_definitive_refusal_drops_one_message_and_logs_the_execution() {
 async fn a_stalled_cancel_status_never_delays_the_timeout_or_the_output() {
     const STALL: f64 = 4.5; // below the runner's request_timeout (5 s): answered, late
     let plane = ControlPlane::start();
-    let runner = Supervisor::start(&plane.url, "", "");
-    runner.wait_for_log("authenticated", LIMIT).await;
-    let stall =
-        json!({"endpoint": "cancel-status", "status": 0, "delay_ms": (STALL * 1000.0) as u64, "count": 100});
+    let _runner = Supervisor::start(&plane.url, "", "");
+    plane.wait_heartbeat_after(0, LIMIT).await;
+    let stall = FaultSpec {
+        status: 0,
+        delay_ms: Some((STALL * 1000.0) as u64),
+        count: Some(100),
+        ..on(Endpoint::CancelStatus)
+    };
     plane.fault(stall).await;
-    let id = plane.queue_with(json!({"command": "sleep", "args": "30", "timeout": 3})).await;
+    let id = plane.queue_with(NewExecution { timeout: 3, ..NewExecution::new("sleep", "30") }).await;
     let done = plane.wait_done(&id, LIMIT).await;
-    assert_eq!(status_and_code(&done), ("timed_out".into(), -1));
+    assert_eq!(status_and_code(&done), ("timed_out", -1));
     assert_eq!(output(&done, false), "sleeping 30\n");
     let requests = plane.requests().await;
-    let first_poll = common::plane::requests_to(&requests, &id, "cancel-status")[0]["time"].as_f64().unwrap();
-    let completed = common::plane::requests_to(&requests, &id, "complete")[0]["time"].as_f64().unwrap();
+    let first_poll = common::plane::requests_to(&requests, &id, "cancel-status")[0].time;
+    let completed = common::plane::requests_to(&requests, &id, "complete")[0].time;
     assert!(
         completed < first_poll + STALL,
         "the completion ({completed}) must arrive before the stalled cancel-status ({first_poll}) is answered"
@@ -114,7 +135,14 @@ async fn refused_starts_back_off() {
     let plane = ControlPlane::start();
     let _runner = warmed_up(&plane, "").await;
     let body = "{\"detail\": \"already started by another runner\"}";
-    plane.fault(json!({"endpoint": "start", "status": 409, "body": body, "count": 100_000})).await;
+    plane
+        .fault(FaultSpec {
+            status: 409,
+            body: Some(body.into()),
+            count: Some(100_000),
+            ..on(Endpoint::Start)
+        })
+        .await;
     let id = plane.queue("noop", "").await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let starts = common::plane::requests_to(&plane.requests().await, &id, "start").len();
@@ -131,15 +159,15 @@ async fn offered_executions_wait_for_a_slot_instead_of_being_dropped() {
     let plane = ControlPlane::start();
     let mut ids = Vec::new();
     for _ in 0..8 {
-        let id = uuid::Uuid::new_v4().to_string();
-        plane.queue_with(json!({"command": "sleep", "args": "0.3", "id": id})).await;
+        let id = new_id();
+        plane.queue_with(NewExecution { id: Some(id.clone()), ..NewExecution::new("sleep", "0.3") }).await;
         ids.push(id);
     }
     offer_once(&plane, &ids).await;
     let extra = "[runner]\nmax_concurrent = 2\npoll_interval = 0.1\noutput_flush_interval = 0.2\n";
     let _runner = Supervisor::start(&plane.url, "", extra);
     for id in &ids {
-        assert_eq!(status_and_code(&plane.wait_done(id, LIMIT).await), ("success".into(), 0), "{id}");
+        assert_eq!(status_and_code(&plane.wait_done(id, LIMIT).await), ("success", 0), "{id}");
     }
     let requests = plane.requests().await;
     for id in &ids {
@@ -151,28 +179,31 @@ async fn offered_executions_wait_for_a_slot_instead_of_being_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_in_two_spellings_runs_once() {
     let plane = ControlPlane::start();
-    let id = uuid::Uuid::new_v4().to_string();
-    plane.queue_with(json!({"command": "sleep", "args": "0.5", "id": id})).await;
-    offer_once(&plane, &[id.clone(), id.to_ascii_uppercase()]).await;
+    let id = new_id();
+    plane.queue_with(NewExecution { id: Some(id.clone()), ..NewExecution::new("sleep", "0.5") }).await;
+    let upper = ExecutionId::parse(&id.as_str().to_ascii_uppercase()).expect("a UUID");
+    offer_once(&plane, &[id.clone(), upper]).await;
     let _runner = Supervisor::start(&plane.url, "", "");
-    assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await), ("success".into(), 0));
+    assert_eq!(status_and_code(&plane.wait_done(&id, LIMIT).await), ("success", 0));
     let starts = common::plane::requests_to(&plane.requests().await, &id, "start");
     assert_eq!(starts.len(), 1, "{starts:#?}");
 }
 
 /// The next `/pending/` answer offers `ids` (as `sleep 0.3`… entries built by
 /// hand, the ids spelled as given); every later one offers nothing.
-async fn offer_once(plane: &ControlPlane, ids: &[String]) {
+async fn offer_once(plane: &ControlPlane, ids: &[ExecutionId]) {
     let mut entries = Vec::new();
     for id in ids {
-        let mut entry = plane.call("GET", &format!("/api/operator/executions/{id}/signed"), None).await.1;
-        entry["id"] = json!(id);
+        let mut entry = plane.signed_entry(id).await;
+        entry["id"] = json!(id.as_str());
         entries.push(entry);
     }
     let once = json!({"executions": entries}).to_string();
-    plane.fault(json!({"endpoint": "pending", "status": 200, "body": once})).await;
+    plane.fault(FaultSpec { status: 200, body: Some(once), ..on(Endpoint::Pending) }).await;
     let empty = json!({"executions": []}).to_string();
-    plane.fault(json!({"endpoint": "pending", "status": 200, "body": empty, "count": 1_000_000})).await;
+    plane
+        .fault(FaultSpec { status: 200, body: Some(empty), count: Some(1_000_000), ..on(Endpoint::Pending) })
+        .await;
 }
 
 /// Issue 13, part 1: a line printed after a quiet spell reaches the control
@@ -190,13 +221,13 @@ async fn output_after_a_quiet_spell_is_sent_at_once_and_sustained_output_is_pace
     assert_eq!(output(&done, false), "one\ntwo\nthree\n");
     let lines: Vec<(String, f64)> = chunks(&done)
         .iter()
-        .flat_map(|c| c["segments"].as_array().unwrap().clone())
-        .map(|s| (s["content"].as_str().unwrap().to_string(), s["timestamp"].as_f64().unwrap()))
+        .flat_map(|c| &c.segments)
+        .map(|s| (s.content.clone(), s.timestamp.expect("a line's first segment has a timestamp")))
         .collect();
-    assert_eq!(chunks(&done).len(), 3, "one chunk per line: {done:#}");
+    assert_eq!(chunks(&done).len(), 3, "one chunk per line: {done:#?}");
     let arrivals: Vec<f64> = common::plane::requests_to(&plane.requests().await, &sparse, "output")
         .iter()
-        .map(|r| r["time"].as_f64().unwrap())
+        .map(|r| r.time)
         .collect();
     for (index, line) in lines.iter().enumerate().skip(1) {
         assert!(
@@ -210,11 +241,8 @@ async fn output_after_a_quiet_spell_is_sent_at_once_and_sustained_output_is_pace
     let done = plane.wait_done(&noisy, LIMIT).await;
     let expected: String = (0..40000).map(|i| format!("out {i}\n")).collect();
     assert!(output(&done, false) == expected, "stdout complete and in order");
-    let stamps: Vec<f64> = chunks(&done)
-        .iter()
-        .flat_map(|c| c["segments"].as_array().unwrap().clone())
-        .filter_map(|s| s["timestamp"].as_f64())
-        .collect();
+    let stamps: Vec<f64> =
+        chunks(&done).iter().flat_map(|c| &c.segments).filter_map(|s| s.timestamp).collect();
     let span =
         stamps.iter().cloned().fold(f64::MIN, f64::max) - stamps.iter().cloned().fold(f64::MAX, f64::min);
     // At most one flush per 250 ms, each one chunk per stream, plus the
@@ -228,11 +256,13 @@ async fn output_after_a_quiet_spell_is_sent_at_once_and_sustained_output_is_pace
     // A throttling control plane (429, Retry-After: 1 s, twice) gets fewer,
     // bigger chunks: while a chunk waits, the next ones grow instead of
     // queueing up one per line.
-    plane.fault(json!({"endpoint": "output", "status": 429, "retry_after": 1, "count": 2})).await;
+    plane
+        .fault(FaultSpec { status: 429, retry_after: Some(1), count: Some(2), ..on(Endpoint::Output) })
+        .await;
     let parts: Vec<String> = (0..20).map(|i| format!("'line {i}\\n'")).collect();
     let throttled = plane.queue("say", &format!("{} --delay 0.1", parts.join(" "))).await;
     let done = plane.wait_done(&throttled, LIMIT).await;
     let expected: String = (0..20).map(|i| format!("line {i}\n")).collect();
     assert_eq!(output(&done, false), expected);
-    assert!(chunks(&done).len() <= 4, "20 lines over 2 s, throttled: {done:#}");
+    assert!(chunks(&done).len() <= 4, "20 lines over 2 s, throttled: {done:#?}");
 }
