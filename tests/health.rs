@@ -114,7 +114,8 @@ async fn refused_key_is_alive_but_not_ready() {
     let env = [LISTEN_ON_ANY_PORT, ("DJANGOCOMMAND_API_KEY", "dc_refused_key")];
     let runner = Supervisor::start_with(&plane.url, "", "", common::demo_project(), &env);
     let base = health_url(&runner).await;
-    runner.wait_for_log("refused our key", LIMIT).await;
+    // Its first heartbeat was tried (and refused).
+    runner.wait_notified("READY=1", LIMIT).await;
     assert_eq!(get(&base, "/healthz").await, (200, "ok\n".into()));
     let (status, body) = get(&base, "/readyz").await;
     assert_eq!(status, 503);
