@@ -81,7 +81,8 @@ async fn a_changed_allowlist_applies_on_reload_without_harming_running_execution
     let check = plane.wait_done(&plane.queue("check", "").await, LIMIT).await;
     assert_eq!(status_and_code(&check), ("failed", -1));
     assert!(output(&check, true).contains("not in DJANGOCOMMAND_ALLOWED_COMMANDS allowlist"));
-    assert_eq!(status_and_code(&plane.wait_done(&long, LIMIT).await), ("success", 0));
+    let long = plane.wait_done(&long, LIMIT).await;
+    assert_eq!(status_and_code(&long), ("success", 0), "{long:#?}\n{}", runner.log());
 
     // The new list was synced: the hash changed and `check` is gone.
     plane

@@ -15,8 +15,8 @@
 
 use crate::sync::LockExt;
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +46,10 @@ pub enum RequestError {
     NoAnswer(Duration),
     #[error("the worker could not start the job: {0}")]
     JobFailed(String),
+    /// The worker was asked to exit once its jobs end (a reload or a
+    /// recycle) before this job reached it: the job belongs to its successor.
+    #[error("the worker is retiring")]
+    Retired,
 }
 
 pub(super) struct Connection {
@@ -56,6 +60,9 @@ pub(super) struct Connection {
     closed: watch::Receiver<Option<String>>,
     /// Ids of `ParseArgs` requests, so answers reach the right caller.
     next_request: AtomicU64,
+    /// Set, under the writer's lock, when `Shutdown` is sent: a `Run` is
+    /// either written before it (and runs here) or not sent at all.
+    retired: AtomicBool,
 }
 
 #[derive(Default)]
@@ -129,6 +136,7 @@ impl Connection {
             state,
             closed,
             next_request: AtomicU64::new(1),
+            retired: AtomicBool::new(false),
         }))
     }
 
@@ -235,7 +243,7 @@ impl Connection {
         command: &str,
         args: &[String],
         limits: JobLimits,
-        stdio: [OwnedFd; 3],
+        stdio: [BorrowedFd<'_>; 3],
     ) -> Result<(u32, oneshot::Receiver<JobEnd>), RequestError> {
         let (started_tx, started_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = oneshot::channel();
@@ -248,10 +256,14 @@ impl Connection {
             state.jobs.insert(job, slot);
         }
         let request = Request::Run { job, command: command.to_string(), args: args.to_vec(), limits };
-        let [stdin, stdout, stderr] = &stdio;
-        let sent = self.send(&request, &[stdin.as_fd(), stdout.as_fd(), stderr.as_fd()]).await;
-        // Our copies must close now, or the pipes would never reach EOF.
-        drop(stdio);
+        let sent = {
+            let mut writer = self.writer.lock().await;
+            if self.retired.load(Ordering::Acquire) {
+                Err(RequestError::Retired)
+            } else {
+                writer.send(&request, &stdio).await.map_err(RequestError::Send)
+            }
+        };
         if let Err(err) = sent {
             self.lock().jobs.remove(&job);
             return Err(err);
@@ -275,9 +287,13 @@ impl Connection {
         self.send(&Request::Signal { job, signal: signal as i32 }, &[]).await
     }
 
-    /// Asks the worker to exit once its running jobs have ended.
+    /// Asks the worker to exit once its running jobs have ended. A job on
+    /// its way here is refused with [`RequestError::Retired`] instead of
+    /// meeting a worker that would refuse it.
     pub async fn retire(&self) {
-        if let Err(err) = self.send(&Request::Shutdown, &[]).await {
+        let mut writer = self.writer.lock().await;
+        self.retired.store(true, Ordering::Release);
+        if let Err(err) = writer.send(&Request::Shutdown, &[]).await {
             tracing::debug!("retiring worker {}: {err}", self.info.pid);
         }
     }
