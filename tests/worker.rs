@@ -502,14 +502,17 @@ async fn without_prefork_each_job_is_forked_when_it_comes() {
 }
 
 /// A job on its way to a worker that a reload retires meanwhile (its fork
-/// hazard check, then its `Run`, land after the `Shutdown`) starts on the
-/// next worker: it is never refused with "worker is shutting down".
+/// hazard check, then its `Run`, land after the `Shutdown`, or after the
+/// idle worker already exited) starts on the next worker: it is never
+/// refused with "worker is shutting down" nor failed as "the worker is gone".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_sent_while_the_worker_is_retired_start_on_its_successor() {
     let db = TestDb::new();
     let worker = std::sync::Arc::new(start(&db).await);
-    for round in 0..5 {
-        let jobs: Vec<_> = (0..12)
+    // A lone job meets an idle worker that exits at once; many meet one busy
+    // with their siblings.
+    for (round, jobs) in [1, 2, 4, 12, 1, 2, 4, 12].into_iter().enumerate() {
+        let jobs: Vec<_> = (0..jobs)
             .map(|_| {
                 let worker = worker.clone();
                 tokio::spawn(async move { worker.spawn_job("noop", &[], Output::Capture).await })

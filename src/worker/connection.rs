@@ -245,6 +245,11 @@ impl Connection {
         limits: JobLimits,
         stdio: [BorrowedFd<'_>; 3],
     ) -> Result<(u32, oneshot::Receiver<JobEnd>), RequestError> {
+        // First: a retired worker may already have exited (it does once its
+        // jobs end), and that is no reason to fail a job its successor takes.
+        if self.retired.load(Ordering::Acquire) {
+            return Err(RequestError::Retired);
+        }
         let (started_tx, started_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = oneshot::channel();
         {

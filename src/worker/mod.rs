@@ -358,14 +358,7 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
                 }
             }
             reason = connection.closed() => {
-                // Clear it unless a recycle already did.
-                shared.current.send_if_modified(|current| {
-                    let is_this = current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &connection));
-                    if is_this {
-                        *current = None;
-                    }
-                    is_this
-                });
+                stop_offering(&shared, &connection);
                 tracing::warn!("{reason}; restarting the worker");
                 if started.elapsed() >= HEALTHY_UPTIME {
                     restarts.reset();
@@ -373,6 +366,9 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
                 true
             }
             _ = shared.recycle.notified() => {
+                // A recycle asked for while this worker was starting finds it
+                // offered to jobs: new ones must wait for its successor.
+                stop_offering(&shared, &connection);
                 let jobs = connection.running_jobs();
                 tracing::info!(pid = connection.info.pid, jobs, "recycling the worker; it exits once its jobs end");
                 connection.retire().await;
@@ -390,6 +386,17 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
         }
         shared.current.send_replace(Some(connection.clone()));
     }
+}
+
+/// Takes `connection` out of `current`, unless another (or none) is offered already.
+fn stop_offering(shared: &Shared, connection: &Arc<Connection>) {
+    shared.current.send_if_modified(|current| {
+        let is_this = current.as_ref().is_some_and(|c| Arc::ptr_eq(c, connection));
+        if is_this {
+            *current = None;
+        }
+        is_this
+    });
 }
 
 /// Logs, once per worker, what its forks would share or lose, with the fix.
