@@ -407,4 +407,39 @@ mod tests {
         }
         assert!(ApiError::Request("bad key".into()).is_refusal());
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(512))]
+
+        /// Any `Retry-After` a server sends (digits of any size, dates,
+        /// bytes) is a wait or ignored, never a panic.
+        #[test]
+        fn any_retry_after_is_a_wait_or_ignored(
+            text in "[0-9]{1,30}| *[0-9]{1,25} *|-[0-9]{1,5}|.{0,30}",
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        ) {
+            for value in [HeaderValue::from_str(&text).ok(), HeaderValue::from_bytes(&bytes).ok()] {
+                let _ = retry_after(value.as_ref());
+            }
+        }
+
+        /// Any status and body of a refusal is classified once: retried,
+        /// an authentication problem or a definitive refusal.
+        #[test]
+        fn any_status_and_body_are_classified(
+            status in 100u16..1000,
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..700),
+            json in crate::proptest_support::json_value(),
+        ) {
+            let detail = error_detail(&body);
+            let json_detail = error_detail(&serde_json::to_vec(&json).unwrap());
+            proptest::prop_assert!(detail.chars().count() <= 501 && json_detail.chars().count() <= 501);
+            let error = match status {
+                401 | 403 => ApiError::Auth { status, detail },
+                _ => ApiError::Status { status, detail, retry_after: None },
+            };
+            let kinds = [error.is_retryable(), error.is_auth(), error.is_refusal()];
+            proptest::prop_assert_eq!(kinds.iter().filter(|kind| **kind).count(), 1);
+        }
+    }
 }

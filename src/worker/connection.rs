@@ -493,4 +493,27 @@ mod tests {
         // Reaped already: it was a job that ended before we looked.
         assert_eq!(check_job_pid(child.id(), worker), Ok(()));
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(256))]
+
+        /// Whatever a (possibly compromised) worker says, routing it never
+        /// panics: it reaches its waiter, is ignored, or ends the conversation.
+        #[test]
+        fn any_event_is_routed_or_refused_never_a_panic(
+            events in proptest::collection::vec(crate::ipc::strategies::event(), 1..8),
+        ) {
+            let state = Mutex::new(State::default());
+            for event in events {
+                let exit = match &event {
+                    Event::JobExited { status, .. } => Some(*status),
+                    _ => None,
+                };
+                let routed = route(event, &state, std::process::id());
+                if let Some(status) = exit {
+                    proptest::prop_assert_eq!(routed.is_ok(), check_exit_status(status).is_ok());
+                }
+            }
+        }
+    }
 }
