@@ -851,4 +851,27 @@ mod tests {
         remove_log(&log, &SpoolUsage::scan(dir.path(), u64::MAX));
         assert_eq!(read_completion(&log), None, "removed with the log");
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(256))]
+
+        /// A log left by a crash or tampered with (records of any content,
+        /// then cut, flipped or spliced): recovery reads it up to the
+        /// damage, cuts the damage off, and what stays reads cleanly.
+        #[test]
+        fn recovery_reads_any_log_up_to_the_damage_and_cuts_it(
+            records in proptest::collection::vec(crate::supervisor::wal::strategies::hostile_record(), 0..10),
+            changes in crate::proptest_support::mutations(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("x.wal");
+            let bytes: Vec<u8> = records.iter().flat_map(Record::frame).collect();
+            std::fs::write(&path, crate::proptest_support::mutate(bytes, &changes)).unwrap();
+            let scan = scan_log(&path).unwrap().unwrap();
+            proptest::prop_assert_eq!(std::fs::metadata(&path).unwrap().len(), scan.len);
+            let mut reader = WalReader::new(BufReader::new(File::open(&path).unwrap()), 0);
+            while let Some(_record) = reader.next_record().map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))? {}
+            proptest::prop_assert_eq!(reader.offset(), scan.len);
+        }
+    }
 }

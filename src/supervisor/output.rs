@@ -228,7 +228,8 @@ impl OutputCap {
         let mut now = Vec::new();
         for segment in segments {
             let len = segment.content.len();
-            if self.tail.is_empty() && self.sent + len <= self.head_budget {
+            // Saturating: `sent` may come from a checkpoint on disk.
+            if self.tail.is_empty() && self.sent.saturating_add(len) <= self.head_budget {
                 self.sent += len;
                 now.push(segment);
             } else {
