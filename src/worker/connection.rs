@@ -441,6 +441,7 @@ fn end_all_jobs(state: &Mutex<State>, reason: &str) {
     state.discovery = None;
     state.parses.clear();
     state.setting_reads.clear();
+    state.inspections.clear();
     for (job, mut slot) in state.jobs.drain() {
         if let Some(pid) = slot.pid {
             // The job led its own process group; without the worker nobody
@@ -492,6 +493,26 @@ mod tests {
         let _ = child.wait();
         // Reaped already: it was a job that ended before we looked.
         assert_eq!(check_job_pid(child.id(), worker), Ok(()));
+    }
+
+    /// Failed before: an `InspectFork` waiting when the worker died kept
+    /// its sender, so its caller waited out the timeout instead of hearing
+    /// that the worker is gone.
+    #[test]
+    fn every_waiting_request_hears_that_the_worker_is_gone() {
+        let state = Mutex::new(State::default());
+        let (parse, mut parse_rx) = oneshot::channel();
+        let (settings, mut settings_rx) = oneshot::channel();
+        let (inspection, mut inspection_rx) = oneshot::channel();
+        {
+            let mut state = state.locked();
+            state.parses.insert(1, parse);
+            state.setting_reads.insert(2, settings);
+            state.inspections.insert(3, inspection);
+        }
+        end_all_jobs(&state, "gone");
+        assert!(parse_rx.try_recv().is_err() && settings_rx.try_recv().is_err());
+        assert_eq!(inspection_rx.try_recv(), Err(oneshot::error::TryRecvError::Closed));
     }
 
     proptest::proptest! {
