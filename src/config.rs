@@ -794,6 +794,22 @@ mod tests {
         assert_eq!(defaults.runner.poll_interval, 2.0);
     }
 
+    /// The TOML parser's recursion limit refuses a deeply nested value: an
+    /// error naming the file, not a stack overflow (which would abort).
+    #[test]
+    fn deeply_nested_values_are_refused() {
+        let depth = 100_000;
+        for value in [
+            format!("{}{}", "[".repeat(depth), "]".repeat(depth)),
+            format!("{}1{}", "{ a = ".repeat(depth), " }".repeat(depth)),
+        ] {
+            assert!(matches!(
+                load(&format!("[runner]\npoll_interval = {value}\n")),
+                Err(ConfigError::Load { .. })
+            ));
+        }
+    }
+
     /// A TOML value where a number is expected: any integer TOML holds,
     /// floats with NaN and infinities, and what is no number at all.
     fn toml_number() -> impl proptest::strategy::Strategy<Value = String> {
