@@ -462,6 +462,7 @@ fn end_all_jobs(state: &Mutex<State>, reason: &str) {
     state.discovery = None;
     state.parses.clear();
     state.setting_reads.clear();
+    state.inspections.clear();
     for (job, mut slot) in state.jobs.drain() {
         if let Some(pid) = slot.pid {
             // The job led its own process group; without the worker nobody
@@ -513,5 +514,48 @@ mod tests {
         let _ = child.wait();
         // Reaped already: it was a job that ended before we looked.
         assert_eq!(check_job_pid(child.id(), worker), Ok(()));
+    }
+
+    /// Failed before: an `InspectFork` waiting when the worker died kept
+    /// its sender, so its caller waited out the timeout instead of hearing
+    /// that the worker is gone.
+    #[test]
+    fn every_waiting_request_hears_that_the_worker_is_gone() {
+        let state = Mutex::new(State::default());
+        let (parse, mut parse_rx) = oneshot::channel();
+        let (settings, mut settings_rx) = oneshot::channel();
+        let (inspection, mut inspection_rx) = oneshot::channel();
+        {
+            let mut state = state.locked();
+            state.parses.insert(1, parse);
+            state.setting_reads.insert(2, settings);
+            state.inspections.insert(3, inspection);
+        }
+        end_all_jobs(&state, "gone");
+        assert!(parse_rx.try_recv().is_err() && settings_rx.try_recv().is_err());
+        assert_eq!(inspection_rx.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(256))]
+
+        /// Whatever a (possibly compromised) worker says, routing it never
+        /// panics: it reaches its waiter, is ignored, or ends the conversation.
+        #[test]
+        fn any_event_is_routed_or_refused_never_a_panic(
+            events in proptest::collection::vec(crate::ipc::strategies::event(), 1..8),
+        ) {
+            let state = Mutex::new(State::default());
+            for event in events {
+                let exit = match &event {
+                    Event::JobExited { status, .. } => Some(*status),
+                    _ => None,
+                };
+                let routed = route(event, &state, std::process::id());
+                if let Some(status) = exit {
+                    proptest::prop_assert_eq!(routed.is_ok(), check_exit_status(status).is_ok());
+                }
+            }
+        }
     }
 }
