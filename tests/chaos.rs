@@ -27,9 +27,10 @@ const RUN_LIMIT: Duration = Duration::from_secs(110);
 /// costs a worker start, seconds on a loaded machine).
 const RESTART_AT: [f64; 4] = [0.15, 0.35, 0.55, 0.75];
 const DISK_FULL_EVERY: Duration = Duration::from_secs(2);
-/// A reload changes nothing for the executions: running ones finish on the
-/// old worker, the next ones start on the new.
-const RELOAD_EVERY: Duration = Duration::from_secs(3);
+/// Reloads (SIGHUP, as a deploy does) happen as these fractions of the
+/// executions are done. A reload changes nothing for the executions: the
+/// running ones finish on the old worker, the next ones start on the new.
+const RELOAD_AT: [f64; 4] = [0.1, 0.3, 0.5, 0.7];
 const DISK_FULL_FOR: Duration = Duration::from_millis(1000);
 const FAULT_EXPIRES_MS: u64 = 2000;
 /// Below this many unfinished executions, no new faults.
@@ -178,7 +179,7 @@ async fn chaos() {
     let mut figures = Figures::default();
     let mut restarts_due = RESTART_AT.iter().map(|at| (at * EXECUTIONS as f64) as usize).peekable();
     let mut next_fill = Instant::now() + DISK_FULL_EVERY / 2;
-    let mut next_reload = Instant::now() + RELOAD_EVERY;
+    let mut reloads_due = RELOAD_AT.iter().map(|at| (at * EXECUTIONS as f64) as usize).peekable();
     let mut full_until: Option<Instant> = None;
     let mut freed_at = Instant::now();
     let mut draining = false;
@@ -223,10 +224,10 @@ async fn chaos() {
             full_until = Some(now + DISK_FULL_FOR);
             next_fill = now + DISK_FULL_EVERY;
         }
-        if now >= next_reload && !draining {
+        let done = EXECUTIONS - pending - running;
+        if reloads_due.next_if(|&due| done >= due).is_some() {
             runner.signal(Signal::SIGHUP);
             figures.reloads += 1;
-            next_reload = now + RELOAD_EVERY;
         }
         // Not while the disk is full: a runner killed then cannot know what it
         // could not write (docs/reliability.md); the held records need a moment.

@@ -196,6 +196,8 @@ pub struct Supervisor {
     /// service manager's own interface, rather than on log text.
     notify: std::os::unix::net::UnixDatagram,
     notifications: std::sync::Mutex<Vec<String>>,
+    /// The threads copying its stdout and stderr into the log.
+    log_copiers: Vec<std::thread::JoinHandle<()>>,
     pub dir: tempfile::TempDir,
     pub project: PathBuf,
     url: String,
@@ -237,6 +239,7 @@ impl Supervisor {
             child: Command::new("true").spawn().unwrap(),
             notify,
             notifications: std::sync::Mutex::new(Vec::new()),
+            log_copiers: Vec::new(),
             dir,
             project,
             url: url.to_string(),
@@ -262,7 +265,7 @@ impl Supervisor {
     pub fn restart(&mut self) {
         // Reap the previous process (it has exited or been killed by now).
         let _ = self.child.wait();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        self.finish_log();
         self.child = Command::new(env!("CARGO_BIN_EXE_dcsupervisor"))
             .arg("--config")
             .arg(self.config_path())
@@ -271,10 +274,31 @@ impl Supervisor {
             .env("NO_COLOR", "1")
             .env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"))
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start dcsupervisor");
+        // Copied by this process, so the log stays whole while a test limits
+        // the runner's file size (a "full disk" must not eat its log).
+        for stream in [
+            self.child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            self.child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let mut log =
+                std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+            self.log_copiers.push(std::thread::spawn(move || {
+                let mut lines = BufReader::new(stream);
+                let mut line = Vec::new();
+                // Whole lines, so the two streams never interleave mid-line.
+                while lines.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                    let _ = std::io::Write::write_all(&mut log, &line);
+                    line.clear();
+                }
+            }));
+        }
     }
 
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
@@ -357,11 +381,20 @@ impl Supervisor {
         let deadline = tokio::time::Instant::now() + limit;
         while tokio::time::Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
+                self.finish_log();
                 return status.code();
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         None
+    }
+
+    /// Waits for the log copiers: once the process is gone, its last lines
+    /// are in the log.
+    fn finish_log(&mut self) {
+        for copier in self.log_copiers.drain(..) {
+            let _ = copier.join();
+        }
     }
 
     /// SIGTERM, then the exit status (SIGKILL after `limit`).
