@@ -267,9 +267,12 @@ async fn chaos() {
         figures.duplicated,
         started.elapsed().as_secs_f64()
     );
+    if !failures.is_empty() {
+        let _ = std::fs::write("/tmp/chaos-runner.log", runner.log());
+    }
     assert!(
         failures.is_empty(),
-        "seed {seed}: {} executions wrong:\n{}",
+        "seed {seed}: {} executions wrong (the runner's log is in /tmp/chaos-runner.log):\n{}",
         failures.len(),
         failures.join("\n")
     );
