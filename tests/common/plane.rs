@@ -196,8 +196,8 @@ pub struct Supervisor {
     /// service manager's own interface, rather than on log text.
     notify: std::os::unix::net::UnixDatagram,
     notifications: std::sync::Mutex<Vec<String>>,
-    /// The threads copying its stdout and stderr into the log.
-    log_copiers: Vec<std::thread::JoinHandle<()>>,
+    /// Copies its stdout and stderr into the log.
+    log_copier: Option<LogCopier>,
     pub dir: tempfile::TempDir,
     pub project: PathBuf,
     url: String,
@@ -239,7 +239,7 @@ impl Supervisor {
             child: Command::new("true").spawn().unwrap(),
             notify,
             notifications: std::sync::Mutex::new(Vec::new()),
-            log_copiers: Vec::new(),
+            log_copier: None,
             dir,
             project,
             url: url.to_string(),
@@ -266,6 +266,8 @@ impl Supervisor {
         // Reap the previous process (it has exited or been killed by now).
         let _ = self.child.wait();
         self.finish_log();
+        let (copier, log_pipe) = LogCopier::start(&self.log_path());
+        self.log_copier = Some(copier);
         self.child = Command::new(env!("CARGO_BIN_EXE_dcsupervisor"))
             .arg("--config")
             .arg(self.config_path())
@@ -274,31 +276,10 @@ impl Supervisor {
             .env("NO_COLOR", "1")
             .env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"))
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(log_pipe.try_clone().unwrap())
+            .stderr(log_pipe)
             .spawn()
             .expect("start dcsupervisor");
-        // Copied by this process, so the log stays whole while a test limits
-        // the runner's file size (a "full disk" must not eat its log).
-        for stream in [
-            self.child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            self.child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let mut log =
-                std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-            self.log_copiers.push(std::thread::spawn(move || {
-                let mut lines = BufReader::new(stream);
-                let mut line = Vec::new();
-                // Whole lines, so the two streams never interleave mid-line.
-                while lines.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
-                    let _ = std::io::Write::write_all(&mut log, &line);
-                    line.clear();
-                }
-            }));
-        }
     }
 
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
@@ -364,7 +345,11 @@ impl Supervisor {
         self.dir.path().join("supervisor.log")
     }
 
+    /// Everything the process has written so far.
     pub fn log(&self) -> String {
+        if let Some(copier) = &self.log_copier {
+            copier.catch_up();
+        }
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
@@ -392,8 +377,8 @@ impl Supervisor {
     /// Waits for the log copiers: once the process is gone, its last lines
     /// are in the log.
     fn finish_log(&mut self) {
-        for copier in self.log_copiers.drain(..) {
-            let _ = copier.join();
+        if let Some(copier) = self.log_copier.take() {
+            copier.finish();
         }
     }
 
@@ -412,6 +397,76 @@ impl Drop for Supervisor {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Copies a process's stdout and stderr (one pipe) into its log file from a
+/// thread of the test process, so the log stays whole while a test limits
+/// the process's file size (a "full disk" must not eat its log).
+struct LogCopier {
+    pipe: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// Held while a read from the pipe is being written to the file.
+    copying: std::sync::Arc<std::sync::Mutex<()>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl LogCopier {
+    /// The copier, and the pipe's end for the process's stdout and stderr.
+    fn start(path: &std::path::Path) -> (Self, std::fs::File) {
+        use std::io::Write as _;
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let pipe = std::sync::Arc::new(read);
+        let copying = std::sync::Arc::new(std::sync::Mutex::new(()));
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+        let (source, lock) = (pipe.clone(), copying.clone());
+        let thread = std::thread::spawn(move || {
+            use std::os::fd::AsFd as _;
+            let mut buffer = vec![0u8; 64 * 1024];
+            loop {
+                // Wait without the lock, so `catch_up` is never held up by an idle pipe.
+                let mut polled = [nix::poll::PollFd::new(source.as_fd(), nix::poll::PollFlags::POLLIN)];
+                if nix::poll::poll(&mut polled, nix::poll::PollTimeout::NONE).is_err() {
+                    return;
+                }
+                let _copying = lock.lock().unwrap();
+                match nix::unistd::read(source.as_fd(), &mut buffer) {
+                    Ok(0) | Err(_) => return, // every writer is gone
+                    Ok(length) => {
+                        let _ = log.write_all(&buffer[..length]);
+                    }
+                }
+            }
+        });
+        (Self { pipe, copying, thread }, std::fs::File::from(write))
+    }
+
+    /// Returns once what the process wrote so far is in the file: nothing
+    /// waits in the pipe, and no read is half-copied.
+    fn catch_up(&self) {
+        use std::os::fd::AsRawFd as _;
+        for _ in 0..1000 {
+            let _copying = self.copying.lock().unwrap();
+            let mut waiting: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int through the pointer.
+            let asked = unsafe { libc::ioctl(self.pipe.as_raw_fd(), libc::FIONREAD, &mut waiting) };
+            if asked != 0 || waiting == 0 {
+                return;
+            }
+            drop(_copying);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits for the end of the copy, which comes once every process holding
+    /// the pipe is gone (a few seconds at most: then it is left to finish).
+    fn finish(self) {
+        for _ in 0..500 {
+            if self.thread.is_finished() {
+                let _ = self.thread.join();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
