@@ -375,10 +375,12 @@ impl Runner {
         };
         let answer = live.client.heartbeat(&request).await.inspect_err(|e| self.gate.observe(e))?;
         crate::health::metrics().heartbeat_answered(live.opts.heartbeat_interval);
+        // The runner state first: the poller waits for authentication, then
+        // for not being suspended, and must not slip through in between.
+        self.follow_runner_state(&answer);
         if self.gate.set(AuthState::Valid) {
             tracing::info!("authenticated with the control plane");
         }
-        self.follow_runner_state(&answer);
         if !answer.commands_in_sync {
             self.sync(&live).await?;
         }
