@@ -294,15 +294,22 @@ async fn a_service_manager_that_does_not_read_its_notifications_never_stalls_the
     assert!(runner.log().matches("reload applied").count() >= 5, "{}", runner.log());
 }
 
+/// A copy of the demo project whose settings take `seconds` to import: a
+/// worker that takes that long to start.
+fn slow_to_start(seconds: u32) -> tempfile::TempDir {
+    let project = common::project_copy();
+    let settings = project.path().join("demo_project/settings.py");
+    let code = std::fs::read_to_string(&settings).unwrap();
+    std::fs::write(&settings, format!("import time\ntime.sleep({seconds})\n{code}")).unwrap();
+    project
+}
+
 /// A SIGHUP while the worker starts (Django's set-up can take seconds;
 /// supervisord does not wait for readiness before signalling) neither kills
 /// the runner nor is lost: the reload is applied once it runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sighup_during_start_up_is_applied_once_the_runner_runs() {
-    let project = common::project_copy();
-    let settings = project.path().join("demo_project/settings.py");
-    let code = std::fs::read_to_string(&settings).unwrap();
-    std::fs::write(&settings, format!("import time\ntime.sleep(2)\n{code}")).unwrap();
+    let project = slow_to_start(2);
     let plane = ControlPlane::start();
     let mut runner = Supervisor::start_with(&plane.url, "", "", project.path().to_path_buf(), &[]);
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -317,10 +324,7 @@ async fn a_sighup_during_start_up_is_applied_once_the_runner_runs() {
 /// execution was taken, nothing is left to finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigterm_during_start_up_stops_at_once() {
-    let project = common::project_copy();
-    let settings = project.path().join("demo_project/settings.py");
-    let code = std::fs::read_to_string(&settings).unwrap();
-    std::fs::write(&settings, format!("import time\ntime.sleep(30)\n{code}")).unwrap();
+    let project = slow_to_start(30);
     let plane = ControlPlane::start();
     let mut runner = Supervisor::start_with(&plane.url, "", "", project.path().to_path_buf(), &[]);
     tokio::time::sleep(Duration::from_millis(700)).await;
