@@ -27,6 +27,7 @@ import it as ``fidelity``, as they import ``harness``.
 """
 
 import concurrent.futures
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -75,10 +76,13 @@ class Case:
     stdin: bytes = b""
     env: tuple[tuple[str, str], ...] = ()
     runner: bool = True  # False: the runner cannot express it (an environment)
+    blank: bool = False  # True: starts from an empty database, not the template
 
 
-def case(name: str, *args: str, stdin: bytes = b"", runner=True, **env: str) -> Case:
-    return Case(name, args, stdin, tuple(env.items()), runner)
+def case(
+    name: str, *args: str, stdin: bytes = b"", runner=True, blank=False, **env: str
+) -> Case:
+    return Case(name, args, stdin, tuple(env.items()), runner, blank)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ class Project:
     # The cases run on PostgreSQL too (those that read or write the database;
     # the others have nothing that depends on the engine). Empty: SQLite only.
     database_cases: frozenset[str] = frozenset()
+    # Environment of every way (and of the template steps).
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def directory(self) -> Path:
@@ -114,11 +120,25 @@ class Outcome:
 FIELDS = ("stdout", "stderr", "exit", "db", "files")
 _TIMES = re.compile(rb"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+)?(\+00(:00)?|Z)?")
 _ADDRESSES = re.compile(rb"\bat 0x[0-9a-f]+\b")
+_UUIDS = re.compile(
+    rb"\b[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\b"
+)
+# Django's storage gives a file whose name is taken a random 7-character
+# suffix (`teal_QvTkU9N.png`); the suffix is masked in paths and databases.
+_TAKEN_NAME_SUFFIX = re.compile(r"(?<=/)([^/'\"\s]+?)_[A-Za-z0-9]{7}(?=\.)")
 
 
-def mask_times(text: bytes) -> str:
-    """Migrations record when they were applied, revisions when they were made."""
-    return _TIMES.sub(b"<time>", text).decode(errors="backslashreplace")
+def mask_random(text: bytes) -> str:
+    """What differs between two runs of `manage.py` itself, in a database:
+    times (migrations record when they were applied, revisions when they
+    were made), random UUIDs (Wagtail's pages get a translation key) and
+    the random suffix of a stored file's name."""
+    text = _UUIDS.sub(b"<uuid>", _TIMES.sub(b"<time>", text))
+    return mask_taken_names(text.decode(errors="backslashreplace"))
+
+
+def mask_taken_names(text: str) -> str:
+    return _TAKEN_NAME_SUFFIX.sub(r"\1_<random>", text)
 
 
 def mask_addresses(output: bytes) -> bytes:
@@ -134,7 +154,7 @@ def sqlite_dump(path: Path) -> str:
     with sqlite3.connect(path) as connection:
         text = "\n".join(connection.iterdump())
     connection.close()
-    return mask_times(text.encode())
+    return mask_random(text.encode())
 
 
 # Files larger than this are compared by their hash (collectstatic copies
@@ -148,7 +168,7 @@ def tree(directory: Path) -> dict[str, str]:
     by size and hash."""
     found = {}
     for path in sorted(directory.rglob("*")):
-        relative = path.relative_to(directory).as_posix()
+        relative = mask_taken_names("/" + path.relative_to(directory).as_posix())[1:]
         if relative == "db.sqlite3" or "__pycache__" in path.parts or path.is_dir():
             continue
         if path.suffix == ".sqlite3":
@@ -188,7 +208,7 @@ def manage_py(project: Project, args, directory: Path, env: dict[str, str]) -> N
     subprocess.run(
         [str(PYTHON), str(project.directory / "manage.py"), *args],
         cwd=directory,
-        env=base_env() | env,
+        env=base_env() | dict(project.env) | env,
         check=True,
         capture_output=True,
         timeout=TIMEOUT,
@@ -220,8 +240,9 @@ class SQLite:
         for args in project.template_steps:
             manage_py(project, args, self.template, {})
 
-    def fresh(self, directory: Path, key: str) -> dict[str, str]:
-        copy_template(self.template, directory)
+    def fresh(self, directory: Path, key: str, blank=False) -> dict[str, str]:
+        if not blank:
+            copy_template(self.template, directory)
         return {}
 
     def dump(self, directory: Path, env: dict[str, str]) -> str:
@@ -301,18 +322,21 @@ class PostgreSQL:
         )
         return done.stdout
 
-    def fresh(self, directory: Path, key: str) -> dict[str, str]:
-        copy_template(self.template, directory)
+    def fresh(self, directory: Path, key: str, blank=False) -> dict[str, str]:
         database = re.sub(r"\W", "_", key.lower())
         self.client(["dropdb", "--if-exists", "--force", database])
-        self.client(["createdb", "-T", "fidelity_template", database])
+        if blank:
+            self.client(["createdb", database])
+        else:
+            copy_template(self.template, directory)
+            self.client(["createdb", "-T", "fidelity_template", database])
         return self.env | {"FIDELITY_PG_DB": database}
 
     def dump(self, directory: Path, env: dict[str, str]) -> str:
         text = self.client(["pg_dump", "--no-owner", env["FIDELITY_PG_DB"]])
         # pg_dump guards its output with a random \restrict key.
         text = re.sub(rb"(?m)^\\(un)?restrict .*$", b"", text)
-        return mask_times(text)
+        return mask_random(text)
 
     def normalize(self, output: bytes, env: dict[str, str]) -> bytes:
         """Each copy is a database of its own name, which flush and
@@ -370,14 +394,16 @@ def open_database(kind: str, project: Project, tmp_path_factory):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def fresh_dir(parent: Path, name: str, database) -> tuple[Path, dict[str, str]]:
+def fresh_dir(
+    parent: Path, name: str, database, blank=False
+) -> tuple[Path, dict[str, str]]:
     directory = parent / name
     directory.mkdir()
-    return directory, database.fresh(directory, name)
+    return directory, database.fresh(directory, name, blank)
 
 
 def run_fresh(argv, the_case: Case, parent: Path, name: str, database) -> Outcome:
-    directory, env = fresh_dir(parent, name, database)
+    directory, env = fresh_dir(parent, name, database, the_case.blank)
     return run_local(argv, the_case, directory, env, database)
 
 
@@ -388,13 +414,14 @@ def run_local(argv, the_case: Case, directory: Path, env, database) -> Outcome:
         cwd=directory,
         input=the_case.stdin,
         capture_output=True,
-        env=base_env() | env | dict(the_case.env),
+        env=base_env() | dict(database.project.env) | env | dict(the_case.env),
         timeout=TIMEOUT,
         check=False,
     )
+    cwd = str(directory).encode()
     return Outcome(
-        mask_addresses(database.normalize(done.stdout, env)),
-        mask_addresses(database.normalize(done.stderr, env)),
+        mask_addresses(database.normalize(done.stdout, env)).replace(cwd, b"<cwd>"),
+        mask_addresses(database.normalize(done.stderr, env)).replace(cwd, b"<cwd>"),
         done.returncode,
         database.dump(directory, env),
         left_files(directory, before),
@@ -423,7 +450,12 @@ class Runner:
         self.plane = ControlPlane(
             workdir, dccontrol=DCCONTROL, api_key=API_KEY, timeout=TIMEOUT
         )
-        config = runner_config(self.plane.url, self.project, self.directory, self.env)
+        config = runner_config(
+            self.plane.url,
+            self.project,
+            self.directory,
+            dict(self.project.env) | self.env,
+        )
         self.process = None
         try:
             self.process = start_supervisor(DCSUPERVISOR, workdir, config)
@@ -436,9 +468,9 @@ class Runner:
         assert self.process.poll() is None, read_logs(self.workdir)
         return any(r["path"].endswith("/commands/sync/") for r in self.plane.requests())
 
-    def _fresh(self) -> dict[str, str]:
-        """The project as copied, and a fresh copy of the template in it;
-        what is there now, for left_files."""
+    def _fresh(self, blank=False) -> dict[str, str]:
+        """The project as copied, and a fresh copy of the template in it
+        (nothing, `blank`); what is there now, for left_files."""
         for path in self.directory.iterdir():
             if path.name in self.project_files:
                 continue
@@ -446,11 +478,11 @@ class Runner:
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        self.database.fresh(self.directory, "runner")
+        self.database.fresh(self.directory, "runner", blank)
         return tree(self.directory)
 
     def run(self, the_case: Case) -> Outcome:
-        before = self._fresh()
+        before = self._fresh(the_case.blank)
         command, args = the_case.args[0], shlex.join(the_case.args[1:])
         execution_id = self.plane.queue(command, args)
         ended = wait_for(
@@ -484,8 +516,13 @@ class Runner:
             if chunk["is_stderr"] == is_stderr
             for segment in chunk["segments"]
         )
-        # The runner's copy of the project lives elsewhere: its paths (in
-        # tracebacks) are the project's.
+        # The runner's jobs run in its copy of the project: paths to what the
+        # template or the command put there (the database, STATIC_ROOT) are
+        # in the current directory, as for the others, and the rest (the
+        # project's code, in tracebacks) are the project's.
+        for path in self.directory.iterdir():
+            if path.name not in self.project_files:
+                text = text.replace(str(path), f"<cwd>/{path.name}")
         text = text.replace(str(self.directory), str(self.project.directory))
         return mask_addresses(self.database.normalize(text.encode(), self.env))
 
@@ -584,6 +621,17 @@ def describe(name: str, reference, got) -> str:
         shown = [k for k in keys if reference.get(k) != got.get(k)][:5]
         reference = {k: reference.get(k, "<absent>") for k in shown}
         got = {k: got.get(k, "<absent>") for k in shown}
+    elif isinstance(reference, str) and reference.count("\n") > 20:
+        # A database dump: the lines that differ, not its last ones.
+        lines = difflib.unified_diff(
+            reference.splitlines(),
+            got.splitlines(),
+            "manage.py",
+            "got",
+            n=0,
+            lineterm="",
+        )
+        return f"{name}:\n" + "\n".join(list(lines)[:40])
     return f"{name}:\n  manage.py: {str(reference)[-600:]!r}\n  got:       {str(got)[-600:]!r}"
 
 
