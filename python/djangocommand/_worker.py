@@ -40,6 +40,7 @@ import struct
 import sys
 import threading
 import traceback
+import warnings
 
 PROTOCOL_VERSION = 5
 MAX_FRAME_LEN = 16 * 1024 * 1024
@@ -437,10 +438,10 @@ def _prefork_setup(worker_fds: list[int]) -> None:
     Prefork time: new session, signal dispositions, closing the worker's
     descriptors, reseeding ``random`` (each spare gets its own seed),
     forgetting the worker's exit handlers, and installing the hooks that
-    give the job the whole heap and refuse other settings (and any other
-    step that reads nothing of the job). Job time: the three stdio
-    descriptors, the std streams built on them, the resource limits,
-    ``sys.argv``.
+    give the job the whole heap, show the warnings the worker recorded and
+    refuse other settings (and any other step that reads nothing of the
+    job). Job time: the three stdio descriptors, the std streams built on
+    them, the resource limits, ``sys.argv``.
     """
     os.setsid()
     _reset_signals()
@@ -451,6 +452,7 @@ def _prefork_setup(worker_fds: list[int]) -> None:
     # Exit handlers registered in the worker belong to the worker.
     atexit._clear()
     _see_the_whole_heap()
+    _show_warnings_where_manage_py_would()
     _refuse_other_settings()
 
 
@@ -733,6 +735,90 @@ def _see_the_whole_heap() -> None:
         setattr(gc, name, unfreezing(name))
 
 
+# ---------------------------------------------------------------------------
+# Warnings. A fresh `manage.py` has shown no warning yet, so what importing
+# the settings and the apps warns about (a deprecated import in models.py,
+# say: Python's default filters show a warning once per place) is printed
+# by every run. The worker did that importing once, before any fork, and
+# Python would not show those warnings again in its jobs. So the worker
+# shows nothing itself: it records what it would have shown, by when
+# (setting Django up: "setup"; loading a command: ("command", name);
+# running the checks in warm-up: "checks"), and each job shows the records
+# where `manage.py` would: after its `django.setup()`, once it has loaded
+# that command, when it first runs the checks. Python still counts them as
+# shown, so a job does not show them a second time.
+# ---------------------------------------------------------------------------
+
+# when -> [(warnings.WarningMessage, the showwarning then in force)]
+_RECORDED_WARNINGS: dict[object, list[tuple[object, object]]] = {}
+
+
+@contextlib.contextmanager
+def _recording_warnings(when: object):
+    """Records, instead of showing, the warnings Python shows meanwhile.
+
+    ``warnings._showwarnmsg`` is what both the C and the Python
+    implementation call once the filters have decided to show a warning.
+    The ``showwarning`` in force is kept with each record: Django's logging
+    set-up routes warnings shown after it through the ``py.warnings`` logger
+    (``logging.captureWarnings``), those shown before it (the settings') are
+    written as they are."""
+    show = warnings._showwarnmsg
+
+    def record(message) -> None:
+        _RECORDED_WARNINGS.setdefault(when, []).append((message, warnings.showwarning))
+
+    warnings._showwarnmsg = record
+    try:
+        yield
+    finally:
+        if warnings._showwarnmsg is record:
+            warnings._showwarnmsg = show
+
+
+def _show_recorded_warnings(when: object) -> None:
+    """Shows, once, what the worker recorded at ``when``, as Python would
+    have shown it then (to the job's sys.stderr, or its logging)."""
+    for message, showwarning in _RECORDED_WARNINGS.pop(when, ()):
+        current = warnings.showwarning
+        warnings.showwarning = showwarning
+        try:
+            warnings._showwarnmsg(message)
+        finally:
+            warnings.showwarning = current
+
+
+def _show_warnings_where_manage_py_would() -> None:
+    """Prefork time: hooks that show the worker's recorded warnings at the
+    points of the job where `manage.py` would have shown them."""
+    import django
+    from django.core import checks, management
+
+    setup = django.setup
+    load_command_class = management.load_command_class
+    run_checks = checks.run_checks
+
+    def setup_then_warn(*args, **kwargs):
+        django.setup = setup
+        setup(*args, **kwargs)
+        _show_recorded_warnings("setup")
+
+    def load_command_class_then_warn(app_name, name):
+        command = load_command_class(app_name, name)
+        _show_recorded_warnings(("command", name))
+        return command
+
+    def warn_then_run_checks(*args, **kwargs):
+        checks.run_checks = run_checks
+        _show_recorded_warnings("checks")
+        return run_checks(*args, **kwargs)
+
+    django.setup = setup_then_warn
+    # ManagementUtility and call_command look these up in their modules.
+    management.load_command_class = load_command_class_then_warn
+    checks.run_checks = warn_then_run_checks
+
+
 class _OtherSettings(SystemExit):
     """A job asked for other settings than the worker's: it must not run."""
 
@@ -1012,8 +1098,11 @@ def parse_command_args(name: str, args: list[str]) -> dict:
         app = get_commands().get(name)
         if app is None:
             return _refused(f"Unknown command: {name!r}")
-        command = app if isinstance(app, BaseCommand) else load_command_class(app, name)
-        parser = command.create_parser("manage.py", name)
+        with _recording_warnings(("command", name)):
+            command = (
+                app if isinstance(app, BaseCommand) else load_command_class(app, name)
+            )
+            parser = command.create_parser("manage.py", name)
         _record_given(parser, given)
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
             parser.parse_args(list(args))
@@ -1389,7 +1478,8 @@ class Worker:
         _prime_command_line_parser()
         _load_madvise()
         try:
-            checks.run_checks()
+            with _recording_warnings("checks"):
+                checks.run_checks()
         except Exception:  # noqa: BLE001 - a job will report it properly
             self.log(
                 "Debug", "system checks failed in warm-up:\n" + traceback.format_exc()
@@ -1420,10 +1510,13 @@ class Worker:
         # Tests sometimes register a command instance instead of an app name.
         app_label = app if isinstance(app, str) else type(app).__module__
         try:
-            command = (
-                app if isinstance(app, BaseCommand) else load_command_class(app, name)
-            )
-            help_text = command.create_parser("manage.py", name).format_help()
+            with _recording_warnings(("command", name)):
+                command = (
+                    app
+                    if isinstance(app, BaseCommand)
+                    else load_command_class(app, name)
+                )
+                help_text = command.create_parser("manage.py", name).format_help()
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - any project bug
             error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             self.log(
@@ -1864,10 +1957,12 @@ def _setup_django(project_dir: str, settings: str | None):
     _MANAGE_PY = manage_py if os.path.isfile(manage_py) else None
     if settings:
         os.environ["DJANGO_SETTINGS_MODULE"] = settings
-    import django
-    from django.db import connections
+    with _recording_warnings("setup"):
+        # Importing Django may warn too (about the interpreter, say).
+        import django
+        from django.db import connections
 
-    django.setup()
+        django.setup()
     # Nothing set up here should be shared with the children through a fork.
     connections.close_all()
     gc.freeze()

@@ -9,6 +9,7 @@ fidelity.py's; test_fidelity_wagtail.py does the same on a Wagtail site.
 """
 
 import concurrent.futures
+import dataclasses
 import json
 import re
 
@@ -145,6 +146,25 @@ PROJECT = fidelity.Project(
 )
 
 
+# Warnings: examples/fidelity with its `legacy` app, whose modules warn when
+# imported (one by a system check, one by a command) and whose settings
+# warn. A fresh manage.py prints them in every run that imports them.
+LEGACY = dataclasses.replace(
+    PROJECT,
+    cases=(
+        case("legacy-check", "check"),
+        case("legacy-export", "legacy_export"),
+        case("legacy-export-skip-checks", "legacy_export", "--skip-checks"),
+        case("legacy-help-export", "help", "legacy_export"),
+        case("legacy-help", "help"),
+        case("legacy-shell-import", "shell", "-c", "import legacy.formats"),
+    ),
+    template_steps=(("migrate", "-v", "0"),),
+    database_cases=frozenset(),
+    env=(("FIDELITY_LEGACY", "1"),),
+)
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def database(request, tmp_path_factory):
     yield from fidelity.open_database(request.param, PROJECT, tmp_path_factory)
@@ -152,10 +172,19 @@ def database(request, tmp_path_factory):
 
 def test_cases_are_many_and_named_once():
     assert len(PROJECT.cases) >= 40
-    fidelity.check_cases_are_named_once(PROJECT)
+    both = dataclasses.replace(PROJECT, cases=PROJECT.cases + LEGACY.cases)
+    fidelity.check_cases_are_named_once(both)
 
 
 def test_every_invocation_matches_manage_py(tmp_path, database):
+    fidelity.every_invocation_matches_manage_py(tmp_path, database)
+
+
+def test_warnings_are_shown_as_manage_py_shows_them(tmp_path):
+    """What the worker's set-up and warm-up imported warned then; each job
+    shows those warnings where a fresh manage.py would (docs/fidelity.md)."""
+    (tmp_path / "sqlite").mkdir()
+    database = fidelity.SQLite(tmp_path / "sqlite", LEGACY)
     fidelity.every_invocation_matches_manage_py(tmp_path, database)
 
 

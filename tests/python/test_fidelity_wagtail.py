@@ -31,6 +31,7 @@ from PIL import Image as PILImage
 from wagtail.embeds.models import Embed
 from wagtail.images.models import Image
 from wagtail.models import APIToken, Page
+from wagtail.rich_text import RichText
 
 from home.models import HomePage
 
@@ -44,7 +45,14 @@ def page(title, slug, **fields):
     return home.add_child(instance=HomePage(title=title, slug=slug, **fields))
 
 
-about = page("About", "about")
+about = page(
+    "About",
+    "about",
+    body=[
+        ("heading", "Who we are"),
+        ("paragraph", RichText('<p>See the <a linktype="page" id="6">news</a>.</p>')),
+    ],
+)
 about.save_revision(user=editor).publish()
 about.title = "About us"
 about.save_revision(user=editor)  # a draft on top of the live page

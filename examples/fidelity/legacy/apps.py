@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class LegacyConfig(AppConfig):
+    name = "legacy"
+
+    def ready(self) -> None:
+        from . import checks  # noqa: F401 - registers the check
