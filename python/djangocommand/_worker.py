@@ -41,6 +41,7 @@ import sys
 import threading
 import traceback
 import warnings
+import weakref
 
 PROTOCOL_VERSION = 5
 MAX_FRAME_LEN = 16 * 1024 * 1024
@@ -451,6 +452,7 @@ def _prefork_setup(worker_fds: list[int]) -> None:
     random.seed()
     # Exit handlers registered in the worker belong to the worker.
     atexit._clear()
+    _finalizers_at_exit()
     _see_the_whole_heap()
     _show_warnings_where_manage_py_would()
     _refuse_other_settings()
@@ -704,6 +706,20 @@ def _reset_signals() -> None:
             signal.signal(signum, fresh.get(signum, signal.SIG_DFL))
     signal.set_wakeup_fd(-1)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _finalizers_at_exit() -> None:
+    """``weakref.finalize`` runs the pending finalizers marked ``atexit``
+    (a ``TemporaryDirectory`` removing itself, say) from an exit handler it
+    registers once per process, when the first finalizer is made: in the
+    worker, whose exit handlers the job has just forgotten. The job gets
+    that handler again, for its own finalizers; those it inherited stay the
+    worker's (what they clean up, the worker and its later jobs still use)."""
+    with contextlib.suppress(AttributeError):
+        for info in list(weakref.finalize._registry.values()):
+            info.atexit = False
+        atexit.register(weakref.finalize._exitfunc)
+        weakref.finalize._registered_with_atexit = True
 
 
 # The gc functions that walk the heap, which gc.freeze() hides from them.
@@ -1004,7 +1020,11 @@ def _from_manage_py(tb):
 
 
 def _finalize(status: int) -> int:
-    """What interpreter shutdown would do before exiting with ``status``."""
+    """What interpreter shutdown would do before exiting with ``status``:
+    wait for the threads (after threading's own exit hooks, such as the one
+    that lets a ThreadPoolExecutor finish its work), run the exit handlers,
+    shut logging down, flush the standard streams."""
+    _wait_for_threads()
     with contextlib.suppress(Exception):
         atexit._run_exitfuncs()
     with contextlib.suppress(Exception):
@@ -1013,6 +1033,25 @@ def _finalize(status: int) -> int:
         status = 120  # as CPython does when flushing stdout fails at exit
     _flush(sys.stderr)
     return status
+
+
+def _wait_for_threads() -> None:
+    """What CPython's ``Py_FinalizeEx`` does first: ``threading._shutdown()``,
+    which runs the hooks registered with ``threading._register_atexit`` and
+    joins every non-daemon thread the command started. An exception there
+    (a Ctrl-C while waiting) is reported as CPython reports it, and the exit
+    goes on."""
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is None:
+        return
+    try:
+        shutdown()
+    except BaseException as exc:  # noqa: BLE001 - reported, as CPython does
+        with contextlib.suppress(Exception):
+            text = "".join(
+                traceback.format_exception(type(exc), exc, exc.__traceback__)
+            )
+            sys.stderr.write(f"Exception ignored in: {threading!r}\n{text}")
 
 
 def _flush(stream, report: bool = False) -> bool:

@@ -26,6 +26,25 @@ FIXTURE = json.dumps(
 ).encode()
 
 
+# What interpreter shutdown does after the command: wait for the threads it
+# left (and an executor's queued work), run the finalizers of what it kept.
+THREAD_AT_EXIT = (
+    "import threading, time\n"
+    "threading.Thread(target=lambda: (time.sleep(0.2), print('thread done'))).start()\n"
+    "print('main done')"
+)
+EXECUTOR_AT_EXIT = (
+    "import time\n"
+    "from concurrent.futures import ThreadPoolExecutor\n"
+    "ThreadPoolExecutor(1).submit(lambda: (time.sleep(0.2), print('task done')))\n"
+    "print('main done')"
+)
+TEMPDIR_AT_EXIT = (
+    "import builtins, pathlib, tempfile\n"
+    "builtins.kept = tempfile.TemporaryDirectory(dir='.')\n"
+    "pathlib.Path(builtins.kept.name, 'scratch').write_text('removed at exit')"
+)
+
 CASES: list[Case] = [
     # The cases: options after the command name belong to it.
     case("createcachetable-v2", "createcachetable", "-v", "2"),
@@ -97,6 +116,9 @@ CASES: list[Case] = [
     case("c-locale", "where", runner=False, LC_ALL="C"),
     case("where", "where"),
     case("heap", "heap"),
+    case("thread-at-exit", "shell", "-c", THREAD_AT_EXIT),
+    case("executor-at-exit", "shell", "-c", EXECUTOR_AT_EXIT),
+    case("tempdir-at-exit", "shell", "-c", TEMPDIR_AT_EXIT),
     case("help", "help"),
     case("help-migrate", "help", "migrate"),
 ]
