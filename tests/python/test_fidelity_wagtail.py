@@ -2,8 +2,9 @@
 as under `python manage.py`.
 
 examples/wagtail is a site made by `wagtail start` (Wagtail from PyPI, in
-requirements-dev.txt): the home app with its page model, the search app, and
-Wagtail's default apps. Each case starts from a site an editor has used
+requirements-dev.txt): the home app with its page model (whose body imports
+its blocks from their old place, so that every run warns), the search app,
+and Wagtail's default apps. Each case starts from a site an editor has used
 (SEED): published pages and drafts, a page scheduled to go live and one due
 to expire, an uploaded image with a rendition, an embed, an API token, a
 redirects file to import, and a page tree with two faults for fixtree. How
