@@ -180,6 +180,8 @@ LEGACY = dataclasses.replace(
         case("legacy-help-export", "help", "legacy_export"),
         case("legacy-help", "help"),
         case("legacy-shell-import", "shell", "-c", "import legacy.formats"),
+        # After the others: none of their jobs removed the worker's directory.
+        case("legacy-scratch", "legacy_scratch"),
     ),
     template_steps=(("migrate", "-v", "0"),),
     database_cases=frozenset(),
