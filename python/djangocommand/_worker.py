@@ -439,10 +439,10 @@ def _prefork_setup(worker_fds: list[int]) -> None:
     Prefork time: new session, signal dispositions, closing the worker's
     descriptors, reseeding ``random`` (each spare gets its own seed),
     forgetting the worker's exit handlers, and installing the hooks that
-    give the job the whole heap, show the warnings the worker recorded and
-    refuse other settings (and any other step that reads nothing of the
-    job). Job time: the three stdio descriptors, the std streams built on
-    them, the resource limits, ``sys.argv``.
+    give the job the whole heap, show the output and warnings the worker
+    recorded and refuse other settings (and any other step that reads
+    nothing of the job). Job time: the three stdio descriptors, the std
+    streams built on them, the resource limits, ``sys.argv``.
     """
     os.setsid()
     _reset_signals()
@@ -752,26 +752,50 @@ def _see_the_whole_heap() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Warnings. A fresh `manage.py` has shown no warning yet, so what importing
-# the settings and the apps warns about (a deprecated import in models.py,
-# say: Python's default filters show a warning once per place) is printed
-# by every run. The worker did that importing once, before any fork, and
-# Python would not show those warnings again in its jobs. So the worker
-# shows nothing itself: it records what it would have shown, by when
-# (setting Django up: "setup"; loading a command: ("command", name);
-# running the checks in warm-up: "checks"), and each job shows the records
-# where `manage.py` would: after its `django.setup()`, once it has loaded
-# that command, when it first runs the checks. Python still counts them as
-# shown, so a job does not show them a second time.
+# What importing the project prints. A fresh `manage.py` imports the
+# settings and the apps in every run, so what that prints (a `print()` in
+# settings.py, a log line in a ready()) and warns about (a deprecated import
+# in models.py, say: Python's default filters show a warning once per
+# place) appears in every run's output. The worker did that importing once,
+# before any fork, so its jobs would show none of it. So the worker records
+# it, by when (setting Django up: "setup"; loading a command: ("command",
+# name); running the checks in warm-up: "checks"): what is written to
+# sys.stdout and sys.stderr (still written to the worker's own streams, its
+# log), and the warnings (shown by the jobs only). Each job shows the
+# records where `manage.py` would: after its `django.setup()`, once it has
+# loaded that command, when it first runs the checks. Python still counts
+# the warnings as shown, so a job does not show them a second time.
 # ---------------------------------------------------------------------------
 
-# when -> [(warnings.WarningMessage, the showwarning then in force)]
-_RECORDED_WARNINGS: dict[object, list[tuple[object, object]]] = {}
+# when -> [("stdout" | "stderr", text) | ("warning", WarningMessage, showwarning)]
+_RECORDED: dict[object, list[tuple]] = {}
+
+
+class _RecordingStream:
+    """sys.stdout or sys.stderr while the worker records: writes go where
+    they went and are recorded too. Whatever kept a reference meanwhile (a
+    logging handler made in the settings) keeps writing, unrecorded, to the
+    stream it replaced, as it would have."""
+
+    def __init__(self, stream, name: str, when: object) -> None:
+        self._dcsupervisor_stream = stream
+        self._dcsupervisor_name = name
+        self._dcsupervisor_when = when
+
+    def write(self, text):
+        when = self._dcsupervisor_when
+        if when is not None and isinstance(text, str) and text:
+            _RECORDED.setdefault(when, []).append((self._dcsupervisor_name, text))
+        return self._dcsupervisor_stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._dcsupervisor_stream, name)
 
 
 @contextlib.contextmanager
-def _recording_warnings(when: object):
-    """Records, instead of showing, the warnings Python shows meanwhile.
+def _recording(when: object):
+    """Records what the standard streams are given and the warnings Python
+    shows (instead of showing them) meanwhile.
 
     ``warnings._showwarnmsg`` is what both the C and the Python
     implementation call once the filters have decided to show a warning.
@@ -782,20 +806,41 @@ def _recording_warnings(when: object):
     show = warnings._showwarnmsg
 
     def record(message) -> None:
-        _RECORDED_WARNINGS.setdefault(when, []).append((message, warnings.showwarning))
+        _RECORDED.setdefault(when, []).append(
+            ("warning", message, warnings.showwarning)
+        )
 
     warnings._showwarnmsg = record
+    recorders = {}
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None:
+            recorders[name] = _RecordingStream(stream, name, when)
+            setattr(sys, name, recorders[name])
     try:
         yield
     finally:
+        for name, recorder in recorders.items():
+            # Whoever still holds it (the project may have wrapped it) only
+            # writes through it from now on.
+            recorder._dcsupervisor_when = None
+            if getattr(sys, name) is recorder:
+                setattr(sys, name, recorder._dcsupervisor_stream)
         if warnings._showwarnmsg is record:
             warnings._showwarnmsg = show
 
 
-def _show_recorded_warnings(when: object) -> None:
-    """Shows, once, what the worker recorded at ``when``, as Python would
-    have shown it then (to the job's sys.stderr, or its logging)."""
-    for message, showwarning in _RECORDED_WARNINGS.pop(when, ()):
+def _show_recorded(when: object) -> None:
+    """Shows, once, in order, what the worker recorded at ``when``: the
+    text on the job's own streams, the warnings as Python would have shown
+    them then (to the job's sys.stderr, or its logging)."""
+    for kind, *record in _RECORDED.pop(when, ()):
+        if kind != "warning":
+            stream = getattr(sys, kind)
+            if stream is not None:
+                stream.write(record[0])
+            continue
+        message, showwarning = record
         current = warnings.showwarning
         warnings.showwarning = showwarning
         try:
@@ -805,8 +850,9 @@ def _show_recorded_warnings(when: object) -> None:
 
 
 def _show_warnings_where_manage_py_would() -> None:
-    """Prefork time: hooks that show the worker's recorded warnings at the
-    points of the job where `manage.py` would have shown them."""
+    """Prefork time: hooks that show what the worker recorded (output and
+    warnings) at the points of the job where `manage.py` would have shown
+    it."""
     import django
     from django.core import checks, management
 
@@ -817,16 +863,16 @@ def _show_warnings_where_manage_py_would() -> None:
     def setup_then_warn(*args, **kwargs):
         django.setup = setup
         setup(*args, **kwargs)
-        _show_recorded_warnings("setup")
+        _show_recorded("setup")
 
     def load_command_class_then_warn(app_name, name):
         command = load_command_class(app_name, name)
-        _show_recorded_warnings(("command", name))
+        _show_recorded(("command", name))
         return command
 
     def warn_then_run_checks(*args, **kwargs):
         checks.run_checks = run_checks
-        _show_recorded_warnings("checks")
+        _show_recorded("checks")
         return run_checks(*args, **kwargs)
 
     django.setup = setup_then_warn
@@ -1137,7 +1183,7 @@ def parse_command_args(name: str, args: list[str]) -> dict:
         app = get_commands().get(name)
         if app is None:
             return _refused(f"Unknown command: {name!r}")
-        with _recording_warnings(("command", name)):
+        with _recording(("command", name)):
             command = (
                 app if isinstance(app, BaseCommand) else load_command_class(app, name)
             )
@@ -1517,7 +1563,7 @@ class Worker:
         _prime_command_line_parser()
         _load_madvise()
         try:
-            with _recording_warnings("checks"):
+            with _recording("checks"):
                 checks.run_checks()
         except Exception:  # noqa: BLE001 - a job will report it properly
             self.log(
@@ -1549,7 +1595,7 @@ class Worker:
         # Tests sometimes register a command instance instead of an app name.
         app_label = app if isinstance(app, str) else type(app).__module__
         try:
-            with _recording_warnings(("command", name)):
+            with _recording(("command", name)):
                 command = (
                     app
                     if isinstance(app, BaseCommand)
@@ -1996,7 +2042,7 @@ def _setup_django(project_dir: str, settings: str | None):
     _MANAGE_PY = manage_py if os.path.isfile(manage_py) else None
     if settings:
         os.environ["DJANGO_SETTINGS_MODULE"] = settings
-    with _recording_warnings("setup"):
+    with _recording("setup"):
         # Importing Django may warn too (about the interpreter, say).
         import django
         from django.db import connections

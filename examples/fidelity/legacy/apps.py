@@ -1,3 +1,4 @@
+import logging
 import tempfile
 
 from django.apps import AppConfig
@@ -15,3 +16,6 @@ class LegacyConfig(AppConfig):
         from . import checks  # noqa: F401 - registers the check
 
         SCRATCH = tempfile.TemporaryDirectory(prefix="legacy-scratch-")
+        # No handler is configured for it: logging's last resort writes it
+        # to stderr.
+        logging.getLogger("legacy").warning("legacy app ready")
