@@ -69,7 +69,9 @@ impl Backoff {
         self.failures = self.failures.saturating_add(1);
         let base = retry_after.map_or(nominal, |asked| asked.min(MAX_RETRY_AFTER));
         if self.jitter {
-            base + jitter(base)
+            // Saturating: a step near `Duration::MAX` (an unbounded `max`,
+            // many failures) must give the longest wait, not an overflow panic.
+            base.saturating_add(jitter(base))
         } else {
             base
         }
@@ -96,7 +98,7 @@ impl Backoff {
 }
 
 fn jitter(base: Duration) -> Duration {
-    let span = (base / JITTER_DIVISOR).as_millis() as u64;
+    let span = u64::try_from((base / JITTER_DIVISOR).as_millis()).unwrap_or(u64::MAX);
     Duration::from_millis(fastrand::u64(0..=span))
 }
 
@@ -142,6 +144,18 @@ mod tests {
         assert_eq!(long.failures(), 100);
     }
 
+    /// Failed before the fix: `base + jitter(base)` overflowed once the
+    /// doubled step reached `Duration::MAX`.
+    #[test]
+    fn a_step_at_the_largest_duration_does_not_overflow_with_jitter() {
+        let mut backoff = Backoff::exponential(Duration::from_secs(1 << 40), Duration::MAX);
+        for _ in 0..40 {
+            backoff.next_delay(None);
+        }
+        assert_eq!(backoff.next_delay(None), Duration::MAX);
+        assert_eq!(Backoff::exponential(Duration::MAX, Duration::MAX).next_delay(None), Duration::MAX);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn wait_sleeps_on_tokios_clock() {
         let mut backoff = Backoff::exponential(SECOND, 8 * SECOND).without_jitter();
@@ -149,5 +163,45 @@ mod tests {
         backoff.wait(None).await;
         backoff.wait(None).await;
         assert_eq!(before.elapsed(), 3 * SECOND);
+    }
+
+    fn duration() -> impl proptest::strategy::Strategy<Value = Duration> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u64..100_000).prop_map(Duration::from_millis),
+            any::<u64>().prop_map(Duration::from_secs),
+            (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+            Just(Duration::MAX),
+            Just(Duration::ZERO),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(512))]
+
+        /// Whatever the steps and whatever a server's `Retry-After` says
+        /// (u64::MAX seconds included), a delay is computed, never a panic,
+        /// and a `Retry-After` never makes the runner wait over the cap.
+        #[test]
+        fn any_steps_and_retry_after_give_a_delay(
+            first in duration(),
+            max in duration(),
+            asked in proptest::option::of(duration()),
+            failures in 0u32..80,
+            jitter in proptest::prelude::any::<bool>(),
+        ) {
+            let mut backoff = Backoff::exponential(first, max);
+            if !jitter {
+                backoff = backoff.without_jitter();
+            }
+            for _ in 0..failures {
+                backoff.next_delay(None);
+            }
+            let delay = backoff.next_delay(asked);
+            if let Some(asked) = asked {
+                let cap = asked.min(MAX_RETRY_AFTER);
+                proptest::prop_assert!(delay >= cap && delay <= cap + cap / JITTER_DIVISOR, "{:?}", delay);
+            }
+        }
     }
 }

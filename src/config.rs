@@ -793,4 +793,127 @@ mod tests {
         let defaults = load("").unwrap();
         assert_eq!(defaults.runner.poll_interval, 2.0);
     }
+
+    /// The TOML parser's recursion limit refuses a deeply nested value: an
+    /// error naming the file, not a stack overflow (which would abort).
+    #[test]
+    fn deeply_nested_values_are_refused() {
+        let depth = 100_000;
+        for value in [
+            format!("{}{}", "[".repeat(depth), "]".repeat(depth)),
+            format!("{}1{}", "{ a = ".repeat(depth), " }".repeat(depth)),
+        ] {
+            assert!(matches!(
+                load(&format!("[runner]\npoll_interval = {value}\n")),
+                Err(ConfigError::Load { .. })
+            ));
+        }
+    }
+
+    /// A TOML value where a number is expected: any integer TOML holds,
+    /// floats with NaN and infinities, and what is no number at all.
+    fn toml_number() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            prop_oneof![Just(0i64), Just(-1), Just(1), Just(i64::MAX), Just(i64::MIN), 0i64..100_000]
+                .prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| format!("{f:?}")),
+            prop_oneof![
+                Just("nan"),
+                Just("inf"),
+                Just("-inf"),
+                Just("+inf"),
+                Just("-nan"),
+                Just("1e308"),
+                Just("-0.0"),
+                Just("1e-320")
+            ]
+            .prop_map(String::from),
+            prop_oneof![Just("\"5\""), Just("true"), Just("[1]"), Just("{}"), Just("\"\"")]
+                .prop_map(String::from),
+        ]
+    }
+
+    const NUMBERS: &[(&str, &str)] = &[
+        ("server", "heartbeat_interval"),
+        ("server", "request_timeout"),
+        ("server", "max_retries"),
+        ("worker", "startup_timeout"),
+        ("worker", "recycle_after_jobs"),
+        ("worker", "recycle_above_rss_mb"),
+        ("worker", "cancel_grace"),
+        ("runner", "max_concurrent"),
+        ("runner", "poll_interval"),
+        ("runner", "output_flush_interval"),
+        ("runner", "chunk_max_bytes"),
+        ("runner", "output_cap_bytes"),
+        ("runner", "shutdown_grace"),
+        ("runner", "outbox_memory_bytes"),
+        ("runner", "spool_max_bytes"),
+        ("runner", "state_dir_max_bytes"),
+        ("limits", "cpu_seconds"),
+        ("limits", "memory_mb"),
+        ("limits", "nice"),
+        ("limits.commands.migrate", "cpu_seconds"),
+        ("limits.commands.migrate", "memory_mb"),
+        ("limits.commands.migrate", "nice"),
+        ("policy.signing", "max_age"),
+    ];
+
+    /// What a loaded configuration is built into, without the TLS set-up
+    /// (slow, and independent of the numbers).
+    fn build_parts(config: &Config) {
+        use crate::supervisor::setup;
+        let _ = setup::worker_options(config);
+        let _ = setup::runner_options(config);
+        let _ = setup::client_options(config);
+        let _ = setup::job_limits(config);
+        let _ = setup::execution_settings(config);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(256))]
+
+        /// Any value in any numeric field (several at once): the file is
+        /// refused naming a field, or loads and builds, never a panic.
+        #[test]
+        fn any_numbers_in_dc_toml_are_refused_or_built(
+            values in proptest::collection::vec((proptest::sample::select(NUMBERS), toml_number()), 1..5),
+        ) {
+            let mut sections: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for ((section, field), value) in &values {
+                sections.entry(section).or_default().push(format!("{field} = {value}"));
+            }
+            let mut extra = String::new();
+            for (section, mut lines) in sections {
+                if section == "policy.signing" {
+                    lines.push(format!("public_key = {:?}", crate::protocol::signed::encode_public_key(
+                        &ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]).verifying_key(),
+                    )));
+                }
+                lines.dedup_by(|a, b| a.split('=').next() == b.split('=').next());
+                extra.push_str(&format!("[{section}]\n{}\n", lines.join("\n")));
+            }
+            match load(&extra) {
+                Ok(config) => build_parts(&config),
+                Err(ConfigError::Invalid { .. } | ConfigError::Load { .. }) => {}
+            }
+        }
+
+        /// The example configuration with bytes changed: read or refused.
+        #[test]
+        fn a_damaged_example_config_is_read_or_refused(changes in crate::proptest_support::mutations()) {
+            let example = include_str!("../config/dc.example.toml")
+                .replace("project_dir = \".\"", &format!("project_dir = {:?}", concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo")))
+                .replace("mysite.settings", "demo_project.settings");
+            let damaged = crate::proptest_support::mutate(example.into_bytes(), &changes);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("dc.toml");
+            std::fs::write(&path, damaged).unwrap();
+            if let Ok(config) = Config::load(&path) {
+                build_parts(&config);
+            }
+        }
+    }
 }

@@ -326,13 +326,13 @@ fn saturating_i64(value: impl TryInto<i64>) -> i64 {
 /// Bytes of the output logs in `spill_dir` (0 when unreadable).
 fn spilled_bytes(spill_dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(spill_dir) else { return 0 };
-    entries
+    let lengths = entries
         .flatten()
         .filter(|entry| entry.path().extension().is_some_and(|ext| ext == LOG_EXTENSION))
         .filter_map(|entry| entry.metadata().ok())
         .filter(|meta| meta.is_file())
-        .map(|meta| meta.len())
-        .sum()
+        .map(|meta| meta.len());
+    crate::supervisor::outbox::total_len(lengths)
 }
 
 /// What the listener looks at besides the counters.
@@ -433,5 +433,19 @@ mod tests {
         std::fs::write(dir.path().join("journal.json"), b"1234567890").unwrap();
         assert_eq!(spilled_bytes(dir.path()), 5);
         assert_eq!(spilled_bytes(&dir.path().join("missing")), 0);
+    }
+
+    /// Failed before the fix (a plain sum overflowed, and /metrics
+    /// panicked): three sparse logs of 2^63 - 1 bytes on tmpfs.
+    #[test]
+    fn huge_sparse_logs_are_counted_without_overflow() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else { return };
+        for name in ["a.wal", "b.wal", "c.wal"] {
+            let file = std::fs::File::create(dir.path().join(name)).unwrap();
+            if file.set_len(i64::MAX as u64).is_err() {
+                return;
+            }
+        }
+        assert_eq!(spilled_bytes(dir.path()), u64::MAX);
     }
 }

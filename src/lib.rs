@@ -18,6 +18,8 @@ pub mod ipc;
 pub mod local_plane;
 pub mod logging;
 pub mod procfs;
+#[cfg(test)]
+pub(crate) mod proptest_support;
 pub mod protocol;
 pub mod supervisor;
 pub mod sync;

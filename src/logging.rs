@@ -106,4 +106,39 @@ mod tests {
         let escaped = String::from_utf8(escape(line.as_bytes(), true)).unwrap();
         assert_eq!(escaped, "\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x\\x1b[1Ay\n");
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(512))]
+
+        /// Any bytes a log line may carry: escaped, never a panic, and no
+        /// control character left but the final newline (and, with colours
+        /// on, the formatter's own SGR codes).
+        #[test]
+        fn any_line_is_escaped(
+            line in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::prelude::any::<u8>(),
+                    proptest::sample::select(&b"\x1b[;m0\n\r\xc2\x9b"[..]),
+                ],
+                0..64,
+            ),
+            colours in proptest::prelude::any::<bool>(),
+        ) {
+            let escaped = escape(&line, colours);
+            let body = escaped.strip_suffix(b"\n").unwrap_or(&escaped);
+            let mut i = 0;
+            while i < body.len() {
+                if colours {
+                    if let Some(len) = colour_code_len(&body[i..]) {
+                        i += len;
+                        continue;
+                    }
+                }
+                proptest::prop_assert!(body[i] >= 0x20 && body[i] != 0x7f, "{:?}", String::from_utf8_lossy(&escaped));
+                let c1 = body[i] == 0xc2 && body.get(i + 1).is_some_and(|b| (0x80..=0x9f).contains(b));
+                proptest::prop_assert!(!c1, "{:?}", String::from_utf8_lossy(&escaped));
+                i += 1;
+            }
+        }
+    }
 }

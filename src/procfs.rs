@@ -42,10 +42,15 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
 
 /// The process's resident set size (`VmRSS` in `/proc/<pid>/status`).
 pub fn resident_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_resident_bytes(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// `VmRSS` of the text of a status file, in bytes; `None` when it has none
+/// (or one too large to count in bytes).
+pub fn parse_resident_bytes(status: &str) -> Option<u64> {
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    kib.checked_mul(1024)
 }
 
 #[cfg(test)]
@@ -67,5 +72,21 @@ mod tests {
         assert_eq!(parse_stat("no parenthesis"), None);
         assert_eq!(parse_stat("1 (x) S"), None);
         assert!(resident_bytes(std::process::id()).is_some_and(|bytes| bytes > 0));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(512))]
+
+        /// /proc files are the kernel's, but the parsers take any text.
+        #[test]
+        fn any_stat_or_status_text_parses_or_is_none(
+            text in "[0-9 ()SZRa-z:\n-]{0,80}|.{0,80}",
+            rss in proptest::prelude::any::<u64>(),
+        ) {
+            let _ = parse_stat(&text);
+            let _ = parse_resident_bytes(&text);
+            let status = format!("Name:\tx\nVmRSS:\t{rss} kB\n");
+            proptest::prop_assert_eq!(parse_resident_bytes(&status), rss.checked_mul(1024));
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! The chaos test: at least 200 executions (quiet, noisy, non-ASCII,
 //! invalid UTF-8, long-running) through randomized control-plane faults,
-//! SIGTERM and `kill -9` restarts of the runner and a "disk" that fills and
-//! frees (RLIMIT_FSIZE on the running runner), then assertions on what
+//! SIGTERM and `kill -9` restarts of the runner, reloads (SIGHUP, as a deploy
+//! does: a fresh worker while jobs run) and a "disk" that fills and frees
+//! (RLIMIT_FSIZE on the running runner), then assertions on what
 //! `dccontrol` received: every line of every command exactly once and in
 //! order, exactly one completion each with the real status, no execution
 //! run twice. The plan and the faults come from one seed, printed;
@@ -26,6 +27,10 @@ const RUN_LIMIT: Duration = Duration::from_secs(110);
 /// costs a worker start, seconds on a loaded machine).
 const RESTART_AT: [f64; 4] = [0.15, 0.35, 0.55, 0.75];
 const DISK_FULL_EVERY: Duration = Duration::from_secs(2);
+/// Reloads (SIGHUP, as a deploy does) happen as these fractions of the
+/// executions are done. A reload changes nothing for the executions: the
+/// running ones finish on the old worker, the next ones start on the new.
+const RELOAD_AT: [f64; 4] = [0.1, 0.3, 0.5, 0.7];
 const DISK_FULL_FOR: Duration = Duration::from_millis(1000);
 const FAULT_EXPIRES_MS: u64 = 2000;
 /// Below this many unfinished executions, no new faults.
@@ -120,6 +125,7 @@ struct Figures {
     faults: usize,
     sigterm_restarts: usize,
     kill9_restarts: usize,
+    reloads: usize,
     disk_fills: usize,
     lines: usize,
     interrupted: usize,
@@ -138,7 +144,10 @@ async fn restart(runner: &mut Supervisor, kill: bool) {
             runner.signal(Signal::SIGTERM);
         }
     }
-    assert!(runner.wait_exit(Duration::from_secs(30)).await.is_some() || !runner.is_running());
+    if runner.wait_exit(Duration::from_secs(30)).await.is_none() && runner.is_running() {
+        let _ = std::fs::write("/tmp/chaos-runner.log", runner.log());
+        panic!("the runner did not stop (kill: {kill}); its log is in /tmp/chaos-runner.log");
+    }
     runner.restart();
 }
 
@@ -170,6 +179,7 @@ async fn chaos() {
     let mut figures = Figures::default();
     let mut restarts_due = RESTART_AT.iter().map(|at| (at * EXECUTIONS as f64) as usize).peekable();
     let mut next_fill = Instant::now() + DISK_FULL_EVERY / 2;
+    let mut reloads_due = RELOAD_AT.iter().map(|at| (at * EXECUTIONS as f64) as usize).peekable();
     let mut full_until: Option<Instant> = None;
     let mut freed_at = Instant::now();
     let mut draining = false;
@@ -214,6 +224,11 @@ async fn chaos() {
             full_until = Some(now + DISK_FULL_FOR);
             next_fill = now + DISK_FULL_EVERY;
         }
+        let done = EXECUTIONS - pending - running;
+        if reloads_due.next_if(|&due| done >= due).is_some() {
+            runner.signal(Signal::SIGHUP);
+            figures.reloads += 1;
+        }
         // Not while the disk is full: a runner killed then cannot know what it
         // could not write (docs/reliability.md); the held records need a moment.
         if restart_due && full_until.is_none() && freed_at.elapsed() >= SETTLE_AFTER_FREE {
@@ -237,13 +252,14 @@ async fn chaos() {
     // captures the output of passing tests (scripts/test prints the figures).
     let _ = writeln!(
         std::io::stderr(),
-        "chaos: {} executions, {} faults injected, {} restarts ({} SIGTERM, {} kill -9), {} disk fills, \
-         {} lines, {} interrupted by a restart, lost = {}, duplicated = {}, {:.1} s",
+        "chaos: {} executions, {} faults injected, {} restarts ({} SIGTERM, {} kill -9), {} reloads, \
+         {} disk fills, {} lines, {} interrupted by a restart, lost = {}, duplicated = {}, {:.1} s",
         planned.len(),
         figures.faults,
         figures.sigterm_restarts + figures.kill9_restarts,
         figures.sigterm_restarts,
         figures.kill9_restarts,
+        figures.reloads,
         figures.disk_fills,
         figures.lines,
         figures.interrupted,
@@ -251,15 +267,21 @@ async fn chaos() {
         figures.duplicated,
         started.elapsed().as_secs_f64()
     );
+    if !failures.is_empty() {
+        let _ = std::fs::write("/tmp/chaos-runner.log", runner.log());
+    }
     assert!(
         failures.is_empty(),
-        "seed {seed}: {} executions wrong:\n{}",
+        "seed {seed}: {} executions wrong (the runner's log is in /tmp/chaos-runner.log):\n{}",
         failures.len(),
         failures.join("\n")
     );
     assert_eq!((figures.lost, figures.duplicated), (0, 0), "seed {seed}");
     assert!(
-        figures.sigterm_restarts >= 1 && figures.kill9_restarts >= 1 && figures.disk_fills >= 1,
+        figures.sigterm_restarts >= 1
+            && figures.kill9_restarts >= 1
+            && figures.reloads >= 1
+            && figures.disk_fills >= 1,
         "{figures:?}"
     );
 }

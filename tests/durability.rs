@@ -236,3 +236,46 @@ async fn output_logs_are_capped_per_execution_and_per_state_directory() {
     capped(&format!("{RUNNER}{memory}spool_max_bytes = 32768\n")).await;
     capped(&format!("{RUNNER}{memory}state_dir_max_bytes = 32768\n")).await;
 }
+
+/// A runner killed after taking an execution and before the control plane
+/// got its `start` leaves it journalled (no job yet) and still queued there.
+/// The next start must handle it once, and since it never ran, run it. Before,
+/// the recovery started it again itself (then reported it `failed` with the
+/// restart line, although it never ran), racing the poller, which took it
+/// from the queue too and ran it: two completions that contradict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execution_whose_start_never_got_there_runs_once_after_a_restart() {
+    let plane = ControlPlane::start();
+    // A long grace: stopping it at the end waits for whatever it still does.
+    let runner_config = "[runner]\npoll_interval = 0.1\noutput_flush_interval = 0.2\nshutdown_grace = 20\n";
+    let mut runner = Supervisor::start(&plane.url, "", runner_config);
+    plane.wait_heartbeat_after(0, LIMIT).await;
+    // The start stalls: the runner journals the execution and waits.
+    let stall =
+        FaultSpec { endpoint: Some(Endpoint::Start), delay_ms: Some(600_000), ..FaultSpec::default() };
+    plane.fault(FaultSpec { count: Some(1), ..stall.clone() }).await;
+    let id = plane.queue("say", "'ran once\n'").await;
+    let journal = runner.dir.path().join(format!(".dcsupervisor/journal/{id}.json"));
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !journal.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "never journalled:\n{}", runner.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    runner.signal(Signal::SIGKILL);
+    assert!(runner.wait_exit(LIMIT).await.is_none() || !runner.is_running());
+    plane.clear_faults().await;
+    // After the restart the first `start` is held back a while: were the
+    // recovery to start it, the poller, taking it too, would overtake it.
+    plane.fault(FaultSpec { count: Some(1), delay_ms: Some(2000), ..stall }).await;
+    runner.restart();
+    plane.wait_done(&id, LIMIT).await;
+    // Everything it was doing about the execution is over once it stops.
+    assert_eq!(runner.terminate(LIMIT).await, Some(0), "{}", runner.log());
+    let done = plane.execution(&id).await;
+    assert_eq!(status_and_code(&done), ("success", 0), "{done:#?}\n{}", runner.log());
+    assert_eq!(output(&done, false), "ran once\n");
+    assert_eq!(output(&done, true), "");
+    let starts = plane.requests().await.into_iter().filter(|r| r.path.ends_with(&format!("{id}/start/")));
+    assert_eq!(starts.filter(|r| r.status == Some(200)).count(), 1, "started once");
+    assert_one_completion(&plane, &id, "success").await;
+}

@@ -81,7 +81,8 @@ async fn a_changed_allowlist_applies_on_reload_without_harming_running_execution
     let check = plane.wait_done(&plane.queue("check", "").await, LIMIT).await;
     assert_eq!(status_and_code(&check), ("failed", -1));
     assert!(output(&check, true).contains("not in DJANGOCOMMAND_ALLOWED_COMMANDS allowlist"));
-    assert_eq!(status_and_code(&plane.wait_done(&long, LIMIT).await), ("success", 0));
+    let long = plane.wait_done(&long, LIMIT).await;
+    assert_eq!(status_and_code(&long), ("success", 0), "{long:#?}\n{}", runner.log());
 
     // The new list was synced: the hash changed and `check` is gone.
     plane
@@ -269,4 +270,64 @@ async fn serve_runs_in_process_until_its_shutdown_future_resolves() {
     let done = plane.execution(&id).await;
     assert_eq!(status_and_code(&done), ("success", 0), "finished and delivered before serve returned");
     assert_eq!(output(&done, false), "sleeping 1\ndone\n");
+}
+
+/// A service manager that does not read its notifications (hung, or slow)
+/// fills the datagram queue of NOTIFY_SOCKET (10 by default); the runner
+/// must go on running jobs, reloading and stopping all the same. The
+/// harness binds the socket and reads it only when a test asks: this one
+/// never does, and sends far more than ten notifications.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_manager_that_does_not_read_its_notifications_never_stalls_the_runner() {
+    let plane = ControlPlane::start();
+    let mut runner = Supervisor::start(&plane.url, "", "");
+    plane.wait_heartbeat_after(0, LIMIT).await;
+    // Each reload says RELOADING=1, then READY=1 with its status.
+    for round in 0..8 {
+        runner.signal(Signal::SIGHUP);
+        let id = plane.queue("noop", "").await;
+        let done = tokio::time::timeout(LIMIT, plane.wait_done(&id, LIMIT * 2)).await;
+        let done = done.unwrap_or_else(|_| panic!("round {round}: the job did not run\n{}", runner.log()));
+        assert_eq!(status_and_code(&done).0, "success");
+    }
+    assert_eq!(runner.terminate(LIMIT).await, Some(0), "{}", runner.log());
+    assert!(runner.log().matches("reload applied").count() >= 5, "{}", runner.log());
+}
+
+/// A SIGHUP while the worker starts (Django's set-up can take seconds;
+/// supervisord does not wait for readiness before signalling) neither kills
+/// the runner nor is lost: the reload is applied once it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_during_start_up_is_applied_once_the_runner_runs() {
+    let project = common::project_copy();
+    let settings = project.path().join("demo_project/settings.py");
+    let code = std::fs::read_to_string(&settings).unwrap();
+    std::fs::write(&settings, format!("import time\ntime.sleep(2)\n{code}")).unwrap();
+    let plane = ControlPlane::start();
+    let mut runner = Supervisor::start_with(&plane.url, "", "", project.path().to_path_buf(), &[]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    runner.signal(Signal::SIGHUP);
+    runner.wait_reloaded(1).await;
+    assert!(runner.is_running(), "{}", runner.log());
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
+    assert_eq!(runner.terminate(LIMIT).await, Some(0), "{}", runner.log());
+}
+
+/// A stop asked for while the worker starts ends the process at once: no
+/// execution was taken, nothing is left to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_during_start_up_stops_at_once() {
+    let project = common::project_copy();
+    let settings = project.path().join("demo_project/settings.py");
+    let code = std::fs::read_to_string(&settings).unwrap();
+    std::fs::write(&settings, format!("import time\ntime.sleep(30)\n{code}")).unwrap();
+    let plane = ControlPlane::start();
+    let mut runner = Supervisor::start_with(&plane.url, "", "", project.path().to_path_buf(), &[]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let workers = children_of(runner.pid());
+    assert_eq!(runner.terminate(Duration::from_secs(10)).await, Some(0), "{}", runner.log());
+    assert!(runner.log().contains("stopped during start-up"), "{}", runner.log());
+    for worker in workers {
+        assert!(common::gone_within(worker, Duration::from_secs(10)).await, "worker {worker} outlived it");
+    }
 }

@@ -500,3 +500,30 @@ async fn without_prefork_each_job_is_forked_when_it_comes() {
     }
     panic!("worker {pid} keeps children without prefork: {:?}", children_of(pid));
 }
+
+/// A job on its way to a worker that a reload retires meanwhile (its fork
+/// hazard check, then its `Run`, land after the `Shutdown`, or after the
+/// idle worker already exited) starts on the next worker: it is never
+/// refused with "worker is shutting down" nor failed as "the worker is gone".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_sent_while_the_worker_is_retired_start_on_its_successor() {
+    let db = TestDb::new();
+    let worker = std::sync::Arc::new(start(&db).await);
+    // A lone job meets an idle worker that exits at once; many meet one busy
+    // with their siblings.
+    for (round, jobs) in [1, 2, 4, 12, 1, 2, 4, 12].into_iter().enumerate() {
+        let jobs: Vec<_> = (0..jobs)
+            .map(|_| {
+                let worker = worker.clone();
+                tokio::spawn(async move { worker.spawn_job("noop", &[], Output::Capture).await })
+            })
+            .collect();
+        // Let some reach the old worker, then retire it under the others.
+        tokio::task::yield_now().await;
+        worker.recycle();
+        for job in jobs {
+            let job = job.await.unwrap().unwrap_or_else(|e| panic!("round {round}: a job was refused: {e}"));
+            assert_eq!(finish(job).await.end, code(0));
+        }
+    }
+}

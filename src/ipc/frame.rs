@@ -142,3 +142,90 @@ fn send_with_fds(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<usize
     sendmsg::<()>(socket, &[IoSlice::new(bytes)], cmsgs, MsgFlags::MSG_NOSIGNAL, None)
         .map_err(io::Error::from)
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::ipc::strategies::{event, request};
+    use crate::ipc::{Event, Request};
+    use crate::proptest_support::{config, mutate, mutations};
+    use proptest::prelude::*;
+
+    /// Every message a stream of frames holds, up to the first error or
+    /// the end; at most `limit` (each frame is at least 4 bytes).
+    fn read_all(bytes: &[u8], limit: usize) -> (Vec<Event>, Option<FrameError>) {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+        runtime.block_on(async {
+            let mut reader = FrameReader::new(bytes);
+            let mut events = Vec::new();
+            for _ in 0..=limit {
+                match reader.next::<Event>().await {
+                    Ok(Some(event)) => events.push(event),
+                    Ok(None) => return (events, None),
+                    Err(error) => return (events, Some(error)),
+                }
+            }
+            panic!("more messages than frames in {} bytes", bytes.len())
+        })
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        #[test]
+        fn random_payloads_decode_or_are_refused(payload in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_payload::<Event>(&payload);
+            let _ = decode_payload::<Request>(&payload);
+        }
+
+        #[test]
+        fn every_message_round_trips(event in event(), request in request()) {
+            prop_assert_eq!(decode_payload::<Event>(&encode_payload(&event).unwrap()).unwrap(), event);
+            prop_assert_eq!(decode_payload::<Request>(&encode_payload(&request).unwrap()).unwrap(), request);
+        }
+
+        /// Valid frames, cut, flipped, spliced or given absurd lengths: the
+        /// reader yields messages and then an error or the end, never a panic.
+        #[test]
+        fn mutated_streams_of_frames_never_panic_the_reader(
+            events in prop::collection::vec(event(), 1..4),
+            changes in mutations(),
+        ) {
+            let stream: Vec<u8> = events.iter().flat_map(|e| encode_frame(e).unwrap()).collect();
+            let damaged = mutate(stream, &changes);
+            let (read, _) = read_all(&damaged, damaged.len() / 4 + 1);
+            prop_assert!(read.len() <= damaged.len() / 4);
+        }
+
+        #[test]
+        fn random_streams_never_panic_the_reader(stream in prop::collection::vec(any::<u8>(), 0..256)) {
+            read_all(&stream, stream.len() / 4 + 1);
+        }
+
+        /// A length above the limit is refused from the prefix alone:
+        /// nothing of that size is allocated or waited for.
+        #[test]
+        fn lengths_above_the_limit_are_refused_before_reading_the_payload(
+            len in (MAX_FRAME_LEN as u32 + 1)..=u32::MAX,
+        ) {
+            let (read, error) = read_all(&len.to_le_bytes(), 1);
+            prop_assert!(read.is_empty());
+            prop_assert!(matches!(error, Some(FrameError::LengthAboveLimit)), "{:?}", error);
+        }
+    }
+
+    /// A collection inside a payload announcing 2^62 elements fails on the
+    /// decoder's byte limit, before anything of that size is allocated.
+    #[test]
+    fn huge_lengths_inside_a_payload_are_refused_without_allocating() {
+        // Event::Commands is variant 2 (u32), then its Vec length (u64).
+        let mut payload = 2u32.to_le_bytes().to_vec();
+        payload.extend_from_slice(&(1u64 << 62).to_le_bytes());
+        assert!(matches!(decode_payload::<Event>(&payload), Err(FrameError::Decode(_))));
+        // A string (the error of StartupFailed, variant 1) as long as the address space.
+        let mut payload = 1u32.to_le_bytes().to_vec();
+        payload.extend_from_slice(&5u32.to_le_bytes());
+        payload.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(decode_payload::<Event>(&payload), Err(FrameError::Decode(_))));
+    }
+}

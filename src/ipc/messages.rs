@@ -158,3 +158,126 @@ pub enum LogLevel {
     Warning,
     Error,
 }
+
+/// Any message of the protocol, for the property tests of the decoder and
+/// of what the supervisor does with what a (possibly compromised) worker says.
+#[cfg(test)]
+pub(crate) mod strategies {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        ".{0,24}"
+    }
+
+    fn texts() -> impl Strategy<Value = Vec<String>> {
+        prop::collection::vec(text(), 0..4)
+    }
+
+    /// Any `i32`, and the ones an exit status check must get right.
+    fn status_number() -> impl Strategy<Value = i32> {
+        prop_oneof![
+            any::<i32>(),
+            Just(i32::MIN),
+            Just(-1),
+            Just(0),
+            Just(1),
+            Just(64),
+            Just(65),
+            Just(255),
+            Just(256)
+        ]
+    }
+
+    /// Pids, with those that would hit the supervisor's group or every process.
+    fn pid() -> impl Strategy<Value = u32> {
+        prop_oneof![any::<u32>(), Just(0u32), Just(1), Just(u32::MAX), Just(i32::MAX as u32 + 1)]
+    }
+
+    pub fn exit_status() -> impl Strategy<Value = ExitStatus> {
+        prop_oneof![
+            status_number().prop_map(|code| ExitStatus::Code { code }),
+            status_number().prop_map(|signal| ExitStatus::Signal { signal }),
+        ]
+    }
+
+    fn log_level() -> impl Strategy<Value = LogLevel> {
+        prop_oneof![
+            Just(LogLevel::Debug),
+            Just(LogLevel::Info),
+            Just(LogLevel::Warning),
+            Just(LogLevel::Error)
+        ]
+    }
+
+    fn hazard_kind() -> impl Strategy<Value = HazardKind> {
+        prop_oneof![
+            Just(HazardKind::Socket),
+            Just(HazardKind::Descriptor),
+            Just(HazardKind::Thread),
+            Just(HazardKind::SharedRandom),
+        ]
+    }
+
+    fn given_arg() -> impl Strategy<Value = GivenArg> {
+        (text(), texts(), texts()).prop_map(|(dest, flags, values)| GivenArg { dest, flags, values })
+    }
+
+    fn parse_outcome() -> impl Strategy<Value = ParseOutcome> {
+        prop_oneof![
+            prop::collection::vec(given_arg(), 0..4).prop_map(|given| ParseOutcome::Parsed { given }),
+            text().prop_map(|message| ParseOutcome::Refused { message }),
+        ]
+    }
+
+    pub fn event() -> impl Strategy<Value = Event> {
+        let command = (text(), text(), text()).prop_map(|(name, app_label, help_text)| CommandInfo {
+            name,
+            app_label,
+            help_text,
+        });
+        let hazard = (hazard_kind(), text()).prop_map(|(kind, detail)| ForkHazard { kind, detail });
+        prop_oneof![
+            (any::<u32>(), pid(), text(), text()).prop_map(
+                |(protocol, pid, python_version, django_version)| {
+                    Event::Hello { protocol, pid, python_version, django_version }
+                }
+            ),
+            (any::<u32>(), text()).prop_map(|(protocol, error)| Event::StartupFailed { protocol, error }),
+            prop::collection::vec(command, 0..4).prop_map(|commands| Event::Commands { commands }),
+            (any::<u64>(), pid()).prop_map(|(job, pid)| Event::JobStarted { job, pid }),
+            (any::<u64>(), text()).prop_map(|(job, error)| Event::JobFailed { job, error }),
+            (any::<u64>(), exit_status()).prop_map(|(job, status)| Event::JobExited { job, status }),
+            (log_level(), text()).prop_map(|(level, message)| Event::Log { level, message }),
+            (any::<u64>(), parse_outcome())
+                .prop_map(|(request, result)| Event::ParsedArgs { request, result }),
+            (any::<u64>(), texts()).prop_map(|(request, values)| Event::SettingValues { request, values }),
+            (any::<u64>(), prop::collection::vec(hazard, 0..3))
+                .prop_map(|(request, hazards)| Event::ForkHazards { request, hazards }),
+        ]
+    }
+
+    pub fn request() -> impl Strategy<Value = Request> {
+        let limits = (any::<u64>(), any::<u64>(), any::<i32>()).prop_map(
+            |(cpu_seconds, address_space_bytes, nice)| JobLimits { cpu_seconds, address_space_bytes, nice },
+        );
+        prop_oneof![
+            Just(Request::Discover),
+            (any::<u64>(), text(), texts(), limits).prop_map(|(job, command, args, limits)| Request::Run {
+                job,
+                command,
+                args,
+                limits
+            }),
+            (any::<u64>(), any::<i32>()).prop_map(|(job, signal)| Request::Signal { job, signal }),
+            Just(Request::Shutdown),
+            (any::<u64>(), text(), texts()).prop_map(|(request, command, args)| Request::ParseArgs {
+                request,
+                command,
+                args
+            }),
+            (any::<u64>(), texts()).prop_map(|(request, names)| Request::ReadSettings { request, names }),
+            any::<u64>().prop_map(|request| Request::InspectFork { request }),
+        ]
+    }
+}

@@ -269,4 +269,82 @@ mod tests {
         .unwrap();
         assert_eq!((execution.timeout, execution.args.as_str()), (300, ""));
     }
+
+    /// Parses `text` as every answer the runner reads; the result is not
+    /// the point, the absence of a panic is.
+    fn parse_as_every_answer(text: &[u8]) {
+        let _ = serde_json::from_slice::<HeartbeatResponse>(text);
+        let _ = serde_json::from_slice::<SyncResponse>(text);
+        let _ = serde_json::from_slice::<CancelStatus>(text);
+        let _ = serde_json::from_slice::<Execution>(text);
+        if let Ok(pending) = serde_json::from_slice::<PendingResponse>(text) {
+            for raw in pending.executions {
+                let _ = serde_json::from_str::<Execution>(raw.get());
+            }
+        }
+    }
+
+    fn valid_answer() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let id = "3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b";
+        let execution = serde_json::json!({
+            "id": id, "command": "migrate", "args": "--plan 'a b'", "timeout": 30,
+            "use_metadata_only_mode": false, "issued_at": 1_750_000_000, "signature": "AAAA",
+        });
+        prop::sample::select(vec![
+            serde_json::json!({"ok": true, "commands_in_sync": false, "pending_executions": 2,
+                               "runner_state": "suspended", "suspension_reason": "billing"}),
+            serde_json::json!({"ok": true, "synced_count": 12, "commands_hash": "sha256:00"}),
+            serde_json::json!({"executions": [execution.clone(), execution]}),
+            serde_json::json!({"cancel_requested": true, "force_kill": false}),
+        ])
+        .prop_map(|value| serde_json::to_vec(&value).unwrap())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(512))]
+
+        /// Any JSON value where an answer was expected is read or refused.
+        #[test]
+        fn any_json_value_as_any_answer_never_panics(value in crate::proptest_support::json_value()) {
+            parse_as_every_answer(&serde_json::to_vec(&value).unwrap());
+            // And each value as one execution of a poll's answer.
+            let pending = serde_json::json!({ "executions": [value] });
+            parse_as_every_answer(&serde_json::to_vec(&pending).unwrap());
+        }
+
+        /// Valid answers, cut short or with bytes changed (a proxy, a bug).
+        #[test]
+        fn mutated_answers_never_panic(
+            answer in valid_answer(),
+            changes in crate::proptest_support::mutations(),
+        ) {
+            parse_as_every_answer(&crate::proptest_support::mutate(answer, &changes));
+        }
+
+        #[test]
+        fn random_bytes_as_answers_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128)) {
+            parse_as_every_answer(&bytes);
+        }
+
+        /// An accepted id is a UUID's text, so it can go into a URL path as is.
+        #[test]
+        fn an_accepted_id_is_36_hex_digits_and_hyphens(text in "[0-9a-fA-F-]{30,40}|.{0,40}") {
+            if let Ok(id) = ExecutionId::parse(&text) {
+                proptest::prop_assert_eq!(id.as_str().len(), 36);
+                proptest::prop_assert!(id.as_str().bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
+            }
+        }
+    }
+
+    /// serde_json's recursion limit refuses a deeply nested answer; no stack overflow.
+    #[test]
+    fn deeply_nested_answers_are_refused() {
+        let depth = 100_000;
+        let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        parse_as_every_answer(nested.as_bytes());
+        let in_field = format!("{{\"executions\": [{}{}]}}", "{\"a\":".repeat(depth), "}".repeat(depth));
+        parse_as_every_answer(in_field.as_bytes());
+        assert!(serde_json::from_str::<PendingResponse>(&in_field).is_err());
+    }
 }

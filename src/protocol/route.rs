@@ -111,4 +111,16 @@ mod tests {
             assert_eq!(Route::parse(path), None, "{path}");
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(512))]
+
+        /// Any path parses to a route or none, and a route is its path.
+        #[test]
+        fn any_path_is_a_route_or_none(path in "(/api/runner/)?((executions|commands|[a-z-]{0,8}|.{0,6})/?){0,4}") {
+            if let Some(route) = Route::parse(&path) {
+                proptest::prop_assert_eq!(route.path(), path);
+            }
+        }
+    }
 }

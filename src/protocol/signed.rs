@@ -139,4 +139,19 @@ mod tests {
         let seed = encode_secret_seed(&key());
         assert_eq!(parse_secret_seed(&format!("{seed}\n")).unwrap().to_bytes(), key().to_bytes());
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(256))]
+
+        /// A key from dc.toml or `dccontrol keygen` of any text is a key or
+        /// an error; any execution has a canonical message.
+        #[test]
+        fn any_key_text_parses_or_is_refused(text in "[A-Za-z0-9+/=]{0,48}|.{0,48}", args in ".{0,32}", issued_at in proptest::prelude::any::<i64>()) {
+            let _ = parse_public_key(&text);
+            let _ = parse_secret_seed(&text);
+            let mut execution = execution(&args);
+            execution.timeout = u64::MAX;
+            message(&execution, issued_at);
+        }
+    }
 }

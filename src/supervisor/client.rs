@@ -332,23 +332,29 @@ fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, ClientS
         .with_no_client_auth())
 }
 
-/// The error text rule: the answer's `detail` or `error` field, else the raw body.
+/// The longest error text kept from an answer, in characters: it goes into
+/// log lines, once per retry, so a control plane must not flood them.
+const MAX_DETAIL_CHARS: usize = 500;
+
+/// The error text rule: the answer's `detail` or `error` field, else the
+/// raw body; either cut at [`MAX_DETAIL_CHARS`].
 fn error_detail(body: &[u8]) -> String {
     if let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice::<serde_json::Value>(body) {
         for key in ["detail", "error"] {
             match fields.get(key) {
-                Some(serde_json::Value::String(text)) => return text.clone(),
-                Some(other) if !other.is_null() => return other.to_string(),
+                Some(serde_json::Value::String(text)) => return shortened(text),
+                Some(other) if !other.is_null() => return shortened(&other.to_string()),
                 _ => {}
             }
         }
     }
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    if text.chars().count() > 500 {
-        format!("{}…", text.chars().take(500).collect::<String>())
-    } else {
-        text.to_string()
+    shortened(String::from_utf8_lossy(body).trim())
+}
+
+fn shortened(text: &str) -> String {
+    match text.char_indices().nth(MAX_DETAIL_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
     }
 }
 
@@ -378,6 +384,9 @@ mod tests {
         assert_eq!(error_detail(br#"{"detail": "Invalid API key"}"#), "Invalid API key");
         assert_eq!(error_detail(br#"{"error": "quota exceeded"}"#), "quota exceeded");
         assert_eq!(error_detail(b"<html>Bad Gateway</html>"), "<html>Bad Gateway</html>");
+        // Failed before: a `detail` field was kept whole, however long.
+        let huge = serde_json::to_vec(&serde_json::json!({ "detail": "é".repeat(100_000) })).unwrap();
+        assert_eq!(error_detail(&huge), format!("{}…", "é".repeat(MAX_DETAIL_CHARS)));
     }
 
     #[test]
@@ -406,5 +415,44 @@ mod tests {
             assert!(transient.is_retryable(), "{transient}");
         }
         assert!(ApiError::Request("bad key".into()).is_refusal());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(512))]
+
+        /// Any `Retry-After` a server sends (digits of any size, dates,
+        /// bytes) is a wait or ignored, never a panic.
+        #[test]
+        fn any_retry_after_is_a_wait_or_ignored(
+            text in "[0-9]{1,30}| *[0-9]{1,25} *|-[0-9]{1,5}|.{0,30}",
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        ) {
+            for value in [HeaderValue::from_str(&text).ok(), HeaderValue::from_bytes(&bytes).ok()] {
+                let _ = retry_after(value.as_ref());
+            }
+        }
+
+        /// Any status and body of a refusal is classified once: retried,
+        /// an authentication problem or a definitive refusal.
+        #[test]
+        fn any_status_and_body_are_classified(
+            status in 100u16..1000,
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..700),
+            json in crate::proptest_support::json_value(),
+            long_text in ".{400,700}",
+        ) {
+            let detail = error_detail(&body);
+            let json_detail = error_detail(&serde_json::to_vec(&json).unwrap());
+            let long = error_detail(&serde_json::to_vec(&serde_json::json!({ "detail": long_text })).unwrap());
+            for text in [&detail, &json_detail, &long] {
+                proptest::prop_assert!(text.chars().count() <= MAX_DETAIL_CHARS + 1, "{} chars", text.chars().count());
+            }
+            let error = match status {
+                401 | 403 => ApiError::Auth { status, detail },
+                _ => ApiError::Status { status, detail, retry_after: None },
+            };
+            let kinds = [error.is_retryable(), error.is_auth(), error.is_refusal()];
+            proptest::prop_assert_eq!(kinds.iter().filter(|kind| **kind).count(), 1);
+        }
     }
 }

@@ -222,8 +222,10 @@ pub async fn recover(
     match Outbox::recover(client.clone(), gate.clone(), id.clone(), &spool, shaping.clone(), RESTART_NOTICE) {
         Recovered::Delivering(outbox) => outbox.delivered().await,
         Recovered::AlreadyDelivered => {}
-        Recovered::NoLog if entry.pid.is_none() && !started_before(&client, &gate, &id).await => {
-            tracing::info!("the control plane had not started it; it stays queued there");
+        Recovered::NoLog if entry.pid.is_none() && still_offered(&client, &gate, &id).await => {
+            // `start` comes before the job: none ran. The poller takes it
+            // again (it skips it only while this recovery lasts).
+            tracing::info!("the control plane had not started it; it stays queued there and runs now");
         }
         Recovered::NoLog => {
             let outbox = Outbox::new(client, gate, id.clone(), &spool, shaping);
@@ -235,21 +237,28 @@ pub async fn recover(
     spool.remove_log(&id);
 }
 
-/// Whether an execution the runner was starting when it stopped is
-/// running on the control plane: `start` again says so (refused: it was;
-/// accepted: it is now). `false` only when the execution is gone.
-async fn started_before(client: &Client, gate: &AuthGate, id: &crate::protocol::api::ExecutionId) -> bool {
+/// Whether an execution the runner was starting when it stopped is still
+/// offered by the control plane, that is, its `start` never got there. Asked
+/// of `/pending/` rather than by starting it again: a start accepted now
+/// would leave a command that never ran to be reported as failed.
+async fn still_offered(client: &Client, gate: &AuthGate, id: &crate::protocol::api::ExecutionId) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Offered {
+        id: crate::protocol::api::ExecutionId,
+    }
     let mut backoff = Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         gate.wait_valid().await;
-        let error = match client.start(id).await {
-            Ok(()) => return true,
+        let error = match client.pending().await {
+            Ok(pending) => {
+                let offered = |raw: &serde_json::value::RawValue| {
+                    serde_json::from_str::<Offered>(raw.get()).is_ok_and(|offered| offered.id == *id)
+                };
+                return pending.executions.iter().any(|raw| offered(raw));
+            }
             Err(error) => error,
         };
         gate.observe(&error);
-        if error.is_refusal() {
-            return !matches!(error, super::client::ApiError::Status { status: 404, .. });
-        }
         if !error.is_auth() {
             tokio::time::sleep(backoff.next_delay(error.retry_after())).await;
         }

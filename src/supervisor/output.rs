@@ -228,7 +228,8 @@ impl OutputCap {
         let mut now = Vec::new();
         for segment in segments {
             let len = segment.content.len();
-            if self.tail.is_empty() && self.sent + len <= self.head_budget {
+            // Saturating: `sent` may come from a checkpoint on disk.
+            if self.tail.is_empty() && self.sent.saturating_add(len) <= self.head_budget {
                 self.sent += len;
                 now.push(segment);
             } else {
@@ -332,5 +333,91 @@ mod tests {
         assert!(end[0].1[0].content.contains("bytes of output left out"), "{end:?}");
         let tail: Vec<String> = end[1].1.iter().map(|s| s.content.clone()).collect();
         assert_eq!(tail, ["line 09\n"]);
+    }
+
+    /// `bytes` cut at `cuts` (any byte, inside a character too).
+    fn split_bytes<'b>(bytes: &'b [u8], cuts: &[proptest::sample::Index]) -> Vec<&'b [u8]> {
+        let mut points: Vec<usize> = cuts.iter().map(|cut| cut.index(bytes.len() + 1)).collect();
+        points.push(0);
+        points.push(bytes.len());
+        points.sort_unstable();
+        points.windows(2).map(|pair| &bytes[pair[0]..pair[1]]).collect()
+    }
+
+    /// Everything a buffer fed `reads` sends, taken `max` bytes at a time.
+    fn drained(redactor: Option<Arc<Redactor>>, reads: &[&[u8]], max: usize) -> (String, Vec<usize>) {
+        let mut buffer = StreamBuffer::new(redactor);
+        let mut text = String::new();
+        let mut sizes = Vec::new();
+        let mut take = |buffer: &mut StreamBuffer| {
+            while !buffer.is_empty() {
+                let taken = buffer.take_up_to(max);
+                sizes.push(taken.iter().map(|s| s.content.len()).sum());
+                text.extend(taken.into_iter().map(|s| s.content));
+            }
+        };
+        for read in reads {
+            buffer.push(read, 1.0);
+            take(&mut buffer);
+        }
+        buffer.finish(2.0);
+        take(&mut buffer);
+        (text, sizes)
+    }
+
+    fn output() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..64),
+            "[a-z✓é\n\r]{0,24}".prop_map(String::into_bytes),
+            prop::collection::vec(
+                prop::sample::select(&b"a\n\xc3\xa9\xe2\x9c\x93\xf0\x9f\x98\x80\xff"[..]),
+                0..40
+            ),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(384))]
+
+        /// Any bytes, read in any pieces (characters split across reads),
+        /// taken in chunks of any size: the same text as read whole, lossy
+        /// UTF-8 decoding included, secrets masked, and no chunk over its
+        /// maximum unless it is one character.
+        #[test]
+        fn output_read_in_any_pieces_gives_the_text_read_whole(
+            bytes in output(),
+            cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..8),
+            max in 1usize..32,
+            secret in proptest::option::of("[a✓é\n]{6,9}"),
+        ) {
+            let redactor = secret.and_then(|secret| Redactor::new([secret])).map(Arc::new);
+            let (whole, _) = drained(redactor.clone(), &[&bytes], usize::MAX);
+            let (pieced, sizes) = drained(redactor.clone(), &split_bytes(&bytes, &cuts), max);
+            proptest::prop_assert_eq!(&pieced, &whole);
+            if redactor.is_none() {
+                proptest::prop_assert_eq!(&whole, &String::from_utf8_lossy(&bytes));
+            }
+            proptest::prop_assert!(sizes.iter().all(|size| *size <= max.max(4)), "{:?}", sizes);
+        }
+
+        /// The output cap with any limit, any segments and any count
+        /// already sent (a checkpoint): never a panic, never more than
+        /// the head budget sent before the end.
+        #[test]
+        fn the_cap_takes_any_segments(
+            limit in proptest::prop_oneof![0usize..64, proptest::strategy::Just(usize::MAX)],
+            sent in proptest::prop_oneof![0usize..64, proptest::strategy::Just(usize::MAX)],
+            lines in proptest::collection::vec(("[a-z✓]{0,12}\n?", proptest::prelude::any::<bool>()), 0..12),
+        ) {
+            let mut cap = OutputCap::resume(limit, sent);
+            let mut passed = 0usize;
+            for (content, stderr) in lines {
+                let now = cap.admit(stderr, vec![Segment { timestamp: Some(1.0), content }]);
+                passed = passed.saturating_add(now.iter().map(|s| s.content.len()).sum());
+            }
+            proptest::prop_assert!(passed <= limit / 2);
+            cap.finish(2.0);
+        }
     }
 }

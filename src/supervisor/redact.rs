@@ -284,4 +284,101 @@ mod tests {
         // Short secrets are not looked for in base64 (fragments would be ambiguous).
         assert_eq!(printed_forms("abcdef").len(), 1);
     }
+
+    /// A piece of output: noise, or (a prefix of) one form of one secret.
+    #[derive(Debug, Clone)]
+    enum Piece {
+        Noise(String),
+        Form {
+            secret: proptest::sample::Index,
+            form: proptest::sample::Index,
+            prefix: proptest::sample::Index,
+        },
+    }
+
+    fn pieces() -> impl proptest::strategy::Strategy<Value = Vec<Piece>> {
+        use proptest::prelude::*;
+        let piece = prop_oneof![
+            "[a-z \n'\\%✓]{0,6}".prop_map(Piece::Noise),
+            (
+                any::<proptest::sample::Index>(),
+                any::<proptest::sample::Index>(),
+                any::<proptest::sample::Index>()
+            )
+                .prop_map(|(secret, form, prefix)| Piece::Form { secret, form, prefix }),
+        ];
+        prop::collection::vec(piece, 0..10)
+    }
+
+    /// The text the pieces make: whole forms, and forms cut short.
+    fn text_of(secrets: &[String], pieces: &[Piece]) -> String {
+        let mut text = String::new();
+        for piece in pieces {
+            match piece {
+                Piece::Noise(noise) => text.push_str(noise),
+                Piece::Form { secret, form, prefix } => {
+                    let forms = printed_forms(secret.get::<String>(secrets));
+                    let form = form.get(&forms);
+                    let mut cut = prefix.index(form.len() * 2).min(form.len());
+                    while !form.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    text.push_str(&form[..cut]);
+                }
+            }
+        }
+        text
+    }
+
+    /// `text` cut at the character boundaries nearest `cuts`.
+    fn split_at<'t>(text: &'t str, cuts: &[proptest::sample::Index]) -> Vec<&'t str> {
+        let mut points: Vec<usize> = cuts
+            .iter()
+            .map(|cut| {
+                let mut at = cut.index(text.len() + 1);
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                at
+            })
+            .collect();
+        points.push(0);
+        points.push(text.len());
+        points.sort_unstable();
+        points.windows(2).map(|pair| &text[pair[0]..pair[1]]).collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(384))]
+
+        /// The module's promise: a secret is masked however the output is
+        /// cut into reads, so masking in pieces equals masking the whole.
+        #[test]
+        fn masking_output_in_pieces_equals_masking_it_whole(
+            secrets in proptest::collection::vec("[a-z0-9é✓'\"\\/ %+\n]{1,14}", 1..4),
+            pieces in pieces(),
+            cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..8),
+        ) {
+            let Some(redactor) = Redactor::new(secrets.clone()) else { return Ok(()) };
+            let text = text_of(&secrets, &pieces);
+            let whole = feed(&redactor, &[&text]);
+            let pieced = feed(&redactor, &split_at(&text, &cuts));
+            proptest::prop_assert_eq!(&pieced, &whole);
+        }
+
+        /// No secret of letters and digits survives whole in what leaves.
+        #[test]
+        fn no_whole_secret_leaves(
+            secrets in proptest::collection::vec("[a-c0-2]{6,10}", 1..4),
+            pieces in pieces(),
+            cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..8),
+        ) {
+            let Some(redactor) = Redactor::new(secrets.clone()) else { return Ok(()) };
+            let text = text_of(&secrets, &pieces);
+            let masked = feed(&redactor, &split_at(&text, &cuts));
+            for secret in &secrets {
+                proptest::prop_assert!(!masked.contains(secret.as_str()), "{:?} in {:?}", secret, masked);
+            }
+        }
+    }
 }

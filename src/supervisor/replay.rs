@@ -140,6 +140,8 @@ impl Pipeline {
             segments,
             is_stderr: stderr,
         }));
+        // A checkpoint read from a log holds at most MAX_CHECKPOINT_NUMBER
+        // (wal::Checkpoint::check): 2^64 chunks away from overflowing.
         self.next_chunk += 1;
     }
 
@@ -224,5 +226,75 @@ mod tests {
         let Message::Output(chunk) = &rest[0] else { panic!() };
         assert_eq!(chunk.segments[0].timestamp, None, "the line began in chunk 2");
         assert_eq!(chunk.chunk_number, 3);
+    }
+
+    /// Failed before the fix: a tampered log's checkpoint made the next
+    /// chunk overflow its number (u64::MAX + 1) or the output cap its count.
+    #[test]
+    fn a_tampered_checkpoint_is_not_replayed() {
+        let tampered = Checkpoint { next_chunk: u64::MAX, cap_sent: u64::MAX, ..Checkpoint::default() };
+        let bytes: Vec<u8> = [Record::meta(Meta::Checkpoint(tampered)), read(false, b"after\n"), end()]
+            .iter()
+            .flat_map(Record::frame)
+            .collect();
+        let mut reader = crate::supervisor::wal::WalReader::new(&bytes[..], 0);
+        assert!(matches!(
+            reader.next_record(),
+            Err(crate::supervisor::wal::TornRecord::Impossible { offset: 0, .. })
+        ));
+        // The output cap's own count saturates too (a checkpoint from an older runner).
+        let shaping = Shaping { output_cap: Some(1024), ..Shaping::default() };
+        let mut pipeline = Pipeline::resume(
+            shaping,
+            &Checkpoint { next_chunk: 1, cap_sent: u64::MAX, ..Checkpoint::default() },
+        );
+        let mut messages = pipeline.apply(read(false, b"held for the tail\n"));
+        messages.extend(pipeline.apply(end()));
+        assert_eq!(text(&messages), "held for the tail\n");
+    }
+
+    fn shaping() -> impl proptest::strategy::Strategy<Value = Shaping> {
+        use proptest::prelude::*;
+        let redactor = proptest::option::of(prop::collection::vec("[a-zé✓\n]{6,14}", 1..3))
+            .prop_map(|secrets| secrets.and_then(Redactor::new).map(Arc::new));
+        let cap = proptest::option::of(prop_oneof![0usize..300, Just(usize::MAX), Just(1024)]);
+        (1usize..300, cap, redactor).prop_map(|(chunk_max_bytes, output_cap, redactor)| Shaping {
+            chunk_max_bytes,
+            output_cap,
+            redactor,
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(384))]
+
+        /// Whatever records a log holds (a tampered one included: any
+        /// numbers in a checkpoint, any carried bytes, NaN times), replaying
+        /// it as the delivery task does gives numbered chunks, never a panic.
+        #[test]
+        fn any_records_replay_into_numbered_chunks(
+            shaping in shaping(),
+            records in proptest::collection::vec(crate::supervisor::wal::strategies::hostile_record(), 0..24),
+        ) {
+            // Through the file format, as recovery reads them: a log ends
+            // at the first impossible record.
+            let bytes: Vec<u8> = records.iter().flat_map(Record::frame).collect();
+            let mut reader = crate::supervisor::wal::WalReader::new(&bytes[..], 0);
+            let records = std::iter::from_fn(|| reader.next_record().ok().flatten());
+            let mut pipeline = Pipeline::new(shaping.clone());
+            let mut last: Option<u64> = None;
+            for record in records {
+                if let Record::Meta(Meta::Checkpoint(checkpoint)) = &record {
+                    pipeline = Pipeline::resume(shaping.clone(), checkpoint);
+                    last = None;
+                }
+                for message in pipeline.apply(record) {
+                    if let Message::Output(chunk) = message {
+                        proptest::prop_assert!(last.is_none_or(|last| chunk.chunk_number > last), "{:?} after {:?}", chunk.chunk_number, last);
+                        last = Some(chunk.chunk_number);
+                    }
+                }
+            }
+        }
     }
 }

@@ -261,7 +261,7 @@ impl Runner {
     }
 
     /// Reports executions a previous run left unfinished.
-    fn recover_journal(&self) {
+    fn recover_journal(self: &Arc<Self>) {
         let Some(journal) = &self.journal else { return };
         let live = self.live();
         let entries = journal.entries();
@@ -271,8 +271,20 @@ impl Runner {
             let (client, gate, journal) = (live.client.clone(), self.gate.clone(), journal.clone());
             let shaping = live.settings.shaping();
             let span = execution_span(&entry.id, &entry.command);
+            // Counted as running while it is recovered, so the poller never
+            // takes it too (an execution whose `start` never got there is
+            // still offered).
+            self.lock_running().insert(entry.id.clone(), entry.command.clone());
+            let (runner, id) = (self.clone(), entry.id.clone());
             let recovery = execution::recover(client, gate, journal, spool, shaping, entry);
-            self.lock_tasks().spawn(recovery.instrument(span));
+            self.lock_tasks().spawn(
+                async move {
+                    recovery.await;
+                    runner.lock_running().remove(&id);
+                    runner.poll_now.notify_one();
+                }
+                .instrument(span),
+            );
         }
     }
 

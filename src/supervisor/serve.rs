@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
@@ -56,19 +57,32 @@ pub async fn serve(
     let state_dir = state::prepare(&config.runner.state_dir)?;
     signals::survive_file_size_limit().map_err(ServeError::FileSizeSignal)?;
     let _lock = state::InstanceLock::acquire(&state_dir)?;
-    let setup = setup::build(&config).map_err(ServeError::Setup)?;
-    let worker = Worker::start(setup.worker).await.map_err(ServeError::Worker)?;
-    let journal = Journal::open(&state_dir).map_err(ServeError::Journal)?;
-    let runner =
-        Runner::new(worker.clone(), setup.runner, Some(journal)).await.map_err(ServeError::Discovery)?;
-    if let Some(addr) = config.runner.health_listen {
-        // The runner spills undelivered output to <state_dir>/outbox.
-        let probe = health::Probe { worker, spill_dir: state_dir.join("outbox") };
-        health::start(addr, probe).await?;
-    }
-    let (events, receiver) = mpsc::channel(8);
+    // Signals are heard from here on: a SIGHUP sent while the worker starts
+    // (supervisord does not wait for readiness) must not kill the process.
+    let (events, mut receiver) = mpsc::channel(8);
     signals::listen(config_path.to_path_buf(), config.runner.reload_touch_file.clone(), events.clone())
         .map_err(ServeError::Signals)?;
+    let start_up = async {
+        let setup = setup::build(&config).map_err(ServeError::Setup)?;
+        let worker = Worker::start(setup.worker).await.map_err(ServeError::Worker)?;
+        let journal = Journal::open(&state_dir).map_err(ServeError::Journal)?;
+        let runner =
+            Runner::new(worker.clone(), setup.runner, Some(journal)).await.map_err(ServeError::Discovery)?;
+        if let Some(addr) = config.runner.health_listen {
+            // The runner spills undelivered output to <state_dir>/outbox.
+            let probe = health::Probe { worker, spill_dir: state_dir.join("outbox") };
+            health::start(addr, probe).await?;
+        }
+        Ok::<_, ServeError>(runner)
+    };
+    let Some((runner, reload)) = start_up_unless_stopped(start_up, &mut receiver).await? else {
+        tracing::info!("stopped during start-up, before any execution was taken");
+        return Ok(());
+    };
+    if let Some(reload) = reload {
+        // Asked for while starting: the file may have changed since it was read.
+        let _ = events.send(reload).await;
+    }
     tokio::spawn(async move {
         shutdown.await;
         let _ = events.send(Event::Shutdown).await;
@@ -77,4 +91,24 @@ pub async fn serve(
     runner.run(receiver).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runs the start-up unless a stop is asked for first (`None`: the start-up
+/// was dropped, killing the worker it was starting). The last reload asked
+/// for meanwhile is returned, to be applied once the runner runs.
+async fn start_up_unless_stopped(
+    start_up: impl Future<Output = Result<Arc<Runner>, ServeError>>,
+    events: &mut mpsc::Receiver<Event>,
+) -> Result<Option<(Arc<Runner>, Option<Event>)>, ServeError> {
+    tokio::pin!(start_up);
+    let mut reload = None;
+    loop {
+        tokio::select! {
+            started = &mut start_up => return started.map(|runner| Some((runner, reload))),
+            event = events.recv() => match event {
+                Some(Event::Reload(..)) => reload = event,
+                Some(Event::Shutdown) | None => return Ok(None),
+            },
+        }
+    }
 }

@@ -15,8 +15,8 @@
 
 use crate::sync::LockExt;
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +46,10 @@ pub enum RequestError {
     NoAnswer(Duration),
     #[error("the worker could not start the job: {0}")]
     JobFailed(String),
+    /// The worker was asked to exit once its jobs end (a reload or a
+    /// recycle) before this job reached it: the job belongs to its successor.
+    #[error("the worker is retiring")]
+    Retired,
 }
 
 pub(super) struct Connection {
@@ -56,6 +60,9 @@ pub(super) struct Connection {
     closed: watch::Receiver<Option<String>>,
     /// Ids of `ParseArgs` requests, so answers reach the right caller.
     next_request: AtomicU64,
+    /// Set, under the writer's lock, when `Shutdown` is sent: a `Run` is
+    /// either written before it (and runs here) or not sent at all.
+    retired: AtomicBool,
 }
 
 #[derive(Default)]
@@ -129,6 +136,7 @@ impl Connection {
             state,
             closed,
             next_request: AtomicU64::new(1),
+            retired: AtomicBool::new(false),
         }))
     }
 
@@ -235,8 +243,13 @@ impl Connection {
         command: &str,
         args: &[String],
         limits: JobLimits,
-        stdio: [OwnedFd; 3],
+        stdio: [BorrowedFd<'_>; 3],
     ) -> Result<(u32, oneshot::Receiver<JobEnd>), RequestError> {
+        // First: a retired worker may already have exited (it does once its
+        // jobs end), and that is no reason to fail a job its successor takes.
+        if self.retired.load(Ordering::Acquire) {
+            return Err(RequestError::Retired);
+        }
         let (started_tx, started_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = oneshot::channel();
         {
@@ -248,10 +261,14 @@ impl Connection {
             state.jobs.insert(job, slot);
         }
         let request = Request::Run { job, command: command.to_string(), args: args.to_vec(), limits };
-        let [stdin, stdout, stderr] = &stdio;
-        let sent = self.send(&request, &[stdin.as_fd(), stdout.as_fd(), stderr.as_fd()]).await;
-        // Our copies must close now, or the pipes would never reach EOF.
-        drop(stdio);
+        let sent = {
+            let mut writer = self.writer.lock().await;
+            if self.retired.load(Ordering::Acquire) {
+                Err(RequestError::Retired)
+            } else {
+                writer.send(&request, &stdio).await.map_err(RequestError::Send)
+            }
+        };
         if let Err(err) = sent {
             self.lock().jobs.remove(&job);
             return Err(err);
@@ -275,9 +292,13 @@ impl Connection {
         self.send(&Request::Signal { job, signal: signal as i32 }, &[]).await
     }
 
-    /// Asks the worker to exit once its running jobs have ended.
+    /// Asks the worker to exit once its running jobs have ended. A job on
+    /// its way here is refused with [`RequestError::Retired`] instead of
+    /// meeting a worker that would refuse it.
     pub async fn retire(&self) {
-        if let Err(err) = self.send(&Request::Shutdown, &[]).await {
+        let mut writer = self.writer.lock().await;
+        self.retired.store(true, Ordering::Release);
+        if let Err(err) = writer.send(&Request::Shutdown, &[]).await {
             tracing::debug!("retiring worker {}: {err}", self.info.pid);
         }
     }
@@ -441,6 +462,7 @@ fn end_all_jobs(state: &Mutex<State>, reason: &str) {
     state.discovery = None;
     state.parses.clear();
     state.setting_reads.clear();
+    state.inspections.clear();
     for (job, mut slot) in state.jobs.drain() {
         if let Some(pid) = slot.pid {
             // The job led its own process group; without the worker nobody
@@ -492,5 +514,48 @@ mod tests {
         let _ = child.wait();
         // Reaped already: it was a job that ended before we looked.
         assert_eq!(check_job_pid(child.id(), worker), Ok(()));
+    }
+
+    /// Failed before: an `InspectFork` waiting when the worker died kept
+    /// its sender, so its caller waited out the timeout instead of hearing
+    /// that the worker is gone.
+    #[test]
+    fn every_waiting_request_hears_that_the_worker_is_gone() {
+        let state = Mutex::new(State::default());
+        let (parse, mut parse_rx) = oneshot::channel();
+        let (settings, mut settings_rx) = oneshot::channel();
+        let (inspection, mut inspection_rx) = oneshot::channel();
+        {
+            let mut state = state.locked();
+            state.parses.insert(1, parse);
+            state.setting_reads.insert(2, settings);
+            state.inspections.insert(3, inspection);
+        }
+        end_all_jobs(&state, "gone");
+        assert!(parse_rx.try_recv().is_err() && settings_rx.try_recv().is_err());
+        assert_eq!(inspection_rx.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(256))]
+
+        /// Whatever a (possibly compromised) worker says, routing it never
+        /// panics: it reaches its waiter, is ignored, or ends the conversation.
+        #[test]
+        fn any_event_is_routed_or_refused_never_a_panic(
+            events in proptest::collection::vec(crate::ipc::strategies::event(), 1..8),
+        ) {
+            let state = Mutex::new(State::default());
+            for event in events {
+                let exit = match &event {
+                    Event::JobExited { status, .. } => Some(*status),
+                    _ => None,
+                };
+                let routed = route(event, &state, std::process::id());
+                if let Some(status) = exit {
+                    proptest::prop_assert_eq!(routed.is_ok(), check_exit_status(status).is_ok());
+                }
+            }
+        }
     }
 }

@@ -16,6 +16,7 @@ mod subprocess;
 
 use crate::sync::LockExt;
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsFd as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -246,21 +247,33 @@ impl Worker {
             return subprocess::start(&opts, id, command, args, outputs, limits)
                 .map_err(JobError::Subprocess);
         }
-        let connection = self.connection().await?;
-        if let Some(hazard) = data_corrupting_hazard(&connection, &opts).await {
-            tracing::warn!(
-                job = id,
-                "{command} runs as a fresh manage.py, not forked: the worker holds {}, which a fork would share",
-                hazard.detail
-            );
-            return subprocess::start(&opts, id, command, args, outputs, limits)
-                .map_err(JobError::Subprocess);
+        // A reload or recycle may retire the worker between our choosing it
+        // and the job reaching it: the job then goes to its successor.
+        loop {
+            let connection = self.connection().await?;
+            if let Some(hazard) = data_corrupting_hazard(&connection, &opts).await {
+                tracing::warn!(
+                    job = id,
+                    "{command} runs as a fresh manage.py, not forked: the worker holds {}, which a fork would share",
+                    hazard.detail
+                );
+                return subprocess::start(&opts, id, command, args, outputs, limits)
+                    .map_err(JobError::Subprocess);
+            }
+            let stdio = [outputs.stdin.as_fd(), outputs.stdout_write.as_fd(), outputs.stderr_write.as_fd()];
+            match connection.run(id, command, args, limits, stdio).await {
+                Err(RequestError::Retired) => {
+                    tracing::debug!(job = id, "the worker is retiring; the job goes to the next one");
+                }
+                Err(error) => return Err(error.into()),
+                Ok((pid, end)) => {
+                    // Our copies of the job's ends close here, so its pipes reach EOF.
+                    let JobOutputs { stdout, stderr, .. } = outputs;
+                    self.count_job_for_recycling();
+                    return Ok(Job::new(id, pid, (stdout, stderr), end, Control::Worker(connection)));
+                }
+            }
         }
-        let JobOutputs { stdin, stdout_write, stderr_write, stdout, stderr } = outputs;
-        let stdio = [stdin, stdout_write, stderr_write];
-        let (pid, end) = connection.run(id, command, args, limits, stdio).await?;
-        self.count_job_for_recycling();
-        Ok(Job::new(id, pid, (stdout, stderr), end, Control::Worker(connection)))
     }
 
     /// Starts a fresh worker for new jobs; the current one finishes its jobs
@@ -345,14 +358,7 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
                 }
             }
             reason = connection.closed() => {
-                // Clear it unless a recycle already did.
-                shared.current.send_if_modified(|current| {
-                    let is_this = current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &connection));
-                    if is_this {
-                        *current = None;
-                    }
-                    is_this
-                });
+                stop_offering(&shared, &connection);
                 tracing::warn!("{reason}; restarting the worker");
                 if started.elapsed() >= HEALTHY_UPTIME {
                     restarts.reset();
@@ -360,6 +366,9 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
                 true
             }
             _ = shared.recycle.notified() => {
+                // A recycle asked for while this worker was starting finds it
+                // offered to jobs: new ones must wait for its successor.
+                stop_offering(&shared, &connection);
                 let jobs = connection.running_jobs();
                 tracing::info!(pid = connection.info.pid, jobs, "recycling the worker; it exits once its jobs end");
                 connection.retire().await;
@@ -377,6 +386,17 @@ async fn keep_worker_alive(shared: Arc<Shared>, mut connection: Arc<Connection>)
         }
         shared.current.send_replace(Some(connection.clone()));
     }
+}
+
+/// Takes `connection` out of `current`, unless another (or none) is offered already.
+fn stop_offering(shared: &Shared, connection: &Arc<Connection>) {
+    shared.current.send_if_modified(|current| {
+        let is_this = current.as_ref().is_some_and(|c| Arc::ptr_eq(c, connection));
+        if is_this {
+            *current = None;
+        }
+        is_this
+    });
 }
 
 /// Logs, once per worker, what its forks would share or lose, with the fix.

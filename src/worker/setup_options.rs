@@ -65,4 +65,15 @@ mod tests {
         assert_eq!(asked(&["--", "--settings=site.alt"]), None);
         assert_eq!(asked(&["-settings=x", "--=x"]), None);
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(512))]
+
+        #[test]
+        fn any_arguments_are_looked_at(
+            args in proptest::collection::vec("-{0,2}[a-z=.]{0,12}|.{0,12}", 0..8),
+        ) {
+            let _ = other_setup_asked(&args, "site.settings");
+        }
+    }
 }

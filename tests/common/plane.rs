@@ -196,6 +196,8 @@ pub struct Supervisor {
     /// service manager's own interface, rather than on log text.
     notify: std::os::unix::net::UnixDatagram,
     notifications: std::sync::Mutex<Vec<String>>,
+    /// Copies its stdout and stderr into the log.
+    log_copier: Option<LogCopier>,
     pub dir: tempfile::TempDir,
     pub project: PathBuf,
     url: String,
@@ -237,6 +239,7 @@ impl Supervisor {
             child: Command::new("true").spawn().unwrap(),
             notify,
             notifications: std::sync::Mutex::new(Vec::new()),
+            log_copier: None,
             dir,
             project,
             url: url.to_string(),
@@ -262,7 +265,9 @@ impl Supervisor {
     pub fn restart(&mut self) {
         // Reap the previous process (it has exited or been killed by now).
         let _ = self.child.wait();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        self.finish_log();
+        let (copier, log_pipe) = LogCopier::start(&self.log_path());
+        self.log_copier = Some(copier);
         self.child = Command::new(env!("CARGO_BIN_EXE_dcsupervisor"))
             .arg("--config")
             .arg(self.config_path())
@@ -271,8 +276,8 @@ impl Supervisor {
             .env("NO_COLOR", "1")
             .env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"))
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
+            .stdout(log_pipe.try_clone().unwrap())
+            .stderr(log_pipe)
             .spawn()
             .expect("start dcsupervisor");
     }
@@ -340,7 +345,11 @@ impl Supervisor {
         self.dir.path().join("supervisor.log")
     }
 
+    /// Everything the process has written so far.
     pub fn log(&self) -> String {
+        if let Some(copier) = &self.log_copier {
+            copier.catch_up();
+        }
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
@@ -357,11 +366,20 @@ impl Supervisor {
         let deadline = tokio::time::Instant::now() + limit;
         while tokio::time::Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
+                self.finish_log();
                 return status.code();
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         None
+    }
+
+    /// Waits for the log copiers: once the process is gone, its last lines
+    /// are in the log.
+    fn finish_log(&mut self) {
+        if let Some(copier) = self.log_copier.take() {
+            copier.finish();
+        }
     }
 
     /// SIGTERM, then the exit status (SIGKILL after `limit`).
@@ -379,6 +397,76 @@ impl Drop for Supervisor {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Copies a process's stdout and stderr (one pipe) into its log file from a
+/// thread of the test process, so the log stays whole while a test limits
+/// the process's file size (a "full disk" must not eat its log).
+struct LogCopier {
+    pipe: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// Held while a read from the pipe is being written to the file.
+    copying: std::sync::Arc<std::sync::Mutex<()>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl LogCopier {
+    /// The copier, and the pipe's end for the process's stdout and stderr.
+    fn start(path: &std::path::Path) -> (Self, std::fs::File) {
+        use std::io::Write as _;
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let pipe = std::sync::Arc::new(read);
+        let copying = std::sync::Arc::new(std::sync::Mutex::new(()));
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+        let (source, lock) = (pipe.clone(), copying.clone());
+        let thread = std::thread::spawn(move || {
+            use std::os::fd::AsFd as _;
+            let mut buffer = vec![0u8; 64 * 1024];
+            loop {
+                // Wait without the lock, so `catch_up` is never held up by an idle pipe.
+                let mut polled = [nix::poll::PollFd::new(source.as_fd(), nix::poll::PollFlags::POLLIN)];
+                if nix::poll::poll(&mut polled, nix::poll::PollTimeout::NONE).is_err() {
+                    return;
+                }
+                let _copying = lock.lock().unwrap();
+                match nix::unistd::read(source.as_fd(), &mut buffer) {
+                    Ok(0) | Err(_) => return, // every writer is gone
+                    Ok(length) => {
+                        let _ = log.write_all(&buffer[..length]);
+                    }
+                }
+            }
+        });
+        (Self { pipe, copying, thread }, std::fs::File::from(write))
+    }
+
+    /// Returns once what the process wrote so far is in the file: nothing
+    /// waits in the pipe, and no read is half-copied.
+    fn catch_up(&self) {
+        use std::os::fd::AsRawFd as _;
+        for _ in 0..1000 {
+            let _copying = self.copying.lock().unwrap();
+            let mut waiting: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int through the pointer.
+            let asked = unsafe { libc::ioctl(self.pipe.as_raw_fd(), libc::FIONREAD, &mut waiting) };
+            if asked != 0 || waiting == 0 {
+                return;
+            }
+            drop(_copying);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits for the end of the copy, which comes once every process holding
+    /// the pipe is gone (a few seconds at most: then it is left to finish).
+    fn finish(self) {
+        for _ in 0..500 {
+            if self.thread.is_finished() {
+                let _ = self.thread.join();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

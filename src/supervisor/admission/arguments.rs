@@ -316,4 +316,33 @@ mod tests {
         assert_eq!(display(&option("x", &["-x"], &[])), "-x");
         assert_eq!(display(&positional("app_label", "demo")), "app_label");
     }
+
+    fn given_arg() -> impl proptest::strategy::Strategy<Value = GivenArg> {
+        use proptest::prelude::*;
+        let name = "-{0,2}[a-z]{0,6}|.{0,6}";
+        (name, prop::collection::vec(name, 0..3), prop::collection::vec(".{0,8}", 0..3))
+            .prop_map(|(dest, flags, values)| GivenArg { dest, flags, values })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(512))]
+
+        /// Whatever the worker's parser reports (a compromised worker may
+        /// report anything) and whatever was given, the rules answer.
+        #[test]
+        fn any_parsed_arguments_are_judged(
+            args in proptest::collection::vec("-{0,2}[a-z=]{0,10}|.{0,10}", 0..6),
+            given in proptest::collection::vec(given_arg(), 0..6),
+            refuse in proptest::collection::vec("-{0,2}[a-z]{1,6}", 0..3),
+            positionals in proptest::collection::vec(proptest::collection::vec("\\*|[a-z]{0,3}", 0..3), 0..3),
+        ) {
+            let mut rules = rules(&[], &[], Some(&[("lines", "[0-9]{1,3}"), ("--plan", "")]));
+            rules.refuse_options = refuse;
+            rules.refuse_positionals = positionals;
+            rules.allow_positionals = Some(AllowedOption::new("", "[a-z]+").unwrap());
+            if let Err(violation) = rules.check(&args, &given) {
+                let _ = violation.reason("migrate");
+            }
+        }
+    }
 }

@@ -105,4 +105,17 @@ mod tests {
         let in_settings = rejection("--settings=x", ConfiguredIn::DjangoSettings).render("migrate");
         assert!(in_settings.contains("DJANGOCOMMAND_ALLOW_CODE_LOADING_OPTIONS = True"), "{in_settings}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(512))]
+
+        /// Any argument list (what the control plane's `args` split into).
+        #[test]
+        fn any_arguments_are_looked_at(
+            command in "test|diffsettings|migrate|.{0,8}",
+            args in proptest::collection::vec("-{0,2}[a-z=\\-]{0,12}|.{0,12}", 0..8),
+        ) {
+            let _ = find(&command, &args);
+        }
+    }
 }

@@ -235,3 +235,48 @@ async fn check_argument_rules(
 fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn execution(command: &str, args: &str) -> Execution {
+        let value = serde_json::json!({
+            "id": "3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b", "command": command, "args": args,
+        });
+        serde_json::from_value(value).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_support::config(512))]
+
+        /// Any `args` the control plane sends (quotes, escapes, NUL, huge
+        /// or unbalanced) is split and checked, or refused with a rule.
+        #[test]
+        fn any_args_string_is_split_or_refused(
+            command in "migrate|test|[a-z_]{1,8}",
+            args in r#"[a-z =\-'"\\\n\t\x00é]{0,64}|.{0,64}"#,
+            huge in proptest::bool::weighted(0.05),
+        ) {
+            let args = if huge { args.repeat(MAX_ARGS_BYTES / args.len().max(1) + 1) } else { args };
+            let admission = Admission {
+                policy: Policy::default_allowlist(),
+                signing: None,
+                bound_args: BTreeMap::from([("migrate".to_string(), vec![vec!["--plan".to_string()]])]),
+                argument_rules: BTreeMap::new(),
+                allow_code_loading_options: false,
+            };
+            let execution = execution(&command, &args);
+            match check_arguments(&admission, &execution) {
+                Ok(split) => prop_assert!(args.len() <= MAX_ARGS_BYTES && split.iter().all(|a| a.len() <= args.len())),
+                Err(rejection) => {
+                    let _ = rejection.render(&command);
+                    if args.len() > MAX_ARGS_BYTES {
+                        prop_assert_eq!(rejection.rule, Rule::ArgumentSize);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -192,14 +192,17 @@ impl SeenIds {
     /// The ids of the file still inside the window; the file is rewritten
     /// with only those.
     fn load(&self, oldest: i64) -> std::io::Result<SeenState> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+        // Bytes, not text: a byte of garbage (a crash, a full disk) spoils
+        // its own line only, not the whole file, which would otherwise refuse
+        // every signed execution until someone removed it.
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(error) => return Err(error),
         };
-        let ids: HashMap<String, i64> = text
-            .lines()
-            .filter_map(|line| serde_json::from_str::<SeenLine>(line).ok())
+        let ids: HashMap<String, i64> = bytes
+            .split(|byte| *byte == b'\n')
+            .filter_map(|line| serde_json::from_slice::<SeenLine>(line).ok())
             .filter(|line| line.issued_at >= oldest)
             .map(|line| (line.id.to_ascii_lowercase(), line.issued_at))
             .collect();
@@ -210,8 +213,15 @@ impl SeenIds {
     fn append(&self, line: &SeenLine) -> std::io::Result<()> {
         let mut text = serde_json::to_string(line).map_err(std::io::Error::other)?;
         text.push('\n');
-        // One write of a short line: a crash leaves it whole or absent.
-        OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path)?.write_all(text.as_bytes())
+        let mut file =
+            OpenOptions::new().create(true).read(true).append(true).mode(0o600).open(&self.path)?;
+        // One write of a short line, but a full disk (or a crash) can still
+        // cut one short: the next line must not be glued to it, or that id
+        // would be unreadable after a restart and its replay accepted.
+        if ends_inside_a_line(&file)? {
+            text.insert(0, '\n');
+        }
+        file.write_all(text.as_bytes())
     }
 
     /// Replaces the file (through a temporary one and a rename).
@@ -230,11 +240,24 @@ impl SeenIds {
     }
 }
 
+/// Whether the file's last byte is not a newline (a line was cut short).
+fn ends_inside_a_line(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt as _;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(false);
+    }
+    let mut last = [0u8];
+    file.read_exact_at(&mut last, len - 1)?;
+    Ok(last[0] != b'\n')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::signed::sign;
     use ed25519_dalek::SigningKey;
+    use proptest::strategy::Strategy as _;
 
     const ID: &str = "3f2b8c1e-0a4d-4e5f-9b6a-7c8d9e0f1a2b";
     const NOW: i64 = 1_750_000_000;
@@ -326,5 +349,88 @@ mod tests {
         assert_eq!(signing.accept(&other, NOW), Ok(()));
         signing.forget(&other.id);
         assert_eq!(signing.accept(&other, NOW), Ok(()));
+    }
+
+    /// Failed before the fix: an append that a full disk cut short glued
+    /// the next id's line to it, and that id was lost at the next start.
+    #[test]
+    fn a_line_cut_short_does_not_swallow_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = || SeenIds { path: dir.path().join(SEEN_FILE), state: Mutex::new(None) };
+        let first = signed("", NOW);
+        let running = seen();
+        assert_eq!(running.claim(&first.id, NOW, NOW - 300), Ok(()));
+        // A write the disk cut short, while the runner goes on.
+        let mut file = OpenOptions::new().append(true).open(dir.path().join(SEEN_FILE)).unwrap();
+        file.write_all(br#"{"id":"00000000-0000-4000-8000-0000"#).unwrap();
+        let second = ExecutionId::parse("3f2b8c1e-0a4d-4e5f-9b6a-000000000002").unwrap();
+        assert_eq!(running.claim(&second, NOW, NOW - 300), Ok(()));
+        // After a restart both ids are still known.
+        let restarted = seen();
+        assert_eq!(restarted.claim(&first.id, NOW, NOW - 300), Err(SignatureRefusal::Replay));
+        assert_eq!(restarted.claim(&second, NOW, NOW - 300), Err(SignatureRefusal::Replay));
+    }
+
+    /// Failed before the fix: one byte of invalid UTF-8 made the whole
+    /// file unreadable, and every signed execution was refused
+    /// ("its id could not be recorded") until someone removed it.
+    #[test]
+    fn a_garbled_byte_spoils_its_line_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = serde_json::json!({"id": ID, "issued_at": NOW}).to_string();
+        std::fs::write(
+            dir.path().join(SEEN_FILE),
+            format!("{line}\n\u{0}\u{0}").into_bytes().into_iter().chain([0x80, b'\n']).collect::<Vec<u8>>(),
+        )
+        .unwrap();
+        let signing = signing(dir.path());
+        assert_eq!(
+            signing.accept(&signed("", NOW), NOW),
+            Err(SignatureRefusal::Replay),
+            "the good line counts"
+        );
+        let other = signed("--other", NOW);
+        let other =
+            Execution { id: ExecutionId::parse("00000000-0000-4000-8000-000000000000").unwrap(), ..other };
+        let other = Execution { signature: Some(sign(&key(), &other, NOW)), ..other };
+        assert_eq!(signing.accept(&other, NOW), Ok(()));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(128))]
+
+        /// signing-seen.jsonl of any content (a torn append, tampering):
+        /// the lines that parse count, the rest are dropped; never a panic,
+        /// and an id found in it is still refused as a replay.
+        #[test]
+        fn any_seen_file_is_read(
+            lines in proptest::collection::vec(
+                proptest::prop_oneof![
+                    ".{0,40}",
+                    (".{0,40}", proptest::prelude::any::<i64>())
+                        .prop_map(|(id, issued_at)| serde_json::json!({"id": id, "issued_at": issued_at}).to_string()),
+                    proptest::prelude::any::<i64>()
+                        .prop_map(|issued_at| serde_json::json!({"id": ID, "issued_at": issued_at}).to_string()),
+                    crate::proptest_support::json_value().prop_map(|value| value.to_string()),
+                ],
+                0..6,
+            ),
+            torn_tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..12),
+            now in proptest::prop_oneof![proptest::prelude::any::<i64>(), proptest::strategy::Just(NOW)],
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            // Whole lines, then what a torn append left.
+            let mut file: Vec<u8> = lines.iter().flat_map(|line| format!("{line}\n").into_bytes()).collect();
+            file.extend(torn_tail);
+            std::fs::write(dir.path().join(SEEN_FILE), &file).unwrap();
+            let recorded = lines.iter().filter_map(|line| serde_json::from_str::<SeenLine>(line).ok()).any(|line| {
+                line.id.eq_ignore_ascii_case(ID) && line.issued_at >= NOW - 300
+            });
+            let signing = signing(dir.path());
+            let accepted = signing.accept(&signed("", now), now);
+            if now == NOW && recorded {
+                proptest::prop_assert_eq!(accepted, Err(SignatureRefusal::Replay));
+            }
+        }
     }
 }
