@@ -208,7 +208,13 @@ def test_warnings_are_shown_as_manage_py_shows_them(tmp_path):
     """What the worker's set-up and warm-up imported warned then; each job
     shows those warnings where a fresh manage.py would (docs/fidelity.md)."""
     (tmp_path / "sqlite").mkdir()
-    database = fidelity.SQLite(tmp_path / "sqlite", LEGACY)
+    # The workers' scratch directories are left behind when a worker is
+    # killed rather than exiting: in the test's directory, not in /tmp.
+    (tmp_path / "tmp").mkdir()
+    project = dataclasses.replace(
+        LEGACY, env=LEGACY.env + (("TMPDIR", str(tmp_path / "tmp")),)
+    )
+    database = fidelity.SQLite(tmp_path / "sqlite", project)
     fidelity.every_invocation_matches_manage_py(tmp_path, database)
 
 
