@@ -450,9 +450,10 @@ def _prefork_setup(worker_fds: list[int]) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     random.seed()
-    # Exit handlers registered in the worker belong to the worker.
-    atexit._clear()
-    _finalizers_at_exit()
+    if not _ONE_JOB:
+        # Exit handlers registered in the worker belong to the worker.
+        atexit._clear()
+        _finalizers_at_exit()
     _see_the_whole_heap()
     _show_warnings_where_manage_py_would()
     _refuse_other_settings()
@@ -940,6 +941,9 @@ def _install_stdio(stdin_fd: int, stdout_fd: int, stderr_fd: int) -> None:
 # runner, like `python -u`, so output reaches the control plane live).
 _STDIO_CODECS: dict[str, tuple[str, str]] = {}
 _BUFFERED_STDIO = False
+# `exec`: the worker runs one job, so what the project's import registered to
+# run at exit (exit handlers, finalizers) is that job's, as in manage.py.
+_ONE_JOB = False
 # The project's manage.py, run as __main__ by each job when it exists.
 _MANAGE_PY: str | None = None
 
@@ -2055,7 +2059,9 @@ def _setup_django(project_dir: str, settings: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _ONE_JOB
     args = _parse_args(argv)
+    _ONE_JOB = args.caller_mode
     _configure_job_stdio(args.caller_mode)
     _STARTUP_FDS.update(_open_fds())
     # The supervisor owns the terminal and decides what a Ctrl-C does to jobs.
@@ -2093,7 +2099,13 @@ def main(argv: list[str] | None = None) -> int:
         worker.send("Hello", **hello)
     except OSError:
         return 0  # the supervisor is gone already
-    return worker.serve()
+    status = worker.serve()
+    if _ONE_JOB:
+        # Its job ran the exit handlers: they must not run twice.
+        _flush(sys.stdout)
+        _flush(sys.stderr)
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -250,3 +250,23 @@ def summary(outcomes: list[Outcome], dump: str) -> tuple:
     the numbers (ids in the order the jobs got there) left out."""
     rows = sorted(re.sub(r"\d+", "<n>", line) for line in dump.splitlines())
     return sorted(o.exit for o in outcomes), sorted(o.stdout for o in outcomes), rows
+
+
+def test_exec_runs_the_exit_handlers_of_the_import_at_its_end(tmp_path):
+    """manage.py runs at its end the exit handlers its import registered (the
+    legacy app's scratch directory removes itself); so does `exec`, whose
+    worker runs that one job: the handlers are the job's, and run once."""
+    (tmp_path / "sqlite").mkdir()
+    database = fidelity.SQLite(tmp_path / "sqlite", LEGACY)
+    config = fidelity.exec_config(tmp_path, LEGACY)
+    scratch = case("legacy-scratch", "legacy_scratch")
+    for way, argv in fidelity.local_ways(config, LEGACY).items():
+        temporary = tmp_path / f"tmp-{way}"
+        temporary.mkdir()
+        directory, env = fidelity.fresh_dir(tmp_path, way, database)
+        env = env | {"TMPDIR": str(temporary)}
+        outcome = fidelity.run_local(argv, scratch, directory, env, database)
+        assert outcome.exit == 0, (way, outcome.stderr)
+        assert b"scratch directory: True" in outcome.stdout, (way, outcome.stdout)
+        # The worker is killed once exec is done: give it no time to matter.
+        assert sorted(p.name for p in temporary.iterdir()) == [], way
