@@ -114,7 +114,10 @@ async fn sigterm_while_output_fails_keeps_every_line_and_the_real_exit() {
     assert_eq!(output(&done, false), lines("out", 200));
     assert_eq!(output(&done, true), lines("err", 200));
     assert_one_completion(&plane, &id, "success").await;
-    assert!(!log_path(&runner, &id).exists(), "the log is removed once delivered");
+    assert!(
+        common::removed_within(&log_path(&runner, &id), LIMIT).await,
+        "the log is removed once delivered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

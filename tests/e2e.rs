@@ -360,7 +360,7 @@ async fn a_long_outage_spills_output_to_disk_and_delivers_it_all() {
     assert!(output(&done, false) == expected_out, "stdout incomplete or out of order");
     assert!(output(&done, true) == expected_err, "stderr incomplete or out of order");
     assert_numbered_from_one(&done);
-    assert!(!log.exists(), "the output log is removed once delivered");
+    assert!(common::removed_within(&log, LIMIT).await, "the output log is removed once delivered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

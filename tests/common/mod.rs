@@ -134,6 +134,20 @@ pub async fn gone_within(pid: u32, limit: Duration) -> bool {
     !alive(pid)
 }
 
+/// Polls until `path` is gone; true if it went within `limit`. The runner
+/// removes a delivered output log only after the control plane answered its
+/// completion, so a test that saw the completion must wait for the removal.
+pub async fn removed_within(path: &Path, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while path.exists() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
 pub fn write_file(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write file");
 }
