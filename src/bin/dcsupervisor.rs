@@ -13,11 +13,12 @@ use dcsupervisor::protocol::commands::commands_hash;
 use dcsupervisor::supervisor::commands::synced_commands;
 use dcsupervisor::supervisor::runner::Runner;
 use dcsupervisor::supervisor::{self, setup, signals, state};
-use dcsupervisor::worker::{Isolation, Job, JobEnd, Output, Stop, Worker, FORK_HAZARD_FIX};
+use dcsupervisor::worker::{
+    die_like, wait_in_foreground, ForegroundEnd, Isolation, JobEnd, Output, Worker, FORK_HAZARD_FIX,
+};
 use file_rotate::compression::Compression;
 use file_rotate::suffix::AppendCount;
 use file_rotate::{ContentLimit, FileRotate};
-use nix::sys::signal::Signal;
 use std::os::unix::fs::OpenOptionsExt;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
@@ -359,40 +360,21 @@ async fn exec(config: &Config, command: &str, args: &[String], timeout: Option<u
     // A job asking for other settings runs as a fresh manage.py (Worker::spawn_job).
     let started = worker.spawn_job(command, args, Output::Inherit).await;
     let mut job = started.context("could not start the command")?;
+    // The caller's signals go to the job as they come (worker/foreground.rs).
     let end =
-        wait_interruptibly(&mut job, timeout.map(Duration::from_secs), setup::cancel_grace(config)).await;
+        wait_in_foreground(&mut job, timeout.map(Duration::from_secs), setup::cancel_grace(config)).await;
     worker.shutdown().await;
-    if let JobEnd::Lost(reason) = &end {
-        eprintln!("dcsupervisor: the command's worker died: {reason}");
-    }
-    Ok(ExitCode::from(u8::try_from(end.shell_code() & 0xff).unwrap_or(1)))
-}
-
-/// Waits for the job; Ctrl-C forwards SIGINT to it (as a terminal would),
-/// a second Ctrl-C kills it.
-async fn wait_interruptibly(job: &mut Job, timeout: Option<Duration>, grace: Duration) -> JobEnd {
-    let deadline = async {
-        match timeout {
-            Some(timeout) => tokio::time::sleep(timeout).await,
-            None => std::future::pending().await,
+    let code = match end {
+        // Stopped by `exec` itself: the shell's code, as `timeout` gives.
+        ForegroundEnd::TimedOut(end) => end.shell_code(),
+        ForegroundEnd::Ended(JobEnd::Lost(reason)) => {
+            eprintln!("dcsupervisor: the command's worker died: {reason}");
+            1
         }
+        // Of the job's own signal, if it died of one.
+        ForegroundEnd::Ended(end) => die_like(&end),
     };
-    tokio::pin!(deadline);
-    let mut interrupts = 0;
-    loop {
-        tokio::select! {
-            end = job.wait() => return end,
-            _ = &mut deadline => {
-                eprintln!("dcsupervisor: timed out; stopping the command");
-                return job.stop(Stop::Graceful(grace)).await;
-            }
-            _ = tokio::signal::ctrl_c() => {
-                interrupts += 1;
-                let signal = if interrupts == 1 { Signal::SIGINT } else { Signal::SIGKILL };
-                job.signal(signal).await;
-            }
-        }
-    }
+    Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
 }
 
 /// `manage.py` lets `DJANGO_SETTINGS_MODULE` from the environment win over

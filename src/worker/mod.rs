@@ -9,6 +9,7 @@
 //! mode bypass the worker and run as plain `manage.py` subprocesses.
 
 mod connection;
+mod foreground;
 mod job;
 mod process;
 mod setup_options;
@@ -25,6 +26,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 pub use connection::RequestError;
+pub use foreground::{die_like, wait_in_foreground, ForegroundEnd};
 pub use job::{Job, JobEnd, Output, Stop};
 pub use process::WORKER_SOURCE;
 pub use setup_options::other_setup_asked;

@@ -66,8 +66,7 @@ pub(super) fn start(
             .envs(&opts.env)
             .stdin(Stdio::from(outputs.stdin))
             .stdout(Stdio::from(outputs.stdout_write))
-            .stderr(Stdio::from(outputs.stderr_write))
-            .process_group(0);
+            .stderr(Stdio::from(outputs.stderr_write));
         if opts.caller_dir.is_none() {
             // Output streams to the control plane as it is written.
             process.env("PYTHONUNBUFFERED", "1");
@@ -79,9 +78,14 @@ pub(super) fn start(
         if let Some(raw) = setup_raw {
             process.env(SETUP_ENV_FD_VAR, raw.to_string());
         }
-        // SAFETY: setrlimit, nice and fcntl are async-signal-safe.
+        // SAFETY: setsid, setrlimit, nice and fcntl are async-signal-safe.
         unsafe {
             process.pre_exec(move || {
+                // Its own session, as a forked job: a stop reaches all it
+                // starts, and at a terminal it is not a background group
+                // (stopped by SIGTTIN at its first read); `exec` relays the
+                // terminal's signals to it (worker/foreground.rs).
+                nix::unistd::setsid()?;
                 apply_limits(limits)?;
                 setup_raw.map_or(Ok(()), keep_across_exec)
             });
