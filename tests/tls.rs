@@ -1,0 +1,235 @@
+//! HTTPS end to end, as an attacker would test it: a real `dcsupervisor`
+//! against `dccontrol` behind a TLS-terminating proxy on loopback
+//! (`tests/common/tls.rs`), with certificates made at test time. The runner
+//! must work over HTTPS with `server.ca_file`; refuse an untrusted, expired
+//! or misnamed certificate before sending anything (the proxy records every
+//! byte on the wire and every byte it could decrypt); never follow a
+//! redirect with the key; and refuse an unusable `ca_file` at start and on
+//! reload (docs/security.md, "On the network").
+
+mod common;
+
+use std::path::Path;
+
+use common::plane::{output, requests_to, status_and_code, ControlPlane, Supervisor, KEY, LIMIT};
+use common::tls::{contains, TestCa, TlsProxy, Trap, Validity};
+use dcsupervisor::local_plane::wire::{Endpoint, FaultSpec};
+
+/// The `[server]` line naming `path` as the extra CA file.
+fn ca_line(path: &Path) -> String {
+    format!("ca_file = {:?}", path.display().to_string())
+}
+
+/// A runner of the demo project against `url`, with `server` lines added
+/// to its `[server]` section.
+fn runner(url: &str, server: &str) -> Supervisor {
+    Supervisor::start_with_server(url, server, "", "", common::demo_project(), &[])
+}
+
+/// The test CA, written to a PEM file in `dir`.
+fn ca_in(dir: &Path) -> (TestCa, std::path::PathBuf) {
+    let ca = TestCa::new("dcsupervisor test CA");
+    let path = dir.join("ca.pem");
+    ca.write_pem(&path);
+    (ca, path)
+}
+
+/// Nothing the runner sent could be read: no handshake completed, nothing
+/// was decrypted, no connection opened in plain HTTP, and neither the key
+/// nor an `Authorization` header crossed the wire; nor did the control
+/// plane behind the proxy hear anything.
+async fn assert_nothing_left(proxy: &TlsProxy, plane: &ControlPlane) {
+    let seen = &proxy.seen;
+    assert_eq!(seen.handshakes(), 0, "a handshake completed: {:?}", seen.failures());
+    assert!(
+        seen.plaintext().is_empty(),
+        "the proxy decrypted {:?}",
+        String::from_utf8_lossy(&seen.plaintext())
+    );
+    assert!(
+        !seen.any_opening_not_tls(),
+        "a connection was not TLS: {:?}",
+        String::from_utf8_lossy(&seen.wire())
+    );
+    let wire = seen.wire();
+    assert!(!contains(&wire, KEY) && !contains(&wire, "authorization") && !contains(&wire, "Bearer"));
+    assert!(plane.requests().await.is_empty(), "the control plane heard the runner");
+}
+
+/// 1. With `server.ca_file` naming the test CA, everything goes over HTTPS:
+///    heartbeat, sync, poll, start, output, completion; nothing readable on
+///    the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_trusting_the_test_ca_does_everything_over_https() {
+    let plane = ControlPlane::start();
+    let files = tempfile::tempdir().unwrap();
+    let (ca, ca_file) = ca_in(files.path());
+    let proxy = TlsProxy::start(&plane.url, ca.issue(&["localhost"], Validity::Current)).await;
+    let runner = runner(&proxy.url("localhost"), &ca_line(&ca_file));
+
+    let id = plane.queue("noisy", "--lines 2").await;
+    let done = plane.wait_done(&id, LIMIT).await;
+    assert_eq!(status_and_code(&done), ("success", 0), "{}", runner.log());
+    assert_eq!(output(&done, false), "out 0\nout 1\n");
+    assert_eq!(output(&done, true), "err 0\nerr 1\n");
+    // The sync follows the first heartbeat's answer, which also lets polls start.
+    plane
+        .wait_state(LIMIT, |state| state.heartbeats >= 1 && state.commands.iter().any(|c| c.name == "noisy"))
+        .await;
+    let requests = plane.requests().await;
+    for endpoint in ["start", "output", "complete"] {
+        assert!(!requests_to(&requests, &id, endpoint).is_empty(), "no {endpoint} request");
+    }
+    for path in ["/api/runner/heartbeat/", "/api/runner/commands/sync/", "/api/runner/pending/"] {
+        assert!(requests.iter().any(|r| r.path == path), "no request to {path}");
+    }
+
+    let seen = &proxy.seen;
+    assert!(seen.handshakes() >= 1 && seen.failures().is_empty(), "{:?}", seen.failures());
+    assert!(!seen.any_opening_not_tls(), "every connection opened with a TLS handshake");
+    // The proxy (trusted: it holds the key) read the requests; the wire did not carry them in clear.
+    assert!(contains(&seen.plaintext(), &format!("Bearer {KEY}")));
+    let wire = seen.wire();
+    assert!(!contains(&wire, KEY) && !contains(&wire, "authorization") && !contains(&wire, "noisy"));
+}
+
+/// 2. Without `ca_file`, a certificate from a CA the system does not trust
+///    is refused: the key never leaves, the log names the problem and the
+///    fix, and the runner keeps trying (over TLS, never falling back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_certificate_is_refused_before_anything_is_sent() {
+    let plane = ControlPlane::start();
+    let ca = TestCa::new("an untrusted CA");
+    let proxy = TlsProxy::start(&plane.url, ca.issue(&["localhost"], Validity::Current)).await;
+    let mut runner = runner(&proxy.url("localhost"), "");
+
+    // Refused, then tried again (heartbeats back off from 1 s).
+    proxy.seen.wait(LIMIT, "two refused handshakes", |seen| seen.failures().len() >= 2).await;
+    runner.wait_for_log("certificate", LIMIT).await;
+    assert!(runner.is_running(), "{}", runner.log());
+    assert_nothing_left(&proxy, &plane).await;
+    let log = runner.log();
+    let line = log.lines().find(|l| l.contains("heartbeat failed")).expect("a failed heartbeat is logged");
+    assert!(line.contains("UnknownIssuer") || line.contains("unknown issuer"), "{line}");
+    assert!(!log.contains(KEY));
+}
+
+/// 3. A certificate for another name, and an expired one (both signed by
+///    the CA the runner trusts), are refused likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_for_another_name_or_expired_is_refused() {
+    let plane = ControlPlane::start();
+    let files = tempfile::tempdir().unwrap();
+    let (ca, ca_file) = ca_in(files.path());
+    let other_name = TlsProxy::start(&plane.url, ca.issue(&["control.example.com"], Validity::Current)).await;
+    let expired = TlsProxy::start(&plane.url, ca.issue(&["localhost"], Validity::Expired)).await;
+    let mut misnamed_runner = runner(&other_name.url("localhost"), &ca_line(&ca_file));
+    let mut expired_runner = runner(&expired.url("localhost"), &ca_line(&ca_file));
+
+    for (proxy, runner, problem) in [
+        (&other_name, &mut misnamed_runner, "not valid for name"),
+        (&expired, &mut expired_runner, "expired"),
+    ] {
+        proxy.seen.wait(LIMIT, problem, |seen| seen.failures().len() >= 2).await;
+        runner.wait_for_log("heartbeat failed", LIMIT).await;
+        assert!(runner.is_running(), "{}", runner.log());
+        assert_nothing_left(proxy, &plane).await;
+        let log = runner.log();
+        let line = log.lines().find(|l| l.contains("heartbeat failed")).unwrap();
+        assert!(line.contains(problem), "{line}");
+    }
+}
+
+/// 4. An HTTPS control plane answering a redirect (to plain HTTP, or to
+///    another HTTPS origin) is never followed: nothing reaches where it
+///    points, the runner logs it and tries again at the same URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_not_followed_to_another_scheme_or_origin() {
+    let plane = ControlPlane::start();
+    let files = tempfile::tempdir().unwrap();
+    let (ca, ca_file) = ca_in(files.path());
+    let proxy = TlsProxy::start(&plane.url, ca.issue(&["localhost"], Validity::Current)).await;
+    let trap = Trap::start().await;
+    let to_http = format!("http://127.0.0.1:{}/api/runner/heartbeat/", trap.port);
+    let to_https = format!("https://localhost:{}/api/runner/heartbeat/", trap.port);
+    for (status, location) in [(307, &to_http), (308, &to_https), (302, &to_http)] {
+        let fault = FaultSpec {
+            endpoint: Some(Endpoint::Heartbeat),
+            status,
+            location: Some(location.clone()),
+            ..FaultSpec::default()
+        };
+        plane.fault(fault).await;
+    }
+    let output_fault = FaultSpec {
+        endpoint: Some(Endpoint::Output),
+        status: 301,
+        location: Some(to_http.clone()),
+        ..FaultSpec::default()
+    };
+    plane.fault(output_fault).await;
+    let runner = runner(&proxy.url("localhost"), &ca_line(&ca_file));
+
+    let id = plane.queue("noisy", "--lines 1").await;
+    let done = plane.wait_done(&id, LIMIT).await;
+    assert_eq!(status_and_code(&done), ("success", 0), "{}", runner.log());
+    assert_eq!(output(&done, false), "out 0\n");
+    let heartbeats: Vec<_> =
+        plane.requests().await.into_iter().filter(|r| r.path == "/api/runner/heartbeat/").collect();
+    let statuses: Vec<_> = heartbeats.iter().take(3).map(|r| r.status).collect();
+    assert_eq!(statuses, [Some(307), Some(308), Some(302)], "each redirect was met");
+    assert_eq!(
+        trap.seen.connections(),
+        0,
+        "a redirect was followed: {:?}",
+        String::from_utf8_lossy(&trap.seen.wire())
+    );
+    let log = runner.log();
+    assert!(log.contains(&format!("a redirect to {to_http:?}, not followed")), "{log}");
+    assert!(log.contains(&format!("a redirect to {to_https:?}, not followed")), "{log}");
+}
+
+/// 5. A `ca_file` that is missing, empty or not PEM stops the start with
+///    an error naming the field and the problem, before anything is sent;
+///    on a reload it is refused and the running configuration (and its
+///    trust) stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_ca_file_is_a_config_error_at_start_and_on_reload() {
+    let plane = ControlPlane::start();
+    let files = tempfile::tempdir().unwrap();
+    let (ca, ca_file) = ca_in(files.path());
+    let proxy = TlsProxy::start(&plane.url, ca.issue(&["localhost"], Validity::Current)).await;
+    let url = proxy.url("localhost");
+    let missing = files.path().join("missing.pem");
+    let empty = files.path().join("empty.pem");
+    common::write_file(&empty, "");
+    let not_pem = files.path().join("not-pem.pem");
+    std::fs::write(&not_pem, b"\x30\x82\x01\x0a not a PEM file, perhaps DER\n").unwrap();
+    let bad_files =
+        [(&missing, "No such file"), (&empty, "no PEM certificate"), (&not_pem, "no PEM certificate")];
+
+    for (path, problem) in bad_files {
+        let mut refused = runner(&url, &ca_line(path));
+        let code = refused.wait_exit(LIMIT).await;
+        let log = refused.log();
+        assert_eq!(code, Some(1), "{log}");
+        assert!(log.contains("server.ca_file") && log.contains(&path.display().to_string()), "{log}");
+        assert!(log.contains(problem), "{log}");
+    }
+    assert_eq!(proxy.seen.connections(), 0, "nothing was sent by a runner that did not start");
+
+    let mut running = runner(&url, &ca_line(&ca_file));
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
+    for (times, (path, problem)) in bad_files.into_iter().enumerate() {
+        running.write_config_with_server(&ca_line(path), "", "");
+        running.signal(nix::sys::signal::Signal::SIGHUP);
+        running.wait_reload_refused(times + 1).await;
+        let refusal =
+            running.notifications().into_iter().rev().find(|n| n.contains("reload refused")).unwrap();
+        assert!(refusal.contains("server.ca_file") && refusal.contains(problem), "{refusal}");
+    }
+    assert!(running.is_running());
+    // The old configuration, and its trust in the test CA, are still in force.
+    let done = plane.wait_done(&plane.queue("noop", "").await, LIMIT).await;
+    assert_eq!(status_and_code(&done).0, "success", "{}", running.log());
+}
