@@ -111,6 +111,9 @@ async fn an_untrusted_certificate_is_refused_before_anything_is_sent() {
     let log = runner.log();
     let line = log.lines().find(|l| l.contains("heartbeat failed")).expect("a failed heartbeat is logged");
     assert!(line.contains("UnknownIssuer") || line.contains("unknown issuer"), "{line}");
+    // Said as what it is, with the fix (before: "cannot reach the control plane").
+    assert!(line.contains("certificate was refused, nothing was sent"), "{line}");
+    assert!(line.contains("server.ca_file"), "the fix is named: {line}");
     assert!(!log.contains(KEY));
 }
 
@@ -136,7 +139,10 @@ async fn a_certificate_for_another_name_or_expired_is_refused() {
         assert_nothing_left(proxy, &plane).await;
         let log = runner.log();
         let line = log.lines().find(|l| l.contains("heartbeat failed")).unwrap();
-        assert!(line.contains(problem), "{line}");
+        assert!(
+            line.contains("certificate was refused, nothing was sent") && line.contains(problem),
+            "{line}"
+        );
     }
 }
 
@@ -205,8 +211,18 @@ async fn an_unusable_ca_file_is_a_config_error_at_start_and_on_reload() {
     common::write_file(&empty, "");
     let not_pem = files.path().join("not-pem.pem");
     std::fs::write(&not_pem, b"\x30\x82\x01\x0a not a PEM file, perhaps DER\n").unwrap();
-    let bad_files =
-        [(&missing, "No such file"), (&empty, "no PEM certificate"), (&not_pem, "no PEM certificate")];
+    let not_a_certificate = files.path().join("garbage.pem");
+    let garbage = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n";
+    common::write_file(&not_a_certificate, &format!("{}{garbage}", ca.pem()));
+    // Before: read line by line without end, so the start (or a reload) hung, eating memory.
+    let endless = Path::new("/dev/zero").to_path_buf();
+    let bad_files = [
+        (&missing, "cannot read it: No such file"),
+        (&empty, "no PEM certificate in it"),
+        (&not_pem, "no PEM certificate in it"),
+        (&not_a_certificate, "certificate 2 in it is not usable"),
+        (&endless, "not a regular file"),
+    ];
 
     for (path, problem) in bad_files {
         let mut refused = runner(&url, &ca_line(path));
