@@ -195,10 +195,11 @@ async fn redirects_are_not_followed_to_another_scheme_or_origin() {
     assert!(log.contains(&format!("a redirect to {to_https:?}, not followed")), "{log}");
 }
 
-/// 5. A `ca_file` that is missing, empty or not PEM stops the start with
-///    an error naming the field and the problem, before anything is sent;
-///    on a reload it is refused and the running configuration (and its
-///    trust) stays.
+/// 5. A `ca_file` that is missing, empty or not PEM (or endless) stops the
+///    start with an error naming the field and the problem, before anything
+///    is sent; on a reload it is refused and the running configuration (and
+///    its trust) stays. So does a plain `http://` URL to a host that is not
+///    loopback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unusable_ca_file_is_a_config_error_at_start_and_on_reload() {
     let plane = ControlPlane::start();
@@ -244,6 +245,16 @@ async fn an_unusable_ca_file_is_a_config_error_at_start_and_on_reload() {
             running.notifications().into_iter().rev().find(|n| n.contains("reload refused")).unwrap();
         assert!(refusal.contains("server.ca_file") && refusal.contains(problem), "{refusal}");
     }
+    // Plain HTTP to a host that is not loopback: refused on reload as at start.
+    let plain = "http://control.example.com:44999";
+    running.write_config_for(plain, &ca_line(&ca_file), "", "");
+    running.signal(nix::sys::signal::Signal::SIGHUP);
+    running.wait_reload_refused(bad_files.len() + 1).await;
+    let refusal = running.notifications().into_iter().rev().find(|n| n.contains("reload refused")).unwrap();
+    assert!(refusal.contains("server.url") && refusal.contains("HTTPS is required"), "{refusal}");
+    let mut refused = runner(plain, "");
+    assert_eq!(refused.wait_exit(LIMIT).await, Some(1));
+    assert!(refused.log().contains("HTTPS is required"), "{}", refused.log());
     assert!(running.is_running());
     // The old configuration, and its trust in the test CA, are still in force.
     let done = plane.wait_done(&plane.queue("noop", "").await, LIMIT).await;

@@ -289,7 +289,12 @@ impl Supervisor {
 
     /// Rewrites dc.toml with `server` (TOML lines) in `[server]`.
     pub fn write_config_with_server(&self, server: &str, policy: &str, extra: &str) {
-        let config = demo_config_with_server(&self.url, server, &self.project, &self.db, policy, extra);
+        self.write_config_for(&self.url, server, policy, extra);
+    }
+
+    /// Rewrites dc.toml for the control plane at `url`.
+    pub fn write_config_for(&self, url: &str, server: &str, policy: &str, extra: &str) {
+        let config = demo_config_with_server(url, server, &self.project, &self.db, policy, extra);
         super::write_file(&self.config_path(), &config);
     }
 
