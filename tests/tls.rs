@@ -10,6 +10,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::plane::{output, requests_to, status_and_code, ControlPlane, Supervisor, KEY, LIMIT};
 use common::tls::{contains, TestCa, TlsProxy, Trap, Validity};
@@ -146,6 +147,43 @@ async fn a_certificate_for_another_name_or_expired_is_refused() {
     }
 }
 
+/// A reload applies the new trust at once, both ways: a runner whose
+/// `ca_file` names the wrong CA is refused; reloaded with the right one it
+/// connects without waiting for its next heartbeat; reloaded back, it is
+/// refused again, no connection made under the old trust reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_trusted_ca_at_once() {
+    let plane = ControlPlane::start();
+    let files = tempfile::tempdir().unwrap();
+    let (ca, right) = ca_in(files.path());
+    let wrong = files.path().join("other-ca.pem");
+    TestCa::new("another CA").write_pem(&wrong);
+    let proxy = TlsProxy::start(&plane.url, ca.issue(&["localhost"], Validity::Current)).await;
+    let runner = runner(&proxy.url("localhost"), &ca_line(&wrong));
+    // Three refused heartbeats (1 s, then 2 s apart): the next comes at least 4 s later.
+    proxy.seen.wait(LIMIT, "three refused handshakes", |seen| seen.failures().len() >= 3).await;
+    let third = tokio::time::Instant::now();
+
+    runner.write_config_with_server(&ca_line(&right), "", "");
+    runner.signal(nix::sys::signal::Signal::SIGHUP);
+    runner.wait_reloaded(1).await;
+    // At once, not when the backoff (up to heartbeat_interval, 30 s by
+    // default) runs out: the reload heartbeats. Before, it did only when
+    // the command list had changed.
+    plane.wait_heartbeat_after(0, Duration::from_millis(3500).saturating_sub(third.elapsed())).await;
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
+
+    let refused = proxy.seen.failures().len();
+    runner.write_config_with_server(&ca_line(&wrong), "", "");
+    runner.signal(nix::sys::signal::Signal::SIGHUP);
+    runner.wait_reloaded(2).await;
+    // Polls (every 0.1 s) now fail their handshakes; none reaches the plane.
+    proxy.seen.wait(LIMIT, "refused again", |seen| seen.failures().len() > refused + 1).await;
+    let heard = plane.requests().await.len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(plane.requests().await.len(), heard, "a request went through under the old trust");
+}
+
 /// 4. An HTTPS control plane answering a redirect (to plain HTTP, or to
 ///    another HTTPS origin) is never followed: nothing reaches where it
 ///    points, the runner logs it and tries again at the same URL.
@@ -156,34 +194,33 @@ async fn redirects_are_not_followed_to_another_scheme_or_origin() {
     let (ca, ca_file) = ca_in(files.path());
     let proxy = TlsProxy::start(&plane.url, ca.issue(&["localhost"], Validity::Current)).await;
     let trap = Trap::start().await;
+    // Each endpoint once, to plain HTTP or to another HTTPS origin (a port of ours that only listens).
     let to_http = format!("http://127.0.0.1:{}/api/runner/heartbeat/", trap.port);
     let to_https = format!("https://localhost:{}/api/runner/heartbeat/", trap.port);
-    for (status, location) in [(307, &to_http), (308, &to_https), (302, &to_http)] {
-        let fault = FaultSpec {
-            endpoint: Some(Endpoint::Heartbeat),
-            status,
-            location: Some(location.clone()),
-            ..FaultSpec::default()
-        };
-        plane.fault(fault).await;
+    let faults = [
+        (Endpoint::Heartbeat, 307, &to_http),
+        (Endpoint::Pending, 308, &to_https),
+        (Endpoint::Start, 302, &to_http),
+        (Endpoint::Output, 301, &to_https),
+        (Endpoint::Complete, 303, &to_http),
+    ];
+    for (endpoint, status, location) in faults {
+        let location = Some(location.clone());
+        plane.fault(FaultSpec { endpoint: Some(endpoint), status, location, ..FaultSpec::default() }).await;
     }
-    let output_fault = FaultSpec {
-        endpoint: Some(Endpoint::Output),
-        status: 301,
-        location: Some(to_http.clone()),
-        ..FaultSpec::default()
-    };
-    plane.fault(output_fault).await;
     let runner = runner(&proxy.url("localhost"), &ca_line(&ca_file));
 
     let id = plane.queue("noisy", "--lines 1").await;
     let done = plane.wait_done(&id, LIMIT).await;
     assert_eq!(status_and_code(&done), ("success", 0), "{}", runner.log());
     assert_eq!(output(&done, false), "out 0\n");
-    let heartbeats: Vec<_> =
-        plane.requests().await.into_iter().filter(|r| r.path == "/api/runner/heartbeat/").collect();
-    let statuses: Vec<_> = heartbeats.iter().take(3).map(|r| r.status).collect();
-    assert_eq!(statuses, [Some(307), Some(308), Some(302)], "each redirect was met");
+    let requests = plane.requests().await;
+    let first_status = |path: &str| requests.iter().find(|r| r.path.ends_with(path)).and_then(|r| r.status);
+    let met: Vec<_> = ["/heartbeat/", "/pending/", "/start/", "/output/", "/complete/"]
+        .into_iter()
+        .map(first_status)
+        .collect();
+    assert_eq!(met, [Some(307), Some(308), Some(302), Some(301), Some(303)], "each redirect was met");
     assert_eq!(
         trap.seen.connections(),
         0,
