@@ -147,6 +147,53 @@ async fn a_certificate_for_another_name_or_expired_is_refused() {
     }
 }
 
+/// What self-hosting looks like: a self-signed certificate named in
+/// `ca_file` is trusted, and a URL with an IP address is checked against
+/// the addresses the certificate names (a certificate for `localhost`
+/// reached at 127.0.0.1 is refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_signed_certificate_in_ca_file_is_trusted_and_ip_addresses_are_checked() {
+    let files = tempfile::tempdir().unwrap();
+    let plane = ControlPlane::start();
+    let (cert, pem) = common::tls::ServerCert::self_signed(&["127.0.0.1"]);
+    let self_signed = files.path().join("self-signed.pem");
+    common::write_file(&self_signed, &pem);
+    let proxy = TlsProxy::start(&plane.url, cert).await;
+    let runner = runner(&proxy.url("127.0.0.1"), &ca_line(&self_signed));
+
+    let other_plane = ControlPlane::start();
+    let (ca, ca_file) = ca_in(files.path());
+    let by_name = TlsProxy::start(&other_plane.url, ca.issue(&["localhost"], Validity::Current)).await;
+    let mut misnamed = self::runner(&by_name.url("127.0.0.1"), &ca_line(&ca_file));
+
+    assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
+    assert!(proxy.seen.failures().is_empty(), "{:?}\n{}", proxy.seen.failures(), runner.log());
+    by_name.seen.wait(LIMIT, "a refused handshake", |seen| !seen.failures().is_empty()).await;
+    misnamed.wait_for_log("heartbeat failed", LIMIT).await;
+    assert!(misnamed.is_running());
+    assert_nothing_left(&by_name, &other_plane).await;
+    let log = misnamed.log();
+    let line = log.lines().find(|l| l.contains("heartbeat failed")).unwrap();
+    assert!(line.contains("certificate was refused") && line.contains("not valid for name"), "{line}");
+}
+
+/// A man in the middle that accepts the connection and never answers (a
+/// tarpit) costs a timeout per attempt, not a hung runner: each attempt
+/// ends after `request_timeout`, is logged, and is tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_that_never_ends_times_out_and_is_retried() {
+    let trap = Trap::start().await;
+    let url = format!("https://localhost:{}", trap.port);
+    let timeout = [("DCSUPERVISOR_SERVER__REQUEST_TIMEOUT", "1")];
+    let mut runner = Supervisor::start_with_server(&url, "", "", "", common::demo_project(), &timeout);
+    trap.seen.wait(LIMIT, "a second attempt", |seen| seen.connections() >= 2).await;
+    runner.wait_for_log("heartbeat failed: no answer within 1s", LIMIT).await;
+    assert!(runner.is_running(), "{}", runner.log());
+    assert!(!trap.seen.any_opening_not_tls(), "every attempt opened with a TLS handshake");
+    let wire = trap.seen.wire();
+    assert!(!contains(&wire, KEY) && !contains(&wire, "authorization"));
+}
+
 /// A reload applies the new trust at once, both ways: a runner whose
 /// `ca_file` names the wrong CA is refused; reloaded with the right one it
 /// connects without waiting for its next heartbeat; reloaded back, it is

@@ -84,6 +84,21 @@ impl TestCa {
     }
 }
 
+impl ServerCert {
+    /// A self-signed certificate for `names`, as a self-hosted control
+    /// plane might use, and its PEM (what `server.ca_file` would name).
+    pub fn self_signed(names: &[&str]) -> (Self, String) {
+        let made =
+            rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .expect("valid names");
+        let cert = ServerCert {
+            chain: vec![made.cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.signing_key.serialize_der())),
+        };
+        (cert, made.cert.pem())
+    }
+}
+
 /// What one [`TlsProxy`] (or [`Trap`]) saw.
 #[derive(Default)]
 pub struct Seen {
