@@ -194,10 +194,11 @@ async fn a_handshake_that_never_ends_times_out_and_is_retried() {
     assert!(!contains(&wire, KEY) && !contains(&wire, "authorization"));
 }
 
-/// A reload applies the new trust at once, both ways: a runner whose
-/// `ca_file` names the wrong CA is refused; reloaded with the right one it
-/// connects without waiting for its next heartbeat; reloaded back, it is
-/// refused again, no connection made under the old trust reused.
+/// A reload applies the new trust at once, both ways: the reload
+/// heartbeats at once (not when the failed heartbeat's backoff, up to
+/// `heartbeat_interval`, runs out), under the new `ca_file`: refused with
+/// the wrong CA, through with the right one; and no connection made under
+/// the old trust is reused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_changes_the_trusted_ca_at_once() {
     let plane = ControlPlane::start();
@@ -206,24 +207,48 @@ async fn a_reload_changes_the_trusted_ca_at_once() {
     let wrong = files.path().join("other-ca.pem");
     TestCa::new("another CA").write_pem(&wrong);
     let proxy = TlsProxy::start(&plane.url, ca.issue(&["localhost"], Validity::Current)).await;
-    let runner = runner(&proxy.url("localhost"), &ca_line(&wrong));
-    // Three refused heartbeats (1 s, then 2 s apart): the next comes at least 4 s later.
-    proxy.seen.wait(LIMIT, "three refused handshakes", |seen| seen.failures().len() >= 3).await;
-    let third = tokio::time::Instant::now();
+    // The first heartbeat is told to come back in 60 s (the longest wait).
+    let busy = FaultSpec {
+        endpoint: Some(Endpoint::Heartbeat),
+        status: 503,
+        retry_after: Some(60),
+        ..FaultSpec::default()
+    };
+    plane.fault(busy).await;
+    let interval = [("DCSUPERVISOR_SERVER__HEARTBEAT_INTERVAL", "60")];
+    let runner = Supervisor::start_with_server(
+        &proxy.url("localhost"),
+        &ca_line(&right),
+        "",
+        "",
+        common::demo_project(),
+        &interval,
+    );
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !plane.requests().await.iter().any(|r| r.status == Some(503)) {
+        assert!(tokio::time::Instant::now() < deadline, "no heartbeat:\n{}", runner.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Before: a reload heartbeat at once only when the command list had changed.
+    runner.write_config_with_server(&ca_line(&wrong), "", "");
+    runner.signal(nix::sys::signal::Signal::SIGHUP);
+    runner.wait_reloaded(1).await;
+    proxy
+        .seen
+        .wait(Duration::from_secs(20), "a heartbeat refused at once", |seen| !seen.failures().is_empty())
+        .await;
 
     runner.write_config_with_server(&ca_line(&right), "", "");
     runner.signal(nix::sys::signal::Signal::SIGHUP);
-    runner.wait_reloaded(1).await;
-    // At once, not when the backoff (up to heartbeat_interval, 30 s by
-    // default) runs out: the reload heartbeats. Before, it did only when
-    // the command list had changed.
-    plane.wait_heartbeat_after(0, Duration::from_millis(3500).saturating_sub(third.elapsed())).await;
+    runner.wait_reloaded(2).await;
+    plane.wait_heartbeat_after(0, Duration::from_secs(20)).await;
     assert_eq!(status_and_code(&plane.wait_done(&plane.queue("noop", "").await, LIMIT).await).0, "success");
 
     let refused = proxy.seen.failures().len();
     runner.write_config_with_server(&ca_line(&wrong), "", "");
     runner.signal(nix::sys::signal::Signal::SIGHUP);
-    runner.wait_reloaded(2).await;
+    runner.wait_reloaded(3).await;
     // Polls (every 0.1 s) now fail their handshakes; none reaches the plane.
     proxy.seen.wait(LIMIT, "refused again", |seen| seen.failures().len() > refused + 1).await;
     let heard = plane.requests().await.len();

@@ -81,9 +81,10 @@ pub enum ApiError {
     /// was sent. Retried: a certificate can be fixed on the other side.
     #[error("the control plane's TLS certificate was refused, nothing was sent: {0}")]
     Certificate(String),
-    /// The TLS handshake failed for another reason (no common protocol
-    /// version or cipher, an alert from the server): nothing was sent.
-    #[error("the TLS handshake with the control plane failed, nothing was sent: {0}")]
+    /// TLS failed for another reason (no common protocol version or
+    /// cipher, an alert from the server, e.g. one that wants a client
+    /// certificate, which TLS 1.3 may send after the first request).
+    #[error("TLS with the control plane failed: {0}")]
     Tls(String),
     /// The answer's body was cut short (or was too large to read).
     #[error("the answer could not be read: {0}")]
