@@ -116,6 +116,18 @@ async fn an_untrusted_certificate_is_refused_before_anything_is_sent() {
     assert!(line.contains("certificate was refused, nothing was sent"), "{line}");
     assert!(line.contains("server.ca_file"), "the fix is named: {line}");
     assert!(!log.contains(KEY));
+    // `once`, what an operator runs to check the key, says the same and fails.
+    let once = std::process::Command::new(env!("CARGO_BIN_EXE_dcsupervisor"))
+        .arg("--config")
+        .arg(runner.config_path())
+        .arg("once")
+        .env_remove("DJANGOCOMMAND_API_KEY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&once.stderr);
+    assert_eq!(once.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("certificate was refused") && stderr.contains("server.ca_file"), "{stderr}");
+    assert_nothing_left(&proxy, &plane).await;
 }
 
 /// 3. A certificate for another name, and an expired one (both signed by
