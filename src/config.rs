@@ -794,6 +794,39 @@ mod tests {
         assert_eq!(defaults.runner.poll_interval, 2.0);
     }
 
+    /// Plain HTTP goes only to a host of `allow_http_hosts`, spelled exactly
+    /// (any case): names that start like one, userinfo that names one, and
+    /// other spellings of loopback are refused, whatever follows the host.
+    #[test]
+    fn plain_http_only_to_an_allowed_host_however_the_url_is_spelled() {
+        let url = |url: &str| ServerConfig {
+            url: url.into(),
+            api_key: Some("dc_k".into()),
+            ..ServerConfig::default()
+        };
+        for allowed in
+            ["http://localhost:8765", "http://LOCALHOST", "http://127.0.0.1:1/api", "http://[::1]:8765/"]
+        {
+            assert!(url(allowed).settings().is_ok(), "{allowed}");
+        }
+        for refused in [
+            "http://localhost.example.com",
+            "http://127.0.0.1.nip.io:8765",
+            "http://localhost@control.example.com",
+            "http://localhost:8765@control.example.com",
+            "http://[::ffff:127.0.0.1]:8765",
+            "http://127.1:8765",
+            "http://0.0.0.0:8765",
+            "ftp://localhost",
+            "localhost:8765",
+        ] {
+            match url(refused).settings() {
+                Err(ConfigError::Invalid { field: "server.url", .. }) => {}
+                other => panic!("{refused}: {other:?}"),
+            }
+        }
+    }
+
     /// The TOML parser's recursion limit refuses a deeply nested value: an
     /// error naming the file, not a stack overflow (which would abort).
     #[test]

@@ -76,6 +76,16 @@ pub enum ApiError {
     Timeout(Duration),
     #[error("cannot reach the control plane: {0}")]
     Connect(String),
+    /// The control plane's certificate was refused (an issuer nobody here
+    /// trusts, another name, expired...): the handshake stopped, nothing
+    /// was sent. Retried: a certificate can be fixed on the other side.
+    #[error("the control plane's TLS certificate was refused, nothing was sent: {0}")]
+    Certificate(String),
+    /// TLS failed for another reason (no common protocol version or
+    /// cipher, an alert from the server, e.g. one that wants a client
+    /// certificate, which TLS 1.3 may send after the first request).
+    #[error("TLS with the control plane failed: {0}")]
+    Tls(String),
     /// The answer's body was cut short (or was too large to read).
     #[error("the answer could not be read: {0}")]
     BodyRead(String),
@@ -99,6 +109,8 @@ impl ApiError {
             ApiError::Status { status, .. } => is_retryable_status(*status),
             ApiError::Timeout(_)
             | ApiError::Connect(_)
+            | ApiError::Certificate(_)
+            | ApiError::Tls(_)
             | ApiError::BodyRead(_)
             | ApiError::BadResponse(_) => true,
             ApiError::Auth { .. } | ApiError::Request(_) => false,
@@ -129,11 +141,37 @@ fn is_retryable_status(status: u16) -> bool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientSetupError {
-    #[error("cannot read the extra CA file {path}: {error}")]
-    CaFile { path: String, error: String },
+    /// `server.ca_file` is not usable; the path is the caller's to say.
+    #[error(transparent)]
+    CaFile(#[from] CaFileError),
     #[error("TLS set-up failed: {0}")]
     Tls(String),
 }
+
+/// Why `server.ca_file` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    #[error("cannot read it: {0}")]
+    Read(#[source] std::io::Error),
+    /// A directory, a FIFO, a device (`/dev/zero` would never end).
+    #[error("not a regular file")]
+    NotAFile,
+    #[error("larger than {} MiB: not a CA file", MAX_CA_FILE_BYTES / (1024 * 1024))]
+    TooLarge,
+    #[error("no PEM certificate in it (a PEM file has -----BEGIN CERTIFICATE----- lines)")]
+    NoCertificate,
+    #[error("not a valid PEM file: {0}")]
+    Pem(#[source] rustls_pki_types::pem::Error),
+    #[error("certificate {number} in it is not usable: {error}")]
+    Certificate {
+        number: usize,
+        #[source]
+        error: rustls::Error,
+    },
+}
+
+/// The largest `server.ca_file` read (a full system bundle is under 1 MiB).
+pub const MAX_CA_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct Client {
@@ -230,8 +268,7 @@ impl Client {
         let request = self.build_request(method, path, body)?;
         let timeout = self.opts.request_timeout;
         let exchange = async {
-            let response =
-                self.http.request(request).await.map_err(|e| ApiError::Connect(error_chain(&e)))?;
+            let response = self.http.request(request).await.map_err(|e| connect_error(&e))?;
             let status = response.status();
             let retry_after = retry_after(response.headers().get(RETRY_AFTER));
             let location =
@@ -309,17 +346,8 @@ fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, ClientS
     let (added, ignored) = roots.add_parsable_certificates(native.certs);
     tracing::debug!(added, ignored, "system CA certificates loaded");
     if let Some(path) = ca_file {
-        use rustls_pki_types::pem::PemObject;
-        let ca_error = |error: String| ClientSetupError::CaFile { path: path.display().to_string(), error };
-        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(path)
-            .map_err(|e| ca_error(e.to_string()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| ca_error(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(ca_error("no PEM certificate in it".into()));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
+        for cert in read_ca_file(path)? {
+            roots.add(cert.der).map_err(|error| CaFileError::Certificate { number: cert.number, error })?;
         }
     }
     // Named explicitly: relying on a process-wide default provider panics
@@ -330,6 +358,82 @@ fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, ClientS
         .map_err(|e| ClientSetupError::Tls(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// One certificate of a CA file, numbered from 1 in the file's order.
+struct CaCert {
+    number: usize,
+    der: rustls_pki_types::CertificateDer<'static>,
+}
+
+/// The certificates of a PEM file (other PEM sections, such as keys, are
+/// skipped). Only a regular file is read, and at most
+/// [`MAX_CA_FILE_BYTES`]: `/dev/zero` or a FIFO named by mistake must not
+/// hang the start or a reload.
+fn read_ca_file(path: &std::path::Path) -> Result<Vec<CaCert>, CaFileError> {
+    use rustls_pki_types::pem::PemObject;
+    use std::io::Read as _;
+    let metadata = std::fs::metadata(path).map_err(CaFileError::Read)?;
+    if !metadata.is_file() {
+        return Err(CaFileError::NotAFile);
+    }
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_CA_FILE_BYTES + 1).read_to_end(&mut text))
+        .map_err(CaFileError::Read)?;
+    if text.len() as u64 > MAX_CA_FILE_BYTES {
+        return Err(CaFileError::TooLarge);
+    }
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&text)
+        .enumerate()
+        .map(|(index, cert)| cert.map(|der| CaCert { number: index + 1, der }))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CaFileError::Pem)?;
+    if certs.is_empty() {
+        return Err(CaFileError::NoCertificate);
+    }
+    Ok(certs)
+}
+
+/// A failed exchange: a refused certificate or another TLS failure is said
+/// as such (nothing was sent, and the fix is not on the network); anything
+/// else is a connection problem.
+fn connect_error(error: &hyper_util::client::legacy::Error) -> ApiError {
+    match tls_error(error) {
+        Some(rustls::Error::InvalidCertificate(problem)) => {
+            ApiError::Certificate(certificate_problem(problem))
+        }
+        Some(other) => ApiError::Tls(other.to_string()),
+        None => ApiError::Connect(error_chain(error)),
+    }
+}
+
+/// The rustls error behind a failed connection, if TLS is what failed. It
+/// travels inside `io::Error`s (two: tokio-rustls's, wrapped by
+/// hyper-rustls), whose `source()` skips what they wrap: look inside.
+fn tls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        current = match error.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => error.source(),
+        };
+    }
+    None
+}
+
+/// What is wrong with the certificate, and for an unknown issuer the fix.
+fn certificate_problem(problem: &rustls::CertificateError) -> String {
+    match problem {
+        rustls::CertificateError::UnknownIssuer => "it is signed by an unknown issuer (UnknownIssuer): \
+            no CA of this host, nor server.ca_file's, vouches for it; if the control plane uses a \
+            private CA, set server.ca_file to that CA's PEM certificate"
+            .into(),
+        other => rustls::Error::InvalidCertificate(other.clone()).to_string(),
+    }
 }
 
 /// The longest error text kept from an answer, in characters: it goes into
@@ -415,6 +519,53 @@ mod tests {
             assert!(transient.is_retryable(), "{transient}");
         }
         assert!(ApiError::Request("bad key".into()).is_refusal());
+    }
+
+    #[test]
+    fn a_ca_file_is_read_for_its_certificates_only_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert, key) = (made.cert.pem(), made.signing_key.serialize_pem());
+        // Keys and other sections beside the certificates are skipped.
+        let mixed = write("mixed.pem", format!("{key}{cert}junk line\n{cert}").as_bytes());
+        let numbers: Vec<_> = read_ca_file(&mixed).unwrap().iter().map(|c| c.number).collect();
+        assert_eq!(numbers, [1, 2]);
+        assert!(tls_config(Some(&mixed)).is_ok());
+
+        let refusal = |path: &std::path::Path| read_ca_file(path).err().unwrap().to_string();
+        assert!(refusal(&dir.path().join("missing")).starts_with("cannot read it: "));
+        assert_eq!(refusal(dir.path()), "not a regular file");
+        assert_eq!(refusal(std::path::Path::new("/dev/zero")), "not a regular file");
+        assert!(refusal(&write("key.pem", key.as_bytes())).starts_with("no PEM certificate in it"));
+        let cut = write("cut.pem", cert.lines().take(3).collect::<Vec<_>>().join("\n").as_bytes());
+        assert!(refusal(&cut).starts_with("not a valid PEM file"), "{}", refusal(&cut));
+        let huge = dir.path().join("huge.pem");
+        std::fs::File::create(&huge).unwrap().set_len(MAX_CA_FILE_BYTES + 1).unwrap();
+        assert_eq!(refusal(&huge), "larger than 16 MiB: not a CA file");
+        let garbage = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n";
+        let garbage = write("garbage.pem", format!("{cert}{garbage}").as_bytes());
+        let error = tls_config(Some(&garbage)).err().unwrap().to_string();
+        assert!(error.starts_with("certificate 2 in it is not usable"), "{error}");
+    }
+
+    #[test]
+    fn a_refused_certificate_is_found_inside_the_io_errors_that_carry_it() {
+        let refused = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        // As hyper-rustls hands it over: tokio-rustls's io::Error inside another.
+        let wrapped = std::io::Error::other(std::io::Error::new(std::io::ErrorKind::InvalidData, refused));
+        let Some(rustls::Error::InvalidCertificate(problem)) = tls_error(&wrapped) else {
+            panic!("not found in {wrapped:?}");
+        };
+        let text = certificate_problem(problem);
+        assert!(text.contains("unknown issuer") && text.contains("server.ca_file"), "{text}");
+        let expired = certificate_problem(&rustls::CertificateError::Expired);
+        assert!(expired.to_lowercase().contains("expired"), "{expired}");
+        assert!(tls_error(&std::io::Error::other("connection refused")).is_none());
     }
 
     proptest::proptest! {

@@ -251,9 +251,10 @@ impl Runner {
         let live = Live::new(setup, &discovered);
         let changed = *live.lock_hash() != *self.live().lock_hash();
         *self.live.write_locked() = Arc::new(live);
-        if changed {
-            self.heartbeat_now.notify_one();
-        }
+        // Always: the new URL, key or CA is tried at once (a reload that
+        // fixed `server.ca_file` must not wait out the failed heartbeats'
+        // backoff, up to `heartbeat_interval`), and a changed list synced.
+        self.heartbeat_now.notify_one();
         self.poll_now.notify_one();
         systemd::ready("reloaded");
         crate::health::metrics().reload_ended(true);

@@ -180,3 +180,4 @@ pub fn set_file_size_limit(pid: u32, bytes: Option<u64>) -> bool {
 }
 
 pub mod plane;
+pub mod tls;

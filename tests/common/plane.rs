@@ -201,6 +201,8 @@ pub struct Supervisor {
     pub dir: tempfile::TempDir,
     pub project: PathBuf,
     url: String,
+    /// Lines added to `[server]` (e.g. `ca_file = "..."`).
+    server: String,
     db: TestDb,
     env: Vec<(String, String)>,
 }
@@ -212,9 +214,21 @@ const DEMO_COMMANDS: &str = r#"add_allowed_commands = ["noop", "sleep", "noisy",
 /// The dc.toml a [`Supervisor`] runs: `project` (the demo's commands
 /// allowed) against `url`; `policy` and `extra` as for [`Supervisor::start`].
 pub fn demo_config(url: &str, project: &std::path::Path, db: &TestDb, policy: &str, extra: &str) -> String {
+    demo_config_with_server(url, "", project, db, policy, extra)
+}
+
+/// [`demo_config`] with `server` (TOML lines) added to its `[server]` section.
+pub fn demo_config_with_server(
+    url: &str,
+    server: &str,
+    project: &std::path::Path,
+    db: &TestDb,
+    policy: &str,
+    extra: &str,
+) -> String {
     let runner = if extra.contains("[runner]") { String::new() } else { FAST.to_string() };
     format!(
-        "[server]\nurl = {url:?}\napi_key = {KEY:?}\nheartbeat_interval = 5\nrequest_timeout = 5\n\n\
+        "[server]\nurl = {url:?}\napi_key = {KEY:?}\nheartbeat_interval = 5\nrequest_timeout = 5\n{server}\n\n\
          [django]\nproject_dir = {project:?}\nsettings_module = \"demo_project.settings\"\npython = {python:?}\n\
          env = {{ DEMO_DB_PATH = {db:?} }}\n\n[policy]\n{DEMO_COMMANDS}\n{policy}\n\n{runner}\n{extra}\n",
         project = project.display().to_string(),
@@ -231,6 +245,18 @@ impl Supervisor {
     }
 
     pub fn start_with(url: &str, policy: &str, extra: &str, project: PathBuf, env: &[(&str, &str)]) -> Self {
+        Self::start_with_server(url, "", policy, extra, project, env)
+    }
+
+    /// [`Supervisor::start_with`], `server` (TOML lines) added to `[server]`.
+    pub fn start_with_server(
+        url: &str,
+        server: &str,
+        policy: &str,
+        extra: &str,
+        project: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let notify = std::os::unix::net::UnixDatagram::bind(dir.path().join("notify.sock")).unwrap();
@@ -243,6 +269,7 @@ impl Supervisor {
             dir,
             project,
             url: url.to_string(),
+            server: server.to_string(),
             db: TestDb::new(),
             env,
         };
@@ -257,7 +284,17 @@ impl Supervisor {
 
     /// Rewrites dc.toml (takes effect on the next start or reload).
     pub fn write_config(&self, policy: &str, extra: &str) {
-        let config = demo_config(&self.url, &self.project, &self.db, policy, extra);
+        self.write_config_with_server(&self.server, policy, extra);
+    }
+
+    /// Rewrites dc.toml with `server` (TOML lines) in `[server]`.
+    pub fn write_config_with_server(&self, server: &str, policy: &str, extra: &str) {
+        self.write_config_for(&self.url, server, policy, extra);
+    }
+
+    /// Rewrites dc.toml for the control plane at `url`.
+    pub fn write_config_for(&self, url: &str, server: &str, policy: &str, extra: &str) {
+        let config = demo_config_with_server(url, server, &self.project, &self.db, policy, extra);
         super::write_file(&self.config_path(), &config);
     }
 
