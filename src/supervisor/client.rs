@@ -28,6 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::proxy::{Egress, EgressConnector, ProxyError};
 use crate::protocol::api::{self, CancelStatus, ExecutionId};
 use crate::protocol::route::{ExecutionAction, Route};
 
@@ -146,6 +147,10 @@ pub enum ClientSetupError {
     CaFile(#[from] CaFileError),
     #[error("TLS set-up failed: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    #[error("server.url is not a URL: {0}")]
+    Url(String),
 }
 
 /// Why `server.ca_file` cannot be used.
@@ -175,8 +180,10 @@ pub const MAX_CA_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct Client {
-    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: HyperClient<HttpsConnector<EgressConnector>, Full<Bytes>>,
     opts: Arc<ClientOptions>,
+    /// Through which proxy, if any, the control plane is reached.
+    egress: Option<Arc<str>>,
 }
 
 impl Client {
@@ -187,16 +194,25 @@ impl Client {
         tcp.enforce_http(false);
         tcp.set_connect_timeout(Some(opts.request_timeout));
         tcp.set_nodelay(true);
+        let base_url: Uri = opts.base_url.parse().map_err(|e| ClientSetupError::Url(format!("{e}")))?;
+        let egress = Egress::from_env(&base_url, tcp.clone())?;
+        let described = egress.describe().map(Arc::from);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .wrap_connector(tcp);
+            .wrap_connector(EgressConnector::new(tcp, egress));
         let http = HyperClient::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build(connector);
-        Ok(Self { http, opts: Arc::new(opts) })
+        Ok(Self { http, opts: Arc::new(opts), egress: described })
+    }
+
+    /// "through the proxy http://host:port (HTTPS_PROXY)", or None when the
+    /// control plane is reached directly.
+    pub fn egress(&self) -> Option<&str> {
+        self.egress.as_deref()
     }
 
     pub async fn heartbeat(&self, body: &api::HeartbeatRequest) -> Result<api::HeartbeatResponse, ApiError> {
@@ -268,7 +284,8 @@ impl Client {
         let request = self.build_request(method, path, body)?;
         let timeout = self.opts.request_timeout;
         let exchange = async {
-            let response = self.http.request(request).await.map_err(|e| connect_error(&e))?;
+            let response =
+                self.http.request(request).await.map_err(|e| connect_error(&e, self.egress.as_deref()))?;
             let status = response.status();
             let retry_after = retry_after(response.headers().get(RETRY_AFTER));
             let location =
@@ -398,13 +415,18 @@ fn read_ca_file(path: &std::path::Path) -> Result<Vec<CaCert>, CaFileError> {
 /// A failed exchange: a refused certificate or another TLS failure is said
 /// as such (nothing was sent, and the fix is not on the network); anything
 /// else is a connection problem.
-fn connect_error(error: &hyper_util::client::legacy::Error) -> ApiError {
+fn connect_error(error: &hyper_util::client::legacy::Error, egress: Option<&str>) -> ApiError {
     match tls_error(error) {
         Some(rustls::Error::InvalidCertificate(problem)) => {
             ApiError::Certificate(certificate_problem(problem))
         }
         Some(other) => ApiError::Tls(other.to_string()),
-        None => ApiError::Connect(error_chain(error)),
+        // Through a proxy, say so: its refusals ("tunnel error: proxy
+        // authorization required") are its own, not the control plane's.
+        None => match egress {
+            Some(egress) => ApiError::Connect(format!("{egress}: {}", error_chain(error))),
+            None => ApiError::Connect(error_chain(error)),
+        },
     }
 }
 

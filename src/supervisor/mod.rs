@@ -27,6 +27,7 @@ pub mod execution;
 pub mod journal;
 pub mod outbox;
 pub mod output;
+pub mod proxy;
 pub mod redact;
 pub mod replay;
 pub mod runner;

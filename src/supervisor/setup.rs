@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::admission::concurrency::CommandLimit;
 use super::admission::signing::Signing;
 use super::admission::Admission;
-use super::client::{Client, ClientOptions};
+use super::client::{Client, ClientOptions, ClientSetupError};
 use super::execution::{CommandLimits, ExecutionSettings};
 use super::redact::{Redactor, MIN_SECRET_LEN};
 use super::runner::{RunnerOptions, RunnerSetup};
@@ -172,13 +172,22 @@ pub fn bound_args_labels(config: &Config) -> BTreeMap<String, Vec<BoundArgs>> {
 
 /// Everything the runner is built from (and rebuilt from on reload).
 pub fn runner_setup(config: &Config) -> Result<RunnerSetup, ConfigError> {
-    let client = Client::new(client_options(config)?).map_err(|error| {
-        invalid(
+    let client = Client::new(client_options(config)?).map_err(|error| match error {
+        ClientSetupError::Proxy(proxy) => invalid(
+            proxy.variable(),
+            "(in the environment; not shown: it may hold a password)",
+            proxy.to_string(),
+        ),
+        ClientSetupError::Url(message) => invalid("server.url", &config.server.url, message),
+        other => invalid(
             "server.ca_file",
             config.server.ca_file.as_deref().unwrap_or(Path::new("")).display(),
-            error.to_string(),
-        )
+            other.to_string(),
+        ),
     })?;
+    if let Some(egress) = client.egress() {
+        tracing::info!("the control plane is reached {egress}");
+    }
     Ok(RunnerSetup {
         client,
         settings: execution_settings(config)?,

@@ -179,5 +179,6 @@ pub fn set_file_size_limit(pid: u32, bytes: Option<u64>) -> bool {
     unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) == 0 }
 }
 
+pub mod egress_proxy;
 pub mod plane;
 pub mod tls;

@@ -19,6 +19,18 @@ use super::{demo_project, python, TestDb};
 
 pub const KEY: &str = "dc_e2e_test_key";
 
+/// The environment variables that may send the runner through a proxy.
+pub const PROXY_VARIABLES: [&str; 8] = [
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
 /// How long an end-to-end step may take before the test gives up.
 pub const LIMIT: Duration = Duration::from_secs(60);
 
@@ -305,7 +317,13 @@ impl Supervisor {
         self.finish_log();
         let (copier, log_pipe) = LogCopier::start(&self.log_path());
         self.log_copier = Some(copier);
-        self.child = Command::new(env!("CARGO_BIN_EXE_dcsupervisor"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dcsupervisor"));
+        // Loopback only, whatever proxy the machine running the tests names
+        // (a test that wants one passes it in `env`).
+        for proxy in PROXY_VARIABLES {
+            command.env_remove(proxy);
+        }
+        self.child = command
             .arg("--config")
             .arg(self.config_path())
             .arg("-v")
