@@ -14,6 +14,7 @@ emitter below; it covers exactly the value types the schema uses.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -99,6 +100,27 @@ def dump_toml(tables: Mapping[str, Mapping[str, TomlValue]], header: str = "") -
     return "\n".join(parts)
 
 
+#: Where the published runner's HTTP library (requests) finds the CAs it
+#: verifies the control plane with, in its order.
+CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+
+
+def ca_bundle(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The CA bundle file the environment names for `requests`, if any.
+
+    A project that made the published runner trust a private CA (a
+    self-hosted control plane, a TLS-inspecting proxy) did it with these
+    variables; the supervisor trusts that file too (``server.ca_file``, on
+    top of the system's CAs), so nothing more is needed. A directory, which
+    `requests` also takes, cannot be a ``ca_file`` and is left out.
+    """
+    for name in CA_BUNDLE_VARIABLES:
+        value = environ.get(name, "")
+        if value:
+            return value if Path(value).is_file() else None
+    return None
+
+
 def config_tables(
     settings: RunnerSettings,
     *,
@@ -109,14 +131,17 @@ def config_tables(
 ) -> dict[str, dict[str, TomlValue]]:
     """The dc.toml content for these settings, as tables (without the key)."""
     policy = settings.policy
+    server: dict[str, TomlValue] = {
+        "url": settings.server_url,
+        "heartbeat_interval": settings.heartbeat_interval,
+        "request_timeout": settings.request_timeout,
+        "max_retries": settings.max_retries,
+        "allow_http_hosts": list(settings.allow_http_hosts),
+    }
+    if bundle := ca_bundle():
+        server["ca_file"] = bundle
     return {
-        "server": {
-            "url": settings.server_url,
-            "heartbeat_interval": settings.heartbeat_interval,
-            "request_timeout": settings.request_timeout,
-            "max_retries": settings.max_retries,
-            "allow_http_hosts": list(settings.allow_http_hosts),
-        },
+        "server": server,
         "django": {
             "project_dir": str(project_dir),
             "settings_module": settings_module,

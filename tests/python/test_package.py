@@ -196,7 +196,7 @@ def child_env(pythonpath: bool = True, **extra: str) -> dict[str, str]:
         if not name.startswith(
             ("DJANGOCOMMAND_", "DCSUPERVISOR_", "DJANGO_SETTINGS_MODULE")
         )
-        and name != "PYTHONPATH"
+        and name not in ("PYTHONPATH", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
     }
     if pythonpath:
         env["PYTHONPATH"] = str(PACKAGE_SRC)
@@ -395,6 +395,32 @@ def test_seed_optional_settings_become_the_supervisor_config(tmp_path):
     assert config["policy"]["allowed_commands"] == list(
         dict.fromkeys(DEFAULTS["allowed"])
     )
+
+
+@needs_tomllib
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
+def test_the_ca_bundle_requests_would_use_is_trusted_too(tmp_path, variable):
+    """A project that made the published runner (requests) trust a private
+    CA with REQUESTS_CA_BUNDLE needs nothing more: it becomes server.ca_file.
+    A directory (requests takes one too) cannot be a ca_file: left out."""
+    project = make_project(tmp_path / "site", 'DJANGOCOMMAND_API_KEY = "dc_x"\n')
+    bundle = tmp_path / "private-ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    code = (
+        "import django; django.setup()\n"
+        "from djangocommand import Runner\n"
+        "print(Runner.from_settings().config_text())\n"
+    )
+    for value, expected in ((bundle, str(bundle)), (tmp_path, None)):
+        result = run(
+            [TEST_PYTHON, "-c", code],
+            project,
+            child_env(
+                DJANGO_SETTINGS_MODULE="variant_settings", **{variable: str(value)}
+            ),
+        )
+        assert result.returncode == 0, result.stderr
+        assert tomllib.loads(result.stdout)["server"].get("ca_file") == expected
 
 
 # --- bad settings ------------------------------------------------------------------
