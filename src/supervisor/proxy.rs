@@ -217,6 +217,39 @@ mod tests {
         assert!(err.to_string().contains("HTTPS_PROXY is not a proxy URL"), "{err}");
     }
 
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_support::config(256))]
+
+        /// Whatever the environment holds (it is outside input too): a way
+        /// out or an error naming the variable, never a panic, and a
+        /// password never in what may be logged.
+        #[test]
+        fn any_proxy_environment_is_handled(
+            value in proptest::prop_oneof![
+                "[ -~]{0,40}",
+                "(http://)?[a-z]{1,8}@[a-z.]{1,10}(:[0-9]{1,5})?",
+                "(socks5|HTTPS|ftp)://[a-z]{1,5}@[a-z]{1,5}:[0-9]{1,4}",
+            ],
+            no_proxy in "[ -~]{0,30}",
+            password in "[a-z]{12}",
+        ) {
+            let with_password = value.replacen('@', &format!(":{password}@"), 1);
+            for proxy in [value.as_str(), with_password.as_str()] {
+                let env = [("HTTPS_PROXY", proxy), ("NO_PROXY", no_proxy.as_str())];
+                match egress("https://app.example.com", &env) {
+                    Ok(way) => {
+                        let text = format!("{} {way:?}", way.describe().unwrap_or_default());
+                        proptest::prop_assert!(!text.contains(&password), "{}", text);
+                    }
+                    Err(err) => {
+                        proptest::prop_assert_eq!(err.variable(), "HTTPS_PROXY");
+                        proptest::prop_assert!(!err.to_string().contains(&password));
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn credentials_never_show() {
         let way =
