@@ -1,0 +1,24 @@
+import atexit
+import logging
+import logging.handlers
+
+from django.apps import AppConfig
+
+from .logqueue import QUEUE
+
+# The logging cookbook's recipe: the listener's thread writes what the
+# QueueHandler queued to the file, and an exit handler stops it, which
+# writes what is still queued.
+LISTENER = None
+
+
+class IntegrationsConfig(AppConfig):
+    name = "integrations"
+
+    def ready(self) -> None:
+        global LISTENER
+        handler = logging.FileHandler("queued.log")
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        LISTENER = logging.handlers.QueueListener(QUEUE, handler)
+        LISTENER.start()
+        atexit.register(LISTENER.stop)

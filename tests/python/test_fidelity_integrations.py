@@ -1,0 +1,244 @@
+"""Fidelity with the integrations production projects run beside their
+commands: what they send and write is the same through dcsupervisor as under
+`python manage.py`, once each, nothing lost.
+
+examples/fidelity with its `integrations` app (FIDELITY_INTEGRATIONS=1):
+sentry-sdk (from PyPI) initialised in settings.py, reporting to a capture
+server this test runs on loopback, and logging to files in the current
+directory: a FileHandler, a RotatingFileHandler, and a QueueHandler whose
+QueueListener (started in ready(), stopped by an exit handler) writes from
+its thread. Each case runs three ways with fidelity.py's machinery (output,
+exit code, database, and the files: the logs), and what each way delivered
+to Sentry is compared too: every event manage.py sends must arrive, once,
+from the runner and from `exec`, and the runner's worker sends none of its
+own.
+"""
+
+import dataclasses
+import gzip
+import http.server
+import json
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import fidelity
+import pytest
+from fidelity import Case, case
+
+pytestmark = fidelity.NEEDS_BINARIES
+
+CASES: list[Case] = [
+    # Uncaught: a traceback, exit 1, and sentry-sdk's excepthook reports it.
+    case("sentry-crash", "sentry_crash"),
+    case("sentry-log-error", "sentry_log_error"),
+    case("sentry-message", "sentry_message", "--count", "3"),
+    # Sent nothing under manage.py: nothing through dcsupervisor either.
+    case("sentry-quiet", "check"),
+    # 30 lines: to the plain file, through two rotations, through the queue.
+    case("log-lines", "log_lines", "30"),
+]
+# The cases whose manage.py sends events (if none arrives, the set-up is broken).
+SENDING = {"sentry-crash", "sentry-log-error", "sentry-message"}
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegrationsProject(fidelity.Project):
+    """examples/fidelity, with its table in docs/fidelity.md named
+    `integrations`."""
+
+    @property
+    def directory(self) -> Path:
+        return fidelity.ROOT / "examples" / "fidelity"
+
+
+# --- a Sentry that records what it is sent -----------------------------------
+
+
+class Capture:
+    """An HTTP server on loopback that accepts Sentry envelopes (POST
+    /api/<project>/envelope/) and keeps their items, by project: each way
+    and case reports to a project of its own (its DSN), the runner's worker
+    to one for all its jobs."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.items: list[tuple[int, dict, dict]] = []  # project, header, payload
+        self.projects: dict[str, int] = {}
+        capture = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                project = int(self.path.split("/")[2])
+                capture.record(project, body)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = bind_loopback(Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def record(self, project: int, envelope: bytes) -> None:
+        lines = iter(envelope.split(b"\n")[1:])
+        with self.lock:
+            for line in lines:
+                if not line.strip():
+                    continue
+                header = json.loads(line)
+                payload = next(lines, b"")
+                if "length" in header:
+                    payload = payload[: header["length"]]
+                try:
+                    value = json.loads(payload)
+                except ValueError:
+                    value = {"<bytes>": len(payload)}
+                self.items.append((project, header, value))
+
+    def dsn(self, key: str) -> str:
+        with self.lock:
+            project = self.projects.setdefault(key, len(self.projects) + 1)
+        return f"http://public@127.0.0.1:{self.port}/{project}"
+
+    def sent(self, key: str) -> list[tuple[int, dict, dict]]:
+        project = self.projects.get(key)
+        with self.lock:
+            return [item for item in self.items if item[0] == project]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def bind_loopback(handler) -> http.server.ThreadingHTTPServer:
+    """A port in 43000-43999 (the range these tests may use)."""
+    ports = list(range(43000, 44000))
+    random.shuffle(ports)
+    for port in ports[:50]:
+        try:
+            return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        except OSError:
+            continue
+    raise OSError("no free port in 43000-43999")
+
+
+def summary(header: dict, event: dict) -> dict:
+    """What a Sentry item says, without what differs between two runs of
+    manage.py itself (ids, times, the machine, the interpreter's paths)."""
+    if header.get("type") != "event":
+        return {"type": header.get("type")}
+    argv = list(event.get("extra", {}).get("sys.argv", []))
+    if argv:
+        argv[0] = os.path.basename(argv[0])  # documented: always manage.py
+    exceptions = [
+        {
+            "type": e.get("type"),
+            "value": e.get("value"),
+            "mechanism": e.get("mechanism"),
+            "frames": [
+                (f.get("module"), f.get("function"))
+                for f in e.get("stacktrace", {}).get("frames", [])
+            ],
+        }
+        for e in event.get("exception", {}).get("values", [])
+    ]
+    breadcrumbs = [
+        (b.get("category"), b.get("level"), b.get("message"))
+        for b in event.get("breadcrumbs", {}).get("values", [])
+    ]
+    return {
+        "type": "event",
+        "level": event.get("level"),
+        "logger": event.get("logger"),
+        "message": event.get("message")
+        or event.get("logentry", {}).get("formatted")
+        or event.get("logentry", {}).get("message"),
+        "exception": exceptions,
+        "breadcrumbs": breadcrumbs,
+        "argv": argv,
+    }
+
+
+# --- the test ----------------------------------------------------------------
+
+
+class Database(fidelity.SQLite):
+    """SQLite, and a DSN of its own for each way and case (and one for the
+    runner's worker)."""
+
+    def __init__(self, workdir: Path, project, capture: Capture):
+        self.capture = capture
+        super().__init__(workdir, project)
+
+    def fresh(self, directory: Path, key: str, blank=False) -> dict[str, str]:
+        return super().fresh(directory, key, blank) | {
+            "FIDELITY_SENTRY_DSN": self.capture.dsn(key)
+        }
+
+
+@pytest.fixture
+def capture():
+    server = Capture()
+    yield server
+    server.close()
+
+
+def test_cases_are_named_once():
+    fidelity.check_cases_are_named_once(project_with(None))
+
+
+def project_with(capture: Capture | None) -> IntegrationsProject:
+    env = {"FIDELITY_INTEGRATIONS": "1"}
+    if capture is not None:
+        env["FIDELITY_SENTRY_DSN"] = capture.dsn("template")
+    return IntegrationsProject(
+        name="integrations",
+        settings="fidelity_site.settings",
+        cases=tuple(CASES),
+        template_steps=(("migrate", "-v", "0"),),
+        env=tuple(env.items()),
+    )
+
+
+def test_integrations_send_and_write_as_manage_py_does(tmp_path, capture):
+    project = project_with(capture)
+    (tmp_path / "sqlite").mkdir()
+    database = Database(tmp_path / "sqlite", project, capture)
+    results = fidelity.every_case_three_ways(tmp_path, database)
+    fidelity.check_against_the_list(
+        database.cases(), results, fidelity.allowed_differences(project)
+    )
+
+    # The runner's jobs have flushed before they reported their end; a
+    # moment more for anything stray (the worker's own, a second send).
+    time.sleep(0.5)
+    runner_sent = [summary(h, p) for _, h, p in capture.sent("runner")]
+    problems = []
+    for c in CASES:
+        expected = [summary(h, p) for _, h, p in capture.sent(f"{c.name}.manage.py")]
+        if c.name in SENDING:
+            assert expected, f"{c.name}: manage.py sent nothing: the test is broken"
+        argv = ["manage.py", *c.args]
+        seen = {
+            "exec": [summary(h, p) for _, h, p in capture.sent(f"{c.name}.exec")],
+            "runner": [s for s in runner_sent if s.get("argv") == argv],
+        }
+        for way, got in seen.items():
+            if got != expected:
+                problems.append(
+                    f"{c.name} via {way} sent to Sentry:\n  {got}\n"
+                    f"manage.py sent:\n  {expected}"
+                )
+    argvs = [["manage.py", *c.args] for c in CASES]
+    stray = [s for s in runner_sent if s.get("argv") not in argvs]
+    if stray:
+        problems.append(f"the runner sent events of no job: {stray}")
+    assert not problems, "\n\n".join(problems)
