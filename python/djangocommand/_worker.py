@@ -39,6 +39,7 @@ import stat
 import struct
 import sys
 import threading
+import time
 import traceback
 import warnings
 import weakref
@@ -450,10 +451,14 @@ def _prefork_setup(worker_fds: list[int]) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     random.seed()
+    _stop_recording_exit_handlers()
     if not _ONE_JOB:
-        # Exit handlers registered in the worker belong to the worker.
+        # Exit handlers registered in the worker belong to the worker, but
+        # for those that flush what this process itself holds.
         atexit._clear()
+        _per_process_exit_handlers()
         _finalizers_at_exit()
+    _restart_queue_listeners()
     _see_the_whole_heap()
     _show_warnings_where_manage_py_would()
     _refuse_other_settings()
@@ -470,9 +475,11 @@ def _above_stdio(channel: socket.socket) -> socket.socket:
 
 
 def _job_setup(stdio_fds: list[int], limits: dict) -> None:
-    """Job time: the steps that depend on the job (its stdio, its limits)."""
+    """Job time: the steps that depend on the job (its stdio, its limits,
+    the log files as they are now)."""
     _install_stdio(*stdio_fds)
     _rebuild_std_streams()
+    _reopen_log_files()
     _apply_limits(limits)
 
 
@@ -721,6 +728,152 @@ def _finalizers_at_exit() -> None:
             info.atexit = False
         atexit.register(weakref.finalize._exitfunc)
         weakref.finalize._registered_with_atexit = True
+
+
+# ---------------------------------------------------------------------------
+# What integrations keep per process. A fresh `manage.py` starts the threads
+# its import starts, opens its log files, and at exit runs the handlers that
+# flush what it buffered. A fork has no thread but its own, log files as
+# the worker opened them (maybe rotated or removed since), and the worker's
+# exit handlers, which the job forgets. So a job restarts the logging
+# queue listeners that ran in the worker (their thread writes the records
+# a QueueHandler queues), reopens the files of the logging handlers, and runs
+# at its end the exit handlers of its import that flush its own state:
+# sentry-sdk's (its transport thread sends the queued events) and the queue
+# listeners' stop. sentry-sdk restarts its own threads in a fork (it checks
+# the pid), so nothing else is needed for it.
+# ---------------------------------------------------------------------------
+
+# Exit handlers registered while the worker imported the project, in order:
+# (function, args, kwargs). atexit keeps no list one could read.
+_IMPORT_EXIT_HANDLERS: list[tuple] = []
+_ATEXIT_REGISTER = atexit.register
+_ATEXIT_UNREGISTER = atexit.unregister
+# The exit handlers that flush what the process itself holds, by
+# "module.qualname": a job runs them at its end, as manage.py would.
+_PER_PROCESS_EXIT_HANDLERS = frozenset(
+    {
+        # sentry_sdk.init()'s AtexitIntegration: client.close() waits (up to
+        # shutdown_timeout) for the transport's thread to send the queue.
+        "sentry_sdk.integrations.atexit.AtexitIntegration.setup_once.<locals>._shutdown",
+    }
+)
+# The QueueListeners whose thread ran in the worker when it forked.
+_LISTENERS_AT_FORK: list = []
+
+
+def _record_exit_handlers() -> None:
+    """Start-up: keeps a list of the exit handlers the project registers."""
+
+    def register(func, *args, **kwargs):
+        _IMPORT_EXIT_HANDLERS.append((func, args, kwargs))
+        return _ATEXIT_REGISTER(func, *args, **kwargs)
+
+    def unregister(func) -> None:
+        _IMPORT_EXIT_HANDLERS[:] = [h for h in _IMPORT_EXIT_HANDLERS if h[0] != func]
+        _ATEXIT_UNREGISTER(func)
+
+    register.__doc__, unregister.__doc__ = (
+        _ATEXIT_REGISTER.__doc__,
+        _ATEXIT_UNREGISTER.__doc__,
+    )
+    atexit.register, atexit.unregister = register, unregister
+
+
+def _stop_recording_exit_handlers() -> None:
+    atexit.register, atexit.unregister = _ATEXIT_REGISTER, _ATEXIT_UNREGISTER
+
+
+def _per_process_exit_handlers() -> None:
+    """Registers again, in their order, the exit handlers of the import that
+    flush what the job holds: sentry-sdk's, and the ``stop`` of the queue
+    listeners the job restarts (which writes what is still queued)."""
+    for func, args, kwargs in _IMPORT_EXIT_HANDLERS:
+        if _flushes_own_state(func):
+            atexit.register(func, *args, **kwargs)
+
+
+def _flushes_own_state(func) -> bool:
+    name = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', '')}"
+    if name in _PER_PROCESS_EXIT_HANDLERS:
+        return True
+    owner = getattr(func, "__self__", None)
+    return getattr(func, "__name__", "") == "stop" and any(
+        owner is listener for listener in _LISTENERS_AT_FORK
+    )
+
+
+def _running_queue_listeners() -> list:
+    """The worker's logging QueueListeners whose thread is running."""
+    import logging.handlers
+
+    found = []
+    for thread in threading.enumerate():
+        owner = getattr(getattr(thread, "_target", None), "__self__", None)
+        if (
+            isinstance(owner, logging.handlers.QueueListener)
+            and getattr(owner, "_thread", None) is thread
+        ):
+            found.append(owner)
+    return found
+
+
+def _restart_queue_listeners() -> None:
+    """Each listener gets its thread again, as in a fresh process. What its
+    queue held at the fork is the worker's to write, not the job's; its
+    locks are made anew, since the worker's thread may have held one."""
+    import queue as queue_module
+
+    for listener in _LISTENERS_AT_FORK:
+        pending = listener.queue
+        if type(pending) in (
+            queue_module.Queue,
+            queue_module.LifoQueue,
+            queue_module.PriorityQueue,
+        ):
+            pending.mutex = threading.Lock()
+            pending.not_empty = threading.Condition(pending.mutex)
+            pending.not_full = threading.Condition(pending.mutex)
+            pending.all_tasks_done = threading.Condition(pending.mutex)
+            pending.queue.clear()
+            pending.unfinished_tasks = 0
+        listener._thread = None
+        with contextlib.suppress(Exception):
+            listener.start()
+
+
+def _reopen_log_files() -> None:
+    """Job time: the files of the logging handlers opened again, as a fresh
+    process opens them now (a file rotated or removed since the worker
+    opened it would otherwise keep the job's lines; one opened with mode
+    "w" is emptied, as each run of manage.py empties it). A time-rotating
+    handler computes its next rollover anew, from the file, as its
+    constructor does. Django configures logging again in the job's
+    django.setup(), which opens the files of LOGGING's handlers once more;
+    this is for the handlers made elsewhere (in a ready(), say)."""
+    import logging.handlers
+
+    for ref in list(getattr(logging, "_handlerList", ())):
+        handler = ref()
+        if not isinstance(handler, logging.FileHandler) or handler.stream is None:
+            continue
+        handler.acquire()
+        try:
+            old, handler.stream = handler.stream, None
+            with contextlib.suppress(Exception):
+                old.close()  # the job's copy of the descriptor only
+            with contextlib.suppress(Exception):
+                handler.stream = handler._open()
+                if isinstance(handler, logging.handlers.WatchedFileHandler):
+                    handler._statstream()
+                if isinstance(handler, logging.handlers.TimedRotatingFileHandler):
+                    path = handler.baseFilename
+                    since = os.stat(path).st_mtime if os.path.exists(path) else None
+                    handler.rolloverAt = handler.computeRollover(
+                        int(since if since is not None else time.time())
+                    )
+        finally:
+            handler.release()
 
 
 # The gc functions that walk the heap, which gc.freeze() hides from them.
@@ -1053,8 +1206,29 @@ def _system_exit_status(exc: SystemExit) -> int:
 
 
 def _print_exception(exc: BaseException) -> None:
+    """What CPython does with an uncaught exception (``PyErr_Print``): it
+    sets ``sys.last_*`` and hands the exception to ``sys.excepthook``,
+    which error trackers replace (sentry-sdk's reports it, then prints it
+    through the hook it replaced); the default hook prints the traceback.
+    A hook that fails is reported as CPython reports it."""
+    # As under manage.py, the exception's traceback starts in manage.py (the
+    # default hook prints the exception's own, not the one it is given).
+    tb = _from_manage_py(exc.__traceback__)
+    exc.__traceback__ = tb
+    sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
+    hook = getattr(sys, "excepthook", None)
     with contextlib.suppress(Exception):
-        traceback.print_exception(type(exc), exc, _from_manage_py(exc.__traceback__))
+        if hook is None:
+            sys.stderr.write("sys.excepthook is missing\n")
+            traceback.print_exception(type(exc), exc, tb)
+            return
+        try:
+            hook(type(exc), exc, tb)
+        except BaseException as failed:  # noqa: BLE001 - reported, as CPython does
+            sys.stderr.write("Error in sys.excepthook:\n")
+            traceback.print_exception(type(failed), failed, failed.__traceback__)
+            sys.stderr.write("\nOriginal exception was:\n")
+            traceback.print_exception(type(exc), exc, tb)
 
 
 def _from_manage_py(tb):
@@ -1349,7 +1523,11 @@ def _describe_fd(fd: int) -> str:
 
 
 def _thread_hazards() -> list[dict]:
-    threads = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    threads = [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not _restarted_in_a_fork(t)
+    ]
     hazards = [
         _hazard(
             "Thread", f"thread {t.name!r} ({type(t).__module__}.{type(t).__name__})"
@@ -1363,6 +1541,16 @@ def _thread_hazards() -> list[dict]:
                 _hazard("Thread", f"{native} thread(s) started outside Python")
             )
     return hazards
+
+
+def _restarted_in_a_fork(thread: threading.Thread) -> bool:
+    """Threads a job gets again: a logging QueueListener's (the job restarts
+    it) and sentry-sdk's (it restarts them itself, by pid)."""
+    if any(thread is listener._thread for listener in _running_queue_listeners()):
+        return True
+    target = getattr(thread, "_target", None)
+    module = getattr(target, "__module__", None) or ""
+    return module.startswith("sentry_sdk.")
 
 
 def shared_random_generators() -> list[str]:
@@ -1703,6 +1891,7 @@ class Worker:
         _flush(sys.stdout)
         _flush(sys.stderr)
         plan = self._page_plan(on_demand=bool(job_fds))
+        _LISTENERS_AT_FORK[:] = _running_queue_listeners()
         gc.freeze()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Blocked until the child has reset its handlers: a signal meant for
@@ -2070,6 +2259,7 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=int(os.environ.pop(WORKER_FD_ENV, "3")))
     sock.set_inheritable(False)
     setup_only = _take_setup_env()
+    _record_exit_handlers()
     try:
         django = _setup_django(args.project_dir, args.settings)
     except BaseException:  # noqa: BLE001 - the supervisor must hear why
