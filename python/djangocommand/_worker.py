@@ -459,6 +459,7 @@ def _prefork_setup(worker_fds: list[int]) -> None:
         _per_process_exit_handlers()
         _finalizers_at_exit()
     _restart_queue_listeners()
+    _forget_the_workers_sentry_queue()
     _see_the_whole_heap()
     _show_warnings_where_manage_py_would()
     _refuse_other_settings()
@@ -479,6 +480,7 @@ def _job_setup(stdio_fds: list[int], limits: dict) -> None:
     the log files as they are now)."""
     _install_stdio(*stdio_fds)
     _rebuild_std_streams()
+    _rebind_std_stream_handlers()
     _reopen_log_files()
     _apply_limits(limits)
 
@@ -842,15 +844,117 @@ def _restart_queue_listeners() -> None:
             listener.start()
 
 
+def _sentry_transport():
+    """sentry-sdk's transport, if the project initialised it (None else)."""
+    sentry = sys.modules.get("sentry_sdk")
+    if sentry is None:
+        return None
+    try:
+        return sentry.get_client().transport
+    except Exception:  # noqa: BLE001 - whatever its version has
+        return None
+
+
+def _forget_the_workers_sentry_queue() -> None:
+    """A job's sentry-sdk transport as a fresh process has it. Its queue of
+    events (which its thread, restarted by sentry-sdk in a fork, sends)
+    starts empty: what the worker had queued when it forked (an error logged
+    by the project's import) is the worker's to send, and the job would send
+    it a second time. Its connections are its own: the worker's, should one
+    be open, must not carry the job's requests."""
+    transport = _sentry_transport()
+    if transport is None:
+        return
+    with contextlib.suppress(Exception):
+        worker = getattr(transport, "_worker", None)
+        pending = getattr(worker, "_queue", None)
+        if pending is not None and hasattr(pending, "maxsize"):
+            worker._queue = type(pending)(pending.maxsize)
+            worker._lock = threading.Lock()
+    with contextlib.suppress(Exception):
+        if getattr(transport, "_pool", None) is not None:
+            transport._pool = transport._make_pool()
+
+
+# How long the worker waits for its own events to reach Sentry before it
+# looks for sockets (a job waits meanwhile; past it, the job is spawned).
+_SENTRY_SEND_WAIT = 1.0  # seconds
+
+
+def _close_idle_sentry_connections() -> None:
+    """The worker's own connections to Sentry (open while it sends what the
+    project's import reported, such as an error logged in a ready(), and
+    kept alive after) are sockets, which keep jobs from being forked: the
+    worker lets its transport's thread finish sending (for at most
+    _SENTRY_SEND_WAIT), then closes the idle connections before it looks
+    for sockets. One still sending after that is counted."""
+    transport = _sentry_transport()
+    with contextlib.suppress(Exception):
+        worker = getattr(transport, "_worker", None)
+        if getattr(worker, "is_alive", False):
+            worker._timed_queue_join(_SENTRY_SEND_WAIT)
+    with contextlib.suppress(Exception):
+        pool = getattr(transport, "_pool", None)
+        if pool is not None and hasattr(pool, "clear"):
+            pool.clear()
+
+
+@contextlib.contextmanager
+def _logging_configured_already():
+    """The job's first ``django.setup()`` leaves logging as the worker
+    configured it: the worker did so before importing the apps, as
+    ``manage.py`` does. Doing it again would take every logger the apps and
+    the commands made since (module-level ``getLogger(__name__)``) for one
+    that existed before the configuration, as ``manage.py``'s never does:
+    dictConfig disables those (``disable_existing_loggers``, True unless
+    LOGGING says otherwise), resets those below a configured logger, and
+    closes every handler made since (a ready()'s). What the configuration
+    opened and bound is made the job's at job time instead
+    (``_reopen_log_files``, ``_rebind_std_stream_handlers``)."""
+    from django.utils import log
+
+    configure = log.configure_logging
+    log.configure_logging = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        log.configure_logging = configure
+
+
+def _rebind_std_stream_handlers() -> None:
+    """Job time: a logging StreamHandler made in the worker on its stdout or
+    stderr (Django's ``console``: ``StreamHandler()`` takes sys.stderr) writes
+    to the job's, as the one ``manage.py`` made writes to its own."""
+    retired = {}
+    for stream in _RETIRED_STREAMS:
+        with contextlib.suppress(Exception):
+            fd = stream.fileno()
+            if fd in (1, 2):
+                retired[id(stream)] = "stdout" if fd == 1 else "stderr"
+    for ref in list(getattr(logging, "_handlerList", ())):
+        handler = ref()
+        stream = getattr(handler, "stream", None)
+        if not isinstance(handler, logging.StreamHandler) or stream is None:
+            continue
+        # Made while the worker recorded its set-up's output: the recorder.
+        inner = getattr(stream, "_dcsupervisor_stream", stream)
+        name = retired.get(id(inner))
+        if name is not None and getattr(sys, name) is not None:
+            handler.acquire()
+            try:
+                handler.stream = getattr(sys, name)
+            finally:
+                handler.release()
+
+
 def _reopen_log_files() -> None:
     """Job time: the files of the logging handlers opened again, as a fresh
     process opens them now (a file rotated or removed since the worker
     opened it would otherwise keep the job's lines; one opened with mode
     "w" is emptied, as each run of manage.py empties it). A time-rotating
     handler computes its next rollover anew, from the file, as its
-    constructor does. Django configures logging again in the job's
-    django.setup(), which opens the files of LOGGING's handlers once more;
-    this is for the handlers made elsewhere (in a ready(), say)."""
+    constructor does. LOGGING's handlers and those made elsewhere (in a
+    ready(), say) alike: the job does not configure logging again."""
     import logging.handlers
 
     for ref in list(getattr(logging, "_handlerList", ())):
@@ -1016,7 +1120,8 @@ def _show_warnings_where_manage_py_would() -> None:
 
     def setup_then_warn(*args, **kwargs):
         django.setup = setup
-        setup(*args, **kwargs)
+        with _logging_configured_already():
+            setup(*args, **kwargs)
         _show_recorded("setup")
 
     def load_command_class_then_warn(app_name, name):
@@ -1459,6 +1564,7 @@ _STARTUP_FDS: set[int] = set()
 
 def fork_hazards(own_fds: set[int], shared_randoms: list[str]) -> list[dict]:
     """``ForkHazard`` values for the worker as it is now."""
+    _close_idle_sentry_connections()
     hazards = _descriptor_hazards(own_fds) + _thread_hazards()
     hazards += [_hazard("SharedRandom", where) for where in shared_randoms]
     return hazards
@@ -1523,16 +1629,13 @@ def _describe_fd(fd: int) -> str:
 
 
 def _thread_hazards() -> list[dict]:
-    threads = [
-        t
-        for t in threading.enumerate()
-        if t is not threading.main_thread() and not _restarted_in_a_fork(t)
-    ]
+    threads = [t for t in threading.enumerate() if t is not threading.main_thread()]
     hazards = [
         _hazard(
             "Thread", f"thread {t.name!r} ({type(t).__module__}.{type(t).__name__})"
         )
         for t in threads
+        if not _restarted_in_a_fork(t)
     ]
     with contextlib.suppress(OSError):
         native = len(os.listdir("/proc/self/task")) - 1 - len(threads)

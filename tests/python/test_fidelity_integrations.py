@@ -242,3 +242,87 @@ def test_integrations_send_and_write_as_manage_py_does(tmp_path, capture):
     if stray:
         problems.append(f"the runner sent events of no job: {stray}")
     assert not problems, "\n\n".join(problems)
+
+
+def run_on(runner: fidelity.Runner, *args: str) -> dict:
+    """One job on the runner, in its directory as it is (not made afresh)."""
+    execution_id = runner.plane.queue(args[0], " ".join(args[1:]))
+    return fidelity.wait_for(
+        lambda: runner.plane.ended(execution_id), fidelity.TIMEOUT, args[0], 0.05
+    )
+
+
+def test_a_log_file_rotated_away_between_jobs_gets_the_next_jobs_lines(
+    tmp_path, capture
+):
+    """logrotate (without copytruncate) renames the log file; the next
+    manage.py opens a new one. So does the runner's next job, though its
+    worker opened the files before: the FileHandler of the settings' LOGGING
+    and the one a ready() made for the queue listener."""
+    project = project_with(capture)
+    (tmp_path / "sqlite").mkdir()
+    database = Database(tmp_path / "sqlite", project, capture)
+    (tmp_path / "runner").mkdir()
+    runner = fidelity.Runner(tmp_path / "runner", database)
+    modules = (
+        "INFO jobs.commands from the command module's logger\n"
+        "INFO jobs.models from the models module's logger\n"
+    )
+    logs = {
+        "integrations.log": ("INFO integrations ", modules),
+        "queued.log": ("INFO ", ""),
+    }
+    try:
+        assert run_on(runner, "log_lines", "2")["exit_code"] == 0
+        for name in logs:
+            (runner.directory / name).rename(runner.directory / f"{name}.old")
+        assert run_on(runner, "log_lines", "1")["exit_code"] == 0
+    finally:
+        runner.close()
+    for name, (prefix, end) in logs.items():
+        old = (runner.directory / f"{name}.old").read_text()
+        assert old == f"{prefix}line 1 of 2\n{prefix}line 2 of 2\n{end}", name
+        new = (runner.directory / name).read_text()
+        assert new == f"{prefix}line 1 of 1\n{end}", name
+
+
+def test_what_the_import_reports_is_sent_once_by_the_worker(tmp_path, capture):
+    """An error logged in a ready() (FIDELITY_READY_ERROR): every manage.py
+    sends it, since every manage.py imports the project. The worker imported
+    it once, so the worker sends it, once (documented in docs/fidelity.md);
+    no job sends it again, and jobs are still forked (the worker's
+    connection to Sentry is closed before the next fork)."""
+    project = dataclasses.replace(
+        project_with(capture),
+        env=project_with(capture).env + (("FIDELITY_READY_ERROR", "1"),),
+    )
+    (tmp_path / "sqlite").mkdir()
+    database = Database(tmp_path / "sqlite", project, capture)
+    check = case("check", "check")
+    config = fidelity.exec_config(tmp_path, project)
+    for way, argv in fidelity.local_ways(config, project).items():
+        directory, env = fidelity.fresh_dir(tmp_path, way, database)
+        outcome = fidelity.run_local(argv, check, directory, env, database)
+        assert outcome.exit == 0, outcome.stderr
+    (tmp_path / "runner").mkdir()
+    runner = fidelity.Runner(tmp_path / "runner", database)
+    try:
+        for _ in range(3):
+            assert run_on(runner, "check")["exit_code"] == 0
+    finally:
+        runner.close()
+    log = fidelity.read_logs(tmp_path / "runner")
+    time.sleep(0.5)
+
+    def startup_errors(key: str) -> list[list[str]]:
+        return [
+            s["argv"][:1]
+            for s in (summary(h, p) for _, h, p in capture.sent(key))
+            if s.get("message") == "an error at start-up"
+        ]
+
+    assert startup_errors("manage.py") == [["manage.py"]]
+    # The worker's own command line (`python -`), not a job's.
+    assert startup_errors("exec") == [["-"]]
+    assert startup_errors("runner") == [["-"]]
+    assert "fresh manage.py" not in log and "fork hazard" not in log, log

@@ -59,7 +59,9 @@ if os.environ.get("FIDELITY_INTEGRATIONS"):
     )
     LOGGING = {
         "version": 1,
-        "disable_existing_loggers": False,
+        # dictConfig's default: the loggers that exist when it runs are
+        # disabled (not those made later, when the apps are imported).
+        "disable_existing_loggers": True,
         "formatters": {"plain": {"format": "%(levelname)s %(name)s %(message)s"}},
         "handlers": {
             "file": {
@@ -79,6 +81,7 @@ if os.environ.get("FIDELITY_INTEGRATIONS"):
                 "queue": "ext://integrations.logqueue.QUEUE",
             },
         },
+        "root": {"handlers": ["file"], "level": "INFO"},
         "loggers": {
             "integrations": {
                 "handlers": ["file", "rotating", "queue"],

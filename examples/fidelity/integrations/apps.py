@@ -1,6 +1,7 @@
 import atexit
 import logging
 import logging.handlers
+import os
 
 from django.apps import AppConfig
 
@@ -22,3 +23,6 @@ class IntegrationsConfig(AppConfig):
         LISTENER = logging.handlers.QueueListener(QUEUE, handler)
         LISTENER.start()
         atexit.register(LISTENER.stop)
+        if os.environ.get("FIDELITY_READY_ERROR"):
+            # What the import sends: under manage.py, every run sends it.
+            logging.getLogger("fidelity.startup").error("an error at start-up")

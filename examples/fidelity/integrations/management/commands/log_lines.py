@@ -2,7 +2,12 @@ import logging
 
 from django.core.management.base import BaseCommand
 
+from integrations import models
+
 logger = logging.getLogger("integrations")
+# Made when the command is loaded, after logging was configured; LOGGING
+# names neither it nor its parents, and disables the loggers that existed.
+module_logger = logging.getLogger("jobs.commands")
 
 
 class Command(BaseCommand):
@@ -14,4 +19,6 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         for i in range(options["count"]):
             logger.info("line %d of %d", i + 1, options["count"])
+        module_logger.info("from the command module's logger")
+        models.logger.info("from the models module's logger")
         self.stdout.write("logged")
