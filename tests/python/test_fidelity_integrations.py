@@ -258,6 +258,10 @@ def run_on(runner: fidelity.Runner, *args: str) -> dict:
     )
 
 
+# Seconds between two rollovers of timed.log (a TimedRotatingFileHandler).
+TIMED_INTERVAL = 3
+
+
 @pytest.fixture(scope="module")
 def reporting_import(tmp_path_factory, made):
     """The project whose ready() logs an error (FIDELITY_READY_ERROR), a
@@ -269,7 +273,11 @@ def reporting_import(tmp_path_factory, made):
     database.capture = server
     database.project = dataclasses.replace(
         database.project,
-        env=(*database.project.env, ("FIDELITY_READY_ERROR", "1")),
+        env=(
+            *database.project.env,
+            ("FIDELITY_READY_ERROR", "1"),
+            ("FIDELITY_TIMED_LOG", str(TIMED_INTERVAL)),
+        ),
     )
     (workdir / "runner").mkdir()
     runner = fidelity.Runner(workdir / "runner", database)
@@ -338,3 +346,26 @@ def test_what_the_import_reports_is_sent_once_by_the_worker(reporting_import):
     assert startup_errors("runner") == [["-"]]
     log = fidelity.read_logs(workdir / "runner")
     assert "fresh manage.py" not in log and "fork hazard" not in log, log
+
+
+def test_a_time_rotated_log_is_rolled_over_by_one_job_only(reporting_import):
+    """A TimedRotatingFileHandler computes when to roll over when it is made
+    (from the file's time), and again after each rollover, in the process
+    that rolled over. The worker made it: once that time had passed, every
+    job rolled the log over again, to the same name, removing the file the
+    job before had made, lines and all. A job computes it afresh, from the
+    file, as manage.py does: every line is kept, once, in order."""
+    *_, runner = reporting_import
+    timed = runner.directory / "timed.log"
+    # The worker's time to roll over has passed.
+    time.sleep(max(0.0, timed.stat().st_mtime + TIMED_INTERVAL + 0.2 - time.time()))
+    for count in (3, 4, 5):
+        assert run_on(runner, "log_lines", str(count))["exit_code"] == 0
+    logs = sorted(runner.directory.glob("timed.log.*")) + [timed]
+    lines = [line for log in logs for line in log.read_text().splitlines()]
+    ours = [
+        f"INFO integrations line {i} of {count}"
+        for count in (3, 4, 5)
+        for i in range(1, count + 1)
+    ]
+    assert [line for line in lines if line in ours] == ours, lines
