@@ -899,26 +899,132 @@ def _close_idle_sentry_connections() -> None:
             pool.clear()
 
 
+# Logging as it was once the worker configured it (django.setup() does so
+# before importing the apps): (each logger's state by name, the handlers).
+_LOGGING_AT_CONFIGURATION: tuple[dict, list] | None = None
+
+
+def _loggers() -> dict:
+    manager = logging.root.manager
+    found = {"": logging.root}
+    for name, logger in list(manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger):
+            found[name] = logger
+    return found
+
+
+def _logging_state() -> dict:
+    return {
+        name: (logger.level, logger.propagate, logger.disabled, list(logger.handlers))
+        for name, logger in _loggers().items()
+    }
+
+
 @contextlib.contextmanager
-def _logging_configured_already():
-    """The job's first ``django.setup()`` leaves logging as the worker
-    configured it: the worker did so before importing the apps, as
-    ``manage.py`` does. Doing it again would take every logger the apps and
-    the commands made since (module-level ``getLogger(__name__)``) for one
-    that existed before the configuration, as ``manage.py``'s never does:
-    dictConfig disables those (``disable_existing_loggers``, True unless
-    LOGGING says otherwise), resets those below a configured logger, and
-    closes every handler made since (a ready()'s). What the configuration
-    opened and bound is made the job's at job time instead
-    (``_reopen_log_files``, ``_rebind_std_stream_handlers``)."""
+def _noting_the_logging_configuration():
+    """Worker start-up: notes logging's state once Django configured it."""
     from django.utils import log
 
     configure = log.configure_logging
-    log.configure_logging = lambda *args, **kwargs: None
+
+    def configure_and_note(*args, **kwargs):
+        global _LOGGING_AT_CONFIGURATION
+        configure(*args, **kwargs)
+        handlers = [ref() for ref in list(getattr(logging, "_handlerList", ()))]
+        _LOGGING_AT_CONFIGURATION = (
+            _logging_state(),
+            [h for h in handlers if h is not None],
+        )
+
+    log.configure_logging = configure_and_note
     try:
         yield
     finally:
         log.configure_logging = configure
+
+
+@contextlib.contextmanager
+def _configuring_logging_as_manage_py():
+    """The job's ``django.setup()`` configures logging again, as
+    ``manage.py``'s does, so LOGGING's handlers are the job's own (their
+    files opened now, their threads running, their streams the job's). But
+    ``manage.py`` configures it before importing the apps, and the worker
+    made loggers and handlers since (a command's or a models.py's
+    module-level ``getLogger(__name__)``, a handler a ready() made or
+    attached): dictConfig would take those loggers for ones that existed
+    before it (disable them, unless LOGGING says
+    ``disable_existing_loggers: False``; reset those below a configured
+    one) and close those handlers. So the configuration does not see the
+    handlers made since, and what was made or changed since the worker's
+    configuration is as it was once the configuration is done."""
+    from django.utils import log
+
+    configure = log.configure_logging
+
+    def configure_as_manage_py(*args, **kwargs):
+        if _LOGGING_AT_CONFIGURATION is None:
+            return configure(*args, **kwargs)
+        at_configuration, configured = _LOGGING_AT_CONFIGURATION
+        before = _logging_state()
+        refs = list(getattr(logging, "_handlerList", ()))
+        since = [r for r in refs if r() is not None and not _among(r(), configured)]
+        with logging._lock:
+            logging._handlerList[:] = [r for r in refs if r not in since]
+        try:
+            return configure(*args, **kwargs)
+        finally:
+            with logging._lock:
+                logging._handlerList.extend(since)
+            made_since = [r() for r in since]
+            _restore_what_was_made_since(before, at_configuration, made_since)
+
+    log.configure_logging = configure_as_manage_py
+    try:
+        yield
+    finally:
+        log.configure_logging = configure
+
+
+def _among(handler, handlers) -> bool:
+    return any(handler is other for other in handlers)
+
+
+def _restore_what_was_made_since(
+    before: dict, at_configuration: dict, made_since: list
+) -> None:
+    """After the job's configuration: a logger made since the worker's is as
+    it was (manage.py's configuration never saw it); one that existed gets
+    back what was changed since (its level, say) and the handlers made since
+    that it had. A handler of the configuration a logger made since had is
+    replaced by the new one of the same name."""
+    configured_now = getattr(logging, "_handlers", {})
+    loggers = _loggers()
+    for name, (level, propagate, disabled, handlers) in before.items():
+        logger = loggers.get(name)
+        if logger is None:
+            continue
+        then = at_configuration.get(name)
+        if then is None:
+            logger.level, logger.propagate, logger.disabled = level, propagate, disabled
+            wanted = []
+            for handler in handlers:
+                if not _among(handler, made_since):
+                    handler = configured_now.get(handler.name)
+                if handler is not None and not _among(handler, wanted):
+                    wanted.append(handler)
+            logger.handlers = wanted
+            continue
+        if level != then[0]:
+            logger.level = level
+        if propagate != then[1]:
+            logger.propagate = propagate
+        if disabled != then[2]:
+            logger.disabled = disabled
+        for handler in handlers:
+            if _among(handler, made_since) and not _among(handler, logger.handlers):
+                logger.addHandler(handler)
+    with contextlib.suppress(AttributeError):
+        logging.root.manager._clear_cache()
 
 
 def _rebind_std_stream_handlers() -> None:
@@ -953,8 +1059,9 @@ def _reopen_log_files() -> None:
     opened it would otherwise keep the job's lines; one opened with mode
     "w" is emptied, as each run of manage.py empties it). A time-rotating
     handler computes its next rollover anew, from the file, as its
-    constructor does. LOGGING's handlers and those made elsewhere (in a
-    ready(), say) alike: the job does not configure logging again."""
+    constructor does. For the handlers made elsewhere than in LOGGING (in a
+    ready(), say), and for all when the job never sets Django up (the
+    job's django.setup() makes LOGGING's anew)."""
     import logging.handlers
 
     for ref in list(getattr(logging, "_handlerList", ())):
@@ -1120,7 +1227,7 @@ def _show_warnings_where_manage_py_would() -> None:
 
     def setup_then_warn(*args, **kwargs):
         django.setup = setup
-        with _logging_configured_already():
+        with _configuring_logging_as_manage_py():
             setup(*args, **kwargs)
         _show_recorded("setup")
 
@@ -2343,7 +2450,8 @@ def _setup_django(project_dir: str, settings: str | None):
         import django
         from django.db import connections
 
-        django.setup()
+        with _noting_the_logging_configuration():
+            django.setup()
     # Nothing set up here should be shared with the children through a fork.
     connections.close_all()
     gc.freeze()

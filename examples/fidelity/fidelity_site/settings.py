@@ -89,11 +89,17 @@ if os.environ.get("FIDELITY_INTEGRATIONS"):
                 "class": "logging.handlers.QueueHandler",
                 "queue": "ext://integrations.logqueue.QUEUE",
             },
+            # Ships from a thread its constructor starts.
+            "shipping": {
+                "()": "integrations.shipping.ShippingHandler",
+                "filename": "shipped.log",
+                "formatter": "plain",
+            },
         },
         "root": {"handlers": ["file"], "level": "INFO"},
         "loggers": {
             "integrations": {
-                "handlers": ["file", "rotating", "queue"],
+                "handlers": ["file", "rotating", "queue", "shipping"],
                 "level": "INFO",
                 "propagate": False,
             }
