@@ -295,15 +295,21 @@ def test_a_log_file_rotated_away_between_jobs_gets_the_next_jobs_lines(
     """logrotate (without copytruncate) renames the log file; the next
     manage.py opens a new one. So does the runner's next job, though its
     worker opened the files before: the FileHandler of the settings' LOGGING
-    and the one a ready() made for the queue listener."""
+    and those a ready() made (for the queue listener, and one it added to
+    a configured logger)."""
     _, _, _, runner = reporting_import
+    debug = "a debug line (the level a ready() set)\n"
     modules = (
         "INFO jobs.commands from the command module's logger\n"
         "INFO jobs.models from the models module's logger\n"
     )
     logs = {
-        "integrations.log": ("INFO integrations ", modules),
-        "queued.log": ("INFO ", ""),
+        "integrations.log": (
+            "INFO integrations ",
+            f"DEBUG integrations {debug}{modules}",
+        ),
+        "queued.log": ("INFO ", f"DEBUG {debug}"),
+        "added.log": ("INFO ", f"DEBUG {debug}"),
     }
     assert run_on(runner, "log_lines", "2")["exit_code"] == 0
     for name in logs:

@@ -23,6 +23,13 @@ class IntegrationsConfig(AppConfig):
         LISTENER = logging.handlers.QueueListener(QUEUE, handler)
         LISTENER.start()
         atexit.register(LISTENER.stop)
+        # Changed after Django configured logging, as ready()s do: a handler
+        # added to a configured logger, and its level lowered.
+        configured = logging.getLogger("integrations")
+        added = logging.FileHandler("added.log")
+        added.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        configured.addHandler(added)
+        configured.setLevel(logging.DEBUG)
         if os.environ.get("FIDELITY_READY_ERROR"):
             # What the import sends: under manage.py, every run sends it.
             logging.getLogger("fidelity.startup").error("an error at start-up")

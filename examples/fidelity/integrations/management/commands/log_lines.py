@@ -19,6 +19,7 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         for i in range(options["count"]):
             logger.info("line %d of %d", i + 1, options["count"])
+        logger.debug("a debug line (the level a ready() set)")
         module_logger.info("from the command module's logger")
         models.logger.info("from the models module's logger")
         self.stdout.write("logged")
