@@ -363,7 +363,8 @@ def test_what_the_import_reports_is_sent_once_by_the_worker(reporting_import):
 def test_a_time_rotated_log_is_rolled_over_by_one_job_only(reporting_import):
     """A TimedRotatingFileHandler computes when to roll over when it is made
     (from the file's time), and again after each rollover, in the process
-    that rolled over. The worker made it: once that time had passed, every
+    that rolled over. The worker made it (in a ready(), so the job's
+    configuration of logging keeps it): once that time had passed, every
     job rolled the log over again, to the same name, removing the file the
     job before had made, lines and all. A job computes it afresh, from the
     file, as manage.py does: every line is kept, once, in order."""

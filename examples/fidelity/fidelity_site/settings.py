@@ -105,17 +105,6 @@ if os.environ.get("FIDELITY_INTEGRATIONS"):
             }
         },
     }
-    # A log rotated every FIDELITY_TIMED_LOG seconds (the runner's test of
-    # a rollover made by one job: the next must not make it again).
-    if os.environ.get("FIDELITY_TIMED_LOG"):
-        LOGGING["handlers"]["timed"] = {
-            "class": "logging.handlers.TimedRotatingFileHandler",
-            "filename": "timed.log",
-            "when": "S",
-            "interval": int(os.environ["FIDELITY_TIMED_LOG"]),
-            "formatter": "plain",
-        }
-        LOGGING["loggers"]["integrations"]["handlers"].append("timed")
 
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",

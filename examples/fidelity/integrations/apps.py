@@ -30,6 +30,14 @@ class IntegrationsConfig(AppConfig):
         added.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         configured.addHandler(added)
         configured.setLevel(logging.DEBUG)
+        if os.environ.get("FIDELITY_TIMED_LOG"):
+            # Rotated every FIDELITY_TIMED_LOG seconds (the runner's test of
+            # a rollover made by one job: the next must not make it again).
+            timed = logging.handlers.TimedRotatingFileHandler(
+                "timed.log", when="S", interval=int(os.environ["FIDELITY_TIMED_LOG"])
+            )
+            timed.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+            configured.addHandler(timed)
         if os.environ.get("FIDELITY_READY_ERROR"):
             # What the import sends: under manage.py, every run sends it.
             logging.getLogger("fidelity.startup").error("an error at start-up")
