@@ -39,6 +39,7 @@ import stat
 import struct
 import sys
 import threading
+import time
 import traceback
 import warnings
 import weakref
@@ -450,10 +451,15 @@ def _prefork_setup(worker_fds: list[int]) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     random.seed()
+    _stop_recording_exit_handlers()
     if not _ONE_JOB:
-        # Exit handlers registered in the worker belong to the worker.
+        # Exit handlers registered in the worker belong to the worker, but
+        # for those that flush what this process itself holds.
         atexit._clear()
+        _per_process_exit_handlers()
         _finalizers_at_exit()
+    _restart_queue_listeners()
+    _forget_the_workers_sentry_queue()
     _see_the_whole_heap()
     _show_warnings_where_manage_py_would()
     _refuse_other_settings()
@@ -470,9 +476,12 @@ def _above_stdio(channel: socket.socket) -> socket.socket:
 
 
 def _job_setup(stdio_fds: list[int], limits: dict) -> None:
-    """Job time: the steps that depend on the job (its stdio, its limits)."""
+    """Job time: the steps that depend on the job (its stdio, its limits,
+    the log files as they are now)."""
     _install_stdio(*stdio_fds)
     _rebuild_std_streams()
+    _rebind_std_stream_handlers()
+    _reopen_log_files()
     _apply_limits(limits)
 
 
@@ -723,6 +732,361 @@ def _finalizers_at_exit() -> None:
         weakref.finalize._registered_with_atexit = True
 
 
+# ---------------------------------------------------------------------------
+# What integrations keep per process. A fresh `manage.py` starts the threads
+# its import starts, opens its log files, and at exit runs the handlers that
+# flush what it buffered. A fork has no thread but its own, log files as
+# the worker opened them (maybe rotated or removed since), and the worker's
+# exit handlers, which the job forgets. So a job restarts the logging
+# queue listeners that ran in the worker (their thread writes the records
+# a QueueHandler queues), reopens the files of the logging handlers, and runs
+# at its end the exit handlers of its import that flush its own state:
+# sentry-sdk's (its transport thread sends the queued events) and the queue
+# listeners' stop. sentry-sdk restarts its own threads in a fork (it checks
+# the pid), so nothing else is needed for it.
+# ---------------------------------------------------------------------------
+
+# Exit handlers registered while the worker imported the project, in order:
+# (function, args, kwargs). atexit keeps no list one could read.
+_IMPORT_EXIT_HANDLERS: list[tuple] = []
+_ATEXIT_REGISTER = atexit.register
+_ATEXIT_UNREGISTER = atexit.unregister
+# The exit handlers that flush what the process itself holds, by
+# "module.qualname": a job runs them at its end, as manage.py would.
+_PER_PROCESS_EXIT_HANDLERS = frozenset(
+    {
+        # sentry_sdk.init()'s AtexitIntegration: client.close() waits (up to
+        # shutdown_timeout) for the transport's thread to send the queue.
+        "sentry_sdk.integrations.atexit.AtexitIntegration.setup_once.<locals>._shutdown",
+    }
+)
+# The QueueListeners whose thread ran in the worker when it forked.
+_LISTENERS_AT_FORK: list = []
+
+
+def _record_exit_handlers() -> None:
+    """Start-up: keeps a list of the exit handlers the project registers."""
+
+    def register(func, *args, **kwargs):
+        _IMPORT_EXIT_HANDLERS.append((func, args, kwargs))
+        return _ATEXIT_REGISTER(func, *args, **kwargs)
+
+    def unregister(func) -> None:
+        _IMPORT_EXIT_HANDLERS[:] = [h for h in _IMPORT_EXIT_HANDLERS if h[0] != func]
+        _ATEXIT_UNREGISTER(func)
+
+    register.__doc__, unregister.__doc__ = (
+        _ATEXIT_REGISTER.__doc__,
+        _ATEXIT_UNREGISTER.__doc__,
+    )
+    atexit.register, atexit.unregister = register, unregister
+
+
+def _stop_recording_exit_handlers() -> None:
+    atexit.register, atexit.unregister = _ATEXIT_REGISTER, _ATEXIT_UNREGISTER
+
+
+def _per_process_exit_handlers() -> None:
+    """Registers again, in their order, the exit handlers of the import that
+    flush what the job holds: sentry-sdk's, and the ``stop`` of the queue
+    listeners the job restarts (which writes what is still queued)."""
+    for func, args, kwargs in _IMPORT_EXIT_HANDLERS:
+        if _flushes_own_state(func):
+            atexit.register(func, *args, **kwargs)
+
+
+def _flushes_own_state(func) -> bool:
+    name = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', '')}"
+    if name in _PER_PROCESS_EXIT_HANDLERS:
+        return True
+    owner = getattr(func, "__self__", None)
+    return getattr(func, "__name__", "") == "stop" and any(
+        owner is listener for listener in _LISTENERS_AT_FORK
+    )
+
+
+def _running_queue_listeners() -> list:
+    """The worker's logging QueueListeners whose thread is running."""
+    import logging.handlers
+
+    found = []
+    for thread in threading.enumerate():
+        owner = getattr(getattr(thread, "_target", None), "__self__", None)
+        if (
+            isinstance(owner, logging.handlers.QueueListener)
+            and getattr(owner, "_thread", None) is thread
+        ):
+            found.append(owner)
+    return found
+
+
+def _restart_queue_listeners() -> None:
+    """Each listener gets its thread again, as in a fresh process. What its
+    queue held at the fork is the worker's to write, not the job's; its
+    locks are made anew, since the worker's thread may have held one."""
+    import queue as queue_module
+
+    for listener in _LISTENERS_AT_FORK:
+        pending = listener.queue
+        if type(pending) in (
+            queue_module.Queue,
+            queue_module.LifoQueue,
+            queue_module.PriorityQueue,
+        ):
+            pending.mutex = threading.Lock()
+            pending.not_empty = threading.Condition(pending.mutex)
+            pending.not_full = threading.Condition(pending.mutex)
+            pending.all_tasks_done = threading.Condition(pending.mutex)
+            pending.queue.clear()
+            pending.unfinished_tasks = 0
+        listener._thread = None
+        with contextlib.suppress(Exception):
+            listener.start()
+
+
+def _sentry_transport():
+    """sentry-sdk's transport, if the project initialised it (None else)."""
+    sentry = sys.modules.get("sentry_sdk")
+    if sentry is None:
+        return None
+    try:
+        return sentry.get_client().transport
+    except Exception:  # noqa: BLE001 - whatever its version has
+        return None
+
+
+def _forget_the_workers_sentry_queue() -> None:
+    """A job's sentry-sdk transport as a fresh process has it. Its queue of
+    events (which its thread, restarted by sentry-sdk in a fork, sends)
+    starts empty: what the worker had queued when it forked (an error logged
+    by the project's import) is the worker's to send, and the job would send
+    it a second time. Its connections are its own: the worker's, should one
+    be open, must not carry the job's requests."""
+    transport = _sentry_transport()
+    if transport is None:
+        return
+    with contextlib.suppress(Exception):
+        worker = getattr(transport, "_worker", None)
+        pending = getattr(worker, "_queue", None)
+        if pending is not None and hasattr(pending, "maxsize"):
+            worker._queue = type(pending)(pending.maxsize)
+            worker._lock = threading.Lock()
+    with contextlib.suppress(Exception):
+        if getattr(transport, "_pool", None) is not None:
+            transport._pool = transport._make_pool()
+
+
+# How long the worker waits for its own events to reach Sentry before it
+# looks for sockets (a job waits meanwhile; past it, the job is spawned).
+_SENTRY_SEND_WAIT = 1.0  # seconds
+
+
+def _close_idle_sentry_connections() -> None:
+    """The worker's own connections to Sentry (open while it sends what the
+    project's import reported, such as an error logged in a ready(), and
+    kept alive after) are sockets, which keep jobs from being forked: the
+    worker lets its transport's thread finish sending (for at most
+    _SENTRY_SEND_WAIT), then closes the idle connections before it looks
+    for sockets. One still sending after that is counted."""
+    transport = _sentry_transport()
+    with contextlib.suppress(Exception):
+        worker = getattr(transport, "_worker", None)
+        if getattr(worker, "is_alive", False):
+            worker._timed_queue_join(_SENTRY_SEND_WAIT)
+    with contextlib.suppress(Exception):
+        pool = getattr(transport, "_pool", None)
+        if pool is not None and hasattr(pool, "clear"):
+            pool.clear()
+
+
+# Logging as it was once the worker configured it (django.setup() does so
+# before importing the apps): (each logger's state by name, the handlers).
+_LOGGING_AT_CONFIGURATION: tuple[dict, list] | None = None
+
+
+def _loggers() -> dict:
+    manager = logging.root.manager
+    found = {"": logging.root}
+    for name, logger in list(manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger):
+            found[name] = logger
+    return found
+
+
+def _logging_state() -> dict:
+    return {
+        name: (logger.level, logger.propagate, logger.disabled, list(logger.handlers))
+        for name, logger in _loggers().items()
+    }
+
+
+@contextlib.contextmanager
+def _noting_the_logging_configuration():
+    """Worker start-up: notes logging's state once Django configured it."""
+    from django.utils import log
+
+    configure = log.configure_logging
+
+    def configure_and_note(*args, **kwargs):
+        global _LOGGING_AT_CONFIGURATION
+        configure(*args, **kwargs)
+        handlers = [ref() for ref in list(getattr(logging, "_handlerList", ()))]
+        _LOGGING_AT_CONFIGURATION = (
+            _logging_state(),
+            [h for h in handlers if h is not None],
+        )
+
+    log.configure_logging = configure_and_note
+    try:
+        yield
+    finally:
+        log.configure_logging = configure
+
+
+@contextlib.contextmanager
+def _configuring_logging_as_manage_py():
+    """The job's ``django.setup()`` configures logging again, as
+    ``manage.py``'s does, so LOGGING's handlers are the job's own (their
+    files opened now, their threads running, their streams the job's). But
+    ``manage.py`` configures it before importing the apps, and the worker
+    made loggers and handlers since (a command's or a models.py's
+    module-level ``getLogger(__name__)``, a handler a ready() made or
+    attached): dictConfig would take those loggers for ones that existed
+    before it (disable them, unless LOGGING says
+    ``disable_existing_loggers: False``; reset those below a configured
+    one) and close those handlers. So the configuration does not see the
+    handlers made since, and what was made or changed since the worker's
+    configuration is as it was once the configuration is done."""
+    from django.utils import log
+
+    configure = log.configure_logging
+
+    def configure_as_manage_py(*args, **kwargs):
+        if _LOGGING_AT_CONFIGURATION is None:
+            return configure(*args, **kwargs)
+        at_configuration, configured = _LOGGING_AT_CONFIGURATION
+        before = _logging_state()
+        refs = list(getattr(logging, "_handlerList", ()))
+        since = [r for r in refs if r() is not None and not _among(r(), configured)]
+        with logging._lock:
+            logging._handlerList[:] = [r for r in refs if r not in since]
+        try:
+            return configure(*args, **kwargs)
+        finally:
+            with logging._lock:
+                logging._handlerList.extend(since)
+            made_since = [r() for r in since]
+            _restore_what_was_made_since(before, at_configuration, made_since)
+
+    log.configure_logging = configure_as_manage_py
+    try:
+        yield
+    finally:
+        log.configure_logging = configure
+
+
+def _among(handler, handlers) -> bool:
+    return any(handler is other for other in handlers)
+
+
+def _restore_what_was_made_since(
+    before: dict, at_configuration: dict, made_since: list
+) -> None:
+    """After the job's configuration: a logger made since the worker's is as
+    it was (manage.py's configuration never saw it); one that existed gets
+    back what was changed since (its level, say) and the handlers made since
+    that it had. A handler of the configuration a logger made since had is
+    replaced by the new one of the same name."""
+    configured_now = getattr(logging, "_handlers", {})
+    loggers = _loggers()
+    for name, (level, propagate, disabled, handlers) in before.items():
+        logger = loggers.get(name)
+        if logger is None:
+            continue
+        then = at_configuration.get(name)
+        if then is None:
+            logger.level, logger.propagate, logger.disabled = level, propagate, disabled
+            wanted = []
+            for handler in handlers:
+                if not _among(handler, made_since):
+                    handler = configured_now.get(handler.name)
+                if handler is not None and not _among(handler, wanted):
+                    wanted.append(handler)
+            logger.handlers = wanted
+            continue
+        if level != then[0]:
+            logger.level = level
+        if propagate != then[1]:
+            logger.propagate = propagate
+        if disabled != then[2]:
+            logger.disabled = disabled
+        for handler in handlers:
+            if _among(handler, made_since) and not _among(handler, logger.handlers):
+                logger.addHandler(handler)
+    with contextlib.suppress(AttributeError):
+        logging.root.manager._clear_cache()
+
+
+def _rebind_std_stream_handlers() -> None:
+    """Job time: a logging StreamHandler made in the worker on its stdout or
+    stderr (Django's ``console``: ``StreamHandler()`` takes sys.stderr) writes
+    to the job's, as the one ``manage.py`` made writes to its own."""
+    retired = {}
+    for stream in _RETIRED_STREAMS:
+        with contextlib.suppress(Exception):
+            fd = stream.fileno()
+            if fd in (1, 2):
+                retired[id(stream)] = "stdout" if fd == 1 else "stderr"
+    for ref in list(getattr(logging, "_handlerList", ())):
+        handler = ref()
+        stream = getattr(handler, "stream", None)
+        if not isinstance(handler, logging.StreamHandler) or stream is None:
+            continue
+        # Made while the worker recorded its set-up's output: the recorder.
+        inner = getattr(stream, "_dcsupervisor_stream", stream)
+        name = retired.get(id(inner))
+        if name is not None and getattr(sys, name) is not None:
+            handler.acquire()
+            try:
+                handler.stream = getattr(sys, name)
+            finally:
+                handler.release()
+
+
+def _reopen_log_files() -> None:
+    """Job time: the files of the logging handlers opened again, as a fresh
+    process opens them now (a file rotated or removed since the worker
+    opened it would otherwise keep the job's lines; one opened with mode
+    "w" is emptied, as each run of manage.py empties it). A time-rotating
+    handler computes its next rollover anew, from the file, as its
+    constructor does. For the handlers made elsewhere than in LOGGING (in a
+    ready(), say), and for all when the job never sets Django up (the
+    job's django.setup() makes LOGGING's anew)."""
+    import logging.handlers
+
+    for ref in list(getattr(logging, "_handlerList", ())):
+        handler = ref()
+        if not isinstance(handler, logging.FileHandler) or handler.stream is None:
+            continue
+        handler.acquire()
+        try:
+            old, handler.stream = handler.stream, None
+            with contextlib.suppress(Exception):
+                old.close()  # the job's copy of the descriptor only
+            with contextlib.suppress(Exception):
+                handler.stream = handler._open()
+                if isinstance(handler, logging.handlers.WatchedFileHandler):
+                    handler._statstream()
+                if isinstance(handler, logging.handlers.TimedRotatingFileHandler):
+                    path = handler.baseFilename
+                    since = os.stat(path).st_mtime if os.path.exists(path) else None
+                    handler.rolloverAt = handler.computeRollover(
+                        int(since if since is not None else time.time())
+                    )
+        finally:
+            handler.release()
+
+
 # The gc functions that walk the heap, which gc.freeze() hides from them.
 _HEAP_WALKERS = ("get_objects", "get_referrers")
 
@@ -863,7 +1227,8 @@ def _show_warnings_where_manage_py_would() -> None:
 
     def setup_then_warn(*args, **kwargs):
         django.setup = setup
-        setup(*args, **kwargs)
+        with _configuring_logging_as_manage_py():
+            setup(*args, **kwargs)
         _show_recorded("setup")
 
     def load_command_class_then_warn(app_name, name):
@@ -1053,8 +1418,29 @@ def _system_exit_status(exc: SystemExit) -> int:
 
 
 def _print_exception(exc: BaseException) -> None:
+    """What CPython does with an uncaught exception (``PyErr_Print``): it
+    sets ``sys.last_*`` and hands the exception to ``sys.excepthook``,
+    which error trackers replace (sentry-sdk's reports it, then prints it
+    through the hook it replaced); the default hook prints the traceback.
+    A hook that fails is reported as CPython reports it."""
+    # As under manage.py, the exception's traceback starts in manage.py (the
+    # default hook prints the exception's own, not the one it is given).
+    tb = _from_manage_py(exc.__traceback__)
+    exc.__traceback__ = tb
+    sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
+    hook = getattr(sys, "excepthook", None)
     with contextlib.suppress(Exception):
-        traceback.print_exception(type(exc), exc, _from_manage_py(exc.__traceback__))
+        if hook is None:
+            sys.stderr.write("sys.excepthook is missing\n")
+            traceback.print_exception(type(exc), exc, tb)
+            return
+        try:
+            hook(type(exc), exc, tb)
+        except BaseException as failed:  # noqa: BLE001 - reported, as CPython does
+            sys.stderr.write("Error in sys.excepthook:\n")
+            traceback.print_exception(type(failed), failed, failed.__traceback__)
+            sys.stderr.write("\nOriginal exception was:\n")
+            traceback.print_exception(type(exc), exc, tb)
 
 
 def _from_manage_py(tb):
@@ -1285,6 +1671,7 @@ _STARTUP_FDS: set[int] = set()
 
 def fork_hazards(own_fds: set[int], shared_randoms: list[str]) -> list[dict]:
     """``ForkHazard`` values for the worker as it is now."""
+    _close_idle_sentry_connections()
     hazards = _descriptor_hazards(own_fds) + _thread_hazards()
     hazards += [_hazard("SharedRandom", where) for where in shared_randoms]
     return hazards
@@ -1355,6 +1742,7 @@ def _thread_hazards() -> list[dict]:
             "Thread", f"thread {t.name!r} ({type(t).__module__}.{type(t).__name__})"
         )
         for t in threads
+        if not _restarted_in_a_fork(t)
     ]
     with contextlib.suppress(OSError):
         native = len(os.listdir("/proc/self/task")) - 1 - len(threads)
@@ -1363,6 +1751,16 @@ def _thread_hazards() -> list[dict]:
                 _hazard("Thread", f"{native} thread(s) started outside Python")
             )
     return hazards
+
+
+def _restarted_in_a_fork(thread: threading.Thread) -> bool:
+    """Threads a job gets again: a logging QueueListener's (the job restarts
+    it) and sentry-sdk's (it restarts them itself, by pid)."""
+    if any(thread is listener._thread for listener in _running_queue_listeners()):
+        return True
+    target = getattr(thread, "_target", None)
+    module = getattr(target, "__module__", None) or ""
+    return module.startswith("sentry_sdk.")
 
 
 def shared_random_generators() -> list[str]:
@@ -1703,6 +2101,7 @@ class Worker:
         _flush(sys.stdout)
         _flush(sys.stderr)
         plan = self._page_plan(on_demand=bool(job_fds))
+        _LISTENERS_AT_FORK[:] = _running_queue_listeners()
         gc.freeze()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Blocked until the child has reset its handlers: a signal meant for
@@ -2051,7 +2450,8 @@ def _setup_django(project_dir: str, settings: str | None):
         import django
         from django.db import connections
 
-        django.setup()
+        with _noting_the_logging_configuration():
+            django.setup()
     # Nothing set up here should be shared with the children through a fork.
     connections.close_all()
     gc.freeze()
@@ -2070,6 +2470,7 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=int(os.environ.pop(WORKER_FD_ENV, "3")))
     sock.set_inheritable(False)
     setup_only = _take_setup_env()
+    _record_exit_handlers()
     try:
         django = _setup_django(args.project_dir, args.settings)
     except BaseException:  # noqa: BLE001 - the supervisor must hear why

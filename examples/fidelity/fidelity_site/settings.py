@@ -41,6 +41,71 @@ if os.environ.get("FIDELITY_LEGACY"):
     print("settings: legacy code is installed")
     warnings.warn("FIDELITY_LEGACY is set: legacy code is installed", UserWarning)
 
+# What production projects run beside their commands (the integrations
+# test): sentry-sdk, reporting to FIDELITY_SENTRY_DSN, and logging to files in
+# the current directory (plain, rotating, and through a queue whose listener
+# the integrations app starts).
+if os.environ.get("FIDELITY_INTEGRATIONS"):
+    import sentry_sdk
+    from sentry_sdk.integrations.atexit import AtexitIntegration
+
+    INSTALLED_APPS.append("integrations")
+    sentry_sdk.init(
+        dsn=os.environ["FIDELITY_SENTRY_DSN"],
+        # Not the default callback: it prints "Sentry is attempting to send
+        # 1 pending events" when a flush takes more than 0.1 s, which a
+        # loaded machine would make differ between two runs of manage.py.
+        integrations=[AtexitIntegration(callback=lambda pending, timeout: None)],
+    )
+    # whitenoise's storage: collectstatic writes hashed names, a manifest,
+    # and compressed copies, into the current directory.
+    STATIC_ROOT = "collected"
+    STORAGES = {
+        "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+        "staticfiles": {
+            "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        },
+    }
+    LOGGING = {
+        "version": 1,
+        # dictConfig's default: the loggers that exist when it runs are
+        # disabled (not those made later, when the apps are imported).
+        "disable_existing_loggers": True,
+        "formatters": {"plain": {"format": "%(levelname)s %(name)s %(message)s"}},
+        "handlers": {
+            "file": {
+                "class": "logging.FileHandler",
+                "filename": "integrations.log",
+                "formatter": "plain",
+            },
+            "rotating": {
+                "class": "logging.handlers.RotatingFileHandler",
+                "filename": "rotating.log",
+                "maxBytes": 400,
+                "backupCount": 3,
+                "formatter": "plain",
+            },
+            "queue": {
+                "class": "logging.handlers.QueueHandler",
+                "queue": "ext://integrations.logqueue.QUEUE",
+            },
+            # Ships from a thread its constructor starts.
+            "shipping": {
+                "()": "integrations.shipping.ShippingHandler",
+                "filename": "shipped.log",
+                "formatter": "plain",
+            },
+        },
+        "root": {"handlers": ["file"], "level": "INFO"},
+        "loggers": {
+            "integrations": {
+                "handlers": ["file", "rotating", "queue", "shipping"],
+                "level": "INFO",
+                "propagate": False,
+            }
+        },
+    }
+
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
