@@ -234,13 +234,17 @@ def test_ctrl_c_kills_the_command_of_sigint_as_manage_py_dies(ways):
 
 def test_a_repl_survives_ctrl_c_pressed_twice(ways):
     def session(terminal):
+        # After each prompt, a person's pause: readline sets the terminal
+        # up again (typed ahead, keys are echoed before it does).
         terminal.read_until(b">>> ")
-        terminal.read_for(0.5)  # a person's pause: readline sets the terminal up
+        terminal.read_for(0.5)
         for times in (1, 2):
             terminal.type(b"\x03")
             terminal.read_until(b">>> ", times + 1)
+            terminal.read_for(0.5)
         terminal.type(b"print(6 * 7)\n")
         terminal.read_until(b"42\r\n>>> ")
+        terminal.read_for(0.5)
         terminal.type(b"exit()\n")
 
     seen = every_way(ways, ["shell", "-i", "python"], session)
