@@ -9,7 +9,8 @@ and Wagtail's default apps. Each case starts from a site an editor has used
 to expire, an uploaded image with a rendition, an embed, an API token, a
 redirects file to import, and a page tree with two faults for fixtree. How
 each case runs three ways and is compared is fidelity.py's (see
-test_fidelity.py); this site runs on SQLite only.
+test_fidelity.py); the site runs on SQLite (every case) and on PostgreSQL
+(the cases that read or write the database), as production Wagtail sites do.
 """
 
 import fidelity
@@ -113,11 +114,37 @@ CASES: list[Case] = [
     case("move-pages-missing", "move_pages", "998", "999"),
 ]
 
+# The cases that read or write the database: the ones run on PostgreSQL too
+# (the others have nothing that depends on the engine).
+DATABASE_CASES = {
+    "migrate-fresh",
+    "showmigrations",
+    "dumpdata-pages",
+    "fixtree",
+    "fixtree-noinput",
+    "rebuild-references-index",
+    "show-references-index",
+    "update-index",
+    "purge-revisions",
+    "publish-scheduled",
+    "publish-scheduled-dryrun",
+    "purge-embeds",
+    "set-url-paths",
+    "image-renditions",
+    "image-renditions-purge",
+    "import-redirects",
+    "api-tokens-list",
+    "api-tokens-revoke",
+    "move-pages",
+    "move-pages-missing",
+}
+
 PROJECT = fidelity.Project(
     name="wagtail",
     settings="wagtail_site.settings.dev",
     cases=tuple(CASES),
     template_steps=(("migrate", "-v", "0"), ("shell", "-c", SEED)),
+    database_cases=frozenset(DATABASE_CASES),
     # Python salts str hashes per interpreter, and forked jobs share the
     # worker's salt (docs/fidelity.md); update_index indexes pages in an
     # order that follows it. One salt for every way makes runs comparable.
@@ -125,7 +152,7 @@ PROJECT = fidelity.Project(
 )
 
 
-@pytest.fixture(scope="module", params=["sqlite"])
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def database(request, tmp_path_factory):
     yield from fidelity.open_database(request.param, PROJECT, tmp_path_factory)
 
