@@ -8,10 +8,14 @@ production settings or tests) and formatted; otherwise as generated, except
 that the files a run writes live in the *current* directory, so that each of
 the test's runs has its own: the database (`db.sqlite3`), STATIC_ROOT
 (`static/`, collectstatic) and MEDIA_ROOT (`media/`, images and their
-renditions). Not for production: the secret key is public.
+renditions); and that the database, as on a production site, comes from the
+environment: with FIDELITY_PG_HOST set, the PostgreSQL database FIDELITY_PG_DB
+on that server (as examples/fidelity's settings). Not for production: the
+secret key is public.
 """
 
 # Build paths inside the project like this: BASE_DIR / 'subdir'.
+import os
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -92,6 +96,14 @@ DATABASES = {
         "NAME": "db.sqlite3",
     }
 }
+# The fidelity test's PostgreSQL run: a server on a Unix socket directory.
+if os.environ.get("FIDELITY_PG_HOST"):
+    DATABASES["default"] = {
+        "ENGINE": "django.db.backends.postgresql",
+        "HOST": os.environ["FIDELITY_PG_HOST"],
+        "NAME": os.environ.get("FIDELITY_PG_DB", "wagtail_site"),
+        "USER": "postgres",
+    }
 
 
 # Password validation
