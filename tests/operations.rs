@@ -215,26 +215,26 @@ async fn systemd_hears_ready_reloading_and_stopping() {
     let mut runner =
         Supervisor::start_with(&plane.url, "", "", common::demo_project(), &[("NOTIFY_SOCKET", &notify)]);
     let mut received = String::new();
-    let read_until = |received: &mut String, needle: &str| {
+    let read_until = |received: &mut String, needle: &str, runner: &Supervisor| {
         let mut buffer = [0u8; 4096];
         while !received.contains(needle) {
             let n = match socket.recv(&mut buffer) {
                 Ok(n) => n,
                 // A signal reached this thread (the test sends some): try again.
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(error) => panic!("no notification: {error}; got {received:?}"),
+                Err(error) => panic!("no notification: {error}; got {received:?}\n{}", runner.log()),
             };
             received.push_str(&String::from_utf8_lossy(&buffer[..n]));
             received.push('\n');
         }
     };
-    read_until(&mut received, "READY=1");
+    read_until(&mut received, "READY=1", &runner);
     runner.signal(Signal::SIGHUP);
-    read_until(&mut received, "RELOADING=1");
+    read_until(&mut received, "RELOADING=1", &runner);
     assert!(received.contains("MONOTONIC_USEC="), "{received}");
-    read_until(&mut received, "READY=1\nSTATUS=reloaded");
+    read_until(&mut received, "READY=1\nSTATUS=reloaded", &runner);
     runner.signal(Signal::SIGTERM);
-    read_until(&mut received, "STOPPING=1");
+    read_until(&mut received, "STOPPING=1", &runner);
     assert_eq!(runner.wait_exit(LIMIT).await, Some(0));
 
     // The worker never inherits the notify socket.

@@ -479,12 +479,18 @@ impl LogCopier {
             let mut buffer = vec![0u8; 64 * 1024];
             loop {
                 // Wait without the lock, so `catch_up` is never held up by an idle pipe.
+                // A signal handled in this process (tokio's SIGCHLD) may
+                // interrupt either call: try again. Giving up would leave the
+                // pipe full and the runner blocked on its next log line.
                 let mut polled = [nix::poll::PollFd::new(source.as_fd(), nix::poll::PollFlags::POLLIN)];
-                if nix::poll::poll(&mut polled, nix::poll::PollTimeout::NONE).is_err() {
-                    return;
+                match nix::poll::poll(&mut polled, nix::poll::PollTimeout::NONE) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return,
+                    Ok(_) => {}
                 }
                 let _copying = lock.lock().unwrap();
                 match nix::unistd::read(source.as_fd(), &mut buffer) {
+                    Err(nix::errno::Errno::EINTR) => continue,
                     Ok(0) | Err(_) => return, // every writer is gone
                     Ok(length) => {
                         let _ = log.write_all(&buffer[..length]);
