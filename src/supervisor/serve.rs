@@ -77,6 +77,7 @@ pub async fn serve(
     };
     let Some((runner, reload)) = start_up_unless_stopped(start_up, &mut receiver).await? else {
         tracing::info!("stopped during start-up, before any execution was taken");
+        systemd::flush(std::time::Duration::from_secs(1));
         return Ok(());
     };
     if let Some(reload) = reload {
@@ -90,6 +91,8 @@ pub async fn serve(
     systemd::spawn_watchdog();
     runner.run(receiver).await;
     tracing::info!("stopped");
+    // STOPPING=1 and the like go out before the process ends.
+    systemd::flush(std::time::Duration::from_secs(1));
     Ok(())
 }
 

@@ -19,29 +19,55 @@ use sd_notify::NotifyState;
 /// Notifications waiting for the sending thread.
 const QUEUED: usize = 64;
 
+/// What the sending thread is handed.
+enum Note {
+    Send(String),
+    /// Answered once everything handed over before it was sent.
+    Flush(SyncSender<()>),
+}
+
 fn send(states: &[NotifyState]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
     let message = states.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
-    match sender().try_send(message) {
+    match sender().try_send(Note::Send(message)) {
         Ok(()) => {}
-        Err(TrySendError::Full(message)) => {
-            tracing::debug!("the service manager is not reading its notifications; dropped {message:?}");
+        Err(TrySendError::Full(_)) => {
+            tracing::debug!("the service manager is not reading its notifications; one dropped");
         }
         Err(TrySendError::Disconnected(_)) => {}
     }
 }
 
+/// Waits (at most `limit`) until what was handed over is sent: the process
+/// is about to exit, which would drop the last ones (`STOPPING=1`).
+pub fn flush(limit: Duration) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let (done, sent) = sync_channel(1);
+    if sender().try_send(Note::Flush(done)).is_ok() {
+        let _ = sent.recv_timeout(limit);
+    }
+}
+
 /// The queue of the sending thread, started on first use.
-fn sender() -> &'static SyncSender<String> {
-    static SENDER: OnceLock<SyncSender<String>> = OnceLock::new();
+fn sender() -> &'static SyncSender<Note> {
+    static SENDER: OnceLock<SyncSender<Note>> = OnceLock::new();
     SENDER.get_or_init(|| {
-        let (sender, queue) = sync_channel::<String>(QUEUED);
+        let (sender, queue) = sync_channel::<Note>(QUEUED);
         let spawned = std::thread::Builder::new().name("sd-notify".into()).spawn(move || {
-            for message in queue {
-                if let Err(error) = sd_notify::notify(&[NotifyState::Custom(&message)]) {
-                    tracing::debug!("systemd notification failed: {error}");
+            for note in queue {
+                match note {
+                    Note::Send(message) => {
+                        if let Err(error) = sd_notify::notify(&[NotifyState::Custom(&message)]) {
+                            tracing::debug!("systemd notification failed: {error}");
+                        }
+                    }
+                    Note::Flush(done) => {
+                        let _ = done.try_send(());
+                    }
                 }
             }
         });
